@@ -1,0 +1,7 @@
+"""klal: teach vision-language models where to look.
+
+LoRA fine-tuning of Qwen2.5-VL with next-token loss plus a KL attention loss (KLAL) that aligns the answer
+tokens' attention over image tokens with a target map built from evidence geometry.
+"""
+
+__version__ = "0.1.0"

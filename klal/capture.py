@@ -1,0 +1,262 @@
+"""Attention capture: the selected query rows' attention over each sample's visual tokens, without
+``output_attentions``.
+
+``output_attentions=True`` needs eager attention and materialises ``(B, H, S, S)`` per layer. Instead, klal
+registers an attention function with transformers' ``AttentionInterface`` that
+
+1. computes the layer output with the fast kernel (sdpa, or flash-attention when requested), unchanged, and
+2. for the selected query positions of each sample, recomputes ``softmax(q_sel k_vis^T * scale)`` over that sample's
+   visual-token keys only (post-rotary q and k, GQA heads repeated), then averages over heads.
+
+Memory therefore grows with ``layers x heads x selected queries x visual tokens``, never with ``S^2``. Because the
+softmax runs over visual keys only, the result equals the eager attention row renormalised over visual tokens per head
+(the causal mask never hides a visual key from a query that comes after the image, and padding is never a visual
+token).
+
+The request travels as a forward keyword (``klal_capture=request``) so it reaches every decoder layer through
+transformers' ``**kwargs`` plumbing, and is replayed by non-reentrant gradient checkpointing during backward. The
+recomputation must run the same ops (its saved tensors are matched by order) but must not replace the forward's maps,
+so each layer stores its map only once.
+
+Usage::
+
+    name = register_capture_attention("sdpa")          # -> "klal_sdpa"
+    set_text_attn_implementation(model, name)          # vision tower stays on sdpa
+    request = CaptureRequest.from_masks(query_mask, visual_mask, layers=None)
+    out = model(**batch, klal_capture=request)
+    log_q = request.stacked()                          # (L, B, A, V) log of head-mean attention over visual keys
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE_KWARG = "klal_capture"
+CAPTURE_PREFIX = "klal_"
+
+QueryMode = Literal["last", "all", "first", "prompt_last"]
+
+
+@dataclass
+class CaptureRequest:
+    """What to capture in one forward pass, and where the captured maps land.
+
+    Attributes:
+        query_index: ``(B, A)`` sequence positions of the selected query tokens, padded with 0.
+        query_valid: ``(B, A)`` True where ``query_index`` is a real query.
+        key_index: ``(B, V)`` sequence positions of each sample's visual tokens (row-major per image, images in order),
+            padded with 0.
+        key_valid: ``(B, V)`` True where ``key_index`` is a real visual token.
+        layers: language-model layer indices to capture; None captures every layer.
+        log_maps: layer index -> ``(B, A, V)`` float32 log of the head-mean attention over visual keys. Padded keys
+            hold a large negative value, padded queries hold a uniform row.
+    """
+
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    key_index: torch.Tensor
+    key_valid: torch.Tensor
+    layers: frozenset[int] | None = None
+    log_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_masks(
+        cls, query_mask: torch.Tensor, visual_mask: torch.Tensor, layers: Iterable[int] | None = None
+    ) -> CaptureRequest:
+        """Build a request from boolean ``(B, S)`` masks of the query positions and the visual-token positions."""
+        q_idx, q_valid = _mask_to_index(query_mask)
+        k_idx, k_valid = _mask_to_index(visual_mask)
+        return cls(q_idx, q_valid, k_idx, k_valid, None if layers is None else frozenset(int(i) for i in layers))
+
+    def wants(self, layer_idx: int | None) -> bool:
+        """Whether this layer's map is requested."""
+        return layer_idx is not None and (self.layers is None or layer_idx in self.layers)
+
+    def stacked(self) -> torch.Tensor:
+        """All captured maps as ``(L, B, A, V)`` in increasing layer order."""
+        if not self.log_maps:
+            raise RuntimeError(
+                "no attention was captured: the text backbone is not using a klal capture attention implementation "
+                "(call klal.capture.enable_capture(model)) or no requested layer exists"
+            )
+        return torch.stack([self.log_maps[i] for i in sorted(self.log_maps)])
+
+    def clear(self) -> None:
+        """Drop the captured maps (and the autograd graph they hold)."""
+        self.log_maps.clear()
+
+
+def _mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, S)`` bool mask -> left-aligned ``(B, N)`` positions and validity, N = max count per row (at least 1)."""
+    mask = mask.bool()
+    counts = mask.sum(-1)  # (B,)
+    n = max(int(counts.max().item()) if mask.numel() else 0, 1)
+    # Stable sort puts True positions first while keeping their order.
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]  # (B, N)
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]  # (B, N)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def visual_attention_log_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Log head-mean attention of selected queries over visual keys.
+
+    Args:
+        query: ``(B, H, S, D)`` post-rotary queries.
+        key: ``(B, Hkv, S, D)`` post-rotary keys before GQA repetition.
+        scaling: softmax scale (``head_dim ** -0.5``).
+        query_index: ``(B, A)`` selected query positions.
+        query_valid: ``(B, A)`` validity of ``query_index``.
+        key_index: ``(B, V)`` visual key positions.
+        key_valid: ``(B, V)`` validity of ``key_index``.
+
+    Returns:
+        ``(B, A, V)`` float32 ``log(mean_h softmax_v(q_h k_v * scaling))``. Invalid keys get ``-1e9`` (probability
+        zero), rows of invalid queries or of samples without visual tokens are uniform, so nothing is NaN.
+    """
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    a, v = query_index.shape[1], key_index.shape[1]
+    q_sel = query.gather(2, query_index[:, None, :, None].expand(b, h, a, d))  # (B, H, A, D)
+    k_vis = key.gather(2, key_index[:, None, :, None].expand(b, hkv, v, d))  # (B, Hkv, V, D)
+    # Query head h uses KV head h // g (transformers' repeat_kv layout), so group queries instead of repeating keys.
+    scores = torch.matmul(q_sel.view(b, hkv, g * a, d), k_vis.transpose(-1, -2)).view(b, hkv, g, a, v)
+    scores = scores.float() * scaling  # (B, Hkv, G, A, V)
+    keep = (key_valid[:, None, None, None, :] & query_valid[:, None, None, :, None]).expand_as(scores)
+    # Finite fill keeps fully masked rows uniform instead of NaN; those rows are ignored by the loss.
+    scores = scores.masked_fill(~keep, -1e9)
+    log_p = torch.log_softmax(scores, dim=-1)  # (B, Hkv, G, A, V)
+    return torch.logsumexp(log_p.flatten(1, 2), dim=1) - math.log(h)  # (B, A, V)
+
+
+def _make_capture_fn(base: str):
+    def capture_attention(module, query, key, value, attention_mask, **kwargs):
+        request: CaptureRequest | None = kwargs.pop(CAPTURE_KWARG, None)
+        out = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
+        layer_idx = getattr(module, "layer_idx", None)
+        if request is not None and request.wants(layer_idx):
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            log_q = visual_attention_log_probs(
+                query, key, scaling, request.query_index, request.query_valid, request.key_index, request.key_valid
+            )
+            # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
+            request.log_maps.setdefault(layer_idx, log_q)
+        return out
+
+    capture_attention.__name__ = f"klal_capture_{base}"
+    return capture_attention
+
+
+def register_capture_attention(base: str = "sdpa") -> str:
+    """Register ``klal_<base>`` (attention + mask function) with transformers and return the name.
+
+    Args:
+        base: the kernel that computes the layer output: ``sdpa``, ``eager`` or ``flash_attention_2``.
+    """
+    if base.startswith(CAPTURE_PREFIX):
+        return base
+    if base not in ALL_ATTENTION_FUNCTIONS and base != "eager":
+        raise ValueError(f"attention implementation {base!r} is not available; choose sdpa, eager or flash_attention_2")
+    name = f"{CAPTURE_PREFIX}{base}"
+    if base == "eager":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+        AttentionInterface.register("eager_fn_for_klal", eager_attention_forward)
+        base_key = "eager_fn_for_klal"
+    else:
+        base_key = base
+    AttentionInterface.register(name, _make_capture_fn(base_key))
+    # Without a mask function registered under the same name, transformers builds no mask and padding is ignored.
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def enable_capture(model: torch.nn.Module, base: str | None = None) -> str:
+    """Switch the language model of ``model`` to the capture attention (vision tower untouched); returns the name."""
+    from klal.models.loader import set_text_attn_implementation
+
+    text_cfg = _text_config(model)
+    current = text_cfg._attn_implementation or "sdpa"
+    base = base or (current[len(CAPTURE_PREFIX) :] if current.startswith(CAPTURE_PREFIX) else current)
+    name = register_capture_attention(base)
+    set_text_attn_implementation(model, name)
+    return name
+
+
+def _text_config(model: torch.nn.Module):
+    cfg = model.config
+    return getattr(cfg, "text_config", cfg)
+
+
+def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    """Resolve a layer selection: None/"all", "a-b" (inclusive), "a:b" (python slice), "-4:" or an explicit list.
+
+    Raises:
+        ValueError: naming the bad layer spec.
+    """
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        s = spec.strip()
+        try:
+            if ":" in s:
+                lo, hi = (int(x) if x else None for x in s.split(":", 1))
+                out = list(range(num_layers))[slice(lo, hi)]
+            elif "-" in s[1:]:
+                lo, hi = (int(x) for x in s.split("-", 1))
+                out = list(range(lo, hi + 1))
+            else:
+                out = [int(x) for x in s.split(",")]
+        except ValueError as e:
+            raise ValueError(f"klal layers: cannot parse {spec!r} (use 'all', '4-11', '-8:', or a list)") from e
+    else:
+        out = [int(x) for x in spec]
+    bad = [i for i in out if not 0 <= (i if i >= 0 else num_layers + i) < num_layers]
+    if bad or not out:
+        raise ValueError(f"klal layers {spec!r}: model has {num_layers} language layers (0..{num_layers - 1})")
+    return sorted({i % num_layers for i in out})
+
+
+def select_queries(answer_mask: torch.Tensor, mode: QueryMode) -> torch.Tensor:
+    """Boolean ``(B, S)`` mask of the query positions whose attention is supervised.
+
+    Args:
+        answer_mask: ``(B, S)`` True on answer content tokens.
+        mode: ``last``/``first``/``all`` answer token, or ``prompt_last``: the last prompt token (the position that
+            predicts the first answer token).
+    """
+    am = answer_mask.bool()
+    has = am.any(-1)
+    pos = torch.arange(am.shape[1], device=am.device)[None, :].expand_as(am)
+    out = torch.zeros_like(am)
+    if mode == "all":
+        return am.clone()
+    if mode == "last":
+        idx = torch.where(am, pos, torch.full_like(pos, -1)).amax(-1)
+    elif mode == "first":
+        idx = torch.where(am, pos, torch.full_like(pos, am.shape[1])).amin(-1)
+    elif mode == "prompt_last":
+        idx = torch.where(am, pos, torch.full_like(pos, am.shape[1])).amin(-1) - 1
+    else:
+        raise ValueError(f"unknown klal query mode {mode!r}; choose last, all, first or prompt_last")
+    rows = torch.nonzero(has & (idx >= 0)).squeeze(-1)
+    out[rows, idx[rows]] = True
+    return out

@@ -1,0 +1,1 @@
+"""Dataset schema, evidence geometry and loaders for real grounding data."""

@@ -1,0 +1,111 @@
+"""The one dataset schema every klal dataset uses: synthetic tasks, RefCOCO, PixMo-Points and your own data.
+
+A dataset is a ``datasets.DatasetDict`` saved with ``save_to_disk`` whose splits (``train``, ``validation``,
+``test``) carry the columns of :data:`FEATURES`. Evidence coordinates are in pixels of the *original* image
+(``width`` x ``height``); converters rescale them to the model's token grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+EVIDENCE_FEATURE = {
+    # [[x0, y0, x1, y1], ...]
+    "boxes": datasets.List(datasets.List(datasets.Value("float32"))),
+    # [[x, y], ...]
+    "points": datasets.List(datasets.List(datasets.Value("float32"))),
+    # [[[x, y], ...], ...]
+    "polylines": datasets.List(datasets.List(datasets.List(datasets.Value("float32")))),
+}
+
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "task": datasets.Value("string"),
+        "image": datasets.Image(),
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "evidence": EVIDENCE_FEATURE,
+        "meta": datasets.Value("string"),
+    }
+)
+
+REQUIRED_COLUMNS = tuple(FEATURES.keys())
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Evidence:
+    """Evidence geometry of one sample, in original-image pixels.
+
+    Attributes:
+        boxes: ``[[x0, y0, x1, y1], ...]`` boxes (x right, y down, x0 < x1, y0 < y1).
+        points: ``[[x, y], ...]`` points.
+        polylines: ``[[[x, y], ...], ...]`` open polylines, each with at least two vertices.
+    """
+
+    boxes: list[list[float]] = field(default_factory=list)
+    points: list[list[float]] = field(default_factory=list)
+    polylines: list[list[list[float]]] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        """True when no geometry of any kind is present."""
+        return not (self.boxes or self.points or self.polylines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict stored in the ``evidence`` column."""
+        return {
+            "boxes": [[float(v) for v in b] for b in self.boxes],
+            "points": [[float(v) for v in p] for p in self.points],
+            "polylines": [[[float(v) for v in p] for p in line] for line in self.polylines],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Evidence:
+        """Build from an ``evidence`` column value (missing keys read as empty)."""
+        d = d or {}
+        return cls(
+            boxes=[list(b) for b in (d.get("boxes") or [])],
+            points=[list(p) for p in (d.get("points") or [])],
+            polylines=[[list(p) for p in line] for line in (d.get("polylines") or [])],
+        )
+
+
+def make_record(
+    *,
+    id: str,
+    task: str,
+    image: Any,
+    question: str,
+    answer: str,
+    evidence: Evidence,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row in the schema; ``width``/``height`` are read from the PIL image."""
+    return {
+        "id": id,
+        "task": task,
+        "image": image,
+        "question": question,
+        "answer": answer,
+        "width": int(image.width),
+        "height": int(image.height),
+        "evidence": evidence.to_dict(),
+        "meta": json.dumps(meta or {}, sort_keys=True),
+    }
+
+
+def check_columns(ds: datasets.Dataset, source: str) -> None:
+    """Raise a ValueError naming ``source`` when a dataset lacks a schema column."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{source}: dataset is missing column(s) {missing}; klal datasets need {list(REQUIRED_COLUMNS)} "
+            "(see README, 'Dataset schema')"
+        )

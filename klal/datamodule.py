@@ -1,0 +1,172 @@
+"""Lightning data module over klal datasets on disk (``datasets.save_to_disk`` in the klal schema).
+
+Datasets come from ``paths`` (one or more dataset directories, concatenated), or are generated on the fly by a
+synthetic task generator (``generate``) into a cache directory the first time (the demo uses this). The processor is
+taken from the Lightning module (``module.processor``) unless one is given, so the collator always matches the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from klal.data.collate import KLALCollator, PromptSettings
+from klal.data.schema import check_columns
+from klal.targets import TargetSpec
+
+
+@dataclass
+class GenerateSettings:
+    """Generate a synthetic dataset when it is not on disk yet (used by the demo)."""
+
+    task: str = "grid_patch"
+    """Task name: grid_patch, line_intersection or line_tracing."""
+    num: int = 64
+    """Number of samples (split 80/10/10)."""
+    seed: int = 0
+    """Generator seed."""
+    image_size: int = 224
+    """Image side in pixels."""
+    preset: str | None = None
+    """Difficulty preset (easy, medium, hard)."""
+    out: str = "data/demo_grid_patch"
+    """Cache directory; reused when it already exists."""
+    workers: int = 1
+    """Generator processes."""
+
+
+class KLALDataModule(L.LightningDataModule):
+    """Train/validation/test loaders with the KLAL collator.
+
+    Args:
+        paths: dataset directories written with ``save_to_disk`` (splits train/validation/test); several are
+            concatenated per split.
+        generate: generate a synthetic dataset instead of (or when missing from) ``paths``.
+        batch_size: samples per device per step (global batch = batch_size x devices x accumulate_grad_batches).
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: DataLoader worker processes (the processor runs in them).
+        pin_memory: pin host memory (default: on when CUDA is available).
+        target: how evidence becomes target maps.
+        prompt: chat rendering.
+        max_length: refuse samples longer than this many tokens.
+        max_train_samples: use only the first N training samples.
+        max_val_samples: use only the first N validation samples.
+        train_split: split names.
+        val_split: split names.
+        test_split: split names.
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        generate: GenerateSettings | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        target: TargetSpec | None = None,
+        prompt: PromptSettings | None = None,
+        max_length: int | None = None,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if not paths and generate is None:
+            raise ValueError("data: give `paths` (datasets on disk) or `generate` (a synthetic task to generate)")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.paths = list(paths or [])
+        self.generate = generate
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.target = target or TargetSpec()
+        self.prompt = prompt or PromptSettings()
+        self.max_length = max_length
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self.processor: Any = None
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.collator: KLALCollator | None = None
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset once (rank 0 only, as Lightning calls it)."""
+        g = self.generate
+        if g is not None and not os.path.isdir(g.out):
+            from data_gen.tasks import build_task
+            from data_gen.writer import generate_dataset
+
+            overrides: dict[str, Any] = {"image_size": g.image_size}
+            task = build_task(g.task, preset=g.preset, overrides=overrides)
+            generate_dataset(task, num=g.num, seed=g.seed, out=g.out, workers=g.workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            self.processor = getattr(module, "processor", None)
+            if self.processor is None:
+                raise RuntimeError("KLALDataModule needs a processor: attach a KLALModule or set datamodule.processor")
+        if self.collator is None:
+            self.collator = KLALCollator(self.processor, self.target, self.prompt, max_length=self.max_length)
+        if self.splits:
+            return
+        paths = list(self.paths)
+        if self.generate is not None:
+            if not os.path.isdir(self.generate.out):
+                self.prepare_data()
+            paths.append(self.generate.out)
+        loaded = [self._load(p) for p in paths]
+        for key, name in self.split_names.items():
+            parts = [d[name] for d in loaded if name in d]
+            if parts:
+                ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+                limit = {"train": self.max_train_samples, "val": self.max_val_samples}.get(key)
+                if limit is not None:
+                    ds = ds.select(range(min(limit, len(ds))))
+                self.splits[key] = ds
+        if "train" not in self.splits and stage in (None, "fit"):
+            raise ValueError(f"no {self.split_names['train']!r} split in {paths}")
+
+    @staticmethod
+    def _load(path: str) -> datasets.DatasetDict:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"dataset directory not found: {path}")
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.Dataset):
+            ds = datasets.DatasetDict({"train": ds})
+        for name, split in ds.items():
+            check_columns(split, f"{path} [{name}]")
+        return ds
+
+    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+        if key not in self.splits:
+            raise ValueError(f"no {self.split_names[key]!r} split in the datasets {self.paths or [self.generate.out]}")
+        return DataLoader(
+            self.splits[key],
+            batch_size=self.batch_size if key == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=self.collator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,246 @@
+"""The Lightning task: LoRA fine-tuning of Qwen2.5-VL with ``loss = ntp + klal_weight * klal``.
+
+The model is built in :meth:`KLALModule.configure_model`, so FSDP/DeepSpeed strategies can shard it at construction.
+Checkpoints hold only the trainable (LoRA) weights plus hyperparameters; at the end of ``fit`` the adapter is written
+with peft's ``save_pretrained`` so ``PeftModel.from_pretrained(base, path)`` loads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from klal.capture import CaptureRequest, QueryMode, enable_capture, parse_layers, select_queries
+from klal.loss import KLALResult, klal_loss
+from klal.models.loader import ModelConfig, load_model_and_processor, load_processor
+from klal.models.lora import LoraSettings, apply_lora
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup steps (optimizer steps)."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of ``lr``."""
+
+
+class KLALModule(L.LightningModule):
+    """LoRA fine-tuning with next-token loss plus the KL attention loss.
+
+    Args:
+        backbone: which Qwen2.5-VL to load and how (``tiny`` builds the embedded random test model).
+        lora: LoRA rank/alpha/dropout, targets and layers.
+        klal_weight: lambda in ``ntp + lambda * klal``; 0 trains NTP only (attention is still measured).
+        klal_query: which query tokens' attention is supervised (``last`` answer token as in the paper).
+        klal_layers: supervised language layers: ``all``, ``"4-11"``, ``"-8:"`` or a list.
+        klal_epsilon: smoothing weight of the target map (keeps KL finite).
+        klal_image_mode: several images per sample: ``joint`` or ``per_image`` (see :mod:`klal.loss`).
+        measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``target_mass``.
+        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        attn_implementation: kernel for the text backbone output (``sdpa`` or ``flash_attention_2``).
+        optim: optimizer and schedule.
+        adapter_dir: where the final peft adapter is written (default: ``<log_dir>/adapter``).
+    """
+
+    def __init__(
+        self,
+        backbone: ModelConfig | None = None,
+        lora: LoraSettings | None = None,
+        klal_weight: float = 1.0,
+        klal_query: QueryMode = "last",
+        klal_layers: str | list[int] | None = "all",
+        klal_epsilon: float = 1e-4,
+        klal_image_mode: Literal["joint", "per_image"] = "joint",
+        measure_attention_when_unweighted: bool = True,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+        optim: OptimSettings | None = None,
+        adapter_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if klal_weight < 0 or not math.isfinite(klal_weight):
+            raise ValueError(f"klal_weight must be a finite number >= 0, got {klal_weight}")
+        self.backbone = backbone or ModelConfig()
+        self.lora = lora or LoraSettings()
+        self.klal_weight = float(klal_weight)
+        self.klal_query: QueryMode = klal_query
+        self.klal_layers_spec = klal_layers
+        self.klal_epsilon = klal_epsilon
+        self.klal_image_mode = klal_image_mode
+        self.measure_attention = measure_attention_when_unweighted
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.optim = optim or OptimSettings()
+        self.adapter_dir = adapter_dir
+        self.save_hyperparameters()
+        # Checkpoints hold only trainable weights, so loading must not demand the frozen base.
+        self.strict_loading = False
+        self.processor = load_processor(self.backbone)
+        self.model: torch.nn.Module | None = None
+        self.layers: list[int] = []
+        self._no_map_seen = {"train": 0, "val": 0}
+
+    # -- model ------------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the backbone, wrap the language model with LoRA, switch on attention capture."""
+        if self.model is not None:
+            return
+        cfg = self.backbone
+        model, _ = load_model_and_processor(cfg, processor=self.processor)
+        enable_capture(model, base=self.attn_implementation)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            # LoRA-only training has no trainable input embedding; checkpointed layers still need grad-enabled inputs.
+            model.enable_input_require_grads()
+        self.model = apply_lora(model, self.lora)
+        n_layers = self.text_config.num_hidden_layers
+        self.layers = parse_layers(self.klal_layers_spec, n_layers)
+
+    @property
+    def text_config(self):
+        """The language model's config."""
+        cfg = self.model.config if self.model is not None else None
+        return getattr(cfg, "text_config", cfg)
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of ``<|image_pad|>``."""
+        return int(self.processor.image_token_id)
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], capture: bool = True, query_mode: QueryMode | None = None):
+        """Run the model on a collated batch; returns ``(outputs, CaptureRequest | None)``."""
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+        request = None
+        if capture:
+            visual = batch["input_ids"] == self.image_token_id
+            query = select_queries(batch["answer_mask"], query_mode or self.klal_query)
+            request = CaptureRequest.from_masks(query, visual, self.layers)
+            inputs["klal_capture"] = request
+        out = self.model(**inputs, use_cache=False)
+        return out, request
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss parts of one batch: ``loss``, ``ntp``, ``klal``, ``target_mass``, ``maps`` (samples with a map)."""
+        capture = self.klal_weight > 0 or self.measure_attention
+        out, request = self(batch, capture=capture)
+        ntp = out.loss
+        parts: dict[str, torch.Tensor] = {"ntp": ntp}
+        if request is not None:
+            log_q = request.stacked()  # (L, B, A, V)
+            request.clear()
+            res: KLALResult = klal_loss(
+                log_q,
+                batch["target"],
+                batch["has_target"],
+                request.query_valid,
+                request.key_valid,
+                epsilon=self.klal_epsilon,
+                key_image=batch.get("key_image"),
+                image_mode=self.klal_image_mode,
+            )
+            klal = res.klal if self.klal_weight > 0 else res.klal.detach()
+            parts.update(klal=klal, target_mass=res.target_mass, maps=res.has_map.sum())
+            parts["loss"] = ntp + self.klal_weight * klal if self.klal_weight > 0 else ntp
+        else:
+            parts["loss"] = ntp
+        return parts
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        parts = self.compute_losses(batch)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite {stage} loss {loss.item()} at global step {self.global_step} "
+                f"(ntp={parts['ntp'].item()}, klal={parts.get('klal', torch.tensor(0.0)).item()}); "
+                f"batch sample ids: {batch.get('ids')}"
+            )
+        bs = int(batch["input_ids"].shape[0])
+        on_step = stage == "train"
+        for name in ("loss", "ntp", "klal", "target_mass"):
+            if name in parts:
+                self.log(
+                    f"{stage}/{name}",
+                    parts[name].detach().float(),
+                    on_step=on_step,
+                    on_epoch=True,
+                    prog_bar=name in ("loss", "klal", "target_mass"),
+                    batch_size=bs,
+                    sync_dist=not on_step,
+                )
+        no_map = bs - int(parts["maps"].item()) if "maps" in parts else 0
+        self.log(f"{stage}/no_map", float(no_map), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=bs)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    # -- optimisation -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: check the LoRA targets/layers")
+        o = self.optim
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warm = min(o.warmup_steps, max(total - 1, 0))
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = min((step - warm) / max(total - warm, 1), 1.0)
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train (the LoRA weights), keyed as in ``self.state_dict()``."""
+        names = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_state_dict()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["klal_base_model"] = self.backbone.name_or_path
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        base = checkpoint.get("klal_base_model")
+        if base is not None and base != self.backbone.name_or_path:
+            raise ValueError(
+                f"checkpoint was trained on base model {base!r}, but this run uses {self.backbone.name_or_path!r}"
+            )
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.model.save_pretrained(self.resolve_adapter_dir())
+
+    def resolve_adapter_dir(self) -> str:
+        """Where the final adapter goes."""
+        if self.adapter_dir:
+            return self.adapter_dir
+        root = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
+        return os.path.join(root, "adapter")
+
+
+__all__ = ["KLALModule", "OptimSettings"]

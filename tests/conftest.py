@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded tiny Qwen2.5-VL and small schema rows built in memory."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from klal.models.tiny import build_tiny_processor
+
+    return build_tiny_processor(min_pixels=56 * 56, max_pixels=224 * 224)
+
+
+def make_row(idx: int, width: int, height: int, box: list[float] | None, answer: str = "(2, 3)") -> dict:
+    """A schema row with a random-noise image and (optionally) one evidence box."""
+    rng = np.random.default_rng(idx)
+    img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    return {
+        "id": f"row-{idx}",
+        "task": "test",
+        "image": img,
+        "question": "Which cell contains the red star? Answer as (row, column).",
+        "answer": answer,
+        "width": width,
+        "height": height,
+        "evidence": {"boxes": [box] if box else [], "points": [], "polylines": []},
+        "meta": "{}",
+    }
+
+
+@pytest.fixture
+def mixed_rows():
+    """Three rows with different image sizes (so different token grids) and one without evidence."""
+    return [
+        make_row(0, 224, 224, [28.0, 56.0, 84.0, 112.0], answer="(3, 2)"),
+        make_row(1, 168, 112, [0.0, 0.0, 56.0, 56.0], answer="(1, 1)"),
+        make_row(2, 140, 196, None, answer="(12, 10)"),
+    ]
