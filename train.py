@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from klal.datamodule import KLALDataModule
@@ -27,6 +28,11 @@ from klal.module import KLALModule
 
 def main(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return it (``cli.model``, ``cli.trainer``)."""
+    # Show the config dataclasses' field docstrings in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    if argv is not None:
+        # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
+        sys.argv = sys.argv[:1]
     return LightningCLI(
         KLALModule,
         KLALDataModule,

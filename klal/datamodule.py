@@ -70,8 +70,8 @@ class KLALDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
-        target: TargetSpec | None = None,
-        prompt: PromptSettings | None = None,
+        target: TargetSpec = TargetSpec(),  # noqa: B008 - read-only default, jsonargparse needs an instance
+        prompt: PromptSettings = PromptSettings(),  # noqa: B008
         max_length: int | None = None,
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
@@ -108,6 +108,7 @@ class KLALDataModule(L.LightningDataModule):
             from data_gen.writer import generate_dataset
 
             overrides: dict[str, Any] = {"image_size": g.image_size}
+            os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
             task = build_task(g.task, preset=g.preset, overrides=overrides)
             generate_dataset(task, num=g.num, seed=g.seed, out=g.out, workers=g.workers)
 

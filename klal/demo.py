@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
              "--trainer.logger.init_args.save_dir", args.out]
     if args.steps is not None:
         flags += ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(max(args.steps // 3, 1))]
-    cli = train.main(["fit", *flags, *args.extra], run=False)
+    sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too; the demo passes its flags explicitly
+    cli = train.main([*flags, *args.extra], run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     dm.prepare_data()
     dm.processor = module.processor

@@ -59,8 +59,8 @@ class KLALModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: ModelConfig | None = None,
-        lora: LoraSettings | None = None,
+        backbone: ModelConfig = ModelConfig(),  # noqa: B008 - read-only default, jsonargparse needs an instance
+        lora: LoraSettings = LoraSettings(),  # noqa: B008
         klal_weight: float = 1.0,
         klal_query: QueryMode = "last",
         klal_layers: str | list[int] | None = "all",
@@ -69,7 +69,7 @@ class KLALModule(L.LightningModule):
         measure_attention_when_unweighted: bool = True,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
-        optim: OptimSettings | None = None,
+        optim: OptimSettings = OptimSettings(),  # noqa: B008
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -109,6 +109,7 @@ class KLALModule(L.LightningModule):
             # LoRA-only training has no trainable input embedding; checkpointed layers still need grad-enabled inputs.
             model.enable_input_require_grads()
         self.model = apply_lora(model, self.lora)
+        self.model.train()
         n_layers = self.text_config.num_hidden_layers
         self.layers = parse_layers(self.klal_layers_spec, n_layers)
 
@@ -182,10 +183,11 @@ class KLALModule(L.LightningModule):
                     on_epoch=True,
                     prog_bar=name in ("loss", "klal", "target_mass"),
                     batch_size=bs,
-                    sync_dist=not on_step,
+                    sync_dist=True,
                 )
         no_map = bs - int(parts["maps"].item()) if "maps" in parts else 0
-        self.log(f"{stage}/no_map", float(no_map), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=bs)
+        self.log(f"{stage}/no_map", float(no_map), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=bs,
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -232,8 +234,11 @@ class KLALModule(L.LightningModule):
             )
 
     def on_train_end(self) -> None:
+        # trainer.log_dir broadcasts under DDP, so every rank resolves the path before rank 0 writes.
+        path = self.resolve_adapter_dir()
         if self.trainer.is_global_zero:
-            self.model.save_pretrained(self.resolve_adapter_dir())
+            self.model.save_pretrained(path)
+        self.trainer.strategy.barrier("klal_adapter_saved")
 
     def resolve_adapter_dir(self) -> str:
         """Where the final adapter goes."""

@@ -21,13 +21,18 @@ def grid_to_image(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return g[rows][:, cols]
 
 
-def overlay(ax: Any, image: Image.Image, grid: np.ndarray | None, title: str = "", cmap: str = "jet",
-            alpha: float = 0.5) -> None:
-    """Draw ``image`` on matplotlib axes ``ax`` with ``grid`` (a token map) as a semi-transparent heat map."""
+def overlay(ax: Any, image: Image.Image, grid: np.ndarray | None, title: str = "", cmap: str = "inferno",
+            alpha: float = 0.55) -> None:
+    """Draw ``image`` on matplotlib axes ``ax`` with ``grid`` (a token map) as a semi-transparent heat map.
+
+    The map is min-max scaled per panel: attention of an untrained model is close to uniform, and a fixed scale
+    would paint it as one flat colour.
+    """
     ax.imshow(image)
     if grid is not None:
         g = np.asarray(grid, dtype=np.float64)
-        up = grid_to_image(g / max(g.max(), 1e-12), image.size)
+        lo, hi = float(g.min()), float(g.max())
+        up = grid_to_image((g - lo) / max(hi - lo, 1e-12), image.size)
         ax.imshow(up, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, extent=(0, image.width, image.height, 0))
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])

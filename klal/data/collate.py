@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from klal.data.schema import Evidence
-from klal.targets import TargetMapError, TargetSpec, build_target_map
+from klal.targets import TargetMapError, TargetSpec, build_target_map_with_reason
 
 IGNORE_INDEX = -100
 
@@ -175,7 +175,7 @@ class KLALCollator:
                 raise ValueError(
                     f"sample {row.get('id', i)!r}: {len(ims)} images but {len(ev_list)} evidence entries"
                 )
-            maps, g = [], []
+            maps, g, why = [], [], []
             for im, ev in zip(ims, ev_list):
                 _, gh14, gw14 = (int(x) for x in grid_thw[k])
                 k += 1
@@ -183,7 +183,7 @@ class KLALCollator:
                 g.append((gh, gw))
                 evidence = ev if isinstance(ev, Evidence) else Evidence.from_dict(ev)
                 try:
-                    m = build_target_map(
+                    m, reason = build_target_map_with_reason(
                         evidence,
                         orig_hw=(im.height, im.width),
                         processed_hw=(gh14 * self.patch, gw14 * self.patch),
@@ -194,10 +194,11 @@ class KLALCollator:
                 if m is not None and m.shape != (gh, gw):
                     raise RuntimeError(f"sample {row.get('id', i)!r}: target map {m.shape} != token grid {(gh, gw)}")
                 maps.append(m)
+                why.append(reason)
             per_row_maps.append(maps)
             grids.append(g)
             if all(m is None for m in maps):
-                reason = "empty or out-of-image evidence"
+                reason = "; ".join(sorted({r for r in why if r})) or "no evidence"
                 self.no_map.add(reason)
                 reasons.append(reason)
             else:

@@ -1,0 +1,180 @@
+"""Per-step cost of KLAL: (a) NTP only, (b) NTP + KLAL with klal's attention capture, (c) NTP + KLAL via eager
+``output_attentions``, measured side by side in one run on the same model, inputs and LoRA.
+
+Time: median wall time of a forward+backward step. Memory: on CUDA, peak allocated bytes above the model; on CPU,
+the bytes of tensors autograd saves for backward (activation memory, the part that attention capture changes), since
+CPU allocations have no peak counter.
+
+Run::
+
+    python bench/step.py                                   # tiny model, CPU, ~100 visual tokens, a minute
+    python bench/step.py --visual-tokens 256 --steps 5
+    python bench/step.py --arch 3b --device cuda --visual-tokens 1024 --dtype bfloat16   # GPU, random 3B weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from klal.capture import CaptureRequest, register_capture_attention, select_queries  # noqa: E402
+from klal.loss import klal_loss  # noqa: E402
+from klal.models.loader import set_text_attn_implementation  # noqa: E402
+from klal.models.lora import LoraSettings, apply_lora  # noqa: E402
+from klal.models.tiny import build_tiny_model, tiny_config  # noqa: E402
+
+ARCH = {
+    # Published Qwen2.5-VL sizes; weights are random (no checkpoint can be downloaded here).
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
+               vision_intermediate_size=3420, vision_fullatt_block_indexes=[7, 15, 23, 31]),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
+               vision_intermediate_size=3420, vision_fullatt_block_indexes=[7, 15, 23, 31]),
+}
+
+
+def build_inputs(cfg, batch: int, grid: int, prompt: int, answer: int, device) -> dict[str, torch.Tensor]:
+    """Synthetic batch: text, one image of ``grid x grid`` visual tokens, question, answer (labels on the answer)."""
+    n_vis = grid * grid
+    ids = [11] * prompt + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_vis + [cfg.vision_end_token_id]
+    ids += [12] * prompt + [13] * answer
+    input_ids = torch.tensor([ids] * batch, device=device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer:] = input_ids[:, -answer:]
+    answer_mask = labels != -100
+    patches = n_vis * 4
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "mm_token_type_ids": (input_ids == cfg.image_token_id).long(),
+        "pixel_values": torch.randn(batch * patches, 3 * 2 * 14 * 14, device=device),
+        "image_grid_thw": torch.tensor([[1, grid * 2, grid * 2]] * batch, device=device),
+        "answer_mask": answer_mask,
+    }
+
+
+def target_for(inputs, cfg) -> torch.Tensor:
+    vis = inputs["input_ids"] == cfg.image_token_id
+    v = int(vis.sum(-1).max())
+    t = torch.zeros(vis.shape[0], v, device=vis.device)
+    t[:, : max(v // 8, 1)] = 1.0 / max(v // 8, 1)
+    return t
+
+
+def step(model, inputs, cfg, mode: str) -> None:
+    keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    kw = {k: inputs[k] for k in keys}
+    vis = inputs["input_ids"] == cfg.image_token_id
+    query = select_queries(inputs["answer_mask"], "last")
+    if mode == "ntp":
+        loss = model(**kw, use_cache=False).loss
+    elif mode == "capture":
+        req = CaptureRequest.from_masks(query, vis)
+        out = model(**kw, use_cache=False, klal_capture=req)
+        res = klal_loss(req.stacked(), target_for(inputs, cfg), torch.ones(vis.shape[0], dtype=torch.bool,
+                        device=vis.device), req.query_valid, req.key_valid)
+        req.clear()
+        loss = out.loss + res.klal
+    else:  # eager output_attentions
+        req = CaptureRequest.from_masks(query, vis)
+        out = model(**kw, use_cache=False, output_attentions=True)
+        maps = []
+        for att in out.attentions:  # (B, H, S, S)
+            b_idx = torch.arange(att.shape[0], device=att.device)[:, None]
+            rows = att.permute(0, 2, 3, 1)[b_idx, req.query_index]  # (B, A, S, H)
+            rows = rows[b_idx[:, :, None], torch.arange(rows.shape[1], device=att.device)[None, :, None],
+                        req.key_index[:, None, :]]  # (B, A, V, H)
+            rows = rows.float() / rows.float().sum(2, keepdim=True)
+            maps.append(torch.log(rows.mean(-1).clamp_min(1e-30)))
+        res = klal_loss(torch.stack(maps), target_for(inputs, cfg), torch.ones(vis.shape[0], dtype=torch.bool,
+                        device=vis.device), req.query_valid, req.key_valid)
+        loss = out.loss + res.klal
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves during ``fn`` (deduplicated by storage)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["tiny", "3b", "7b"], default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--visual-tokens", type=int, default=100, help="rounded down to a square grid")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cfg = tiny_config(**ARCH.get(args.arch, {}))
+    name = register_capture_attention("sdpa")
+    model = build_tiny_model(cfg, attn_implementation=name, dtype=dtype).to(device)
+    model = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0)).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    grid = max(int(args.visual_tokens**0.5), 1)
+    inputs = build_inputs(model.config, args.batch, grid, prompt=24, answer=4, device=device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    cuda = device.type == "cuda"
+    results = []
+    for mode in ("ntp", "capture", "eager"):
+        set_text_attn_implementation(model, "eager" if mode == "eager" else name)
+        step(model, inputs, model.config, mode)  # warm-up
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step(model, inputs, model.config, mode)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        mem = (torch.cuda.max_memory_allocated() - base) if cuda else saved_bytes(
+            lambda m=mode: step(model, inputs, model.config, m))
+        results.append({"mode": mode, "time_s": statistics.median(times), "mem_bytes": mem})
+    t = {r["mode"]: r for r in results}
+    kind = "peak allocated above model" if cuda else "saved-for-backward"
+    print(f"arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch} "
+          f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={args.steps} "
+          f"grad_ckpt={args.gradient_checkpointing}")
+    print(f"{'mode':<34}{'step s':>10}{'memory MiB':>14}   ({kind})")
+    labels = {"ntp": "(a) NTP only", "capture": "(b) NTP + KLAL, capture", "eager": "(c) NTP + KLAL, eager attentions"}
+    for r in results:
+        print(f"{labels[r['mode']]:<34}{r['time_s']:>10.4f}{r['mem_bytes'] / 2**20:>14.2f}")
+    print(f"(b)/(a) time {t['capture']['time_s'] / t['ntp']['time_s']:.3f}   "
+          f"(b)/(a) memory {t['capture']['mem_bytes'] / t['ntp']['mem_bytes']:.3f}   "
+          f"(c)/(b) memory {t['eager']['mem_bytes'] / t['capture']['mem_bytes']:.3f}   "
+          f"(c)/(b) time {t['eager']['time_s'] / t['capture']['time_s']:.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

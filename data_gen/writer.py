@@ -1,0 +1,314 @@
+"""Write a task's samples to disk as a klal dataset (``datasets.DatasetDict`` in the schema of klal.data.schema).
+
+Layout and guarantees:
+    * Sample ``i`` is ``task.sample(seed, i)``; rows are written in index order whatever the number of workers, so
+      the same ``(task config, num, seed, splits)`` gives byte-identical Arrow files for 1 or N worker processes.
+    * Splits are consecutive index ranges: ``train`` = ``[0, n_train)``, ``validation`` = ``[n_train, n_train +
+      n_val)``, ``test`` = the rest. The sizes are the fractions of ``num`` rounded by largest remainder, then
+      raised to at least 1 per split (taken from the largest split), so every split is non-empty for ``num >= 3``.
+    * Row ids are ``f"{task}-{seed}-{i:06d}"``; images are stored as PNG.
+    * The dataset is built in a hidden temporary directory beside ``out`` and renamed into place only when complete;
+      on any error or KeyboardInterrupt the temporary directory is removed and ``out`` is left as it was. An existing
+      ``out`` is refused unless ``overwrite=True``, in which case it is replaced only after the new dataset is
+      complete (and only if it looks like a dataset directory or is empty, so a mistyped path cannot wipe a folder).
+    * ``klal_dataset.json`` in the dataset directory records the task, seed, num, split ranges, config and versions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+import klal
+from data_gen.base import GenerationError, Task
+from klal.data.schema import FEATURES, SPLITS, make_record
+
+MANIFEST_NAME = "klal_dataset.json"
+"""File written into every generated dataset directory."""
+FORMAT_VERSION = 1
+"""Version of the on-disk layout written here (bumped on incompatible changes)."""
+
+
+class DatasetWriteError(Exception):
+    """Bad writer arguments or output path; the message names the argument or path at fault."""
+
+
+def split_sizes(num: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, int]:
+    """Sizes of the ``train``/``validation``/``test`` splits of ``num`` samples.
+
+    Args:
+        num: total number of samples (at least one per split).
+        fractions: positive shares of the three splits, summing to 1.
+
+    Raises:
+        DatasetWriteError: wrong number of fractions, a non-positive fraction, a sum other than 1, or
+            ``num < 3``.
+    """
+    if len(fractions) != len(SPLITS):
+        raise DatasetWriteError(f"splits needs {len(SPLITS)} fractions ({', '.join(SPLITS)}), got {list(fractions)}")
+    if any(not f > 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise DatasetWriteError(f"splits must be positive fractions summing to 1, got {list(fractions)}")
+    if num < len(SPLITS):
+        raise DatasetWriteError(f"num={num} is too small: need at least {len(SPLITS)} samples, one per split")
+    raw = [f * num for f in fractions]
+    sizes = [math.floor(r) for r in raw]
+    # Largest remainder, ties to the earlier split, so sizes sum to num.
+    for k in sorted(range(len(raw)), key=lambda k: (sizes[k] - raw[k], k))[: num - sum(sizes)]:
+        sizes[k] += 1
+    for k in range(len(sizes)):
+        if sizes[k] == 0:
+            sizes[max(range(len(sizes)), key=lambda j: sizes[j])] -= 1
+            sizes[k] = 1
+    return dict(zip(SPLITS, sizes))
+
+
+def sample_record(task: Task, seed: int, index: int) -> dict[str, Any]:
+    """Row ``index`` of the dataset: ``task.sample(seed, index)`` in the schema, image encoded as PNG bytes."""
+    try:
+        s = task.sample(seed, index)
+    except GenerationError as e:
+        raise GenerationError(f"task {task.name!r}, seed {seed}, sample {index}: {e}") from e
+    rec = make_record(
+        id=f"{task.name}-{seed}-{index:06d}",
+        task=task.name,
+        image=s.image,
+        question=s.question,
+        answer=s.answer,
+        evidence=s.evidence,
+        meta=s.meta,
+    )
+    # Encode here (in the worker when there are several) so PNG compression runs in parallel and only bytes are
+    # sent back; PIL's encoder is deterministic, so the bytes do not depend on the process.
+    buf = io.BytesIO()
+    s.image.convert("RGB").save(buf, format="PNG")
+    rec["image"] = {"bytes": buf.getvalue(), "path": None}
+    return rec
+
+
+# Worker-process state, set once by the pool initializer so the task is pickled once per worker, not per chunk.
+_WORKER_TASK: Task | None = None
+
+
+def _init_worker(task: Task) -> None:
+    global _WORKER_TASK
+    _WORKER_TASK = task
+    # Ctrl-C reaches the whole process group; the parent handles it and shuts the pool down, so workers ignore it
+    # instead of each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _work(seed: int, start: int, stop: int) -> list[dict[str, Any]]:
+    assert _WORKER_TASK is not None, "worker not initialised"
+    return [sample_record(_WORKER_TASK, seed, i) for i in range(start, stop)]
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # fork starts workers in milliseconds with everything imported; elsewhere (macOS, Windows) spawn is the safe one.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+@contextmanager
+def record_stream(
+    task: Task, seed: int, start: int, stop: int, workers: int = 1, chunk_size: int | None = None
+) -> Iterator[Iterator[dict[str, Any]]]:
+    """Context manager giving an iterator over the records of indices ``start..stop-1``, in index order.
+
+    With ``workers > 1`` the records are made by a process pool, which is started (and its first jobs submitted) on
+    entering, before the caller starts any thread such as a progress bar, and shut down on exit; jobs not yet started
+    are cancelled when the caller leaves early (error, KeyboardInterrupt).
+
+    Args:
+        task: the task to sample.
+        seed: dataset seed.
+        start: first index.
+        stop: one past the last index.
+        workers: number of worker processes (1 generates in this process).
+        chunk_size: indices per job; the default gives each worker about 8 jobs, capped at 64 indices.
+    """
+    if workers <= 1:
+        yield (sample_record(task, seed, i) for i in range(start, stop))
+        return
+    chunk = chunk_size or max(1, min(64, math.ceil((stop - start) / (workers * 8))))
+    todo = iter([(a, min(a + chunk, stop)) for a in range(start, stop, chunk)])
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(task,)
+    )
+    try:
+        # A bounded window of jobs in flight keeps memory flat for large datasets; results are taken in submission
+        # (= index) order, so the output does not depend on which worker finishes first.
+        pending: deque[Future] = deque(pool.submit(_work, seed, a, b) for a, b in islice(todo, 2 * workers))
+
+        def ordered() -> Iterator[dict[str, Any]]:
+            while pending:
+                recs = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_work, seed, *nxt))
+                yield from recs
+
+        yield ordered()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _looks_like_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        not any(path.iterdir()) or (path / MANIFEST_NAME).exists() or (path / "dataset_dict.json").exists()
+    )
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise DatasetWriteError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise DatasetWriteError(f"output {str(out)!r} exists and is not a directory; refusing to replace it")
+    if not _looks_like_dataset(out):
+        raise DatasetWriteError(
+            f"output {str(out)!r} is a non-empty directory that is not a dataset (no {MANIFEST_NAME} or "
+            "dataset_dict.json); refusing to replace it"
+        )
+
+
+def generate_dataset(
+    task: Task,
+    num: int,
+    seed: int,
+    out: str | os.PathLike,
+    workers: int = 1,
+    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> datasets.DatasetDict:
+    """Generate ``num`` samples of ``task`` with ``seed`` and save them as a DatasetDict at ``out``.
+
+    Args:
+        task: a constructed (validated) task.
+        num: number of samples, at least 3 (one per split).
+        seed: non-negative dataset seed.
+        out: output directory; must not exist unless ``overwrite``.
+        workers: worker processes; the output does not depend on it.
+        splits: train/validation/test fractions (positive, summing to 1).
+        overwrite: replace an existing dataset at ``out`` once the new one is complete.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        The saved dataset, loaded back from ``out``.
+
+    Raises:
+        DatasetWriteError: bad num/seed/workers/splits or output path.
+        GenerationError: the task could not draw a sample (the message names the sample index).
+    """
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise DatasetWriteError(f"num must be a positive integer, got {num!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DatasetWriteError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise DatasetWriteError(f"workers must be a positive integer, got {workers!r}")
+    sizes = split_sizes(num, splits)
+    out = Path(out).expanduser().absolute()
+    _check_out(out, overwrite)
+    if not out.parent.is_dir():
+        raise DatasetWriteError(f"parent directory of output {str(out)!r} does not exist")
+
+    ranges: dict[str, tuple[int, int]] = {}
+    start = 0
+    for name, n in sizes.items():
+        ranges[name] = (start, start + n)
+        start += n
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        scratch = work / "scratch"
+        scratch.mkdir()
+        parts: dict[str, datasets.Dataset] = {}
+        # Enter the record stream (which starts the worker pool) before the progress bar starts its thread.
+        with (
+            record_stream(task, seed, 0, num, workers=workers) as records,
+            tqdm(total=num, desc=task.name, unit="sample", disable=not progress, dynamic_ncols=True) as bar,
+        ):
+            for name, (a, b) in ranges.items():
+                path = scratch / f"{name}.arrow"
+                writer = ArrowWriter(features=FEATURES, path=str(path))
+                try:
+                    for rec in islice(records, b - a):
+                        writer.write(rec)
+                        bar.update(1)
+                    writer.finalize()
+                finally:
+                    writer.close()
+                parts[name] = datasets.Dataset.from_file(str(path), split=name)
+        staged = work / "dataset"
+        # Our own bar already showed progress; the library's per-split "Saving the dataset" bars are noise.
+        bars_were_disabled = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
+        try:
+            datasets.DatasetDict(parts).save_to_disk(str(staged))
+        finally:
+            if not bars_were_disabled:
+                datasets.enable_progress_bars()
+        manifest = {
+            "task": task.name,
+            "seed": seed,
+            "num": num,
+            "splits": {name: list(r) for name, r in ranges.items()},
+            "config": asdict(task.config),
+            "generator_version": str(getattr(task, "version", "1")),
+            "klal_version": klal.__version__,
+            "format_version": FORMAT_VERSION,
+        }
+        (staged / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        del parts  # the memory-mapped scratch files are deleted with ``work``
+
+        # Re-check: another process may have created ``out`` meanwhile.
+        _check_out(out, overwrite)
+        if out.exists():
+            old = work / "previous"
+            os.replace(out, old)
+            try:
+                os.replace(staged, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+        else:
+            os.replace(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return datasets.load_from_disk(str(out))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``klal_dataset.json`` of a generated dataset directory.
+
+    Raises:
+        DatasetWriteError: the file is missing or not valid JSON.
+    """
+    f = Path(path) / MANIFEST_NAME
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise DatasetWriteError(f"{str(f)!r} not found: {str(path)!r} is not a generated klal dataset") from None
+    except json.JSONDecodeError as e:
+        raise DatasetWriteError(f"{str(f)!r} is not valid JSON: {e}") from None

@@ -1,0 +1,34 @@
+"""Model loading: the embedded ``tiny`` Qwen2.5-VL, the loader for real checkpoints, and language-model-only LoRA."""
+
+from klal.models.loader import (
+    ModelConfig,
+    load_model_and_processor,
+    load_processor,
+    resolve_dtype,
+    set_text_attn_implementation,
+)
+from klal.models.lora import LoraSettings, apply_lora, language_lora_regex, trainable_parameter_summary
+from klal.models.tiny import (
+    ImageTextQwen2_5_VLProcessor,
+    build_tiny_model,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    tiny_config,
+)
+
+__all__ = [
+    "ImageTextQwen2_5_VLProcessor",
+    "LoraSettings",
+    "ModelConfig",
+    "apply_lora",
+    "build_tiny_model",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "language_lora_regex",
+    "load_model_and_processor",
+    "load_processor",
+    "resolve_dtype",
+    "set_text_attn_implementation",
+    "tiny_config",
+    "trainable_parameter_summary",
+]

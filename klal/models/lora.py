@@ -1,0 +1,186 @@
+"""LoRA on the language model of Qwen2.5-VL only.
+
+The vision tower reuses the module names ``gate_proj``/``up_proj``/``down_proj`` for its MLP, so targeting LoRA by bare
+names would also wrap the vision blocks (peft issue 2615). klal instead passes peft one regular expression, anchored on
+``language_model.layers.<i>``, that names exactly the chosen projections of the chosen decoder layers. Everything else
+(vision tower, merger, embeddings, norms, ``lm_head``) stays frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+__all__ = [
+    "ATTENTION_TARGETS",
+    "MLP_TARGETS",
+    "LoraSettings",
+    "apply_lora",
+    "language_lora_regex",
+    "lora_module_names",
+    "resolve_targets",
+    "trainable_parameter_summary",
+]
+
+ATTENTION_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ATTENTION_TARGETS,
+    "attention_mlp": ATTENTION_TARGETS + MLP_TARGETS,
+    # The decoder layers hold no other linear layers, so "all_linear" is attention_mlp; lm_head is never wrapped.
+    "all_linear": ATTENTION_TARGETS + MLP_TARGETS,
+}
+_BY_SHORT_NAME = {t.split(".")[1]: t for t in ATTENTION_TARGETS + MLP_TARGETS}
+
+TargetSpec = Literal["attention", "attention_mlp", "all_linear"] | list[str]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model's decoder layers."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    targets: Literal["attention", "attention_mlp", "all_linear"] | list[str] = "attention"
+    """``attention`` (q/k/v/o projections), ``attention_mlp`` (plus gate/up/down), ``all_linear`` (every linear layer of
+    the decoder layers, the same set), or a list of projection names such as ``["q_proj", "v_proj"]``."""
+    layers: list[int] | None = None
+    """Language-model layer indices to adapt (negative counts from the end); None adapts every layer."""
+
+
+def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
+    """The decoder-layer module paths (e.g. ``self_attn.q_proj``) that ``targets`` names, in a fixed order.
+
+    Raises:
+        ValueError: an unknown preset or projection name, or an empty list.
+    """
+    if isinstance(targets, str):
+        if targets not in _PRESETS:
+            raise ValueError(f"lora targets {targets!r} unknown; choose {', '.join(_PRESETS)} or a list of names")
+        return _PRESETS[targets]
+    names = list(targets)
+    if not names:
+        raise ValueError("lora targets: the list of projection names is empty")
+    chosen = set()
+    for name in names:
+        full = _BY_SHORT_NAME.get(name, name)
+        if full not in _BY_SHORT_NAME.values():
+            raise ValueError(
+                f"lora target {name!r} is not a decoder-layer projection; choose from "
+                f"{sorted(_BY_SHORT_NAME)} (optionally prefixed self_attn./mlp.)"
+            )
+        chosen.add(full)
+    return tuple(t for t in ATTENTION_TARGETS + MLP_TARGETS if t in chosen)
+
+
+def _resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if layers is None:
+        return list(range(num_layers))
+    if len(layers) == 0:
+        raise ValueError("lora layers: the list is empty (use None for all layers)")
+    out = set()
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"lora layers must be integers, got {i!r}")
+        if not -num_layers <= i < num_layers:
+            raise ValueError(f"lora layer {i} is out of range for a language model with {num_layers} layers")
+        out.add(i % num_layers)
+    return sorted(out)
+
+
+def language_lora_regex(targets: TargetSpec, layers: list[int] | None, num_layers: int) -> str:
+    """A regular expression (for peft's full-match ``target_modules``) naming the chosen projections of the chosen
+    decoder layers of the language model, and nothing in the vision tower.
+
+    Args:
+        targets: preset or list of projection names (see :class:`LoraSettings`).
+        layers: layer indices; None for all.
+        num_layers: the language model's ``num_hidden_layers``.
+    """
+    idx = _resolve_layers(layers, num_layers)
+    paths = resolve_targets(targets)
+    layer_alt = "|".join(str(i) for i in idx)
+    target_alt = "|".join(re.escape(p) for p in paths)
+    # "(?:.*\.)?" lets the prefix vary (model. / base_model.model.model.) while language_model must be a whole
+    # component, so model.visual.blocks.*.mlp.* can never match.
+    return rf"(?:.*\.)?language_model\.layers\.(?:{layer_alt})\.(?:{target_alt})"
+
+
+def _text_config(model: torch.nn.Module):
+    cfg = model.config
+    return getattr(cfg, "text_config", cfg)
+
+
+def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
+    """Wrap ``model`` with LoRA on the language model only; all base weights are frozen.
+
+    Raises:
+        ValueError: bad rank/alpha/dropout/targets/layers.
+        RuntimeError: the regex matched a different set of modules than expected (e.g. renamed modules).
+    """
+    if settings.r < 1:
+        raise ValueError(f"lora r must be >= 1, got {settings.r}")
+    if settings.alpha <= 0:
+        raise ValueError(f"lora alpha must be > 0, got {settings.alpha}")
+    if not 0.0 <= settings.dropout < 1.0:
+        raise ValueError(f"lora dropout must be in [0, 1), got {settings.dropout}")
+    num_layers = _text_config(model).num_hidden_layers
+    regex = language_lora_regex(settings.targets, settings.layers, num_layers)
+    expected = {
+        f"layers.{i}.{p}"
+        for i in _resolve_layers(settings.layers, num_layers)
+        for p in resolve_targets(settings.targets)
+    }
+    peft_cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=regex,
+        bias="none",
+    )
+    wrapped = get_peft_model(model, peft_cfg)
+    found = {_layer_relative(n) for n in lora_module_names(wrapped)}
+    if found != expected:
+        raise RuntimeError(
+            f"LoRA regex {regex!r} wrapped {sorted(found)} but {sorted(expected)} were expected; "
+            "has the model's module layout changed?"
+        )
+    return wrapped
+
+
+def _layer_relative(name: str) -> str:
+    """``...language_model.layers.3.self_attn.q_proj`` -> ``layers.3.self_attn.q_proj``."""
+    i = name.find("language_model.layers.")
+    return name[i + len("language_model.") :] if i >= 0 else name
+
+
+def lora_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the modules that carry a LoRA adapter."""
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def trainable_parameter_summary(model: torch.nn.Module) -> str:
+    """One line: trainable / total parameters, their share, and how many modules carry LoRA."""
+    total = trainable = tensors = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            tensors += 1
+    share = 100.0 * trainable / total if total else 0.0
+    n_lora = len(lora_module_names(model))
+    return (
+        f"trainable parameters: {trainable:,} / {total:,} ({share:.3f}%) in {tensors} tensors; "
+        f"{n_lora} modules with LoRA"
+    )

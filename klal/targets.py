@@ -1,0 +1,700 @@
+"""Evidence geometry -> target probability map over Qwen2.5-VL's visual-token grid.
+
+Geometry. The processor resizes every image with ``smart_resize`` (sides rounded to multiples of 28, total pixels
+kept within ``[min_pixels, max_pixels]``) to ``(ph, pw)``; one LLM visual token covers a 28 x 28 px cell of the resized
+image, so the token grid is ``(ph / 28, pw / 28)``, row-major. Evidence is stored in original-image pixels and is
+mapped to token units by ``x_tok = x * (pw / W) / 28`` and ``y_tok = y * (ph / H) / 28`` (the resize scale per axis).
+Cell ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]`` in token units; its centre is ``(j + 0.5, i + 0.5)``.
+
+Per evidence element (all sizes in token units):
+
+* box, ``area`` mode: each cell gets the area of the (clipped) box that covers it. A box covering exactly one cell is
+  one-hot; a half-covered cell gets half the weight of a fully covered one.
+* box, ``gaussian`` mode: a separable Gaussian centred on the centre of the clipped box with
+  ``sigma_x = box_sigma_scale * box width`` and ``sigma_y = box_sigma_scale * box height``, evaluated at cell centres.
+* box, ``centerline`` mode: the box's horizontal centre line (``y = (y0 + y1) / 2`` of the clipped box, from ``x0`` to
+  ``x1``) drawn as a band ``centerline_thickness`` tall; each cell gets the band area inside it. Some readers of the
+  KLAL paper report this target for RefCOCO; the paper does not say, so it is an option, not the default.
+* point, ``gaussian`` mode: an isotropic Gaussian with ``point_sigma`` evaluated at cell centres and normalised over
+  the grid (so a point near the border keeps its full mass); ``nearest`` mode: the cell containing the point is one-hot
+  (a point on the right/bottom border belongs to the last cell).
+* polyline: the polyline clipped to the image, drawn with a ``thickness`` x ``thickness`` square brush: every point of
+  the line spreads its length over the cells by the area of the brush square in each cell, i.e. the line measure
+  convolved with the square, integrated exactly (Simpson's rule between the points where a brush edge crosses a cell
+  border, where the integrand is quadratic). The part of the brush beyond a border is mirrored back into the image
+  (reflecting boundary), so every point keeps its whole mass and a line running up to the border stays uniform up to
+  it. Nothing depends on the image resolution: a horizontal line through the middle of a token row with
+  ``thickness < 1`` puts mass only in that row, uniform along it.
+* mask (``masks`` key of a dict; not part of the stored schema): the exact fraction of each cell covered by the mask
+  (the mask's pixels are box-filtered onto the grid); soft masks in ``[0, 1]`` are weighted by value.
+
+Raw masses (returned by :func:`box_map`, :func:`point_map`, :func:`polyline_map`, :func:`mask_map`, which sum over
+their elements) are in token-cell area units: a box's mass is its clipped area, a polyline's is its in-image length
+times ``thickness``, a mask's is its area, and each point has mass 1.
+
+Combination (``TargetSpec.combine``): ``element`` (default) gives every element with mass (each box, point, polyline,
+mask) an equal share, e.g. line tracing's path polyline and its two node boxes get 1/3 each; ``kind`` gives every
+evidence kind present an equal share, split equally among its elements; ``mass`` adds the raw masses (larger boxes and
+longer lines weigh more). The result is normalised to sum to 1, is float64 and never contains NaN.
+
+Bad evidence, one rule:
+
+* malformed input raises :class:`TargetMapError` naming the element and what is wrong: a non-numeric or NaN/inf
+  coordinate, the wrong number of coordinates, ``x1 < x0`` or ``y1 < y0``, a polyline with fewer than 2 vertices, a
+  mask that is not 2-D, has values outside ``[0, 1]`` or does not match the image size, an unknown evidence key, a
+  non-positive image size, or a processed size that is not a positive multiple of 28;
+* well-formed evidence that leaves no mass gives ``None`` ("no map": the training loss skips the KLAL term for that
+  sample and counts it): empty evidence, evidence entirely outside the image, or evidence of zero area after clipping
+  (a zero-width or zero-height box, a point outside the image, a polyline of zero length or entirely outside, an
+  all-zero mask). Elements that leave no mass are dropped; the others still make a map.
+  :func:`build_target_map_with_reason` and :func:`explain_no_map` say why there is no map.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from klal.data.schema import Evidence
+
+TOKEN_PX = 28
+"""Side in resized-image pixels of one LLM visual token (14-px patches merged 2 x 2)."""
+DEFAULT_MIN_PIXELS = 56 * 56
+"""transformers' default ``min_pixels`` of the Qwen2-VL image processor."""
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+"""transformers' default ``max_pixels`` of the Qwen2-VL image processor (a checkpoint's preprocessor config may set a
+different value: pass the processor's own values)."""
+
+NO_MAP_EMPTY = "empty evidence"
+NO_MAP_OUTSIDE = "evidence entirely outside the image"
+NO_MAP_ZERO_AREA = "evidence has zero area after clipping"
+NO_MAP_OUTSIDE_OR_ZERO = "evidence outside the image or of zero area"
+NO_MAP_REASONS = (NO_MAP_EMPTY, NO_MAP_OUTSIDE, NO_MAP_ZERO_AREA, NO_MAP_OUTSIDE_OR_ZERO)
+"""Every reason :func:`build_target_map_with_reason` can give (a small fixed set, so callers can count them)."""
+
+BoxMode = Literal["area", "gaussian", "centerline"]
+PointMode = Literal["gaussian", "nearest"]
+CombineMode = Literal["element", "kind", "mass"]
+
+_EVIDENCE_KEYS = ("boxes", "points", "polylines", "masks")
+_OUTSIDE = "outside"
+_ZERO = "zero"
+
+
+class TargetMapError(ValueError):
+    """Malformed evidence or geometry; the message says which element is wrong and how."""
+
+
+# -- resize geometry ---------------------------------------------------------------------------------------------------
+
+
+def _round_to_factor(value: float, factor: int) -> int:
+    # Python's round() is round-half-to-even, which is what the processor uses: 42 px -> 56, 70 px -> 56.
+    return round(value / factor) * factor
+
+
+def smart_resize_hw(
+    height: int,
+    width: int,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    factor: int = TOKEN_PX,
+) -> tuple[int, int]:
+    """The ``(height, width)`` the Qwen2-VL / Qwen2.5-VL image processor resizes an image to.
+
+    Both sides become multiples of ``factor`` close to the original (same aspect ratio as nearly as possible) and the
+    area is brought inside ``[min_pixels, max_pixels]``; gives the same numbers as transformers' ``smart_resize``.
+
+    Args:
+        height: original image height in pixels.
+        width: original image width in pixels.
+        min_pixels: lower bound on the resized area.
+        max_pixels: upper bound on the resized area.
+        factor: both resized sides are multiples of this (patch 14 x merge 2 = 28).
+
+    Raises:
+        ValueError: non-positive sizes or an aspect ratio above 200 (the processor refuses those too).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"smart_resize_hw: image size must be positive, got height={height}, width={width}")
+    if factor <= 0:
+        raise ValueError(f"smart_resize_hw: factor must be positive, got {factor}")
+    aspect = max(height, width) / min(height, width)
+    if aspect > 200:
+        raise ValueError(f"smart_resize_hw: aspect ratio must be at most 200, got {aspect} for {height}x{width}")
+    h = _round_to_factor(height, factor)
+    w = _round_to_factor(width, factor)
+    if h * w > max_pixels:
+        # Shrink both sides by the same factor, rounding down so the area stays under the cap.
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        # Grow both sides by the same factor, rounding up so the area reaches the floor.
+        grow = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * grow / factor) * factor
+        w = math.ceil(width * grow / factor) * factor
+    return h, w
+
+
+def token_grid_hw(
+    height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """Rows and columns of LLM visual tokens for an image of this original size: ``smart_resize_hw // 28``."""
+    ph, pw = smart_resize_hw(height, width, min_pixels, max_pixels)
+    return ph // TOKEN_PX, pw // TOKEN_PX
+
+
+# -- configuration -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetSpec:
+    """How evidence becomes a target map (see the module docstring for the exact definitions)."""
+
+    box_mode: BoxMode = "area"
+    """Box target: ``area`` (covered area per cell), ``gaussian`` (Gaussian at the box centre) or ``centerline``
+    (the box's horizontal centre line drawn as a band)."""
+    point_mode: PointMode = "gaussian"
+    """Point target: ``gaussian`` (Gaussian at cell centres) or ``nearest`` (the containing cell, one-hot)."""
+    point_sigma: float = 1.0
+    """Standard deviation of the point Gaussian, in tokens."""
+    box_sigma_scale: float = 0.5
+    """Gaussian box mode: sigma per axis = this x the box side on that axis (in tokens)."""
+    polyline_thickness: float = 1.0
+    """Side of the square kernel a polyline is drawn with, in tokens."""
+    centerline_thickness: float = 1.0
+    """Height of the band a box centre line is drawn as (``centerline`` box mode), in tokens."""
+    combine: CombineMode = "element"
+    """How several elements combine: ``element`` (each element with mass gets an equal share), ``kind`` (each
+    evidence kind present gets an equal share, split among its elements) or ``mass`` (raw masses added)."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("box_mode", get_args(BoxMode)),
+            ("point_mode", get_args(PointMode)),
+            ("combine", get_args(CombineMode)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TargetSpec.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("point_sigma", "box_sigma_scale", "polyline_thickness", "centerline_thickness"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+                raise ValueError(f"TargetSpec.{name} must be a finite number > 0, got {value!r}")
+
+
+# -- grid --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Original image size, token grid and the original-pixel -> token scale per axis."""
+
+    h: float
+    w: float
+    gh: int
+    gw: int
+
+    @property
+    def sx(self) -> float:
+        return self.gw / self.w
+
+    @property
+    def sy(self) -> float:
+        return self.gh / self.h
+
+
+def _make_grid(orig_hw: Sequence[float], processed_hw: Sequence[int]) -> _Grid:
+    try:
+        h, w = (float(v) for v in orig_hw)
+    except (TypeError, ValueError) as e:
+        raise TargetMapError(f"orig_hw must be (height, width), got {orig_hw!r}") from e
+    if not (math.isfinite(h) and math.isfinite(w) and h > 0 and w > 0):
+        raise TargetMapError(f"orig_hw must be positive, got {tuple(orig_hw)}")
+    try:
+        ph, pw = (int(v) for v in processed_hw)
+    except (TypeError, ValueError) as e:
+        raise TargetMapError(f"processed_hw must be (height, width), got {processed_hw!r}") from e
+    if ph <= 0 or pw <= 0 or ph % TOKEN_PX or pw % TOKEN_PX or ph != processed_hw[0] or pw != processed_hw[1]:
+        raise TargetMapError(
+            f"processed_hw must be positive multiples of {TOKEN_PX} (the resized image size), got {tuple(processed_hw)}"
+        )
+    return _Grid(h=h, w=w, gh=ph // TOKEN_PX, gw=pw // TOKEN_PX)
+
+
+def _cover(lo: np.ndarray | float, hi: np.ndarray | float, n: int) -> np.ndarray:
+    """Length of ``[lo, hi]`` inside each unit cell ``[k, k + 1]``, k < n; shape ``lo.shape + (n,)``."""
+    k = np.arange(n, dtype=np.float64)
+    lo = np.asarray(lo, dtype=np.float64)[..., None]
+    hi = np.asarray(hi, dtype=np.float64)[..., None]
+    return np.clip(np.minimum(hi, k + 1.0) - np.maximum(lo, k), 0.0, None)
+
+
+def _gauss_1d(center: float, sigma: float, n: int) -> np.ndarray:
+    """Unnormalised Gaussian at cell centres, shifted in log space so it cannot underflow to all zeros."""
+    d = np.arange(n, dtype=np.float64) + 0.5 - center
+    with np.errstate(over="ignore"):
+        logits = -0.5 * (d / sigma) ** 2
+    if not np.isfinite(logits.max()):
+        # sigma so small that every offset overflows: the limit is the nearest cell.
+        out = np.zeros(n)
+        out[int(np.argmin(np.abs(d)))] = 1.0
+        return out
+    return np.exp(logits - logits.max())
+
+
+# -- parsing and validation --------------------------------------------------------------------------------------------
+
+
+def _as_array(value: Any, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TargetMapError(f"{where}: not a list of numbers ({value!r})") from e
+    return arr
+
+
+def _check_finite(arr: np.ndarray, where: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise TargetMapError(f"{where}: contains NaN or inf ({arr.tolist()})")
+
+
+def _parse_box(value: Any, where: str) -> np.ndarray:
+    arr = _as_array(value, where)
+    if arr.ndim != 1 or arr.size != 4:
+        raise TargetMapError(f"{where}: a box needs 4 coordinates [x0, y0, x1, y1], got {np.shape(value)} ({value!r})")
+    _check_finite(arr, where)
+    x0, y0, x1, y1 = arr
+    if x1 < x0:
+        raise TargetMapError(f"{where}: x1 < x0 in {arr.tolist()} (boxes are [x0, y0, x1, y1], not x/y/width/height)")
+    if y1 < y0:
+        raise TargetMapError(f"{where}: y1 < y0 in {arr.tolist()} (boxes are [x0, y0, x1, y1], not x/y/width/height)")
+    return arr
+
+
+def _parse_point(value: Any, where: str) -> np.ndarray:
+    arr = _as_array(value, where)
+    if arr.ndim != 1 or arr.size != 2:
+        raise TargetMapError(f"{where}: a point needs 2 coordinates [x, y], got {np.shape(value)} ({value!r})")
+    _check_finite(arr, where)
+    return arr
+
+
+def _parse_polyline(value: Any, where: str) -> np.ndarray:
+    try:
+        n = len(value)
+    except TypeError as e:
+        raise TargetMapError(f"{where}: a polyline is a list of [x, y] vertices, got {value!r}") from e
+    if n < 2:
+        raise TargetMapError(f"{where}: a polyline needs at least 2 vertices, got {n}")
+    verts = [_parse_point(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    return np.stack(verts)
+
+
+def _parse_mask(value: Any, where: str, orig_hw: tuple[float, float] | None) -> np.ndarray:
+    arr = _as_array(value, where)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise TargetMapError(f"{where}: a mask must be a non-empty 2-D (height, width) array, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise TargetMapError(f"{where}: mask contains NaN or inf")
+    if arr.min() < 0 or arr.max() > 1:
+        raise TargetMapError(f"{where}: mask values must be in [0, 1], got range [{arr.min()}, {arr.max()}]")
+    if orig_hw is not None and (arr.shape[0] != orig_hw[0] or arr.shape[1] != orig_hw[1]):
+        raise TargetMapError(
+            f"{where}: mask shape {arr.shape} does not match the image size (height, width) = {tuple(orig_hw)}"
+        )
+    return arr
+
+
+def _elements(value: Any, key: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        # A single mask may come as one 2-D array; stacks of elements come as arrays of one more dimension.
+        if key == "masks" and value.ndim == 2:
+            return [value]
+        return list(value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TargetMapError(f"evidence {key!r} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _evidence_parts(evidence: Evidence | Mapping[str, Any] | None) -> dict[str, list[Any]]:
+    if evidence is None:
+        return {k: [] for k in _EVIDENCE_KEYS}
+    if isinstance(evidence, Evidence):
+        return {"boxes": evidence.boxes, "points": evidence.points, "polylines": evidence.polylines, "masks": []}
+    if not isinstance(evidence, Mapping):
+        raise TargetMapError(f"evidence must be an Evidence or a dict, got {type(evidence).__name__}")
+    unknown = sorted(set(evidence) - set(_EVIDENCE_KEYS))
+    if unknown:
+        raise TargetMapError(f"unknown evidence key(s) {unknown}; expected some of {list(_EVIDENCE_KEYS)}")
+    return {k: _elements(evidence.get(k), k) for k in _EVIDENCE_KEYS}
+
+
+# -- per-element rasterisers (each returns (map, None) or (None, why-no-mass)) ----------------------------------------
+
+
+def _clip_box_tokens(box: np.ndarray, g: _Grid) -> tuple[float, float, float, float] | str:
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return _ZERO
+    cx0, cx1 = max(x0 * g.sx, 0.0), min(x1 * g.sx, float(g.gw))
+    cy0, cy1 = max(y0 * g.sy, 0.0), min(y1 * g.sy, float(g.gh))
+    if cx1 <= cx0 or cy1 <= cy0:
+        return _OUTSIDE
+    return cx0, cy0, cx1, cy1
+
+
+def _box_element(
+    box: np.ndarray, g: _Grid, mode: str, sigma_scale: float, band: float
+) -> tuple[np.ndarray | None, str]:
+    clipped = _clip_box_tokens(box, g)
+    if isinstance(clipped, str):
+        return None, clipped
+    x0, y0, x1, y1 = clipped
+    if mode == "area":
+        return np.outer(_cover(y0, y1, g.gh), _cover(x0, x1, g.gw)), ""
+    if mode == "gaussian":
+        m = np.outer(
+            _gauss_1d((y0 + y1) / 2, sigma_scale * (y1 - y0), g.gh),
+            _gauss_1d((x0 + x1) / 2, sigma_scale * (x1 - x0), g.gw),
+        )
+        return m * ((x1 - x0) * (y1 - y0) / m.sum()), ""
+    if mode == "centerline":
+        yc = (y0 + y1) / 2
+        return np.outer(_cover(yc - band / 2, yc + band / 2, g.gh), _cover(x0, x1, g.gw)), ""
+    raise TargetMapError(f"box mode must be one of {list(get_args(BoxMode))}, got {mode!r}")
+
+
+def _point_element(point: np.ndarray, g: _Grid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
+    x, y = point
+    if x < 0 or y < 0 or x > g.w or y > g.h:
+        return None, _OUTSIDE
+    xt, yt = x * g.sx, y * g.sy
+    if mode == "nearest":
+        m = np.zeros((g.gh, g.gw))
+        m[min(int(math.floor(yt)), g.gh - 1), min(int(math.floor(xt)), g.gw - 1)] = 1.0
+        return m, ""
+    if mode == "gaussian":
+        m = np.outer(_gauss_1d(yt, sigma, g.gh), _gauss_1d(xt, sigma, g.gw))
+        return m / m.sum(), ""
+    raise TargetMapError(f"point mode must be one of {list(get_args(PointMode))}, got {mode!r}")
+
+
+def _clip_segment(a: np.ndarray, b: np.ndarray, w: float, h: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Part of segment ``a -> b`` inside ``[0, w] x [0, h]`` (parametric clipping), or None."""
+    d = b - a
+    t0, t1 = 0.0, 1.0
+    for p, q in ((-d[0], a[0]), (d[0], w - a[0]), (-d[1], a[1]), (d[1], h - a[1])):
+        if p == 0:
+            if q < 0:
+                return None
+            continue
+        r = q / p
+        if p < 0:
+            t0 = max(t0, r)
+        else:
+            t1 = min(t1, r)
+        if t0 > t1:
+            return None
+    return a + t0 * d, a + t1 * d
+
+
+def _polyline_element(verts: np.ndarray, g: _Grid, thickness: float) -> tuple[np.ndarray | None, str]:
+    pts = verts * np.array([g.sx, g.sy])
+    if float(np.sum(np.hypot(*np.diff(pts, axis=0).T))) <= 0:
+        return None, _ZERO
+    half = thickness / 2
+    nodes, weights = [], []
+    for a, b in zip(pts[:-1], pts[1:]):
+        seg = _clip_segment(a, b, float(g.gw), float(g.gh))
+        if seg is None:
+            continue
+        p, q = seg
+        length = float(np.hypot(*(q - p)))
+        if length <= 0:
+            continue
+        t, w = _simpson_nodes(p, q, half)
+        nodes.append(p[None, :] + t[:, None] * (q - p)[None, :])
+        weights.append(w * length)
+    if not nodes:
+        return None, _OUTSIDE
+    s = np.concatenate(nodes)
+    wts = np.concatenate(weights) * thickness
+    ox = _reflected_kernel(s[:, 0], half, g.gw)
+    oy = _reflected_kernel(s[:, 1], half, g.gh)
+    return (oy * wts[:, None]).T @ ox, ""
+
+
+def _simpson_nodes(p: np.ndarray, q: np.ndarray, half: float) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes in ``t`` on segment ``p -> q`` and their weights (summing to 1) that integrate the splatted
+    kernel exactly: between the ``t`` where a kernel edge (``x +- half`` or ``y +- half``) crosses a cell border the
+    per-cell share is linear in ``t`` on each axis, so the product is quadratic and Simpson's rule is exact."""
+    cuts = [np.array([0.0, 1.0])]
+    for axis in (0, 1):
+        d = q[axis] - p[axis]
+        if d == 0:
+            continue
+        for off in (-half, half):
+            v0, v1 = p[axis] + off, q[axis] + off
+            ks = np.arange(math.ceil(min(v0, v1)), math.floor(max(v0, v1)) + 1, dtype=np.float64)
+            cuts.append((ks - v0) / d)
+    t = np.unique(np.clip(np.concatenate(cuts), 0.0, 1.0))
+    lo, hi = t[:-1], t[1:]
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    dt = hi - lo
+    return np.concatenate([lo, (lo + hi) / 2, hi]), np.concatenate([dt / 6, 4 * dt / 6, dt / 6])
+
+
+def _reflected_kernel(centers: np.ndarray, half: float, n: int) -> np.ndarray:
+    """Share of a box kernel ``[c - half, c + half]`` falling in each cell, with the part beyond either border
+    mirrored back in (so a line ending at the border stays uniform up to it); ``(len(centers), n)``."""
+    lo, hi = centers - half, centers + half
+    share = _cover(lo, hi, n) + _cover(-hi, -lo, n) + _cover(2 * n - hi, 2 * n - lo, n)
+    # Renormalise: exact already unless the kernel is wider than twice the grid (then one fold is not enough).
+    return share / share.sum(axis=1, keepdims=True)
+
+
+def _mask_element(mask: np.ndarray, gh: int, gw: int) -> tuple[np.ndarray | None, str]:
+    h, w = mask.shape
+    # Pixel column c spans [c, c + 1] * gw / w tokens; the overlap matrices box-filter the mask exactly.
+    ax = _cover(np.arange(w) * (gw / w), np.arange(1, w + 1) * (gw / w), gw)
+    ay = _cover(np.arange(h) * (gh / h), np.arange(1, h + 1) * (gh / h), gh)
+    m = ay.T @ mask @ ax
+    if m.sum() <= 0:
+        return None, _ZERO
+    return m, ""
+
+
+# -- public rasterisers ------------------------------------------------------------------------------------------------
+
+
+def box_map(
+    boxes: Sequence[Sequence[float]] | np.ndarray,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+    mode: BoxMode = "area",
+    sigma_scale: float = 0.5,
+    centerline_thickness: float = 1.0,
+) -> np.ndarray:
+    """Unnormalised mass of boxes on the token grid, summed over boxes.
+
+    Args:
+        boxes: ``[[x0, y0, x1, y1], ...]`` in original pixels.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized image ``(height, width)``, multiples of 28.
+        mode: ``area``, ``gaussian`` or ``centerline`` (module docstring).
+        sigma_scale: Gaussian sigma per axis as a fraction of the box side.
+        centerline_thickness: band height in tokens for ``centerline``.
+
+    Returns:
+        ``(gh, gw)`` float64; each box contributes its clipped area in token cells (zeros if none is in the image).
+    """
+    g = _make_grid(orig_hw, processed_hw)
+    out = np.zeros((g.gh, g.gw))
+    for k, b in enumerate(_elements(boxes, "boxes")):
+        m, _ = _box_element(_parse_box(b, f"boxes[{k}]"), g, mode, sigma_scale, centerline_thickness)
+        if m is not None:
+            out += m
+    return out
+
+
+def point_map(
+    points: Sequence[Sequence[float]] | np.ndarray,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+    mode: PointMode = "gaussian",
+    sigma: float = 1.0,
+) -> np.ndarray:
+    """Unnormalised mass of points on the token grid (mass 1 per point inside the image), summed over points.
+
+    Args:
+        points: ``[[x, y], ...]`` in original pixels.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized image ``(height, width)``, multiples of 28.
+        mode: ``gaussian`` or ``nearest``.
+        sigma: Gaussian standard deviation in tokens.
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise TargetMapError(f"point sigma must be > 0, got {sigma}")
+    g = _make_grid(orig_hw, processed_hw)
+    out = np.zeros((g.gh, g.gw))
+    for k, p in enumerate(_elements(points, "points")):
+        m, _ = _point_element(_parse_point(p, f"points[{k}]"), g, mode, sigma)
+        if m is not None:
+            out += m
+    return out
+
+
+def polyline_map(
+    polylines: Sequence[Sequence[Sequence[float]]],
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+    thickness: float = 1.0,
+) -> np.ndarray:
+    """Unnormalised mass of polylines (in-image length x thickness, in token units), summed over polylines.
+
+    Args:
+        polylines: ``[[[x, y], ...], ...]`` open polylines in original pixels, at least 2 vertices each.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized image ``(height, width)``, multiples of 28.
+        thickness: side of the square drawing kernel in tokens.
+    """
+    if not (math.isfinite(thickness) and thickness > 0):
+        raise TargetMapError(f"polyline thickness must be > 0, got {thickness}")
+    g = _make_grid(orig_hw, processed_hw)
+    out = np.zeros((g.gh, g.gw))
+    for k, line in enumerate(_elements(polylines, "polylines")):
+        m, _ = _polyline_element(_parse_polyline(line, f"polylines[{k}]"), g, thickness)
+        if m is not None:
+            out += m
+    return out
+
+
+def mask_map(mask: np.ndarray, processed_hw: tuple[int, int]) -> np.ndarray:
+    """Fraction of each token cell covered by a mask given in original pixels.
+
+    Args:
+        mask: ``(H, W)`` bool or float in ``[0, 1]`` over the original image.
+        processed_hw: resized image ``(height, width)``, multiples of 28.
+
+    Returns:
+        ``(gh, gw)`` float64 in ``[0, 1]`` (exact box filter of the mask onto the grid).
+    """
+    arr = _parse_mask(mask, "mask", None)
+    g = _make_grid(arr.shape, processed_hw)
+    m, _ = _mask_element(arr, g.gh, g.gw)
+    return np.zeros((g.gh, g.gw)) if m is None else m
+
+
+# -- combination -------------------------------------------------------------------------------------------------------
+
+
+def _no_map_reason(drops: list[str]) -> str:
+    if not drops:
+        return NO_MAP_EMPTY
+    kinds = set(drops)
+    if kinds == {_OUTSIDE}:
+        return NO_MAP_OUTSIDE
+    if kinds == {_ZERO}:
+        return NO_MAP_ZERO_AREA
+    return NO_MAP_OUTSIDE_OR_ZERO
+
+
+def build_target_map_with_reason(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+    spec: TargetSpec | None = None,
+) -> tuple[np.ndarray | None, str | None]:
+    """Target map and, when there is none, why.
+
+    Args:
+        evidence: an :class:`~klal.data.schema.Evidence`, or a dict with any of ``boxes``, ``points``, ``polylines``
+            and ``masks`` (a list of ``(H, W)`` arrays or one array), in original pixels.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized image ``(height, width)``, multiples of 28 (e.g. ``image_grid_thw[1:] * 14``).
+        spec: target settings (default :class:`TargetSpec`).
+
+    Returns:
+        ``(map, None)`` with a ``(gh, gw)`` float64 map summing to 1, or ``(None, reason)`` with one of
+        :data:`NO_MAP_REASONS`.
+
+    Raises:
+        TargetMapError: malformed evidence or sizes (the message names the element).
+    """
+    spec = spec or TargetSpec()
+    g = _make_grid(orig_hw, processed_hw)
+    parts = _evidence_parts(evidence)
+    per_kind: dict[str, list[np.ndarray]] = {k: [] for k in _EVIDENCE_KEYS}
+    drops: list[str] = []
+
+    def keep(kind: str, result: tuple[np.ndarray | None, str]) -> None:
+        m, why = result
+        if m is None or not m.sum() > 0:
+            drops.append(why or _ZERO)
+        else:
+            per_kind[kind].append(m)
+
+    # Parse everything first so a malformed element raises even when another one would leave no mass.
+    boxes = [_parse_box(b, f"boxes[{k}]") for k, b in enumerate(parts["boxes"])]
+    points = [_parse_point(p, f"points[{k}]") for k, p in enumerate(parts["points"])]
+    lines = [_parse_polyline(v, f"polylines[{k}]") for k, v in enumerate(parts["polylines"])]
+    masks = [_parse_mask(m, f"masks[{k}]", (g.h, g.w)) for k, m in enumerate(parts["masks"])]
+    for b in boxes:
+        keep("boxes", _box_element(b, g, spec.box_mode, spec.box_sigma_scale, spec.centerline_thickness))
+    for p in points:
+        keep("points", _point_element(p, g, spec.point_mode, spec.point_sigma))
+    for v in lines:
+        keep("polylines", _polyline_element(v, g, spec.polyline_thickness))
+    for m in masks:
+        keep("masks", _mask_element(m, g.gh, g.gw))
+
+    present = {k: ms for k, ms in per_kind.items() if ms}
+    if not present:
+        return None, _no_map_reason(drops)
+    out = np.zeros((g.gh, g.gw))
+    for ms in present.values():
+        for m in ms:
+            if spec.combine == "element":
+                out += m / m.sum()
+            elif spec.combine == "kind":
+                out += m / (m.sum() * len(ms))
+            else:
+                out += m
+    total = out.sum()
+    if not (math.isfinite(total) and np.all(np.isfinite(out))):
+        # Only reachable with coordinates near the float limit (scaling to tokens overflows).
+        raise TargetMapError(f"evidence coordinates too large to map (total mass {total})")
+    return out / total, None
+
+
+def build_target_map(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+    spec: TargetSpec | None = None,
+) -> np.ndarray | None:
+    """``(gh, gw)`` float64 target distribution summing to 1, or None ("no map"); see
+    :func:`build_target_map_with_reason` for the arguments and :func:`explain_no_map` for why a map is missing."""
+    return build_target_map_with_reason(evidence, orig_hw, processed_hw, spec)[0]
+
+
+def target_map_for_image(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[int, int],
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spec: TargetSpec | None = None,
+) -> np.ndarray | None:
+    """:func:`build_target_map` on the grid the processor would use for an image of size ``orig_hw``."""
+    processed = smart_resize_hw(int(orig_hw[0]), int(orig_hw[1]), min_pixels, max_pixels)
+    return build_target_map(evidence, orig_hw, processed, spec)
+
+
+def explain_no_map(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int] | None = None,
+    spec: TargetSpec | None = None,
+) -> str | None:
+    """Why this evidence gives no target map (one of :data:`NO_MAP_REASONS`), or None when it gives one.
+
+    Args:
+        evidence: as for :func:`build_target_map_with_reason`.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized size; optional, since whether a map exists does not depend on the grid.
+        spec: target settings.
+
+    Raises:
+        TargetMapError: malformed evidence.
+    """
+    # Any grid gives the same answer: an element leaves mass on every grid or on none.
+    return build_target_map_with_reason(evidence, orig_hw, processed_hw or (TOKEN_PX, TOKEN_PX), spec)[1]
