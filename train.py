@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     return LightningCLI(
         KLALModule,
         KLALDataModule,
-        args=argv if argv is not None else sys.argv[1:],
+        args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},
     )

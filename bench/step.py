@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
+
 from klal.capture import CaptureRequest, register_capture_attention, select_queries  # noqa: E402
 from klal.loss import klal_loss  # noqa: E402
 from klal.models.loader import set_text_attn_implementation  # noqa: E402
@@ -32,12 +34,30 @@ from klal.models.tiny import build_tiny_model, tiny_config  # noqa: E402
 
 ARCH = {
     # Published Qwen2.5-VL sizes; weights are random (no checkpoint can be downloaded here).
-    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-               intermediate_size=11008, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
-               vision_intermediate_size=3420, vision_fullatt_block_indexes=[7, 15, 23, 31]),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
-               vision_intermediate_size=3420, vision_fullatt_block_indexes=[7, 15, 23, 31]),
+    "3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vision_depth=32,
+        vision_hidden_size=1280,
+        vision_num_heads=16,
+        vision_intermediate_size=3420,
+        vision_fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vision_depth=32,
+        vision_hidden_size=1280,
+        vision_num_heads=16,
+        vision_intermediate_size=3420,
+        vision_fullatt_block_indexes=[7, 15, 23, 31],
+    ),
 }
 
 
@@ -80,8 +100,13 @@ def step(model, inputs, cfg, mode: str) -> None:
     elif mode == "capture":
         req = CaptureRequest.from_masks(query, vis)
         out = model(**kw, use_cache=False, klal_capture=req)
-        res = klal_loss(req.stacked(), target_for(inputs, cfg), torch.ones(vis.shape[0], dtype=torch.bool,
-                        device=vis.device), req.query_valid, req.key_valid)
+        res = klal_loss(
+            req.stacked(),
+            target_for(inputs, cfg),
+            torch.ones(vis.shape[0], dtype=torch.bool, device=vis.device),
+            req.query_valid,
+            req.key_valid,
+        )
         req.clear()
         loss = out.loss + res.klal
     else:  # eager output_attentions
@@ -91,12 +116,20 @@ def step(model, inputs, cfg, mode: str) -> None:
         for att in out.attentions:  # (B, H, S, S)
             b_idx = torch.arange(att.shape[0], device=att.device)[:, None]
             rows = att.permute(0, 2, 3, 1)[b_idx, req.query_index]  # (B, A, S, H)
-            rows = rows[b_idx[:, :, None], torch.arange(rows.shape[1], device=att.device)[None, :, None],
-                        req.key_index[:, None, :]]  # (B, A, V, H)
+            rows = rows[
+                b_idx[:, :, None],
+                torch.arange(rows.shape[1], device=att.device)[None, :, None],
+                req.key_index[:, None, :],
+            ]  # (B, A, V, H)
             rows = rows.float() / rows.float().sum(2, keepdim=True)
             maps.append(torch.log(rows.mean(-1).clamp_min(1e-30)))
-        res = klal_loss(torch.stack(maps), target_for(inputs, cfg), torch.ones(vis.shape[0], dtype=torch.bool,
-                        device=vis.device), req.query_valid, req.key_valid)
+        res = klal_loss(
+            torch.stack(maps),
+            target_for(inputs, cfg),
+            torch.ones(vis.shape[0], dtype=torch.bool, device=vis.device),
+            req.query_valid,
+            req.key_valid,
+        )
         loss = out.loss + res.klal
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -107,10 +140,8 @@ def saved_bytes(fn) -> int:
     seen: dict[int, int] = {}
 
     def pack(t):
-        try:
+        with contextlib.suppress(RuntimeError, NotImplementedError):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -157,22 +188,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        mem = (torch.cuda.max_memory_allocated() - base) if cuda else saved_bytes(
-            lambda m=mode: step(model, inputs, model.config, m))
+        mem = (
+            (torch.cuda.max_memory_allocated() - base)
+            if cuda
+            else saved_bytes(lambda m=mode: step(model, inputs, model.config, m))
+        )
         results.append({"mode": mode, "time_s": statistics.median(times), "mem_bytes": mem})
     t = {r["mode"]: r for r in results}
     kind = "peak allocated above model" if cuda else "saved-for-backward"
-    print(f"arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch} "
-          f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={args.steps} "
-          f"grad_ckpt={args.gradient_checkpointing}")
+    print(
+        f"arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch} "
+        f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={args.steps} "
+        f"grad_ckpt={args.gradient_checkpointing}"
+    )
     print(f"{'mode':<34}{'step s':>10}{'memory MiB':>14}   ({kind})")
     labels = {"ntp": "(a) NTP only", "capture": "(b) NTP + KLAL, capture", "eager": "(c) NTP + KLAL, eager attentions"}
     for r in results:
         print(f"{labels[r['mode']]:<34}{r['time_s']:>10.4f}{r['mem_bytes'] / 2**20:>14.2f}")
-    print(f"(b)/(a) time {t['capture']['time_s'] / t['ntp']['time_s']:.3f}   "
-          f"(b)/(a) memory {t['capture']['mem_bytes'] / t['ntp']['mem_bytes']:.3f}   "
-          f"(c)/(b) memory {t['eager']['mem_bytes'] / t['capture']['mem_bytes']:.3f}   "
-          f"(c)/(b) time {t['eager']['time_s'] / t['capture']['time_s']:.3f}")
+    print(
+        f"(b)/(a) time {t['capture']['time_s'] / t['ntp']['time_s']:.3f}   "
+        f"(b)/(a) memory {t['capture']['mem_bytes'] / t['ntp']['mem_bytes']:.3f}   "
+        f"(c)/(b) memory {t['eager']['mem_bytes'] / t['capture']['mem_bytes']:.3f}   "
+        f"(c)/(b) time {t['eager']['time_s'] / t['capture']['time_s']:.3f}"
+    )
     return results
 
 

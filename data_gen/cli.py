@@ -239,13 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_task_epilog(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--num", type=_positive_int, required=True, help="number of samples (at least 3)")
-        p.add_argument("--seed", type=_non_negative_int, default=0, help="dataset seed (default 0)")
-        p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-        p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
-        p.add_argument("--image-size", type=_positive_int, help="image side in pixels (config field image_size)")
-        p.add_argument("--line-width", type=_positive_int, help="stroke width in pixels (config field line_width)")
-        p.add_argument("--preset", help="difficulty preset: easy, medium or hard")
+        p.add_argument("--num", type=_positive_int, required=True, metavar="N", help="number of samples (at least 3)")
+        p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="dataset seed (default 0)")
+        p.add_argument(
+            "--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)"
+        )
+        p.add_argument("--workers", type=_positive_int, default=1, metavar="W", help="worker processes (default 1)")
+        p.add_argument(
+            "--image-size", type=_positive_int, metavar="PX", help="image side in pixels (config field image_size)"
+        )
+        p.add_argument(
+            "--line-width", type=_positive_int, metavar="PX", help="stroke width in pixels (config field line_width)"
+        )
+        p.add_argument("--preset", metavar="NAME", help="difficulty preset: easy, medium or hard")
         p.add_argument(
             "--set",
             dest="overrides",
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--splits",
             type=_fractions,
             default=(0.8, 0.1, 0.1),
+            metavar="F,F,F",
             help="train,validation,test fractions (default 0.8,0.1,0.1)",
         )
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
@@ -270,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw samples of a dataset with question, answer, evidence and target map.",
     )
     p.add_argument("dataset", metavar="DIR", help="dataset directory (save_to_disk layout)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
     p.add_argument("--split", default="train", help="split to draw from (default train)")
     p.add_argument("--num", type=_positive_int, default=8, help="samples to draw (default 8)")
     p.add_argument("--start", type=_non_negative_int, default=0, help="first row drawn (default 0)")

@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from klal.measure import attention_grids, measure
     from klal.viz import overlay
 
-    flags = ["--config", args.config, "--trainer.default_root_dir", args.out,
-             "--trainer.logger.init_args.save_dir", args.out]
+    flags = [
+        "--config",
+        args.config,
+        "--trainer.default_root_dir",
+        args.out,
+        "--trainer.logger.init_args.save_dir",
+        args.out,
+    ]
     if args.steps is not None:
         flags += ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(max(args.steps // 3, 1))]
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too; the demo passes its flags explicitly
@@ -68,12 +74,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     after = measure(module, val_loader, desc="after")
     maps_after = attention_grids(module, probe)
 
-    print(f"\nklal demo: tiny Qwen2.5-VL, grid patch, {len(dm.splits['train'])} train / "
-          f"{len(dm.splits['val'])} validation samples, {trainer.global_step} steps, "
-          f"klal_weight={module.klal_weight}")
+    print(
+        f"\nklal demo: tiny Qwen2.5-VL, grid patch, {len(dm.splits['train'])} train / "
+        f"{len(dm.splits['val'])} validation samples, {trainer.global_step} steps, "
+        f"klal_weight={module.klal_weight}"
+    )
     print(f"{'metric (validation)':<28}{'before':>10}{'after':>10}")
-    rows = [("NTP loss", "ntp"), ("KLAL", "klal"), ("attention mass on target", "target_mass"),
-            ("answer token accuracy", "token_acc")]
+    rows = [
+        ("NTP loss", "ntp"),
+        ("KLAL", "klal"),
+        ("attention mass on target", "target_mass"),
+        ("answer token accuracy", "token_acc"),
+    ]
     for label, key in rows:
         print(f"{label:<28}{before[key]:>10.4f}{after[key]:>10.4f}")
 

@@ -36,8 +36,14 @@ def measure(module: Any, loader: Any, max_batches: int | None = None, desc: str 
             from klal.loss import klal_loss
 
             res = klal_loss(
-                request.stacked(), batch["target"], batch["has_target"], request.query_valid, request.key_valid,
-                epsilon=module.klal_epsilon, key_image=batch.get("key_image"), image_mode=module.klal_image_mode,
+                request.stacked(),
+                batch["target"],
+                batch["has_target"],
+                request.query_valid,
+                request.key_valid,
+                epsilon=module.klal_epsilon,
+                key_image=batch.get("key_image"),
+                image_mode=module.klal_image_mode,
             )
             request.clear()
             b = batch["input_ids"].shape[0]

@@ -186,8 +186,15 @@ class KLALModule(L.LightningModule):
                     sync_dist=True,
                 )
         no_map = bs - int(parts["maps"].item()) if "maps" in parts else 0
-        self.log(f"{stage}/no_map", float(no_map), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=bs,
-                 sync_dist=True)
+        self.log(
+            f"{stage}/no_map",
+            float(no_map),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            batch_size=bs,
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

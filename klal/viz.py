@@ -21,8 +21,9 @@ def grid_to_image(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return g[rows][:, cols]
 
 
-def overlay(ax: Any, image: Image.Image, grid: np.ndarray | None, title: str = "", cmap: str = "inferno",
-            alpha: float = 0.55) -> None:
+def overlay(
+    ax: Any, image: Image.Image, grid: np.ndarray | None, title: str = "", cmap: str = "inferno", alpha: float = 0.55
+) -> None:
     """Draw ``image`` on matplotlib axes ``ax`` with ``grid`` (a token map) as a semi-transparent heat map.
 
     The map is min-max scaled per panel: attention of an untrained model is close to uniform, and a fixed scale

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klal.capture import CaptureRequest, register_capture_attention
+from klal.capture import CaptureRequest, register_capture_attention, select_queries
 from klal.data.collate import KLALCollator
 from klal.models.tiny import build_tiny_model
-from klal.capture import select_queries
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 

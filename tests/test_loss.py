@@ -20,8 +20,9 @@ def test_klal_matches_hand_computation_two_layers():
     q1 = [0.2, 0.3, 0.5]
     q2 = [0.6, 0.3, 0.1]
     log_q = torch.log(torch.tensor([[[q1]], [[q2]]]))  # (L=2, B=1, A=1, V=3)
-    res = klal_loss(log_q, torch.tensor([p]), torch.tensor([True]), torch.tensor([[True]]), torch.ones(1, 3).bool(),
-                    epsilon=0.0)
+    res = klal_loss(
+        log_q, torch.tensor([p]), torch.tensor([True]), torch.tensor([[True]]), torch.ones(1, 3).bool(), epsilon=0.0
+    )
     expected = 0.5 * (_kl(p, q1) + _kl(p, q2))
     assert res.klal.item() == pytest.approx(expected, rel=1e-6)
     # Mass inside the evidence (cells with p > 0): mean over layers of q[0] + q[1].
@@ -32,8 +33,14 @@ def test_epsilon_smoothing_is_uniform_mix():
     p = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     q = [0.4, 0.3, 0.2, 0.1]
     eps = 0.1
-    res = klal_loss(torch.log(torch.tensor([[[q]]])), p, torch.tensor([True]), torch.tensor([[True]]),
-                    torch.ones(1, 4).bool(), epsilon=eps)
+    res = klal_loss(
+        torch.log(torch.tensor([[[q]]])),
+        p,
+        torch.tensor([True]),
+        torch.tensor([[True]]),
+        torch.ones(1, 4).bool(),
+        epsilon=eps,
+    )
     ps = [(1 - eps) * 1.0 + eps / 4, eps / 4, eps / 4, eps / 4]
     assert res.klal.item() == pytest.approx(_kl(ps, q), rel=1e-6)
 
@@ -48,8 +55,14 @@ def test_padding_queries_keys_and_samples_without_map_are_ignored():
     log_q[0, 0, 1, :] = math.log(1 / 3)  # padded query row: would change the result if used
     log_q[0, 1] = math.log(1 / 3)
     target = torch.tensor([[0.25, 0.75, 0.0], [1 / 3, 1 / 3, 1 / 3]])
-    res = klal_loss(log_q, target, torch.tensor([True, False]), torch.tensor([[True, False], [True, True]]),
-                    torch.tensor([[True, True, False], [True, True, True]]), epsilon=0.0)
+    res = klal_loss(
+        log_q,
+        target,
+        torch.tensor([True, False]),
+        torch.tensor([[True, False], [True, True]]),
+        torch.tensor([[True, True, False], [True, True, True]]),
+        epsilon=0.0,
+    )
     assert res.klal.item() == pytest.approx(_kl(p0, q0), rel=1e-6)
     assert res.has_map.tolist() == [True, False]
     assert res.per_sample[1].item() == 0.0
@@ -59,8 +72,14 @@ def test_mean_over_queries_then_samples():
     p = [[1.0, 0.0], [0.0, 1.0]]
     qa, qb, qc = [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]
     log_q = torch.log(torch.tensor([[[qa, qb], [qc, qc]]]))  # (1, B=2, A=2, V=2)
-    res = klal_loss(log_q, torch.tensor(p), torch.tensor([True, True]), torch.tensor([[True, True], [True, False]]),
-                    torch.ones(2, 2).bool(), epsilon=0.0)
+    res = klal_loss(
+        log_q,
+        torch.tensor(p),
+        torch.tensor([True, True]),
+        torch.tensor([[True, True], [True, False]]),
+        torch.ones(2, 2).bool(),
+        epsilon=0.0,
+    )
     s0 = 0.5 * (_kl(p[0], qa) + _kl(p[0], qb))
     s1 = _kl(p[1], qc)
     assert res.klal.item() == pytest.approx(0.5 * (s0 + s1), rel=1e-6)
@@ -68,8 +87,9 @@ def test_mean_over_queries_then_samples():
 
 def test_no_map_anywhere_gives_zero_loss_with_graph_and_no_nan():
     log_q = torch.log_softmax(torch.randn(2, 2, 1, 4), -1).requires_grad_()
-    res = klal_loss(log_q, torch.zeros(2, 4), torch.tensor([False, False]), torch.ones(2, 1).bool(),
-                    torch.ones(2, 4).bool())
+    res = klal_loss(
+        log_q, torch.zeros(2, 4), torch.tensor([False, False]), torch.ones(2, 1).bool(), torch.ones(2, 4).bool()
+    )
     assert res.klal.item() == 0.0
     res.klal.backward()
     assert log_q.grad is not None and torch.isfinite(log_q.grad).all()
@@ -78,8 +98,14 @@ def test_no_map_anywhere_gives_zero_loss_with_graph_and_no_nan():
 def test_one_hot_target_and_extreme_attention_stay_finite():
     q = torch.tensor([1.0 - 1e-30, 1e-30, 0.0])
     log_q = torch.log(q.clamp_min(1e-45))[None, None, None].requires_grad_()
-    res = klal_loss(log_q, torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([True]), torch.ones(1, 1).bool(),
-                    torch.ones(1, 3).bool(), epsilon=1e-4)
+    res = klal_loss(
+        log_q,
+        torch.tensor([[0.0, 0.0, 1.0]]),
+        torch.tensor([True]),
+        torch.ones(1, 1).bool(),
+        torch.ones(1, 3).bool(),
+        epsilon=1e-4,
+    )
     assert torch.isfinite(res.klal)
     res.klal.backward()
     assert torch.isfinite(log_q.grad).all()
@@ -89,13 +115,26 @@ def test_per_image_mode_renormalises_each_image():
     # Two images of 2 tokens each; evidence only in image 1.
     q = [0.1, 0.3, 0.2, 0.4]
     p = [0.0, 0.0, 0.25, 0.75]
-    res = klal_loss(torch.log(torch.tensor([[[q]]])), torch.tensor([p]), torch.tensor([True]),
-                    torch.ones(1, 1).bool(), torch.ones(1, 4).bool(), epsilon=0.0,
-                    key_image=torch.tensor([[0, 0, 1, 1]]), image_mode="per_image")
+    res = klal_loss(
+        torch.log(torch.tensor([[[q]]])),
+        torch.tensor([p]),
+        torch.tensor([True]),
+        torch.ones(1, 1).bool(),
+        torch.ones(1, 4).bool(),
+        epsilon=0.0,
+        key_image=torch.tensor([[0, 0, 1, 1]]),
+        image_mode="per_image",
+    )
     q_img = [0.2 / 0.6, 0.4 / 0.6]
     assert res.klal.item() == pytest.approx(_kl([0.25, 0.75], q_img), rel=1e-5)
-    joint = klal_loss(torch.log(torch.tensor([[[q]]])), torch.tensor([p]), torch.tensor([True]),
-                      torch.ones(1, 1).bool(), torch.ones(1, 4).bool(), epsilon=0.0)
+    joint = klal_loss(
+        torch.log(torch.tensor([[[q]]])),
+        torch.tensor([p]),
+        torch.tensor([True]),
+        torch.ones(1, 1).bool(),
+        torch.ones(1, 4).bool(),
+        epsilon=0.0,
+    )
     assert joint.klal.item() == pytest.approx(_kl(p, q), rel=1e-5)
 
 
@@ -105,8 +144,14 @@ def test_gradient_matches_finite_difference():
     target = torch.softmax(torch.randn(1, 5, dtype=torch.float64), -1)
 
     def f(x):
-        return klal_loss(torch.log_softmax(x, -1), target, torch.tensor([True]), torch.ones(1, 2).bool(),
-                         torch.ones(1, 5).bool(), epsilon=1e-3).klal
+        return klal_loss(
+            torch.log_softmax(x, -1),
+            target,
+            torch.tensor([True]),
+            torch.ones(1, 2).bool(),
+            torch.ones(1, 5).bool(),
+            epsilon=1e-3,
+        ).klal
 
     f(logits).backward()
     h = 1e-6
@@ -121,8 +166,20 @@ def test_gradient_matches_finite_difference():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="epsilon"):
-        klal_loss(torch.zeros(1, 1, 1, 1), torch.ones(1, 1), torch.tensor([True]), torch.ones(1, 1).bool(),
-                  torch.ones(1, 1).bool(), epsilon=1.0)
+        klal_loss(
+            torch.zeros(1, 1, 1, 1),
+            torch.ones(1, 1),
+            torch.tensor([True]),
+            torch.ones(1, 1).bool(),
+            torch.ones(1, 1).bool(),
+            epsilon=1.0,
+        )
     with pytest.raises(ValueError, match="image_mode"):
-        klal_loss(torch.zeros(1, 1, 1, 1), torch.ones(1, 1), torch.tensor([True]), torch.ones(1, 1).bool(),
-                  torch.ones(1, 1).bool(), image_mode="nope")
+        klal_loss(
+            torch.zeros(1, 1, 1, 1),
+            torch.ones(1, 1),
+            torch.tensor([True]),
+            torch.ones(1, 1).bool(),
+            torch.ones(1, 1).bool(),
+            image_mode="nope",
+        )

@@ -93,18 +93,31 @@ def test_ntp_only_measures_but_does_not_train_attention(tiny_processor, mixed_ro
 
 
 def test_short_fit_lowers_klal_and_checkpoint_holds_only_lora(tiny_processor, tmp_path):
-    rows = [make_row(i, 112, 112, [28.0 * (i % 4), 28.0 * (i // 4 % 4), 28.0 * (i % 4) + 28, 28.0 * (i // 4 % 4) + 28])
-            for i in range(8)]
+    rows = [
+        make_row(i, 112, 112, [28.0 * (i % 4), 28.0 * (i // 4 % 4), 28.0 * (i % 4) + 28, 28.0 * (i // 4 % 4) + 28])
+        for i in range(8)
+    ]
     torch.manual_seed(0)
-    m = KLALModule(backbone=SMALL, lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-                   optim=OptimSettings(lr=5e-3, warmup_steps=2), adapter_dir=str(tmp_path / "adapter"))
+    m = KLALModule(
+        backbone=SMALL,
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+        optim=OptimSettings(lr=5e-3, warmup_steps=2),
+        adapter_dir=str(tmp_path / "adapter"),
+    )
     m.configure_model()
     loader = DataLoader(rows, batch_size=4, collate_fn=KLALCollator(m.processor))
     batches = list(loader)
     with torch.no_grad():
         before = sum(m.compute_losses(b)["klal"].item() for b in batches) / len(batches)
-    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+    )
     trainer.fit(m, train_dataloaders=loader)
     m.eval()
     with torch.no_grad():

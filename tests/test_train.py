@@ -38,18 +38,39 @@ def tiny_dataset(tmp_path_factory) -> str:
     from data_gen.writer import generate_dataset
 
     out = tmp_path_factory.mktemp("data") / "gp"
-    generate_dataset(build_task("grid_patch", preset="easy", overrides={"image_size": 112}), num=24, seed=0,
-                     out=str(out), workers=1, progress=False)
+    generate_dataset(
+        build_task("grid_patch", preset="easy", overrides={"image_size": 112}),
+        num=24,
+        seed=0,
+        out=str(out),
+        workers=1,
+        progress=False,
+    )
     return str(out)
 
 
 def _flags(tmp_path: Path, data: str, steps: int = 4) -> list[str]:
     return [
-        "--config", str(REPO / "configs" / "demo.yaml"),
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--data.generate", "null", "--data.paths", f"[{data}]", "--data.batch_size", "2",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.generate",
+        "null",
+        "--data.paths",
+        f"[{data}]",
+        "--data.batch_size",
+        "2",
     ]
 
 
@@ -58,10 +79,19 @@ def test_train_main_fit_end_to_end(tmp_path, tiny_dataset, grad_ckpt):
     cli = train.main(["fit", *_flags(tmp_path, tiny_dataset), "--model.gradient_checkpointing", str(grad_ckpt).lower()])
     assert cli.trainer.global_step == 4
     log_dir = Path(cli.trainer.log_dir)
-    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     logged = {k for r in rows for k, v in r.items() if v}
-    for name in ("train/loss_step", "train/ntp_step", "train/klal_step", "train/target_mass_step", "val/loss",
-                 "val/ntp", "val/klal", "val/target_mass", "val/no_map"):
+    for name in (
+        "train/loss_step",
+        "train/ntp_step",
+        "train/klal_step",
+        "train/target_mass_step",
+        "val/loss",
+        "val/ntp",
+        "val/klal",
+        "val/target_mass",
+        "val/no_map",
+    ):
         assert name in logged, name
     assert (log_dir / "config.yaml").exists(), "the resolved config is saved with the run"
     assert (log_dir / "adapter" / "adapter_config.json").exists()
@@ -72,11 +102,46 @@ def test_train_main_fit_end_to_end(tmp_path, tiny_dataset, grad_ckpt):
 @pytest.mark.slow
 def test_train_two_process_ddp_on_cpu(tmp_path, tiny_dataset):
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", *_flags(tmp_path, tiny_dataset, steps=3),
-           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "fit",
+        *_flags(tmp_path, tiny_dataset, steps=3),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = list(Path(tmp_path).rglob("metrics.csv"))
     assert metrics, proc.stderr[-2000:]
-    rows = list(csv.DictReader(open(metrics[0])))
+    rows = list(csv.DictReader(metrics[0].read_text().splitlines()))
     assert any(r.get("train/klal_step") for r in rows)
+
+
+def test_evaluate_main_writes_results(tmp_path, tiny_dataset):
+    import json
+
+    import evaluate
+
+    res = evaluate.main(
+        [
+            "--data",
+            tiny_dataset,
+            "--split",
+            "validation",
+            "--max-pixels",
+            str(112 * 112),
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
+    r = res["datasets"][tiny_dataset]
+    assert r["samples"] > 0 and 0.0 <= r["target_mass"] <= 1.0 and 0.0 <= r["token_acc"] <= 1.0 and r["klal"] >= 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"][tiny_dataset] == r
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("| dataset")
+    with pytest.raises(SystemExit, match="no split"):
+        evaluate.main(["--data", tiny_dataset, "--split", "nope", "--out", str(tmp_path / "e2")])

@@ -172,9 +172,7 @@ class KLALCollator:
             evs = row.get("evidence")
             ev_list = evs if isinstance(evs, list) else [evs] + [None] * (len(ims) - 1)
             if len(ev_list) != len(ims):
-                raise ValueError(
-                    f"sample {row.get('id', i)!r}: {len(ims)} images but {len(ev_list)} evidence entries"
-                )
+                raise ValueError(f"sample {row.get('id', i)!r}: {len(ims)} images but {len(ev_list)} evidence entries")
             maps, g, why = [], [], []
             for im, ev in zip(ims, ev_list):
                 _, gh14, gw14 = (int(x) for x in grid_thw[k])
