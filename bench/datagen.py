@@ -8,7 +8,8 @@ Run from the repository root::
 Each measurement is one :func:`data_gen.writer.generate_dataset` call into a fresh temporary directory with the task's
 default config at ``--image-size``; pool start-up and saving are included; with ``--repeat`` the fastest run counts
 (other processes on a shared machine only ever slow a run down). A task whose module cannot be imported is
-reported as unavailable. Prints a Markdown table.
+reported as unavailable. Prints a Markdown table, headed by a free-CPU check (how much faster the largest worker count
+of busy-loop processes runs than one), since on a shared machine other jobs can keep workers from scaling.
 """
 
 from __future__ import annotations
@@ -23,6 +24,32 @@ from pathlib import Path
 from data_gen.base import GenerationError
 from data_gen.tasks import build_task, task_names
 from data_gen.writer import generate_dataset
+
+
+def _burn(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def cpu_parallel_speedup(procs: int = 2, n: int = 4_000_000) -> float:
+    """Speed-up of ``procs`` processes over one on a pure-Python busy loop: how much parallel CPU is free right now.
+
+    On a shared machine other jobs can leave less than ``procs`` free CPUs; then worker counts cannot scale either, and
+    this number says so next to the table.
+    """
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    for _ in range(procs):
+        _burn(n)
+    serial = time.perf_counter() - t0
+    with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(procs) as pool:
+        t0 = time.perf_counter()
+        pool.map(_burn, [n] * procs)
+        parallel = time.perf_counter() - t0
+    return serial / parallel
 
 
 def measure(task_name: str, num: int, workers: int, image_size: int, seed: int = 0) -> float:
@@ -49,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"data_gen throughput: {args.num} samples, {args.image_size}x{args.image_size}, "
         f"best of {args.repeat}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start), "
-        f"Python {platform.python_version()}, {platform.machine()}"
+        f"Python {platform.python_version()}, {platform.machine()}; free-CPU check: {max(args.workers)} busy "
+        f"processes run {cpu_parallel_speedup(max(args.workers)):.2f}x faster than one"
     )
     print()
     print("| task | workers | samples | seconds | samples/s |")
