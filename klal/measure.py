@@ -33,19 +33,7 @@ def measure(module: Any, loader: Any, max_batches: int | None = None, desc: str 
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out, request = module(batch, capture=True)
-            from klal.loss import klal_loss
-
-            res = klal_loss(
-                request.stacked(),
-                batch["target"],
-                batch["has_target"],
-                request.query_valid,
-                request.key_valid,
-                epsilon=module.klal_epsilon,
-                key_image=batch.get("key_image"),
-                image_mode=module.klal_image_mode,
-            )
-            request.clear()
+            res = module.klal_result(request, batch)
             b = batch["input_ids"].shape[0]
             m = res.num_with_map
             sums["ntp"] += float(out.loss) * b

@@ -137,6 +137,21 @@ class KLALModule(L.LightningModule):
         out = self.model(**inputs, use_cache=False)
         return out, request
 
+    def klal_result(self, request: CaptureRequest, batch: dict[str, Any]) -> KLALResult:
+        """KLAL and target mass of the maps a forward pass captured into ``request`` (the maps are released)."""
+        log_q = request.stacked()  # (L, B, A, V)
+        request.clear()
+        return klal_loss(
+            log_q,
+            batch["target"],
+            batch["has_target"],
+            request.query_valid,
+            request.key_valid,
+            epsilon=self.klal_epsilon,
+            key_image=batch.get("key_image"),
+            image_mode=self.klal_image_mode,
+        )
+
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss parts of one batch: ``loss``, ``ntp``, ``klal``, ``target_mass``, ``maps`` (samples with a map)."""
         capture = self.klal_weight > 0 or self.measure_attention
@@ -144,18 +159,7 @@ class KLALModule(L.LightningModule):
         ntp = out.loss
         parts: dict[str, torch.Tensor] = {"ntp": ntp}
         if request is not None:
-            log_q = request.stacked()  # (L, B, A, V)
-            request.clear()
-            res: KLALResult = klal_loss(
-                log_q,
-                batch["target"],
-                batch["has_target"],
-                request.query_valid,
-                request.key_valid,
-                epsilon=self.klal_epsilon,
-                key_image=batch.get("key_image"),
-                image_mode=self.klal_image_mode,
-            )
+            res = self.klal_result(request, batch)
             klal = res.klal if self.klal_weight > 0 else res.klal.detach()
             parts.update(klal=klal, target_mass=res.target_mass, maps=res.has_map.sum())
             parts["loss"] = ntp + self.klal_weight * klal if self.klal_weight > 0 else ntp
