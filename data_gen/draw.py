@@ -241,6 +241,16 @@ def min_turn_radius(poly: np.ndarray) -> float:
     return float(radius.min()) if len(radius) else math.inf
 
 
+def points_closer_than(points: np.ndarray, dist: float) -> bool:
+    """True when two of ``points`` ``(N, 2)`` lie less than ``dist`` apart (crossings too close to tell apart)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(pts) < 2:
+        return False
+    d2 = np.sum((pts[:, None] - pts[None]) ** 2, axis=-1)
+    np.fill_diagonal(d2, np.inf)
+    return bool(d2.min() < dist**2)
+
+
 def unexplained_close_regions(a: np.ndarray, b: np.ndarray, gap: float, i: np.ndarray, j: np.ndarray) -> int:
     """Number of places where two polylines pass within ``gap`` px of each other without crossing there.
 

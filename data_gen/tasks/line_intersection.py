@@ -430,12 +430,9 @@ class LineIntersectionTask(Task):
             for p, a in zip(pts, h["angle"]):
                 found.append({"point": [float(p[0]), float(p[1])], "curves": [j, k], "angle": float(a)})
         pts_all = np.array([f["point"] for f in crossings + found]).reshape(-1, 2)
-        if len(pts_all) > 1:
-            d2 = np.sum((pts_all[:, None] - pts_all[None]) ** 2, axis=-1)
-            np.fill_diagonal(d2, np.inf)
-            if d2.min() < (c.min_separation * lw) ** 2:
-                rej["separation"] += 1
-                return None
+        if draw.points_closer_than(pts_all, c.min_separation * lw):
+            rej["separation"] += 1
+            return None
         gap = c.min_gap * lw
         for h, other in zip(hits, curves):
             if draw.unexplained_close_regions(cand.poly, other.poly, gap, h["i"], h["j"]):

@@ -379,12 +379,9 @@ class LineTracingTask(Task):
                 return None
             found.extend(h["points"])
         pts = np.array([*crossings, *found]).reshape(-1, 2)
-        if len(found) and len(pts) > 1:
-            d2 = np.sum((pts[:, None] - pts[None]) ** 2, axis=-1)
-            np.fill_diagonal(d2, np.inf)
-            if d2.min() < (c.min_separation * lw) ** 2:
-                rej["separation"] += 1
-                return None
+        if len(found) and draw.points_closer_than(pts, c.min_separation * lw):
+            rej["separation"] += 1
+            return None
         gap = c.min_gap * lw
         for h, other in zip(hits, edges):
             if draw.unexplained_close_regions(edge.visible, other.visible, gap, h["i"], h["j"]):
