@@ -140,6 +140,7 @@ def saved_bytes(fn) -> int:
     seen: dict[int, int] = {}
 
     def pack(t):
+        # Tensors without a real storage (e.g. wrapper subclasses) have no bytes of their own to count.
         with contextlib.suppress(RuntimeError, NotImplementedError):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
