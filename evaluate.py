@@ -1,90 +1,67 @@
-"""Evaluate a base model, optionally with a LoRA adapter, on klal datasets: NTP loss, KLAL, attention mass on the
-evidence, and teacher-forced answer-token accuracy, per dataset split. Writes ``results.json`` and ``results.md``.
+"""Compare grounding on klal datasets: a LoRA adapter's (KLAL fine-tuned) attention, the base model's attention and
+the training-free methods (localization heads, entropy-gradient grounding, ViCrop, LASER), in one table.
 
-The training-free grounding methods (localization heads, entropy-gradient grounding, LASER, ViCrop) are not wired in
-yet; this script measures the model's own answer-token attention, the quantity KLAL trains.
+Writes ``<out>/results.json``, ``<out>/results.md`` (rows: methods; columns: per-task pointing game, attention mass
+inside the evidence, KL(target || map), box IoU, Acc@0.5 and answer accuracy, each with its sample count; cost per
+sample) and ``<out>/gallery_<method>.png``. Every option is a flag or a YAML key (``--config``).
 
-Examples::
+Examples (tiny random model on CPU; generate data first with ``python -m data_gen``)::
 
-    python evaluate.py --data data/grid_patch --out runs/eval_base                       # tiny base model
-    python evaluate.py --data data/grid_patch --adapter runs/demo/klal/version_0/adapter --out runs/eval_klal
-    python evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --max-pixels 802816 --data data/grid_patch data/line_tracing
+    python evaluate.py --data '[data/grid_patch]' --max_samples 8 --out runs/eval_base
+    python evaluate.py --config configs/eval/synthetic_compare.yaml --adapter runs/demo/klal/version_0/adapter
+    python evaluate.py --config configs/eval/synthetic_compare.yaml --model.name_or_path Qwen/Qwen2.5-VL-3B-Instruct \\
+        --model.max_pixels 802816 --adapter runs/3b_klal/adapter
+    python evaluate.py --print_methods                     # the methods and their options
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+
+def build_parser() -> ArgumentParser:
+    """The evaluate.py argument parser (fields of :class:`klal.evaluation.EvalConfig` as flags)."""
+    from klal.evaluation import EvalConfig
+
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0], parse_as_dict=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    p.add_class_arguments(EvalConfig, None, fail_untyped=False)
+    p.add_argument("--print_methods", action="store_true", help="list the grounding methods and exit")
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the evaluation; returns the results dict also written to ``<out>/results.json``."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny, a hub id or a local checkpoint directory")
-    p.add_argument("--adapter", default=None, help="peft adapter directory trained on --model")
-    p.add_argument("--data", nargs="+", required=True, help="dataset directories (save_to_disk, klal schema)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--min-pixels", type=int, default=56 * 56)
-    p.add_argument("--max-pixels", type=int, default=448 * 448)
-    p.add_argument("--query", default="last", choices=["last", "all", "first", "prompt_last"])
-    p.add_argument("--layers", default="all")
-    p.add_argument("--out", default="runs/eval")
-    args = p.parse_args(argv)
+    """Run the evaluation on ``argv``; returns the dict also written to ``<out>/results.json``."""
+    from jsonargparse import set_parsing_settings
 
-    import datasets
-    from peft import PeftModel
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.print_methods:
+        from klal.grounding import available_methods
+        from klal.grounding.base import _REGISTRY
 
-    from klal.capture import enable_capture, parse_layers
-    from klal.data.collate import KLALCollator
-    from klal.data.schema import check_columns
-    from klal.measure import measure
-    from klal.models.loader import ModelConfig, load_model_and_processor
-    from klal.module import KLALModule
+        for name in available_methods():
+            doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:20s} {doc}")
+        return {}
+    from klal.evaluation import EvalConfig, check_ranges, evaluate
+    from klal.grounding import GroundingError
 
-    backbone = ModelConfig(name_or_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    module = KLALModule(backbone=backbone, klal_query=args.query, klal_layers=args.layers)
-    model, processor = load_model_and_processor(backbone, processor=module.processor)
-    if args.adapter:
-        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-            sys.exit(f"evaluate.py: error: --adapter {args.adapter!r} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, args.adapter)
-    enable_capture(model)
-    module.model = model.eval()
-    module.layers = parse_layers(args.layers, module.text_config.num_hidden_layers)
-
-    results: dict = {"model": args.model, "adapter": args.adapter, "split": args.split, "datasets": {}}
-    for path in args.data:
-        if not os.path.isdir(path):
-            sys.exit(f"evaluate.py: error: dataset directory not found: {path}")
-        dd = datasets.load_from_disk(path)
-        if args.split not in dd:
-            sys.exit(f"evaluate.py: error: {path} has no split {args.split!r} (has {list(dd)})")
-        ds = dd[args.split]
-        check_columns(ds, f"{path} [{args.split}]")
-        if args.max_samples:
-            ds = ds.select(range(min(args.max_samples, len(ds))))
-        loader = DataLoader(ds, batch_size=args.batch_size, collate_fn=KLALCollator(processor))
-        results["datasets"][path] = measure(module, loader, desc=Path(path).name)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["| dataset | samples | with map | NTP | KLAL | target mass | token acc |", "|---|---|---|---|---|---|---|"]
-    for path, r in results["datasets"].items():
-        lines.append(
-            f"| {path} | {r['samples']:.0f} | {r['samples_with_map']:.0f} | {r['ntp']:.4f} | {r['klal']:.4f} "
-            f"| {r['target_mass']:.4f} | {r['token_acc']:.4f} |"
-        )
-    table = "\n".join(lines)
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    init = p.instantiate(ns)
+    fields = {k: v for k, v in vars(init).items() if k not in ("config", "print_methods", "__path__")}
+    cfg = EvalConfig(**fields)
+    try:
+        results = evaluate(cfg)
+    except (GroundingError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    print(Path(cfg.out, "results.md").read_text())
+    bad = check_ranges(results["metrics"])
+    if bad:
+        sys.exit("evaluate.py: error: metrics out of range: " + "; ".join(bad))
     return results
 
 

@@ -13,6 +13,8 @@ Examples::
     python train.py fit --config configs/qwen2.5-vl-3b_lora_klal.yaml --trainer.devices 8
     # validation only, from a checkpoint
     python train.py validate --config configs/demo.yaml --ckpt_path runs/demo/.../last.ckpt
+    # continue a killed run from its newest last.ckpt (docs/checkpoints.md)
+    python train.py fit --config configs/demo.yaml --ckpt_path last
 """
 
 from __future__ import annotations
@@ -22,8 +24,25 @@ import sys
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from klal.checkpoint import resolve_ckpt_path, use_atomic_checkpoint_io
 from klal.datamodule import KLALDataModule
 from klal.module import KLALModule
+
+
+class KLALCLI(LightningCLI):
+    """LightningCLI with klal's checkpointing: atomic, weights-only checkpoints (:mod:`klal.checkpoint`), and
+    ``--ckpt_path last`` meaning the newest ``last*.ckpt`` of earlier runs under the same folders."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
+
+    def _resolve_last(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        cfg["ckpt_path"] = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
+
+    before_fit = before_validate = before_test = _resolve_last
 
 
 def main(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -33,7 +52,7 @@ def main(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     if argv is not None:
         # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
         sys.argv = sys.argv[:1]
-    return LightningCLI(
+    return KLALCLI(
         KLALModule,
         KLALDataModule,
         args=argv,

@@ -56,8 +56,15 @@ class CaptureRequest:
             padded with 0.
         key_valid: ``(B, V)`` True where ``key_index`` is a real visual token.
         layers: language-model layer indices to capture; None captures every layer.
-        log_maps: layer index -> ``(B, A, V)`` float32 log of the head-mean attention over visual keys. Padded keys
-            hold a large negative value, padded queries hold a uniform row.
+        per_head: keep each head's map (``(B, H, A, V)`` per layer) instead of the head mean (probes need heads).
+        differentiable_rows: make the layer *output* of the selected query rows flow through an explicitly computed
+            softmax over all keys, kept in ``full_probs``, so that gradients of the model output with respect to
+            those attention weights exist (ViCrop's grad-att). The output is numerically the kernel's. Batch size 1,
+            no padding, and the selected rows must see every earlier key (causal), which holds for prompt tokens.
+        log_maps: layer index -> ``(B, A, V)`` (or ``(B, H, A, V)`` with ``per_head``) float32 log of the attention
+            over visual keys, renormalised over visual keys per head. Padded keys hold a large negative value, padded
+            queries hold a uniform row.
+        full_probs: layer index -> ``(B, H, A, S)`` attention probabilities over all keys (``differentiable_rows``).
     """
 
     query_index: torch.Tensor
@@ -65,7 +72,10 @@ class CaptureRequest:
     key_index: torch.Tensor
     key_valid: torch.Tensor
     layers: frozenset[int] | None = None
+    per_head: bool = False
+    differentiable_rows: bool = False
     log_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    full_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_masks(
@@ -92,6 +102,7 @@ class CaptureRequest:
     def clear(self) -> None:
         """Drop the captured maps (and the autograd graph they hold)."""
         self.log_maps.clear()
+        self.full_probs.clear()
 
 
 def _mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +124,9 @@ def visual_attention_log_probs(
     query_valid: torch.Tensor,
     key_index: torch.Tensor,
     key_valid: torch.Tensor,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Log head-mean attention of selected queries over visual keys.
+    """Log head-mean (or per-head) attention of selected queries over visual keys.
 
     Args:
         query: ``(B, H, S, D)`` post-rotary queries.
@@ -124,10 +136,12 @@ def visual_attention_log_probs(
         query_valid: ``(B, A)`` validity of ``query_index``.
         key_index: ``(B, V)`` visual key positions.
         key_valid: ``(B, V)`` validity of ``key_index``.
+        per_head: return every head's map instead of the head mean.
 
     Returns:
-        ``(B, A, V)`` float32 ``log(mean_h softmax_v(q_h k_v * scaling))``. Invalid keys get ``-1e9`` (probability
-        zero), rows of invalid queries or of samples without visual tokens are uniform, so nothing is NaN.
+        ``(B, A, V)`` float32 ``log(mean_h softmax_v(q_h k_v * scaling))``, or ``(B, H, A, V)`` per head.
+        Invalid keys get ``-1e9`` (probability zero), rows of invalid queries or of samples without visual tokens
+        are uniform, so nothing is NaN.
     """
     b, h, _, d = query.shape
     hkv = key.shape[1]
@@ -142,6 +156,8 @@ def visual_attention_log_probs(
     # Finite fill keeps fully masked rows uniform instead of NaN; those rows are ignored by the loss.
     scores = scores.masked_fill(~keep, -1e9)
     log_p = torch.log_softmax(scores, dim=-1)  # (B, Hkv, G, A, V)
+    if per_head:
+        return log_p.flatten(1, 2)  # (B, H, A, V), head index = kv_head * G + group member
     return torch.logsumexp(log_p.flatten(1, 2), dim=1) - math.log(h)  # (B, A, V)
 
 
@@ -155,14 +171,62 @@ def _make_capture_fn(base: str):
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
             log_q = visual_attention_log_probs(
-                query, key, scaling, request.query_index, request.query_valid, request.key_index, request.key_valid
+                query,
+                key,
+                scaling,
+                request.query_index,
+                request.query_valid,
+                request.key_index,
+                request.key_valid,
+                per_head=request.per_head,
             )
             # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
             request.log_maps.setdefault(layer_idx, log_q)
+            if request.differentiable_rows:
+                out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx), *out[1:])
         return out
 
     capture_attention.__name__ = f"klal_capture_{base}"
     return capture_attention
+
+
+def _route_rows(
+    attn_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    request: CaptureRequest,
+    layer_idx: int,
+) -> torch.Tensor:
+    """Recompute the selected rows' output as ``softmax(q k^T) v`` over all earlier keys and splice it in.
+
+    The kernel's output carries no handle on its attention weights; this explicit path keeps one (``full_probs``)
+    so that a gradient of the model output reaches them. Values agree with the kernel to float tolerance.
+    """
+    b, h, s, d = query.shape
+    if b != 1:
+        raise ValueError("differentiable_rows capture needs batch size 1")
+    hkv = key.shape[1]
+    g = h // hkv
+    pos = request.query_index[0][request.query_valid[0]]  # (A,)
+    q_sel = query[0][:, pos]  # (H, A, D)
+    k = key[0].repeat_interleave(g, dim=0)  # (H, S, D)
+    v = value[0].repeat_interleave(g, dim=0)  # (H, S, D)
+    scores = torch.matmul(q_sel, k.transpose(-1, -2)).float() * scaling  # (H, A, S)
+    causal = torch.arange(s, device=query.device)[None, :] > pos[:, None]  # (A, S)
+    probs = torch.softmax(scores.masked_fill(causal[None], float("-inf")), dim=-1)[None]  # (1, H, A, S)
+    if torch.is_grad_enabled():
+        # With frozen weights nothing upstream needs grad; a leaf keeps d(output)/d(probs) available all the same.
+        if not probs.requires_grad:
+            probs = probs.detach().requires_grad_(True)
+        else:
+            probs.retain_grad()
+    request.full_probs.setdefault(layer_idx, probs)
+    rows = torch.matmul(probs[0].to(v.dtype), v)  # (H, A, D)
+    attn_out = attn_out.clone()
+    attn_out[0, pos] = rows.transpose(0, 1).to(attn_out.dtype)  # kernel output is (B, S, H, D)
+    return attn_out
 
 
 def register_capture_attention(base: str = "sdpa") -> str:

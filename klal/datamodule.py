@@ -3,6 +3,15 @@
 Datasets come from ``paths`` (one or more dataset directories, concatenated), or are generated on the fly by a
 synthetic task generator (``generate``) into a cache directory the first time (the demo uses this). The processor is
 taken from the Lightning module (``module.processor``) unless one is given, so the collator always matches the model.
+
+Sampling. The training loader always shards by itself, with ``trainer.world_size`` and ``trainer.global_rank``, and a
+sampler seeded from ``seed`` (default: the ``seed_everything`` seed), so one process with ``batch_size = k x B`` and
+``k`` processes with ``batch_size = B`` see the same global batch at every step. Plain shuffling uses a
+``DistributedSampler`` (rank ``r`` takes every ``k``-th index of one shared permutation); ``group_by_length`` uses
+:class:`~klal.data.sampler.LengthGroupedSampler` (rank ``r`` takes the ``r``-th slice of each global batch).
+``token_budget`` batches by padded tokens instead (:class:`~klal.data.sampler.TokenBudgetBatchSampler`), so its batches
+hold different numbers of samples. The processor (image resize, patching, tokenising) and the target maps run in the
+collator, that is in the DataLoader worker processes (``num_workers``), never in the training loop.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from klal.data.collate import KLALCollator, PromptSettings
+from klal.data.resumable import ResumableDataLoader
+from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths
 from klal.data.schema import check_columns
 from klal.targets import TargetSpec
 
@@ -41,6 +52,22 @@ class GenerateSettings:
     """Generator processes."""
 
 
+class RowBatches(Dataset):
+    """A dataset whose items are lists of rows, for samplers that yield whole batches (``batch_size=None`` loaders).
+
+    ``RowBatches(ds)[[3, 7]] == [ds[3], ds[7]]``; the rows are read (and images decoded) in the worker process.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self.dataset[int(i)] for i in indices]
+
+
 class KLALDataModule(L.LightningDataModule):
     """Train/validation/test loaders with the KLAL collator.
 
@@ -48,9 +75,16 @@ class KLALDataModule(L.LightningDataModule):
         paths: dataset directories written with ``save_to_disk`` (splits train/validation/test); several are
             concatenated per split.
         generate: generate a synthetic dataset instead of (or when missing from) ``paths``.
-        batch_size: samples per device per step (global batch = batch_size x devices x accumulate_grad_batches).
+        batch_size: samples per device per step (global batch = batch_size x devices x num_nodes x
+            accumulate_grad_batches).
         eval_batch_size: validation/test batch size (default: batch_size).
         num_workers: DataLoader worker processes (the processor runs in them).
+        group_by_length: batch training samples of similar token length (less padding); global batches stay the same
+            for any number of processes with the same global batch size.
+        token_budget: batch training samples by padded tokens per device (longest sample x samples <= token_budget)
+            instead of by ``batch_size``; implies grouping by length.
+        max_batch_size: with ``token_budget``, at most this many samples per batch.
+        seed: training sampler seed (default: the ``seed_everything`` seed, else 0).
         pin_memory: pin host memory (default: on when CUDA is available).
         target: how evidence becomes target maps.
         prompt: chat rendering.
@@ -69,6 +103,10 @@ class KLALDataModule(L.LightningDataModule):
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        group_by_length: bool = False,
+        token_budget: int | None = None,
+        max_batch_size: int | None = None,
+        seed: int | None = None,
         pin_memory: bool | None = None,
         target: TargetSpec = TargetSpec(),  # noqa: B008 - read-only default, jsonargparse needs an instance
         prompt: PromptSettings = PromptSettings(),  # noqa: B008
@@ -84,11 +122,21 @@ class KLALDataModule(L.LightningDataModule):
             raise ValueError("data: give `paths` (datasets on disk) or `generate` (a synthetic task to generate)")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if token_budget is not None and token_budget < 1:
+            raise ValueError(f"data.token_budget must be >= 1 or null, got {token_budget}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"data.max_batch_size must be >= 1 or null, got {max_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.paths = list(paths or [])
         self.generate = generate
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
+        self.token_budget = token_budget
+        self.max_batch_size = max_batch_size
+        self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.target = target or TargetSpec()
         self.prompt = prompt or PromptSettings()
@@ -99,6 +147,7 @@ class KLALDataModule(L.LightningDataModule):
         self.processor: Any = None
         self.splits: dict[str, datasets.Dataset] = {}
         self.collator: KLALCollator | None = None
+        self._train_lengths: list[int] | None = None
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset once (rank 0 only, as Lightning calls it)."""
@@ -150,9 +199,12 @@ class KLALDataModule(L.LightningDataModule):
             check_columns(split, f"{path} [{name}]")
         return ds
 
-    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+    def _check_split(self, key: str) -> None:
         if key not in self.splits:
             raise ValueError(f"no {self.split_names[key]!r} split in the datasets {self.paths or [self.generate.out]}")
+
+    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+        self._check_split(key)
         return DataLoader(
             self.splits[key],
             batch_size=self.batch_size if key == "train" else self.eval_batch_size,
@@ -161,10 +213,56 @@ class KLALDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             collate_fn=self.collator,
             persistent_workers=self.num_workers > 0,
+            # An own generator: creating the iterator must not draw from the global RNG that dropout uses, or a
+            # validation run at a checkpointed step would shift the dropout masks of a resumed run.
+            generator=torch.Generator().manual_seed(0),
         )
 
+    def world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def sampler_seed(self) -> int:
+        """The training sampler's seed: ``seed``, else the ``seed_everything`` seed, else 0."""
+        return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def train_lengths(self) -> list[int]:
+        """Estimated token length of every training sample (computed once; images are not decoded)."""
+        if self._train_lengths is None:
+            self._check_split("train")
+            self._train_lengths = estimate_lengths(self.splits["train"], self.processor, self.prompt)
+        return self._train_lengths
+
+    def train_sampler(self) -> Sampler:
+        """This rank's training sampler (a ``DistributedSampler``, so Lightning does not replace it)."""
+        self._check_split("train")
+        world, rank = self.world()
+        seed = self.sampler_seed()
+        if self.token_budget is not None:
+            return TokenBudgetBatchSampler(
+                self.train_lengths(), self.token_budget, world, rank, seed=seed, max_batch_size=self.max_batch_size
+            )
+        if self.group_by_length:
+            return LengthGroupedSampler(self.train_lengths(), self.batch_size, world, rank, seed=seed)
+        return DistributedSampler(self.splits["train"], num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        sampler = self.train_sampler()
+        by_budget = isinstance(sampler, TokenBudgetBatchSampler)
+        # Resumable: Lightning saves its position in checkpoints, so `--ckpt_path last` continues mid-epoch.
+        return ResumableDataLoader(
+            RowBatches(self.splits["train"]) if by_budget else self.splits["train"],
+            # The token-budget sampler yields whole batches, so the loader must not batch again.
+            batch_size=None if by_budget else self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=self.collator,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -16,9 +16,19 @@ import lightning as L
 import torch
 
 from klal.capture import CaptureRequest, QueryMode, enable_capture, parse_layers, select_queries
+from klal.checkpoint import (
+    base_fingerprint,
+    check_compatible,
+    check_trainable_keys,
+    gather_rng_states,
+    lora_fingerprint,
+    restore_rng_states,
+    save_adapter,
+)
 from klal.loss import KLALResult, klal_loss
 from klal.models.loader import ModelConfig, load_model_and_processor, load_processor
 from klal.models.lora import LoraSettings, apply_lora
+from klal.strategies import adapter_state_dict, global_share, resolve_attn_implementation, strip_wrapper_prefixes
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -52,7 +62,8 @@ class KLALModule(L.LightningModule):
         klal_image_mode: several images per sample: ``joint`` or ``per_image`` (see :mod:`klal.loss`).
         measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``target_mass``.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
-        attn_implementation: kernel for the text backbone output (``sdpa`` or ``flash_attention_2``).
+        attn_implementation: kernel for the text backbone output (``sdpa`` or ``flash_attention_2``, which falls back
+            to sdpa where flash-attn cannot run).
         optim: optimizer and schedule.
         adapter_dir: where the final peft adapter is written (default: ``<log_dir>/adapter``).
     """
@@ -102,7 +113,7 @@ class KLALModule(L.LightningModule):
             return
         cfg = self.backbone
         model, _ = load_model_and_processor(cfg, processor=self.processor)
-        enable_capture(model, base=self.attn_implementation)
+        enable_capture(model, base=resolve_attn_implementation(self.attn_implementation))
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -152,30 +163,51 @@ class KLALModule(L.LightningModule):
             image_mode=self.klal_image_mode,
         )
 
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss parts of one batch: ``loss``, ``ntp``, ``klal``, ``target_mass``, ``maps`` (samples with a map)."""
+    def compute_losses(self, batch: dict[str, Any], across_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """Loss parts of one batch: ``loss``, ``ntp``, ``klal``, ``target_mass``, ``maps`` (samples with a map).
+
+        With ``across_ranks`` (the training and validation steps, which every rank runs) NTP, KLAL and target mass
+        become this rank's share of their means over the whole global batch (:func:`klal.strategies.global_share`),
+        so data-parallel gradient averaging gives the update of one process on the same global batch. A collective
+        when a process group is up; without one it changes nothing.
+        """
         capture = self.klal_weight > 0 or self.measure_attention
         out, request = self(batch, capture=capture)
         ntp = out.loss
+        res = self.klal_result(request, batch) if request is not None else None
+        share = torch.ones(2, device=ntp.device)
+        if across_ranks:
+            # NTP is a mean over supervised next-token labels (shifted by one), KLAL a mean over samples with a map.
+            n_tok = (batch["labels"][:, 1:] != -100).sum()
+            n_map = res.has_map.sum() if res is not None else torch.zeros_like(n_tok)
+            share = global_share(torch.stack([n_tok, n_map.to(n_tok.device)]))
+            ntp = ntp * share[0]
         parts: dict[str, torch.Tensor] = {"ntp": ntp}
-        if request is not None:
-            res = self.klal_result(request, batch)
-            klal = res.klal if self.klal_weight > 0 else res.klal.detach()
-            parts.update(klal=klal, target_mass=res.target_mass, maps=res.has_map.sum())
+        if res is not None:
+            klal = res.klal * share[1] if self.klal_weight > 0 else (res.klal * share[1]).detach()
+            parts.update(klal=klal, target_mass=res.target_mass * share[1], maps=res.has_map.sum())
             parts["loss"] = ntp + self.klal_weight * klal if self.klal_weight > 0 else ntp
         else:
             parts["loss"] = ntp
         return parts
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        parts = self.compute_losses(batch)
+        parts = self.compute_losses(batch, across_ranks=True)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {stage} loss {loss.item()} at global step {self.global_step} "
-                f"(ntp={parts['ntp'].item()}, klal={parts.get('klal', torch.tensor(0.0)).item()}); "
-                f"batch sample ids: {batch.get('ids')}"
-            )
+        bad_here = not bool(torch.isfinite(loss))
+        # Under DDP every rank must stop together: a rank that raised alone would leave the others waiting in the
+        # gradient all-reduce.
+        multi = self._trainer is not None and self.trainer.world_size > 1
+        bad = self.trainer.strategy.reduce_boolean_decision(bad_here, all=False) if multi else bad_here
+        if bad:
+            where = f"{stage} loss at global step {self.global_step} (optimizer steps done; this batch's update "
+            where += f"was not applied), epoch {self.current_epoch}"
+            if bad_here:
+                klal = parts.get("klal", torch.tensor(0.0)).item()
+                msg = f"non-finite {where}: loss={loss.item()}, ntp={parts['ntp'].item()}, klal={klal}"
+            else:
+                msg = f"non-finite {where} on another rank (its log names the samples); this rank's loss was finite"
+            raise FloatingPointError(f"{msg}; batch sample ids: {batch.get('ids')}")
         bs = int(batch["input_ids"].shape[0])
         on_step = stage == "train"
         for name in ("loss", "ntp", "klal", "target_mass"):
@@ -229,26 +261,57 @@ class KLALModule(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train (the LoRA weights), keyed as in ``self.state_dict()``."""
-        names = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        # Under FSDP parameter names carry wrapper segments that the (gathered) state dict does not.
+        names = {f"model.{strip_wrapper_prefixes(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if strip_wrapper_prefixes(k) in names}
+
+    def checkpoint_fingerprint(self) -> dict[str, dict[str, Any]]:
+        """What this run's trainable weights belong to: the base model and the LoRA configuration."""
+        if self.model is None:
+            self.configure_model()
+        return {
+            "base": base_fingerprint(self.backbone, self.text_config),
+            "lora": lora_fingerprint(self.lora, self.text_config.num_hidden_layers),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_state_dict()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["klal_base_model"] = self.backbone.name_or_path
+        checkpoint["klal_fingerprint"] = self.checkpoint_fingerprint()
+        # Lightning stores no RNG state; every rank's goes in so dropout continues as in an uninterrupted run.
+        checkpoint["klal_rng"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        base = checkpoint.get("klal_base_model")
-        if base is not None and base != self.backbone.name_or_path:
-            raise ValueError(
-                f"checkpoint was trained on base model {base!r}, but this run uses {self.backbone.name_or_path!r}"
-            )
+        trainer = self._trainer
+        source = f"checkpoint {trainer.ckpt_path}" if trainer is not None and trainer.ckpt_path else "checkpoint"
+        fp = self.checkpoint_fingerprint()
+        check_compatible(checkpoint, fp["base"], fp["lora"], source=source)
+        check_trainable_keys(checkpoint.get("state_dict", {}), self.trainable_state_dict(), source=source)
+        # Applied in on_train_start: the sanity check and loader setup between here and training must not shift it.
+        self._rng_to_restore = checkpoint.get("klal_rng")
+
+    def on_train_start(self) -> None:
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states:
+            restore_rng_states(states, self.global_rank)
 
     def on_train_end(self) -> None:
         # trainer.log_dir broadcasts under DDP, so every rank resolves the path before rank 0 writes.
         path = self.resolve_adapter_dir()
+        # Under FSDP gathering the weights is a collective: every rank takes part before rank 0 writes.
+        sharded = "FSDP" in type(self.trainer.strategy).__name__
+        state = adapter_state_dict(self) if sharded else None
         if self.trainer.is_global_zero:
-            self.model.save_pretrained(path)
+            save_adapter(
+                self.model,
+                path,
+                self.backbone,
+                self.lora,
+                self.checkpoint_fingerprint(),
+                processor=self.processor,
+                state_dict=state,
+            )
         self.trainer.strategy.barrier("klal_adapter_saved")
 
     def resolve_adapter_dir(self) -> str:

@@ -91,3 +91,75 @@ def test_no_capture_request_means_no_work(models, tiny_processor, mixed_rows):
     empty = CaptureRequest.from_masks(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="no attention was captured"):
         empty.stacked()
+
+
+def test_per_head_maps_equal_eager_rows_per_head(models, tiny_processor, mixed_rows):
+    _, cap, eager = models
+    batch = KLALCollator(tiny_processor)(mixed_rows[:1])
+    inputs = {k: batch[k] for k in MODEL_KEYS}
+    visual = batch["input_ids"] == tiny_processor.image_token_id
+    request = CaptureRequest.from_masks(select_queries(batch["answer_mask"], "prompt_last"), visual)
+    request.per_head = True
+    with torch.no_grad():
+        cap(**inputs, klal_capture=request)
+        e = eager(**inputs, output_attentions=True)
+    qi = request.query_index[0][request.query_valid[0]]
+    ki = request.key_index[0][request.key_valid[0]]
+    for layer, log_map in request.log_maps.items():
+        got = log_map.exp()[0]  # (H, A, V)
+        rows = e.attentions[layer][0][:, qi][:, :, ki]
+        assert torch.allclose(got, rows / rows.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_differentiable_rows_keep_output_and_give_attention_gradients(models, tiny_processor, mixed_rows, monkeypatch):
+    """The spliced rows reproduce the kernel's logits, and d(log p)/d(attention weight) agrees with a finite
+    difference: adding +-eps to one attention weight of the explicit softmax changes log p as the gradient says."""
+    _, cap, _ = models
+    batch = KLALCollator(tiny_processor)(mixed_rows[:1])
+    n_prompt = int(torch.nonzero(batch["answer_mask"][0])[0])
+    inputs = {
+        k: batch[k][:, :n_prompt] if k != "pixel_values" and batch[k].dim() == 2 else batch[k] for k in MODEL_KEYS
+    }
+    seq = inputs["input_ids"].shape[1]
+    visual = inputs["input_ids"] == tiny_processor.image_token_id
+    last = torch.zeros_like(visual)
+    last[0, -1] = True
+    layer = 2
+
+    def request() -> CaptureRequest:
+        r = CaptureRequest.from_masks(last, visual, layers=[layer])
+        r.differentiable_rows = True
+        return r
+
+    with torch.no_grad():
+        plain = cap(**inputs).logits
+    req = request()
+    with torch.enable_grad():
+        logits = cap(**inputs, klal_capture=req).logits
+        assert torch.allclose(logits, plain, atol=1e-5)
+        top = int(logits[0, -1].argmax())
+        torch.log_softmax(logits[0, -1], -1)[top].backward()
+    grad = req.full_probs[layer].grad  # (1, H, A, S)
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    key = int(req.key_index[0, 3])
+    eps = 1e-3
+    real_softmax = torch.softmax
+
+    def logp_with(delta: float) -> float:
+        def softmax_plus(x, dim):
+            p = real_softmax(x, dim=dim)
+            if p.dim() == 3 and p.shape[-1] == seq:  # the explicit (H, A, S) rows of the capture
+                p = p.clone()
+                p[0, 0, key] += delta
+            return p
+
+        monkeypatch.setattr(torch, "softmax", softmax_plus)
+        try:
+            with torch.no_grad():
+                out = cap(**inputs, klal_capture=request()).logits
+        finally:
+            monkeypatch.setattr(torch, "softmax", real_softmax)
+        return float(torch.log_softmax(out[0, -1].double(), -1)[top])
+
+    fd = (logp_with(eps) - logp_with(-eps)) / (2 * eps)
+    assert abs(fd - float(grad[0, 0, 0, key])) < 1e-3 * max(1.0, abs(fd))

@@ -120,28 +120,3 @@ def test_train_two_process_ddp_on_cpu(tmp_path, tiny_dataset):
     assert metrics, proc.stderr[-2000:]
     rows = list(csv.DictReader(metrics[0].read_text().splitlines()))
     assert any(r.get("train/klal_step") for r in rows)
-
-
-def test_evaluate_main_writes_results(tmp_path, tiny_dataset):
-    import json
-
-    import evaluate
-
-    res = evaluate.main(
-        [
-            "--data",
-            tiny_dataset,
-            "--split",
-            "validation",
-            "--max-pixels",
-            str(112 * 112),
-            "--out",
-            str(tmp_path / "eval"),
-        ]
-    )
-    r = res["datasets"][tiny_dataset]
-    assert r["samples"] > 0 and 0.0 <= r["target_mass"] <= 1.0 and 0.0 <= r["token_acc"] <= 1.0 and r["klal"] >= 0
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"][tiny_dataset] == r
-    assert (tmp_path / "eval" / "results.md").read_text().startswith("| dataset")
-    with pytest.raises(SystemExit, match="no split"):
-        evaluate.main(["--data", tiny_dataset, "--split", "nope", "--out", str(tmp_path / "e2")])

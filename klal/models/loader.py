@@ -75,7 +75,7 @@ class ModelConfig:
     real runs typically use e.g. 1024*28*28 (at most 1024 visual tokens per image)."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the text backbone (``sdpa``, ``eager``, ``flash_attention_2``); the vision tower always uses
-    sdpa."""
+    sdpa. ``flash_attention_2`` falls back to sdpa, with a warning, where flash-attn cannot run."""
     tiny_seed: int = 0
     """Weight-initialisation seed of the tiny model."""
     tiny_overrides: dict | None = None
@@ -182,14 +182,21 @@ def load_model_and_processor(
         FileNotFoundError: ``name_or_path`` is neither ``tiny``, an existing checkpoint folder, nor a hub id.
         ValueError: a checkpoint of another architecture, or a bad dtype/attention/pixel option.
     """
+    from klal.strategies import resolve_attn_implementation
+
     dtype = resolve_dtype(cfg)
-    _check_attn_name(cfg.attn_implementation)
-    attn = {"text_config": cfg.attn_implementation, "vision_config": "sdpa"}
+    # flash_attention_2 falls back to sdpa where flash-attn cannot run, so one config serves every machine.
+    text_attn = resolve_attn_implementation(cfg.attn_implementation)
+    _check_attn_name(text_attn)
+    attn = {"text_config": text_attn, "vision_config": "sdpa"}
     processor = processor if processor is not None else load_processor(cfg)
     if cfg.is_tiny:
         config = tiny_config(tokenizer=processor.tokenizer, **(cfg.tiny_overrides or {}))
         model = build_tiny_model(config, seed=cfg.tiny_seed, attn_implementation=attn, dtype=dtype)
         source = TINY
+        # peft records this as the adapter's base model, so an adapter trained on the tiny model names its base.
+        model.config._name_or_path = TINY
+        model.name_or_path = TINY
     else:
         if cfg.tiny_overrides:
             raise ValueError(f"tiny_overrides apply only to the tiny model, not to {cfg.name_or_path!r}")

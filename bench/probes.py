@@ -1,0 +1,140 @@
+"""Cost of each grounding method per sample: forward and backward passes and seconds, measured side by side in one
+run on the same samples (a few of each synthetic task), with each method's time relative to the one-pass attention
+probe.
+
+Runs on the tiny model on CPU by default; ``--arch 3b`` / ``7b`` builds the published Qwen2.5-VL language/vision sizes
+with random weights (no checkpoint download), for a GPU.
+
+Examples::
+
+    python bench/probes.py                                     # tiny model, CPU, 3 samples per task
+    python bench/probes.py --arch 3b --device cuda --dtype bfloat16 --max-pixels 802816 --samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.step import ARCH  # noqa: E402
+from klal.grounding import GroundingModel, available_methods, build_method  # noqa: E402
+from klal.models.loader import ModelConfig, load_model_and_processor  # noqa: E402
+
+TASKS = {
+    "grid_patch": ("easy", {"image_size": 224}),
+    "line_intersection": ("easy", {"image_size": 224}),
+    "line_tracing": ("easy", {"image_size": 224, "line_width": 2, "node_radius": 8, "num_nodes": (6, 8)}),
+}
+
+
+def make_rows(samples: int, image_size: int) -> list[dict]:
+    """``samples`` rows of each synthetic task, drawn in memory (no dataset on disk needed)."""
+    from data_gen.tasks import build_task
+
+    rows = []
+    for name, (preset, over) in TASKS.items():
+        task = build_task(name, preset=preset, overrides={**over, "image_size": image_size})
+        for i in range(samples):
+            s = task.sample(123, i)
+            rows.append(
+                {
+                    "id": f"{name}-{i}",
+                    "task": name,
+                    "image": s.image,
+                    "question": s.question,
+                    "answer": s.answer,
+                    "width": s.image.width,
+                    "height": s.image.height,
+                    "evidence": s.evidence.to_dict(),
+                    "meta": "{}",
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; prints a markdown table and returns its rows."""
+    p = argparse.ArgumentParser(prog="bench/probes.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["tiny", *ARCH], default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--samples", type=int, default=3, help="samples per task")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--max-pixels", type=int, default=224 * 224)
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = ModelConfig(
+        name_or_path="tiny",
+        dtype=args.dtype,
+        max_pixels=args.max_pixels,
+        tiny_overrides=dict(ARCH[args.arch]) if args.arch != "tiny" else None,
+    )
+    model, processor = load_model_and_processor(cfg)
+    model.to(args.device)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    gm = GroundingModel(model, processor)
+    rows = make_rows(args.samples, args.image_size)
+    names = args.methods or available_methods()
+    # Warm-up: one probe pass so that lazy initialisation is not billed to the first method.
+    build_method("attention_probe").run(gm, rows[0])
+
+    results = []
+    for name in names:
+        method = build_method(name)
+        prepare = getattr(method, "prepare", None)
+        t_prep = 0.0
+        if callable(prepare):
+            t0 = time.perf_counter()
+            prepare(gm, rows)
+            t_prep = time.perf_counter() - t0
+        fwd = bwd = secs = 0.0
+        for row in rows:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            res = method.run(gm, row)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            fwd += res.passes["forward"]
+            bwd += res.passes["backward"]
+            secs += res.seconds
+        n = len(rows)
+        results.append(
+            {
+                "method": name,
+                "forward": fwd / n,
+                "backward": bwd / n,
+                "seconds": secs / n,
+                "prepare_s": t_prep,
+            }
+        )
+    base = next((r["seconds"] for r in results if r["method"] == "attention_probe"), None)
+    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(
+        f"\n{args.arch} model, {args.dtype}, {dev}, {len(rows)} samples ({args.samples} per task), "
+        f"max_pixels {args.max_pixels}, torch threads {torch.get_num_threads()}"
+    )
+    print("| method | forward/sample | backward/sample | s/sample | x attention_probe | one-off prepare (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        rel = f"{r['seconds'] / base:.1f}" if base else "-"
+        print(
+            f"| {r['method']} | {r['forward']:.1f} | {r['backward']:.1f} | {r['seconds']:.3f} | {rel} "
+            f"| {r['prepare_s']:.2f} |"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Training-free grounding methods, run as baselines, probes and evaluation hooks on base and fine-tuned models.
+
+Every method maps one dataset row to a relevance map per image over Qwen2.5-VL's token grid, ranked boxes in original
+pixels and, for methods that answer, an answer. Importing this package registers the built-in methods:
+
+=====================  ==================================================================================
+``attention_probe``    a query token's head-mean attention over visual tokens (the quantity KLAL trains)
+``localization_heads`` Kang et al. (CVPR 2025): a few heads found by S_img + spatial entropy localise
+``entropy_gradient``   gradient of the next-token entropy w.r.t. visual token embeddings, zoom and re-ground
+``vicrop_rel_att``     ViCrop: query attention divided by generic-prompt attention, crop, answer
+``vicrop_grad_att``    ViCrop: attention x ReLU(gradient of the top token's log-prob), crop, answer
+``laser``              VAQ layer selection, Con-ViCrop crop, counterfactual decoding gated by VAT
+=====================  ==================================================================================
+
+Example::
+
+    from klal.grounding import GroundingModel, build_method
+    from klal.models.loader import ModelConfig
+    gm = GroundingModel.load(ModelConfig("tiny"))
+    result = build_method("entropy_gradient").run(gm, row)   # row: a klal dataset row
+"""
+
+# Importing the method modules registers them.
+from klal.grounding import egg, laser, loc_heads, probe, vicrop  # noqa: F401
+from klal.grounding.base import (
+    GENERIC_PROMPT,
+    GroundingError,
+    GroundingMethod,
+    GroundingModel,
+    GroundingResult,
+    available_methods,
+    build_method,
+    load_adapter,
+    register_method,
+)
+
+__all__ = [
+    "GENERIC_PROMPT",
+    "GroundingError",
+    "GroundingMethod",
+    "GroundingModel",
+    "GroundingResult",
+    "available_methods",
+    "build_method",
+    "load_adapter",
+    "register_method",
+]

@@ -1,0 +1,423 @@
+"""What every training-free grounding method shares: a model wrapper with the passes the methods need, the result
+type, and the method registry.
+
+A method takes one dataset row (the klal schema) and returns a :class:`GroundingResult`: a relevance map per image
+over that image's LLM token grid (``h/2 x w/2`` of ``image_grid_thw``, row-major), boxes in original-image pixels
+ranked best first, and, for methods that answer, the answer text. :class:`GroundingModel` counts forward and
+backward passes so that every method's cost can be reported.
+
+All attention comes from :mod:`klal.capture` (the same code path as training), never from ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from klal.capture import CaptureRequest, enable_capture
+from klal.data.collate import KLALCollator, PromptSettings
+
+GENERIC_PROMPT = "Write a general description of the image."
+"""ViCrop's query-free prompt, also used by LASER's 'without query' pass."""
+
+
+class GroundingError(ValueError):
+    """Bad input to a grounding method; the message names the sample or option at fault."""
+
+
+@dataclass
+class GroundingResult:
+    """What a method says about one sample.
+
+    Attributes:
+        maps: one relevance grid ``(gh, gw)`` per image of the sample (non-negative; not necessarily normalised).
+        boxes: boxes ``(x0, y0, x1, y1)`` in original pixels of image 0, best first (may be empty).
+        answer: the method's answer, for methods that answer; None otherwise.
+        extras: method-specific details (chosen layer, crop boxes, rounds, ...), JSON-serialisable.
+        passes: forward/backward passes this sample cost.
+        seconds: wall time this sample cost.
+    """
+
+    maps: list[np.ndarray]
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    answer: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    seconds: float = 0.0
+
+
+class GroundingMethod(Protocol):
+    """A training-free grounding method."""
+
+    name: ClassVar[str]
+    answers: ClassVar[bool]
+
+    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
+        """Ground (and, if ``answers``, answer) one dataset row."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator that makes a method available to :func:`build_method` under ``name``."""
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"grounding method {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method."""
+    return sorted(_REGISTRY)
+
+
+def build_method(name: str, **kwargs: Any) -> GroundingMethod:
+    """Instantiate a registered method by name with its keyword options.
+
+    Raises:
+        GroundingError: unknown method name or option.
+    """
+    if name not in _REGISTRY:
+        raise GroundingError(f"unknown grounding method {name!r}; available: {', '.join(available_methods())}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise GroundingError(f"grounding method {name!r}: bad options {sorted(kwargs)}: {e}") from e
+
+
+def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
+    """The sample's images as RGB PIL images (a row holds one image or a list)."""
+    ims = sample["image"] if isinstance(sample["image"], (list, tuple)) else [sample["image"]]
+    out = []
+    for im in ims:
+        if not isinstance(im, Image.Image):
+            raise GroundingError(f"sample {sample.get('id')!r}: image must be a PIL image, got {type(im).__name__}")
+        out.append(im.convert("RGB") if im.mode != "RGB" else im)
+    return out
+
+
+def timed(gm: GroundingModel, fn: Callable[[], GroundingResult]) -> GroundingResult:
+    """Run ``fn`` and fill in the result's pass counts and seconds."""
+    before = dict(gm.passes)
+    t0 = time.perf_counter()
+    res = fn()
+    res.seconds = time.perf_counter() - t0
+    res.passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
+    return res
+
+
+class GroundingModel:
+    """A Qwen2.5-VL (optionally with a LoRA adapter) prepared for grounding probes.
+
+    Args:
+        model: a ``Qwen2_5_VLForConditionalGeneration`` or a peft model around one.
+        processor: its processor.
+        prompt: chat rendering (same as training, so probes see the prompts the model was tuned on).
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any, prompt: PromptSettings | None = None) -> None:
+        enable_capture(model)
+        self.model = model
+        self.processor = processor
+        self.collator = KLALCollator(processor, prompt=prompt)
+        self.image_token_id = int(processor.image_token_id)
+        cfg = model.config
+        self.text_config = getattr(cfg, "text_config", cfg)
+        self.num_layers = int(self.text_config.num_hidden_layers)
+        self.num_heads = int(self.text_config.num_attention_heads)
+        self.merge = self.collator.merge
+        self.patch = self.collator.patch
+        self.passes = {"forward": 0, "backward": 0}
+
+    @classmethod
+    def load(cls, backbone: Any, adapter: str | None = None, prompt: PromptSettings | None = None) -> GroundingModel:
+        """Load a base model (:class:`klal.models.loader.ModelConfig`) and, optionally, a peft adapter trained on it.
+
+        Raises:
+            GroundingError: the adapter directory is missing or was trained on another base model.
+        """
+        from klal.models.loader import load_model_and_processor
+
+        model, processor = load_model_and_processor(backbone)
+        if adapter:
+            model = load_adapter(model, adapter, backbone.name_or_path)
+        gm = cls(model, processor, prompt)
+        gm.model.eval()
+        for p in gm.model.parameters():
+            p.requires_grad_(False)
+        return gm
+
+    @contextlib.contextmanager
+    def borrowed(self) -> Iterator[GroundingModel]:
+        """Use a model that is being trained: eval mode and frozen weights inside, everything restored after.
+
+        Gradient methods (entropy gradient, grad-att) then leave no ``.grad`` on the trained weights.
+        """
+        was_training = self.model.training
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        grads = [(p, p.grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for p, g in grads:
+                p.grad = g
+            self.model.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+        return next(self.model.parameters()).device
+
+    # -- inputs -----------------------------------------------------------------------------------------------------
+    def inputs(self, images: Sequence[Image.Image], question: str) -> dict[str, Any]:
+        """Chat prompt (ending with the assistant header) for ``images`` + ``question`` as model tensors.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` on the
+            model device, plus ``grids`` (``[(gh, gw)]`` per image), ``image_sizes`` (``[(w, h)]``) and
+            ``visual_mask`` ``(1, S)``.
+        """
+        text = self.collator.prompt_text(question, len(images))
+        enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+        out: dict[str, Any] = {k: v.to(self.device) for k, v in enc.items() if torch.is_tensor(v)}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        thw = out.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
+        out["grids"] = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in thw.tolist()]
+        out["image_sizes"] = [(im.width, im.height) for im in images]
+        out["visual_mask"] = out["input_ids"] == self.image_token_id
+        return out
+
+    def _model_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        return {k: inputs[k] for k in keys if k in inputs}
+
+    def forward(self, inputs: dict[str, Any], request: CaptureRequest | None = None) -> torch.Tensor:
+        """One forward pass; returns the logits ``(1, S, vocab)``."""
+        kw = self._model_kwargs(inputs)
+        if request is not None:
+            kw["klal_capture"] = request
+        self.passes["forward"] += 1
+        return self.model(**kw, use_cache=False).logits
+
+    def backward(self, scalar: torch.Tensor) -> None:
+        """Backpropagate ``scalar`` (counted as one backward pass)."""
+        self.passes["backward"] += 1
+        scalar.backward()
+
+    # -- passes the methods need ------------------------------------------------------------------------------------
+    def request(
+        self,
+        inputs: dict[str, Any],
+        query_pos: int | Sequence[int] | None = None,
+        layers: Iterable[int] | None = None,
+        per_head: bool = True,
+        differentiable_rows: bool = False,
+    ) -> CaptureRequest:
+        """A capture request for the given query positions (default: the last prompt token) over the visual tokens."""
+        s = inputs["input_ids"].shape[1]
+        pos = [s - 1] if query_pos is None else ([query_pos] if isinstance(query_pos, int) else list(query_pos))
+        qmask = torch.zeros((1, s), dtype=torch.bool, device=self.device)
+        qmask[0, [p % s for p in pos]] = True
+        req = CaptureRequest.from_masks(qmask, inputs["visual_mask"], layers)
+        req.per_head = per_head
+        req.differentiable_rows = differentiable_rows
+        return req
+
+    def attention(
+        self,
+        inputs: dict[str, Any],
+        query_pos: int | None = None,
+        layers: Iterable[int] | None = None,
+        per_head: bool = True,
+    ) -> torch.Tensor:
+        """Attention of one query position (default: last prompt token) over the visual tokens.
+
+        Returns:
+            ``(L, H, V)`` probabilities (``(L, V)`` head-mean without ``per_head``), renormalised over the visual
+            tokens per head, for the requested layers in increasing order.
+        """
+        req = self.request(inputs, query_pos, layers, per_head)
+        with torch.no_grad():
+            self.forward(inputs, req)
+        maps = req.stacked().exp()  # (L, 1, H, 1, V) or (L, 1, 1, V)
+        req.clear()
+        return maps[:, 0, :, 0] if per_head else maps[:, 0, 0]
+
+    def visual_embeds_grad(
+        self, inputs: dict[str, Any], objective: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 norm of the gradient of ``objective(logits)`` with respect to each visual token's input embedding.
+
+        The visual token embeddings are the merger outputs the model scatters into ``<|image_pad|>`` positions, i.e.
+        the language model's ``inputs_embeds`` at those positions.
+
+        Returns:
+            ``(V,)`` gradient norms (visual tokens in sequence order) and the objective's value.
+        """
+        lm = _language_model(self.model)
+        holder: dict[str, torch.Tensor] = {}
+
+        def pre_hook(_module, args, kwargs):
+            emb = kwargs["inputs_embeds"].detach().requires_grad_(True)
+            holder["emb"] = emb
+            kwargs["inputs_embeds"] = emb
+            return args, kwargs
+
+        handle = lm.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            with torch.enable_grad():
+                logits = self.forward(inputs)
+                value = objective(logits)
+                self.backward(value)
+        finally:
+            handle.remove()
+        grad = holder["emb"].grad[0]  # (S, D)
+        vis = inputs["visual_mask"][0]
+        return grad[vis].float().norm(dim=-1).detach(), value.detach()
+
+    def next_token_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Logits ``(vocab,)`` of the token after the prompt."""
+        with torch.no_grad():
+            return self.forward(inputs)[0, -1].float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: dict[str, Any],
+        max_new_tokens: int = 16,
+        logits_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+    ) -> str:
+        """Greedy decoding of the answer (stops at ``<|im_end|>`` or the tokenizer's eos).
+
+        Args:
+            inputs: from :meth:`inputs`.
+            max_new_tokens: decoding cap.
+            logits_fn: optional hook ``(next_logits (vocab,), generated_ids) -> logits`` (LASER's contrastive
+                decoding); it may run its own forward passes.
+        """
+        tok = self.processor.tokenizer
+        stops = {i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if isinstance(i, int)}
+        ids = inputs["input_ids"]
+        kw = self._model_kwargs(inputs)
+        if logits_fn is None:
+            # transformers' cached greedy decoding; it yields the same tokens as the loop below, ~10x faster.
+            out = self.model.generate(
+                **kw,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(stops),
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stops),
+            )
+            new = [int(t) for t in out[0, ids.shape[1] :]]
+            self.passes["forward"] += max(len(new), 1)
+            new = [t for t in new if t not in stops]
+            return tok.decode(new, skip_special_tokens=True).strip()
+        generated: list[int] = []
+        # Re-running the whole prefix each step keeps mrope positions exact without cache plumbing; answers are
+        # a few tokens long, so the quadratic cost is small next to the probes themselves.
+        for _ in range(max_new_tokens):
+            step = dict(kw)
+            step["input_ids"] = ids
+            step["attention_mask"] = torch.ones_like(ids)
+            if "mm_token_type_ids" in kw:
+                pad = ids.shape[1] - kw["mm_token_type_ids"].shape[1]
+                step["mm_token_type_ids"] = torch.nn.functional.pad(kw["mm_token_type_ids"], (0, pad))
+            self.passes["forward"] += 1
+            logits = self.model(**step, use_cache=False).logits[0, -1].float()
+            if logits_fn is not None:
+                logits = logits_fn(logits, generated)
+            nxt = int(logits.argmax())
+            if nxt in stops:
+                break
+            generated.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+        return tok.decode(generated, skip_special_tokens=True).strip()
+
+    # -- grids ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def split_grid(vec: torch.Tensor | np.ndarray, grids: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Cut a ``(V,)`` per-visual-token vector into one ``(gh, gw)`` grid per image."""
+        arr = vec.detach().float().cpu().numpy() if torch.is_tensor(vec) else np.asarray(vec, dtype=np.float64)
+        total = sum(h * w for h, w in grids)
+        if arr.shape[-1] != total:
+            raise ValueError(f"vector of {arr.shape[-1]} visual tokens does not match grids {list(grids)} ({total})")
+        out, off = [], 0
+        for h, w in grids:
+            out.append(arr[..., off : off + h * w].reshape(*arr.shape[:-1], h, w))
+            off += h * w
+        return out
+
+
+def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.nn.Module:
+    """Wrap ``model`` with the peft adapter at ``adapter``, refusing one trained on another base model.
+
+    Raises:
+        GroundingError: missing adapter files, or an adapter whose recorded base differs from ``base_name``.
+    """
+    import json
+    import os
+
+    from peft import PeftModel
+
+    cfg_path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise GroundingError(f"adapter {adapter!r} has no adapter_config.json")
+    with open(cfg_path) as f:
+        recorded = json.load(f).get("base_model_name_or_path")
+    if recorded and base_name and not _same_base(recorded, base_name):
+        raise GroundingError(
+            f"adapter {adapter!r} was trained on base model {recorded!r}, but the model given is {base_name!r}"
+        )
+    return PeftModel.from_pretrained(model, adapter)
+
+
+def _same_base(recorded: str, given: str) -> bool:
+    import os
+
+    if recorded == given:
+        return True
+    # A local copy of a hub checkpoint may be recorded by path: compare the last path components.
+    return os.path.basename(os.path.normpath(recorded)) == os.path.basename(os.path.normpath(given))
+
+
+def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The text decoder module (``...model.language_model``) of a plain or peft-wrapped Qwen2.5-VL."""
+    for name, mod in model.named_modules():
+        if name.endswith("language_model") and hasattr(mod, "layers"):
+            return mod
+    raise RuntimeError("could not find the language model (a module named '*language_model' with .layers)")
+
+
+__all__ = [
+    "GENERIC_PROMPT",
+    "GroundingError",
+    "GroundingMethod",
+    "GroundingModel",
+    "GroundingResult",
+    "available_methods",
+    "build_method",
+    "load_adapter",
+    "register_method",
+    "sample_images",
+    "timed",
+]

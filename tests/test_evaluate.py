@@ -1,0 +1,253 @@
+"""evaluate.py and the grounding-probe callback end to end on the tiny model: every method over a few samples of each
+synthetic task, the files it writes, metric ranges, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import evaluate
+from klal.grounding import GroundingModel, available_methods
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_METHODS = [
+    "attention_probe",
+    "localization_heads",
+    "entropy_gradient",
+    "vicrop_rel_att",
+    "vicrop_grad_att",
+    "laser",
+]
+MODEL_FLAGS = ["--model.max_pixels", str(224 * 224)]
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory) -> dict[str, str]:
+    """Tiny datasets of the three synthetic tasks (224 px images)."""
+    from data_gen.tasks import build_task
+    from data_gen.writer import generate_dataset
+
+    root = tmp_path_factory.mktemp("evaldata")
+    specs = {
+        "grid_patch": ("easy", {"image_size": 224}),
+        "line_intersection": ("easy", {"image_size": 224}),
+        "line_tracing": ("easy", {"image_size": 224, "line_width": 2, "node_radius": 8, "num_nodes": (6, 8)}),
+    }
+    out = {}
+    for name, (preset, over) in specs.items():
+        task = build_task(name, preset=preset, overrides=over)
+        generate_dataset(task, num=20, seed=1, out=str(root / name), progress=False)
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory) -> str:
+    """A LoRA adapter on the tiny model with non-zero weights (a fresh LoRA is the identity)."""
+    from klal.models.loader import ModelConfig, load_model_and_processor
+    from klal.models.lora import LoraSettings, apply_lora
+
+    model, _ = load_model_and_processor(ModelConfig(max_pixels=224 * 224))
+    model = apply_lora(model, LoraSettings(r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def test_every_method_is_registered():
+    assert set(ALL_METHODS) <= set(available_methods())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.name)
+def test_eval_configs_parse_and_name_their_command(path):
+    assert path.read_text().splitlines()[0].startswith("# python evaluate.py --config ")
+    ns = evaluate.build_parser().parse_args(["--config", str(path)])
+    from klal.evaluation import MethodSpec
+    from klal.grounding import build_method
+
+    for m in ns.methods:
+        spec = MethodSpec(**vars(m)) if not isinstance(m, MethodSpec) else m
+        build_method(spec.name, **spec.options)
+
+
+def test_generate_with_cache_equals_the_plain_greedy_loop(task_data):
+    from klal.evaluation import load_split
+    from klal.models.loader import ModelConfig
+
+    gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
+    row = load_split(task_data["grid_patch"], "test", 1)[0]
+    inputs = gm.inputs([row["image"]], row["question"])
+    assert gm.generate(inputs, 6) == gm.generate(inputs, 6, logits_fn=lambda logits, _: logits)
+
+
+def test_evaluate_every_method_on_every_task(tmp_path, task_data, adapter_dir):
+    methods = [
+        {"name": "attention_probe", "label": "base model attention", "options": {"query": "generated_last"}},
+        {
+            "name": "attention_probe",
+            "label": "KLAL fine-tuned attention",
+            "weights": "adapter",
+            "options": {"query": "generated_last", "max_new_tokens": 4},
+        },
+        {"name": "localization_heads", "options": {"floor": 0.0}},
+        {"name": "entropy_gradient", "options": {"max_rounds": 2}},
+        {"name": "vicrop_rel_att", "options": {}},
+        {"name": "vicrop_grad_att", "options": {}},
+        {"name": "laser", "options": {}},
+    ]
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": list(task_data.values()),
+                "max_samples": 2,
+                "prepare_samples": 4,
+                "methods": methods,
+                "gallery_size": 3,
+                "out": str(tmp_path / "out"),
+                "progress": False,
+            }
+        )
+    )
+    res = evaluate.main(["--config", str(cfg), "--adapter", adapter_dir, *MODEL_FLAGS])
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "results.json").read_text())
+    rows = [m.get("label") or m["name"] for m in methods]
+    assert set(on_disk["metrics"]) == set(rows)
+    from klal.evaluation import check_ranges, slug
+
+    assert check_ranges(on_disk["metrics"]) == []
+    for row in rows:
+        per_task = on_disk["metrics"][row]
+        assert set(per_task) == set(task_data), row
+        for task, ms in per_task.items():
+            # every method gives a map for every sample that has evidence
+            assert ms["evidence_mass"]["count"] + ms["evidence_mass"].get("skipped", 0) == 2, (row, task)
+            assert ms["pointing_game"]["count"] == ms["evidence_mass"]["count"]
+        assert (out / f"gallery_{slug(row)}.png").stat().st_size > 1000
+        assert on_disk["cost"][row]["forward_per_sample"] >= 1
+    # gradient methods pay a backward pass, attention methods none
+    assert on_disk["cost"]["entropy_gradient"]["backward_per_sample"] >= 1
+    assert on_disk["cost"]["vicrop_grad_att"]["backward_per_sample"] >= 1
+    assert on_disk["cost"]["vicrop_rel_att"]["backward_per_sample"] == 0
+    # methods that answer are scored on answers; the prompt-only probe is not
+    for row in ("base model attention", "vicrop_rel_att", "entropy_gradient", "laser"):
+        assert on_disk["metrics"][row]["grid_patch"]["answer_accuracy"]["count"] == 2, row
+    assert on_disk["metrics"]["localization_heads"]["grid_patch"]["answer_accuracy"]["count"] == 0
+    # grid_patch has box evidence: the box metrics are scored there
+    assert on_disk["metrics"]["localization_heads"]["grid_patch"]["box_iou"]["count"] == 2
+    # the adapter changes the model: its attention differs from the base model's on the same samples
+    base = res["metrics"]["base model attention"]["grid_patch"]["evidence_mass"]["value"]
+    tuned = res["metrics"]["KLAL fine-tuned attention"]["grid_patch"]["evidence_mass"]["value"]
+    assert base != tuned
+    table = (out / "results.md").read_text()
+    assert table.startswith("| method | grid_patch: point")
+    for row in rows:
+        assert f"| {row} |" in table
+
+
+def test_unknown_method_is_refused_before_loading(tmp_path, task_data):
+    with pytest.raises(SystemExit, match="unknown grounding method 'nope'.*available"):
+        evaluate.main(["--data", f"[{task_data['grid_patch']}]", "--methods", '[{"name": "nope"}]', *MODEL_FLAGS])
+
+
+def test_adapter_rows_need_an_adapter(task_data):
+    with pytest.raises(SystemExit, match="runs on the adapter, but no --adapter"):
+        evaluate.main(
+            [
+                "--data",
+                f"[{task_data['grid_patch']}]",
+                "--methods",
+                '[{"name": "attention_probe", "weights": "adapter"}]',
+                *MODEL_FLAGS,
+            ]
+        )
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, task_data, adapter_dir):
+    import shutil
+
+    other = tmp_path / "other_adapter"
+    shutil.copytree(adapter_dir, other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny"
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-VL-7B-Instruct"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="trained on base model 'Qwen/Qwen2.5-VL-7B-Instruct'.*'tiny'"):
+        evaluate.main(["--data", f"[{task_data['grid_patch']}]", "--adapter", str(other), *MODEL_FLAGS])
+
+
+def test_dataset_without_evidence_column_is_named(tmp_path, task_data):
+    import datasets
+
+    dd = datasets.load_from_disk(task_data["grid_patch"])
+    broken = tmp_path / "no_evidence"
+    datasets.DatasetDict({k: v.remove_columns("evidence") for k, v in dd.items()}).save_to_disk(str(broken))
+    with pytest.raises(SystemExit, match=r"no_evidence.*evidence"):
+        evaluate.main(["--data", f"[{broken}]", *MODEL_FLAGS])
+
+
+def test_image_too_small_for_a_crop_names_the_sample(tmp_path, task_data):
+    with pytest.raises(SystemExit, match=r"vicrop_rel_att.*sample '.*'.*(small|crop)"):
+        evaluate.main(
+            [
+                "--data",
+                f"[{task_data['grid_patch']}]",
+                "--max_samples",
+                "1",
+                "--methods",
+                '[{"name": "vicrop_rel_att", "options": {"min_crop": 1000}}]',
+                "--out",
+                str(tmp_path / "o"),
+                *MODEL_FLAGS,
+            ]
+        )
+
+
+def test_probe_callback_logs_metrics_and_pictures(tmp_path, task_data):
+    import train
+
+    cli = train.main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--data.paths",
+            f"[{task_data['grid_patch']}]",
+            "--data.generate",
+            "null",
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.callbacks+",
+            "klal.callbacks.GroundingProbes",
+            "--trainer.callbacks.every_n_steps",
+            "2",
+            "--trainer.callbacks.num_samples",
+            "2",
+        ]
+    )
+    probes = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GroundingProbes")
+    steps = [h["step"] for h in probes.history]
+    assert steps[:1] == [2] and 4 in steps
+    key = "probe/answer attention/grid_patch/evidence_mass"
+    assert all(0.0 <= h[key] <= 1.0 for h in probes.history)
+    pngs = list(Path(tmp_path).rglob("probes/step_2/gallery_answer_attention.png"))
+    assert pngs and pngs[0].stat().st_size > 1000
+    # probing leaves the trained weights trainable and without stray gradients from the probes
+    assert any(p.requires_grad for p in cli.model.model.parameters())
+    assert cli.model.model.training
