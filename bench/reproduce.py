@@ -1,0 +1,670 @@
+"""Reproduction of the KLAL paper's table: Base vs NTP vs NTP + KLAL on the three synthetic tasks, with a lambda /
+query-token sweep, investigation runs and the training-free probes. Trains the tiny random Qwen2.5-VL on the CPU; for
+a real checkpoint (``backbone`` + ``adapter_pattern``) it evaluates, probes and reports adapters trained by train.py.
+
+Run from the repository root::
+
+    python -m bench.reproduce --config configs/repro/small.yaml --jobs 2              # every stage, 2 processes
+    python -m bench.reproduce --config configs/repro/small.yaml --stages probes,report  # probes again, then report
+    python -m bench.reproduce --config configs/repro/qwen2.5-vl-7b_study.yaml --stages eval,probes,report   # GPU
+
+Stages (in this order; each reuses what earlier ones wrote, so any stage can be rerun alone):
+
+* ``data``: generate each task's dataset (``data_dir``), unless it is there.
+* ``train``: every run (task x arm x seed, the sweep, ``extra_runs``): train, log a learning curve, save the trained
+  weights (``run_dir/<task>/<run>/trainable.pt``); a finished run with the same settings is skipped.
+* ``eval``: test-split metrics of every run and of the untrained model (``Base``): answer accuracy (teacher-forced
+  exact match and greedy generation), pointing game and attention mass inside the evidence cells.
+* ``probes``: the training-free methods of :mod:`klal.grounding` on the models named by ``probe_arms``.
+* ``report``: ``results_dir/``: ``table.md``, ``results.json``, ``curves.png``, ``sweep.png``.
+
+``--jobs N`` runs the train, eval and probes stages in N processes (``--shard i/N`` by hand: each takes every N-th
+job; run a stage on all shards before the next stage starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from klal import repro  # noqa: E402
+from klal.repro import RunSpec, StudyConfig  # noqa: E402
+
+STAGES = ("data", "train", "eval", "probes", "report")
+EVAL_QUERIES = ("last", "prompt_last")
+# Which paper column an arm of the default config stands for.
+PAPER_COLUMN = {"base": 0, "ntp": 1, "klal": 2}
+# Grounding accuracy (%) the KLAL paper reports for Qwen2.5-VL: Base / NTP / NTP + KLAL.
+PAPER = {
+    "line_intersection": (47.6, 62.6, 70.2),
+    "line_tracing": (49.6, 53.8, 62.2),
+    "grid_patch": (6.1, 28.6, 44.9),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _shard(items: list, shard: tuple[int, int]) -> list:
+    i, n = shard
+    return items[i::n]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--shard must look like 0/2, got {text!r}") from e
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= index < count")
+    return i, n
+
+
+# -- stages ------------------------------------------------------------------------------------------------------------
+def stage_train(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
+    runs = _shard(repro.all_runs(cfg), shard)
+    for k, spec in enumerate(runs):
+        t0 = time.perf_counter()
+        s = repro.train_run(cfg, spec, force=force)
+        last = s["curve"][-1]
+        _log(
+            f"train {k + 1}/{len(runs)} {spec.task}/{spec.name}: {time.perf_counter() - t0:.0f} s, "
+            f"val exact {last['exact_tf']:.3f}, evidence mass {last['evidence_mass']:.3f}"
+        )
+
+
+def _eval_fingerprint(cfg: StudyConfig, generate: bool) -> str:
+    return json.dumps(
+        {
+            "test_samples": cfg.test_samples,
+            "generate": generate,
+            "max_new_tokens": cfg.max_new_tokens,
+            "queries": EVAL_QUERIES,
+            "evidence_cells": repro.evidence_cells_source(),
+        },
+        sort_keys=True,
+    )
+
+
+def _evaluate_to(cfg: StudyConfig, module, task: str, path: Path, generate: bool, force: bool) -> dict[str, Any]:
+    fp = _eval_fingerprint(cfg, generate)
+    if path.is_file() and not force:
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") == fp:
+            return old
+    rows = repro.load_split(cfg, task, "test", cfg.test_samples)
+    t0 = time.perf_counter()
+    m = repro.evaluate_model(
+        module,
+        rows,
+        batch_size=cfg.eval_batch_size,
+        queries=EVAL_QUERIES,
+        generate=generate,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    m["eval_s"] = time.perf_counter() - t0
+    m["fingerprint"] = fp
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(m, indent=1))
+    return m
+
+
+def _can_generate(cfg: StudyConfig) -> bool:
+    if not cfg.generate:
+        return False
+    try:
+        from klal.metrics import answer_correct  # noqa: F401
+    except ImportError:
+        _log("klal.metrics.answer_correct is not available: generation accuracy skipped (rerun --stages eval later)")
+        return False
+    return True
+
+
+def stage_eval(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
+    generate = _can_generate(cfg)
+    main = set(repro.main_runs(cfg).values())
+    jobs: list[tuple[str, RunSpec | None]] = [(t, None) for t in cfg.tasks]
+    jobs += [(s.task, s) for s in repro.all_runs(cfg)]
+    for task, spec in _shard(jobs, shard):
+        if spec is None:
+            module = repro.build_module(cfg, 0.0, "last", seed=0)
+            path = Path(cfg.run_dir) / task / "base" / "eval.json"
+            name = "base"
+        else:
+            if not cfg.adapter_pattern and not (repro.run_path(cfg, spec) / "trainable.pt").is_file():
+                raise FileNotFoundError(f"run {task}/{spec.name} is not trained yet: run --stages train first")
+            module = repro.load_trained(cfg, spec)
+            path = repro.run_path(cfg, spec) / "eval.json"
+            name = spec.name
+        # Generation costs max_new_tokens passes; the sweep's extra runs are compared on the cheap metrics only.
+        m = _evaluate_to(cfg, module, task, path, generate and (spec is None or spec in main), force)
+        _log(
+            f"eval {task}/{name}: exact {m['exact_tf']:.3f}, gen {m.get('answer_acc_gen', float('nan')):.3f}, "
+            f"pointing {m['last/pointing']:.3f}, mass {m['last/evidence_mass']:.3f} ({m['eval_s']:.0f} s)"
+        )
+
+
+def _probe_models(cfg: StudyConfig) -> list[tuple[str, str, RunSpec | None]]:
+    """``(task, label, run)`` of every model the probes run on (run None: the untrained base)."""
+    out: list[tuple[str, str, RunSpec | None]] = []
+    runs = repro.main_runs(cfg)
+    for task in cfg.tasks:
+        for arm in cfg.probe_arms:
+            if arm == "base":
+                out.append((task, "base", None))
+                continue
+            if arm not in cfg.arms:
+                raise ValueError(f"probe_arms: {arm!r} is neither 'base' nor an arm ({list(cfg.arms)})")
+            for seed in cfg.probe_seeds:
+                if seed not in cfg.seeds:
+                    raise ValueError(f"probe_seeds: seed {seed} is not one of the study's seeds {cfg.seeds}")
+                out.append((task, f"{arm}_s{seed}", runs[(task, arm, seed)]))
+    return out
+
+
+def _probe_specs(cfg: StudyConfig, available: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, method name, options)`` of each probe row."""
+    entries = cfg.probe_methods if cfg.probe_methods is not None else available
+    out = []
+    for k, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"name": e}
+        if not isinstance(e, dict) or "name" not in e:
+            raise ValueError(f"probe_methods[{k}]: give a method name or a mapping with name (and options, label)")
+        if e["name"] not in available:
+            raise ValueError(f"probe_methods[{k}]: {e['name']!r} is not registered; available: {available}")
+        opts = dict(e.get("options") or {})
+        label = e.get("label") or e["name"] + "".join(f" {k}={v}" for k, v in sorted(opts.items()))
+        out.append((label, e["name"], opts))
+    return out
+
+
+def stage_probes(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
+    try:
+        from klal.grounding import GroundingModel, available_methods, build_method
+    except ImportError as e:
+        _log(f"probes skipped: klal.grounding is not importable ({e})")
+        return
+    from klal.metrics import answer_correct
+
+    specs = _probe_specs(cfg, available_methods())
+    for task, label, spec in _shard(_probe_models(cfg), shard):
+        path = (repro.run_path(cfg, spec) if spec is not None else Path(cfg.run_dir) / task / "base") / "probes.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = json.loads(path.read_text()) if path.is_file() and not force else {}
+        rows = repro.load_split(cfg, task, "test", cfg.probe_samples)
+        prep_rows = [dict(r) for r in repro.load_split(cfg, task, "train", cfg.probe_prepare_samples)]
+        cells = [repro.evidence_cells(r["evidence"], (r["height"], r["width"]), _grid_px(r, cfg)) for r in rows]
+        module = repro.load_trained(cfg, spec) if spec is not None else repro.build_module(cfg)
+        gm = GroundingModel(module.model, module.processor)
+        for row_label, name, opts in specs:
+            if row_label in done and done[row_label].get("n") == len(rows) and not done[row_label].get("error"):
+                continue
+            points, masses, correct, secs = [], [], [], []
+            err = None
+            try:
+                method = build_method(name, **opts)
+                prepare = getattr(method, "prepare", None)
+                if callable(prepare):  # e.g. localization-head discovery, on training images as evaluate.py does
+                    prepare(gm, prep_rows)
+                for r, c in zip(rows, cells):
+                    res = method.run(gm, dict(r))
+                    secs.append(res.seconds)
+                    if c is not None and c.any():
+                        pt, mass = repro.pointing_and_mass(
+                            np.clip(np.asarray(res.maps[0], dtype=np.float64), 0, None), c
+                        )
+                        points.append(pt)
+                        masses.append(mass)
+                    if res.answer is not None:
+                        correct.append(bool(answer_correct(res.answer, str(r["answer"]))))
+            except Exception as e:  # one failing method must not hide the others' results; the error is reported
+                err = f"{type(e).__name__}: {e}"
+            done[row_label] = {
+                "method": name,
+                "options": opts,
+                "n": len(rows),
+                "pointing": float(np.mean(points)) if points else float("nan"),
+                "evidence_mass": float(np.mean(masses)) if masses else float("nan"),
+                "answer_acc": float(np.mean(correct)) if correct else None,
+                "s_per_sample": float(np.mean(secs)) if secs else float("nan"),
+                "error": err,
+            }
+            _log(f"probe {task}/{label} {row_label}: {done[row_label]}")
+            path.write_text(json.dumps(done, indent=1))
+
+
+def _grid_px(row: dict[str, Any], cfg: StudyConfig) -> tuple[int, int]:
+    from klal.targets import smart_resize_hw
+
+    return smart_resize_hw(int(row["height"]), int(row["width"]), 56 * 56, cfg.image_size * cfg.image_size)
+
+
+# -- report ------------------------------------------------------------------------------------------------------------
+def collect(cfg: StudyConfig) -> dict[str, Any]:
+    """Everything the report shows, from the run directories."""
+    out: dict[str, Any] = {"tasks": {}, "sweep": {}, "evidence_cells": repro.evidence_cells_source()}
+    main = repro.main_runs(cfg)
+    keys = (
+        "exact_tf",
+        "answer_acc_gen",
+        "last/pointing",
+        "last/evidence_mass",
+        "prompt_last/pointing",
+        "prompt_last/evidence_mass",
+    )
+    for task in cfg.tasks:
+        t: dict[str, Any] = {"arms": {}, "curves": {}, "probes": {}, "majority": majority_baseline(cfg, task)}
+        base_p = Path(cfg.run_dir) / task / "base" / "eval.json"
+        if base_p.is_file():
+            b = json.loads(base_p.read_text())
+            t["arms"]["base"] = {k: {"mean": b.get(k, float("nan")), "std": None, "values": [b.get(k)]} for k in keys}
+            t["n_test"] = b["n"]
+        for arm in cfg.arms:
+            evals, curves, times = [], [], []
+            for seed in cfg.seeds:
+                d = repro.run_path(cfg, main[(task, arm, seed)])
+                if (d / "eval.json").is_file():
+                    evals.append(json.loads((d / "eval.json").read_text()))
+                if (d / "run.json").is_file():
+                    r = json.loads((d / "run.json").read_text())
+                    curves.append(r["curve"])
+                    times.append(r["train_s"])
+            if evals:
+                t["arms"][arm] = {}
+                for k in keys:
+                    vals = [e.get(k, float("nan")) for e in evals]
+                    m, s = repro.mean_std(vals)
+                    t["arms"][arm][k] = {"mean": m, "std": s, "values": vals}
+            if curves:
+                t["curves"][arm] = curves
+                t.setdefault("train_s", {})[arm] = times
+        for _, label, spec in (x for x in _probe_models(cfg) if x[0] == task):
+            p = (repro.run_path(cfg, spec) if spec is not None else Path(cfg.run_dir) / task / "base") / "probes.json"
+            if p.is_file():
+                t["probes"][label] = json.loads(p.read_text())
+        out["tasks"][task] = t
+    out["extra"] = []
+    for spec in repro.extra_runs(cfg):
+        d = repro.run_path(cfg, spec)
+        if (d / "eval.json").is_file():
+            e = json.loads((d / "eval.json").read_text())
+            out["extra"].append(
+                {
+                    "task": spec.task,
+                    "run": spec.name,
+                    "lambda": spec.klal_weight,
+                    "query": spec.klal_query,
+                    "layers": spec.klal_layers or cfg.klal_layers,
+                    "seed": spec.seed,
+                    "exact_tf": e["exact_tf"],
+                    "pointing": e["last/pointing"],
+                    "evidence_mass": e["last/evidence_mass"],
+                    "prompt_pointing": e["prompt_last/pointing"],
+                    "prompt_mass": e["prompt_last/evidence_mass"],
+                }
+            )
+    for (w, q, s), spec in repro.sweep_runs(cfg).items():
+        d = repro.run_path(cfg, spec)
+        if (d / "eval.json").is_file() and (d / "run.json").is_file():
+            e = json.loads((d / "eval.json").read_text())
+            r = json.loads((d / "run.json").read_text())
+            out["sweep"][f"{w:g}/{q}/{s}"] = {
+                "lambda": w,
+                "query": q,
+                "seed": s,
+                "exact_tf": e["exact_tf"],
+                "pointing": e["last/pointing"],
+                "evidence_mass": e["last/evidence_mass"],
+                "prompt_last_mass": e["prompt_last/evidence_mass"],
+                "curve": r["curve"],
+            }
+    return out
+
+
+def majority_baseline(cfg: StudyConfig, task: str) -> dict[str, Any] | None:
+    """Test accuracy of always giving the training split's most frequent answer (the chance level to beat)."""
+    from collections import Counter
+
+    try:
+        train = repro.load_split(cfg, task, "train")["answer"]
+        test = repro.load_split(cfg, task, "test", cfg.test_samples)["answer"]
+    except (FileNotFoundError, KeyError):
+        return None
+    answer, _ = Counter(train).most_common(1)[0]
+    return {"answer": answer, "accuracy": sum(a == answer for a in test) / max(len(test), 1)}
+
+
+def _cell(d: dict[str, Any] | None, key: str) -> str:
+    if not d or key not in d:
+        return "—"
+    v = d[key]
+    return repro.fmt(v["mean"], v["std"])
+
+
+def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_command: str | None = None) -> str:
+    """The markdown report (``study_command``: the command that runs every stage; default ``command``)."""
+    study_command = study_command or command
+    if cfg.backbone == "tiny":
+        model = f"tiny random Qwen2.5-VL, tiny_seed {cfg.tiny_seed}, overrides {cfg.tiny_overrides or 'none'}"
+    else:
+        model = f"{cfg.backbone}, adapters {cfg.adapter_pattern} trained with train.py"
+    lines = [
+        f"# KLAL reproduction: Base vs NTP vs NTP + KLAL ({model})",
+        "",
+        f"Produced by: `{study_command}` (all stages; `--jobs 2` runs them in two processes). This report: "
+        f"`{command}`.  ",
+        f"Seeds: {cfg.seeds} (training: LoRA init and data order; the base model and the data are fixed). "
+        f"{cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr:g}, LoRA {cfg.lora}, also trained: "
+        f"{cfg.train_extra or 'nothing'}; KLAL layers {cfg.klal_layers}, target maps {cfg.target or 'default'}. "
+        f"Images {cfg.image_size} px ({(cfg.image_size // 28) ** 2} visual tokens).",
+        f"Evidence cells: {res['evidence_cells']}.",
+        "",
+        "Mean ± sample std over seeds, in %. *Exact (TF)*: greedy exact match computed teacher-forced (one pass); "
+        "*Gen*: real greedy generation scored with the normalised answer match; *Point* / *Mass*: pointing game and "
+        "share of attention inside the evidence cells, for the answer's last token (the supervised query, gold "
+        "answer teacher-forced) and for the last prompt token (`prompt_last`, what a model looks at before "
+        "answering). Paper: grounding accuracy of Qwen2.5-VL in the KLAL paper (a 7B-class pretrained model; "
+        "not comparable in level, only in direction).",
+        "",
+        "| task | model | Exact (TF) | Gen | Point (answer) | Mass (answer) | Point (prompt) | Mass (prompt) | paper |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"base": "Base (untrained)", "ntp": "NTP", "klal": "NTP + KLAL"}
+    for task, t in res["tasks"].items():
+        paper = PAPER.get(task, (None, None, None))
+        if t.get("majority"):
+            m = t["majority"]
+            lines.append(
+                f"| {task} | always `{m['answer']}` (most frequent training answer) | {repro.fmt(m['accuracy'])} "
+                "| — | — | — | — | — | — |"
+            )
+        for arm in ["base", *cfg.arms]:
+            d = t["arms"].get(arm)
+            p = paper[PAPER_COLUMN[arm]] if arm in PAPER_COLUMN else None
+            lines.append(
+                f"| {task} | {labels.get(arm, arm)} | {_cell(d, 'exact_tf')} | {_cell(d, 'answer_acc_gen')} | "
+                f"{_cell(d, 'last/pointing')} | {_cell(d, 'last/evidence_mass')} | {_cell(d, 'prompt_last/pointing')} "
+                f"| {_cell(d, 'prompt_last/evidence_mass')} | {p if p is not None else '—'} |"
+            )
+    lines += [
+        "",
+        "Test samples per task: " + ", ".join(f"{k} {v.get('n_test', '?')}" for k, v in res["tasks"].items()),
+        "",
+    ]
+    if res["sweep"]:
+        lines += [
+            f"## Sweep on {cfg.sweep_task}: lambda x supervised query (seeds {cfg.sweep_seeds})",
+            "",
+            "Test split, %. Attention metrics of the last answer token (`last`) as in the table; `all` supervises the "
+            "mean of every answer token's KL. lambda = 0 is the NTP run.",
+            "",
+            "| lambda | query | Exact (TF) | Point (answer) | Mass (answer) | Mass (prompt) |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+        for v in res["sweep"].values():
+            groups.setdefault((v["lambda"], v["query"]), []).append(v)
+        for (w, q), vs in sorted(groups.items()):
+            cells = [
+                repro.fmt(*repro.mean_std([v[k] for v in vs]))
+                for k in ("exact_tf", "pointing", "evidence_mass", "prompt_last_mass")
+            ]
+            lines.append(f"| {w:g} | {q} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res.get("extra"):
+        lines += [
+            "## Investigation runs",
+            "",
+            "Test split, %, one seed each; compare with the runs of the same task and seed in the sweep (lambda 0 is "
+            f"NTP; lambda 1 / `last` is NTP + KLAL; directories under `{cfg.run_dir}/`).",
+            "",
+            "| task | run | lambda | query | layers | Exact (TF) | Point (answer) | Mass (answer) | Point (prompt) "
+            "| Mass (prompt) |",
+            "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for v in res["extra"]:
+            lines.append(
+                f"| {v['task']} | {v['run']} | {v['lambda']:g} | {v['query']} | {v['layers']} | "
+                + " | ".join(
+                    repro.fmt(v[k]) for k in ("exact_tf", "pointing", "evidence_mass", "prompt_pointing", "prompt_mass")
+                )
+                + " |"
+            )
+        lines.append("")
+    probe_lines = []
+    for task, t in res["tasks"].items():
+        for label, methods in t["probes"].items():
+            for name, m in methods.items():
+                acc = "—" if m.get("answer_acc") is None else f"{100 * m['answer_acc']:.1f}"
+                err = f" ({m['error'][:60]})" if m.get("error") else ""
+                probe_lines.append(
+                    f"| {task} | {label} | {name}{err} | {repro.fmt(m['pointing'])} | {repro.fmt(m['evidence_mass'])} "
+                    f"| {acc} | {m['s_per_sample']:.2f} |"
+                )
+    lines += ["## Training-free probes", ""]
+    if probe_lines:
+        lines += [
+            f"Models: {cfg.probe_arms} (trained seeds {cfg.probe_seeds}). Test samples per row: {cfg.probe_samples}. "
+            "Maps (image 0) scored like the table (pointing game, mass inside the evidence cells); answer accuracy for "
+            "methods that answer; wall seconds per sample on this CPU.",
+            "",
+            "| task | model | method | Point | Mass | answer acc | s/sample |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *probe_lines,
+            "",
+        ]
+    else:
+        lines += [
+            "Not run yet: `--stages probes,report`."
+            if cfg.probe_arms
+            else "Not part of this study (`probe_arms: []`).",
+            "",
+        ]
+    times = [x for t in res["tasks"].values() for v in t.get("train_s", {}).values() for x in v]
+    if times:
+        lines.append(f"Training time per run: {np.mean(times):.0f} s mean (CPU, {platform.machine()}).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cfg: StudyConfig, res: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``curves.png`` (accuracy and evidence mass vs steps, both arms, per task) and ``sweep.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    tasks = list(res["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.5), squeeze=False)
+    colors = {"ntp": "tab:blue", "klal": "tab:red"}
+    for j, task in enumerate(tasks):
+        for arm, curves in res["tasks"][task]["curves"].items():
+            steps = [p["step"] for p in curves[0]]
+            for i, key in enumerate(("exact_tf", "evidence_mass")):
+                vals = np.array([[p[key] for p in c] for c in curves if len(c) == len(steps)], dtype=float)
+                m, s = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(steps))
+                ax = axes[i, j]
+                ax.plot(steps, m, color=colors.get(arm), label=f"{arm} (n={len(vals)})")
+                ax.fill_between(steps, m - s, m + s, color=colors.get(arm), alpha=0.2)
+        maj = res["tasks"][task].get("majority")
+        if maj:
+            axes[0, j].axhline(maj["accuracy"], color="grey", ls=":", label="most frequent answer (test)")
+        axes[0, j].set_title(task)
+        axes[0, j].set_ylabel("validation exact match (TF)")
+        axes[1, j].set_ylabel("answer-token attention mass in evidence")
+        axes[1, j].set_xlabel("training step")
+        axes[0, j].legend(fontsize=8)
+    fig.suptitle(
+        f"NTP vs NTP + KLAL, mean ± std over seeds {cfg.seeds} ({Path(cfg.results_dir).name}: LoRA + "
+        f"{', '.join(cfg.train_extra) or 'nothing else'} trained)"
+    )
+    fig.tight_layout()
+    p = out_dir / "curves.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    if res["sweep"]:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for q, style in (("last", "o-"), ("all", "s--")):
+            pts = sorted(
+                (v["lambda"], v["exact_tf"], v["evidence_mass"]) for v in res["sweep"].values() if v["query"] == q
+            )
+            if not pts:
+                continue
+            lam = sorted({x[0] for x in pts})
+            acc = [np.mean([x[1] for x in pts if x[0] == w]) for w in lam]
+            mass = [np.mean([x[2] for x in pts if x[0] == w]) for w in lam]
+            xs = [w if w > 0 else 0.03 for w in lam]  # lambda 0 drawn at the left edge of the log axis
+            axes[0].plot(xs, acc, style, label=f"query {q}")
+            axes[1].plot(xs, mass, style, label=f"query {q}")
+        maj = res["tasks"].get(cfg.sweep_task, {}).get("majority")
+        if maj:
+            axes[0].axhline(maj["accuracy"], color="grey", ls=":", label="most frequent answer")
+        for ax, lab in zip(axes, ("test exact match (TF)", "answer-token mass in evidence")):
+            ax.set_xscale("log")
+            ax.set_xlabel("lambda (0 drawn at 0.03)")
+            ax.set_ylabel(lab)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Sweep on {cfg.sweep_task}")
+        fig.tight_layout()
+        p = out_dir / "sweep.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def stage_report(cfg: StudyConfig, command: str, study_command: str | None = None) -> Path:
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = collect(cfg)
+    res["command"] = command
+    res["study_command"] = study_command or command
+    res["config"] = _jsonable(cfg)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=_nan_safe))
+    (out / "table.md").write_text(render_table(cfg, res, command, study_command))
+    plot(cfg, res, out)
+    _log(f"report written to {out}/ (table.md, results.json, curves.png{', sweep.png' if res['sweep'] else ''})")
+    return out / "table.md"
+
+
+def _jsonable(cfg: StudyConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _nan_safe(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def _fan_out(stage: str, args: argparse.Namespace, argv: list[str]) -> None:
+    """Run one stage in ``args.jobs`` child processes (``--shard i/N``) and wait for all of them."""
+    import subprocess
+
+    if args.shard != (0, 1):
+        raise SystemExit("--jobs and --shard cannot be combined")
+    base = []
+    skip = False
+    for a in argv:  # drop the options the children get their own values of
+        if skip:
+            skip = False
+            continue
+        if a in ("--stages", "--jobs", "--shard"):
+            skip = True
+            continue
+        if a.startswith(("--stages=", "--jobs=", "--shard=")):
+            continue
+        base.append(a)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "bench" / "reproduce.py"),
+                *base,
+                "--stages",
+                stage,
+                "--shard",
+                f"{i}/{args.jobs}",
+            ],
+            cwd=os.getcwd(),
+        )
+        for i in range(args.jobs)
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"stage {stage}: shard exit codes {codes}")
+
+
+# -- entry point -------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the chosen stages; returns the table path when the report stage ran."""
+    p = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "repro" / "small.yaml"), help="study YAML")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--shard", type=_parse_shard, default=(0, 1), help="I/N: this process takes every N-th job")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="run the train/eval/probes stages in this many processes (shards)"
+    )
+    p.add_argument("--force", action="store_true", help="redo runs/evaluations that are already on disk")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=YAML", help="override top-level config keys")
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        p.error(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
+    overrides = {}
+    import yaml
+
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    cfg = repro.load_config(args.config, overrides)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, args.threads))
+    command = "python -m bench.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = None
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        t0 = time.perf_counter()
+        if stage == "data":
+            repro.make_data(cfg, workers=args.workers)
+        elif stage in ("train", "eval", "probes") and args.jobs > 1:
+            _fan_out(stage, args, argv if argv is not None else sys.argv[1:])
+        elif stage == "train":
+            stage_train(cfg, args.shard, args.force)
+        elif stage == "eval":
+            stage_eval(cfg, args.shard, args.force)
+        elif stage == "probes":
+            stage_probes(cfg, args.shard, args.force)
+        elif stage == "report":
+            table = stage_report(cfg, command, f"python -m bench.reproduce --config {args.config}")
+        _log(f"stage {stage} done in {time.perf_counter() - t0:.0f} s")
+    return table
+
+
+if __name__ == "__main__":
+    main()

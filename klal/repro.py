@@ -1,0 +1,756 @@
+"""Small-scale reproduction of the KLAL paper's comparison: Base vs NTP vs NTP + KLAL on the synthetic tasks.
+
+The pieces of ``bench/reproduce.py``, importable so tests can run the pipeline at a toy size:
+
+* :class:`StudyConfig` (read from ``configs/repro/*.yaml``): tasks and their generator settings, the tiny model's
+  size, the trainable set, the training schedule, the two arms, seeds, the lambda / query sweep and the probes.
+* :func:`make_data`: generate each task's dataset once.
+* :func:`train_run`: train one run (task, lambda, query, seed) with Lightning, logging a learning curve (exact-match
+  accuracy and attention mass inside the evidence on a fixed validation subset) and saving the trainable weights.
+* :func:`evaluate_model`: test-split metrics of a model (trained or untrained): teacher-forced exact match, greedy
+  generation + normalised match, and the grounding metrics of the answer token's attention (pointing game, mass
+  inside the evidence cells).
+* :func:`load_trained`: a finished run's model, from its saved weights or (full-size recipe) its peft adapter.
+
+``bench/reproduce.py`` strings these into stages (data, train, eval, probes, report) and writes the report.
+
+Exact match in one teacher-forced pass: greedy decoding produces the gold answer token sequence followed by
+``<|im_end|>`` exactly when, with the gold prefix fed in, every gold answer token and the closing ``<|im_end|>`` is
+the argmax at its position (each greedy step then reproduces the next gold token, and the first wrong argmax is where
+greedy decoding would leave the gold sequence). So one forward pass over prompt + gold answer gives greedy exact match
+for a whole batch, which is what the learning curves use. It is token-exact (a different tokenisation of the same
+string counts as wrong), so the final table also reports real greedy generation scored by the normalised match.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from klal.data.collate import IGNORE_INDEX
+
+TASKS = ("grid_patch", "line_intersection", "line_tracing")
+TRAIN_EXTRA_CHOICES = ("merger", "vision", "embed_tokens", "lm_head")
+
+
+# -- configuration -----------------------------------------------------------------------------------------------------
+@dataclass
+class TaskSettings:
+    """How one task's dataset is generated."""
+
+    num: int = 1500
+    """Samples in all splits."""
+    splits: tuple[float, float, float] = (0.8, 0.066, 0.134)
+    """train / validation / test fractions."""
+    preset: str | None = "easy"
+    """Generator difficulty preset."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Generator config overrides (``python -m data_gen TASK --help`` lists them)."""
+    seed: int = 0
+    """Dataset seed (the same data for every run)."""
+
+
+@dataclass
+class StudyConfig:
+    """The whole study; every field is a key of ``configs/repro/*.yaml``."""
+
+    tasks: dict[str, TaskSettings] = field(default_factory=dict)
+    """Task name -> dataset settings."""
+    image_size: int = 224
+    """Image side in pixels (224 -> an 8 x 8 grid of visual tokens)."""
+    data_dir: str = "data/repro"
+    """Where datasets are generated."""
+    run_dir: str = "runs/repro"
+    """Where runs (weights, curves, metrics) go."""
+    results_dir: str = "results/repro"
+    """Where the table, JSON and plots go."""
+    backbone: str = "tiny"
+    """Base model: ``tiny`` (trained here) or a real checkpoint (hub id / folder) whose runs ``train.py`` trained and
+    ``adapter_pattern`` locates; the study then evaluates, probes and reports them."""
+    dtype: str = "auto"
+    """Parameter dtype of the base model (``auto``: float32 for tiny, bfloat16 otherwise)."""
+    adapter_pattern: str | None = None
+    """With a real backbone: where each run's peft adapter is, e.g. ``runs/paper/{task}/{arm}_s{seed}/adapter``."""
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    """Size of the tiny Qwen2.5-VL (:func:`klal.models.tiny.tiny_config` overrides)."""
+    tiny_seed: int = 0
+    """Initialisation seed of the tiny model: the fixed "pretrained" base every run starts from."""
+    lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "attention"})
+    """:class:`klal.models.lora.LoraSettings` fields."""
+    train_extra: list[str] = field(default_factory=list)
+    """Base-model parts trained in full besides LoRA: ``merger``, ``vision``, ``embed_tokens``, ``lm_head``."""
+    klal_layers: str | list[int] = "all"
+    """Supervised language layers (``klal.capture.parse_layers`` syntax)."""
+    target: dict[str, Any] = field(default_factory=dict)
+    """:class:`klal.targets.TargetSpec` fields of the KLAL target maps (empty: the defaults: box area, point Gaussian
+    of sigma 1 token, polyline band of 1 token)."""
+    steps: int = 300
+    """Optimizer steps per run."""
+    batch_size: int = 8
+    """Training batch size."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds (LoRA init and data order); the base model and data are the same for every seed."""
+    arms: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"ntp": {"klal_weight": 0.0}, "klal": {"klal_weight": 1.0, "klal_query": "last"}}
+    )
+    """Arm name -> ``klal_weight`` and ``klal_query``; everything else is shared."""
+    eval_every: int = 50
+    """Learning-curve evaluation interval (steps); step 0 is always measured."""
+    curve_samples: int = 64
+    """Validation samples of each learning-curve point."""
+    test_samples: int | None = None
+    """Test samples of the final evaluation (None: the whole test split)."""
+    eval_batch_size: int = 16
+    """Batch size of every evaluation."""
+    generate: bool = True
+    """Also score real greedy generation with the normalised answer match."""
+    max_new_tokens: int = 10
+    """Generation length cap."""
+    sweep_task: str | None = "grid_patch"
+    """Task of the lambda / query sweep (None: no sweep)."""
+    sweep_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0])
+    """Lambdas of the sweep."""
+    sweep_queries: list[str] = field(default_factory=lambda: ["last", "all"])
+    """Query-token choices of the sweep."""
+    sweep_seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the sweep."""
+    extra_runs: list[dict[str, Any]] = field(default_factory=list)
+    """Investigation runs: each a mapping of ``task`` (default: the sweep task), ``klal_weight``, ``klal_query``,
+    ``klal_layers`` (default: the study's) and ``seed``; reported in their own table."""
+    probe_methods: list[str | dict[str, Any]] | None = None
+    """Training-free methods of :mod:`klal.grounding`: names, or mappings of ``name``, ``options`` and ``label``
+    (None: every registered method with its defaults)."""
+    probe_arms: list[str] = field(default_factory=lambda: ["ntp"])
+    """Models the probes run on: arm names (trained, ``probe_seeds``) and/or ``base`` (untrained)."""
+    probe_samples: int = 50
+    """Test samples per probe run."""
+    probe_prepare_samples: int = 64
+    """Training samples a method that needs preparation (localization-head discovery) sees."""
+    probe_seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the trained runs the probes are run on."""
+
+    def __post_init__(self) -> None:
+        self.tasks = {k: v if isinstance(v, TaskSettings) else _task_settings(k, v) for k, v in self.tasks.items()}
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"repro config: unknown task(s) {bad}; choose from {list(TASKS)}")
+        bad = [p for p in self.train_extra if p not in TRAIN_EXTRA_CHOICES]
+        if bad:
+            raise ValueError(f"repro config: train_extra {bad} unknown; choose from {list(TRAIN_EXTRA_CHOICES)}")
+        for name, arm in self.arms.items():
+            unknown = set(arm) - {"klal_weight", "klal_query"}
+            if unknown or "klal_weight" not in arm:
+                raise ValueError(f"repro config: arm {name!r} needs klal_weight (and optionally klal_query) only")
+        if self.sweep_task is not None and self.sweep_task not in self.tasks:
+            raise ValueError(f"repro config: sweep_task {self.sweep_task!r} is not one of the tasks {list(self.tasks)}")
+        for key in ("steps", "batch_size", "eval_every", "curve_samples", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"repro config: {key} must be >= 1, got {getattr(self, key)}")
+        if not self.seeds:
+            raise ValueError("repro config: seeds is empty")
+        if self.backbone != "tiny" and not self.adapter_pattern:
+            raise ValueError(
+                f"repro config: backbone {self.backbone!r} is trained with train.py (configs/repro/*.yaml); give "
+                "adapter_pattern (e.g. runs/paper/{task}/{arm}_s{seed}/adapter) so the study can find the adapters"
+            )
+
+
+def _task_settings(name: str, value: Any) -> TaskSettings:
+    if value is None:
+        return TaskSettings()
+    if not isinstance(value, dict):
+        raise ValueError(f"repro config: tasks.{name} must be a mapping of TaskSettings fields, got {value!r}")
+    known = {f.name for f in dataclasses.fields(TaskSettings)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"repro config: tasks.{name} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    v = dict(value)
+    if "splits" in v:
+        v["splits"] = tuple(float(x) for x in v["splits"])
+    return TaskSettings(**v)
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read a study YAML; ``overrides`` (top-level keys) win over the file.
+
+    Raises:
+        ValueError: unknown keys (named) or bad values.
+    """
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    raw.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return StudyConfig(**raw)
+
+
+# -- runs --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. NTP-only runs ignore the query (the query only changes what is supervised)."""
+
+    task: str
+    klal_weight: float
+    klal_query: str
+    seed: int
+    klal_layers: str | None = None
+    """Supervised layers of this run; None: the study's ``klal_layers``."""
+
+    @property
+    def name(self) -> str:
+        """Directory name under ``run_dir/task``."""
+        if self.klal_weight == 0:
+            return f"ntp_s{self.seed}"
+        layers = f"_L{self.klal_layers.replace(':', 'to')}" if self.klal_layers is not None else ""
+        return f"klal_w{self.klal_weight:g}_{self.klal_query}{layers}_s{self.seed}"
+
+
+def _canonical(task: str, weight: float, query: str, seed: int, layers: str | None = None) -> RunSpec:
+    if weight == 0:
+        return RunSpec(task, 0.0, "last", int(seed))
+    return RunSpec(task, float(weight), query, int(seed), None if layers is None else str(layers))
+
+
+def main_runs(cfg: StudyConfig) -> dict[tuple[str, str, int], RunSpec]:
+    """``(task, arm, seed) -> RunSpec`` of the main comparison."""
+    out = {}
+    for task in cfg.tasks:
+        for arm, a in cfg.arms.items():
+            for seed in cfg.seeds:
+                out[(task, arm, seed)] = _canonical(task, a["klal_weight"], a.get("klal_query", "last"), seed)
+    return out
+
+
+def sweep_runs(cfg: StudyConfig) -> dict[tuple[float, str, int], RunSpec]:
+    """``(lambda, query, seed) -> RunSpec`` of the sweep (lambda 0 is listed once per query; both are one run)."""
+    if cfg.sweep_task is None:
+        return {}
+    return {
+        (float(w), q, s): _canonical(cfg.sweep_task, w, q, s)
+        for w in cfg.sweep_lambdas
+        for q in cfg.sweep_queries
+        for s in cfg.sweep_seeds
+    }
+
+
+def extra_runs(cfg: StudyConfig) -> list[RunSpec]:
+    """The investigation runs listed under ``extra_runs``."""
+    out = []
+    for k, e in enumerate(cfg.extra_runs):
+        task = e.get("task", cfg.sweep_task)
+        if task not in cfg.tasks:
+            raise ValueError(f"repro config: extra_runs[{k}] task {task!r} is not one of {list(cfg.tasks)}")
+        out.append(
+            _canonical(
+                task, e.get("klal_weight", 1.0), e.get("klal_query", "last"), e.get("seed", 0), e.get("klal_layers")
+            )
+        )
+    return out
+
+
+def all_runs(cfg: StudyConfig) -> list[RunSpec]:
+    """Every distinct run of the study (a sweep run equal to a main run is trained once), main runs first."""
+    seen: dict[RunSpec, None] = {}
+    for r in list(main_runs(cfg).values()) + list(sweep_runs(cfg).values()) + extra_runs(cfg):
+        seen.setdefault(r, None)
+    return list(seen)
+
+
+def run_path(cfg: StudyConfig, spec: RunSpec) -> Path:
+    """Directory of one run."""
+    return Path(cfg.run_dir) / spec.task / spec.name
+
+
+def data_path(cfg: StudyConfig, task: str) -> Path:
+    """Dataset directory of a task."""
+    return Path(cfg.data_dir) / f"{task}_{cfg.image_size}"
+
+
+# -- data --------------------------------------------------------------------------------------------------------------
+def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dict[str, Path]:
+    """Generate each task's dataset unless it is already on disk; returns task -> directory."""
+    from data_gen.tasks import build_task
+    from data_gen.writer import generate_dataset
+
+    out = {}
+    for task, ts in cfg.tasks.items():
+        path = data_path(cfg, task)
+        if not (path / "dataset_dict.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            overrides = {"image_size": cfg.image_size, **_typed_overrides(ts.overrides)}
+            gen = build_task(task, preset=ts.preset, overrides=overrides)
+            generate_dataset(
+                gen,
+                num=ts.num,
+                seed=ts.seed,
+                out=path,
+                workers=workers,
+                splits=ts.splits,
+                progress=progress,
+                overwrite=path.exists(),
+            )
+        out[task] = path
+    return out
+
+
+def _typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    # YAML gives lists where the generator configs hold tuples (ranges such as num_nodes).
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+
+
+def load_split(cfg: StudyConfig, task: str, split: str, limit: int | None = None):
+    """One split of a task's dataset (the first ``limit`` rows)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(data_path(cfg, task)))[split]
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+# -- model -------------------------------------------------------------------------------------------------------------
+def build_module(
+    cfg: StudyConfig, klal_weight: float = 0.0, klal_query: str = "last", seed: int = 0, klal_layers: str | None = None
+):
+    """A configured :class:`klal.module.KLALModule` (LoRA and ``train_extra`` parts trainable), seeded.
+
+    ``klal_layers`` (None: the study's) selects the supervised layers; the learning curves and the evaluation read the
+    attention of every layer regardless (see :func:`evaluate_model`).
+    """
+    import lightning as L
+
+    from klal.models.loader import ModelConfig
+    from klal.models.lora import LoraSettings
+    from klal.module import KLALModule, OptimSettings
+
+    L.seed_everything(seed, verbose=False)
+    tiny = cfg.backbone == "tiny"
+    backbone = ModelConfig(
+        name_or_path=cfg.backbone,
+        dtype=cfg.dtype,
+        min_pixels=56 * 56,
+        max_pixels=cfg.image_size * cfg.image_size,
+        tiny_seed=cfg.tiny_seed,
+        tiny_overrides=(copy.deepcopy(cfg.tiny_overrides) or None) if tiny else None,
+    )
+    module = KLALModule(
+        backbone=backbone,
+        lora=LoraSettings(**cfg.lora),
+        klal_weight=klal_weight,
+        klal_query=klal_query,
+        klal_layers=cfg.klal_layers if klal_layers is None else klal_layers,
+        optim=OptimSettings(lr=cfg.lr, warmup_steps=cfg.warmup_steps),
+    )
+    module.configure_model()
+    unfreeze(module.model, cfg.train_extra)
+    if torch.cuda.is_available():
+        module.to("cuda")
+    return module
+
+
+def unfreeze(model: torch.nn.Module, parts: list[str]) -> int:
+    """Make whole base-model parts trainable next to LoRA; returns the number of parameters switched on.
+
+    Args:
+        model: a peft-wrapped Qwen2.5-VL.
+        parts: ``merger`` (the vision patch merger), ``vision`` (the whole vision tower, merger included),
+            ``embed_tokens``, ``lm_head``.
+    """
+    # Matched on name components, so "visual.merger" in the vision tower and "lm_head" at the top are found whatever
+    # prefix peft adds.
+    patterns = {
+        "merger": ".visual.merger.",
+        "vision": ".visual.",
+        "embed_tokens": ".embed_tokens.",
+        "lm_head": ".lm_head.",
+    }
+    n = 0
+    for name, p in model.named_parameters():
+        full = "." + name
+        if any(patterns[part] in full for part in parts) and not p.requires_grad:
+            p.requires_grad_(True)
+            n += p.numel()
+    if parts and n == 0:
+        raise RuntimeError(f"train_extra {parts} matched no parameters of the model")
+    return n
+
+
+def adapter_path(cfg: StudyConfig, spec: RunSpec) -> Path:
+    """The peft adapter of a run trained by ``train.py`` (``adapter_pattern`` filled with task, arm and seed)."""
+    arm = next(
+        (
+            a
+            for a, v in cfg.arms.items()
+            if _canonical(spec.task, v["klal_weight"], v.get("klal_query", "last"), spec.seed) == spec
+        ),
+        None,
+    )
+    if arm is None:
+        raise ValueError(f"run {spec.task}/{spec.name} is not one of the arms {list(cfg.arms)}: no adapter to load")
+    return Path(cfg.adapter_pattern.format(task=spec.task, arm=arm, seed=spec.seed))
+
+
+def load_trained(cfg: StudyConfig, spec: RunSpec):
+    """The module of a finished run, with its trained weights loaded (``trainable.pt``, or the peft adapter under
+    ``adapter_pattern`` for a real backbone)."""
+    module = build_module(cfg, spec.klal_weight, spec.klal_query, spec.seed, spec.klal_layers)
+    if cfg.adapter_pattern:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = adapter_path(cfg, spec) / "adapter_model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter weights at {path} (train the run with train.py first)")
+        result = set_peft_model_state_dict(module.model, load_file(str(path)))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"{path}: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[:3]}")
+        return module.eval()
+    state = torch.load(run_path(cfg, spec) / "trainable.pt", map_location="cpu", weights_only=True)
+    missing = set(module.trainable_state_dict()) - set(state)
+    if missing:
+        raise RuntimeError(
+            f"{run_path(cfg, spec)}/trainable.pt lacks {len(missing)} trainable tensors, e.g. "
+            f"{sorted(missing)[:3]} (was it trained with another config?)"
+        )
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------------
+def evidence_cells(
+    evidence: dict[str, Any], orig_hw: tuple[int, int], processed_hw: tuple[int, int]
+) -> np.ndarray | None:
+    """Token-grid cells holding the evidence (:func:`klal.metrics.evidence_cells`, the evaluation's definition)."""
+    from klal.metrics import evidence_cells as shared
+
+    return shared(evidence, orig_hw, processed_hw)
+
+
+def evidence_cells_source() -> str:
+    """Which evidence-cell rule :func:`evidence_cells` uses (recorded with every evaluation)."""
+    return "klal.metrics.evidence_cells"
+
+
+def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: every supervised label (answer tokens and ``<|im_end|>``) is the argmax at its position.
+
+    Equals greedy-decoding exact match on the token sequence (see the module docstring).
+    """
+    pred = logits[:, :-1].argmax(-1)
+    lab = labels[:, 1:]
+    mask = lab != IGNORE_INDEX
+    ok = (pred == lab) | ~mask
+    return ok.all(-1) & mask.any(-1)
+
+
+def pointing_and_mass(att: np.ndarray, cells: np.ndarray) -> tuple[float, float]:
+    """Pointing-game score (1 when the map's peak cell is an evidence cell; ties share the score) and the share of the
+    map's mass on evidence cells, as :mod:`klal.metrics` defines them.
+
+    Args:
+        att: ``(gh, gw)`` non-negative attention over one image (any scale).
+        cells: ``(gh, gw)`` bool evidence cells.
+    """
+    from klal.metrics import evidence_mass, pointing_score
+
+    return pointing_score(att, cells), evidence_mass(att, cells)
+
+
+def _device(module) -> torch.device:
+    return next(module.model.parameters()).device
+
+
+def _to_device(batch: dict[str, Any], module) -> dict[str, Any]:
+    dev = _device(module)
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _attention_and_logits(module, batch: dict[str, Any], query: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits and the ``(B, V)`` attention of the query over visual tokens (mean over queries and captured layers)."""
+    out, request = module(batch, capture=True, query_mode=query)
+    q = request.stacked().exp()  # (L, B, A, V)
+    qv = request.query_valid.to(q.dtype)
+    q = (q * qv[None, :, :, None]).sum(2) / qv.sum(-1).clamp_min(1)[None, :, None]
+    request.clear()
+    return out.logits, q.mean(0).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_model(
+    module,
+    rows,
+    batch_size: int = 16,
+    queries: tuple[str, ...] = ("last",),
+    generate: bool = False,
+    max_new_tokens: int = 10,
+) -> dict[str, Any]:
+    """Test metrics of a module on dataset rows.
+
+    Returns:
+        ``{"n", "exact_tf", "answer_acc_gen" (if generate), "<query>/pointing", "<query>/evidence_mass",
+        "<query>/n_evidence"}`` (sample means; grounding means over samples with evidence cells), plus
+        ``"per_sample"`` lists for spread/diagnostics.
+    """
+    from klal.data.collate import KLALCollator
+
+    module.eval()
+    collator = KLALCollator(module.processor)
+    # Measure every layer whatever a run supervised, so runs that supervise different layers stay comparable.
+    supervised = module.layers
+    module.layers = list(range(module.text_config.num_hidden_layers))
+    try:
+        out = _evaluate(module, collator, rows, batch_size, queries)
+    finally:
+        module.layers = supervised
+    if generate:
+        preds = generate_answers(module, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        from klal.metrics import answer_correct
+
+        correct = [bool(answer_correct(p, str(r["answer"]))) for p, r in zip(preds, rows)]
+        out["answer_acc_gen"] = float(np.mean(correct)) if correct else float("nan")
+        out["generations"] = preds[:20]
+    return out
+
+
+def _evaluate(module, collator, rows, batch_size: int, queries: tuple[str, ...]) -> dict[str, Any]:
+    sums: dict[str, list] = {"exact_tf": []}
+    for q in queries:
+        sums[f"{q}/pointing"] = []
+        sums[f"{q}/evidence_mass"] = []
+    n = len(rows)
+    for start in range(0, n, batch_size):
+        chunk = [rows[i] for i in range(start, min(start + batch_size, n))]
+        batch = _to_device(collator(chunk), module)
+        for qi, q in enumerate(queries):
+            logits, att = _attention_and_logits(module, batch, q)
+            if qi == 0:
+                sums["exact_tf"] += teacher_forced_exact(logits.float(), batch["labels"]).tolist()
+            for b, row in enumerate(chunk):
+                gh, gw = batch["grids"][b][0]
+                cells = evidence_cells(row["evidence"], (row["height"], row["width"]), (gh * 28, gw * 28))
+                if cells is None or not cells.any():
+                    continue
+                hit, mass = pointing_and_mass(att[b, : gh * gw].reshape(gh, gw), cells)
+                sums[f"{q}/pointing"].append(hit)
+                sums[f"{q}/evidence_mass"].append(mass)
+    out: dict[str, Any] = {"n": n}
+    for k, v in sums.items():
+        out[k] = float(np.mean(v)) if v else float("nan")
+    for q in queries:
+        out[f"{q}/n_evidence"] = len(sums[f"{q}/pointing"])
+    return out
+
+
+@torch.no_grad()
+def generate_answers(module, rows, batch_size: int = 16, max_new_tokens: int = 10) -> list[str]:
+    """Greedy answers to each row's question (left-padded batches, prompt as the collator renders it)."""
+    from klal.data.collate import KLALCollator
+
+    proc = module.processor
+    tok = proc.tokenizer
+    collator = KLALCollator(proc)
+    model = module.model
+    out: list[str] = []
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            prompts = [collator.prompt_text(r["question"], 1) for r in chunk]
+            images = [r["image"].convert("RGB") for r in chunk]
+            enc = proc(text=prompts, images=images, padding=True, return_tensors="pt").to(_device(module))
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += tok.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------------------------------
+class _CurveCallback:
+    """Lightning callback: learning-curve points on a fixed validation subset (step 0 and every ``every`` steps)."""
+
+    def __init__(self, rows, every: int, batch_size: int) -> None:
+        import lightning as L
+
+        # Built as a subclass at runtime so this module imports without Lightning.
+        self.cb = type(
+            "CurveCallback",
+            (L.Callback,),
+            {
+                "on_train_start": lambda _s, trainer, pl_module: self._point(trainer, pl_module),
+                "on_train_batch_end": lambda _s, trainer, pl_module, *a: self._maybe(trainer, pl_module),
+            },
+        )()
+        self.rows = rows
+        self.every = every
+        self.batch_size = batch_size
+        self.points: list[dict[str, Any]] = []
+        self.train_losses: list[dict[str, float]] = []
+
+    def _maybe(self, trainer, module) -> None:
+        step = trainer.global_step
+        last = trainer.callback_metrics
+        self.train_losses.append({"step": step, **{k: float(v) for k, v in last.items() if k.startswith("train/")}})
+        if step % self.every == 0 or step == trainer.max_steps:
+            self._point(trainer, module)
+
+    def _point(self, trainer, module) -> None:
+        if self.points and self.points[-1]["step"] == trainer.global_step:
+            return
+        t0 = time.perf_counter()
+        m = evaluate_model(module, self.rows, batch_size=self.batch_size, queries=("last",))
+        module.train()
+        self.points.append(
+            {
+                "step": trainer.global_step,
+                "exact_tf": m["exact_tf"],
+                "pointing": m["last/pointing"],
+                "evidence_mass": m["last/evidence_mass"],
+                "eval_s": time.perf_counter() - t0,
+            }
+        )
+
+
+def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Train one run unless its results are already on disk; returns its summary (``run.json``).
+
+    Writes ``trainable.pt`` (the trained parameters: LoRA + ``train_extra``), ``run.json`` (settings, times, the
+    learning curve) and ``lora_adapter/`` (the peft adapter the module saves; LoRA weights only).
+
+    Raises:
+        ValueError: a real backbone (those runs are trained with ``train.py`` and ``configs/repro/*.yaml``).
+    """
+    import lightning as L
+
+    from klal.datamodule import KLALDataModule
+    from klal.targets import TargetSpec
+
+    if cfg.backbone != "tiny":
+        raise ValueError(
+            f"the study trains only the tiny model; train {cfg.backbone!r} with train.py and the "
+            "configs/repro/qwen2.5-vl-7b_*.yaml configs (docs/reproduce.md), then run the eval/probes/report stages"
+        )
+
+    out = run_path(cfg, spec)
+    summary_path = out / "run.json"
+    fingerprint = _fingerprint(cfg, spec)
+    if summary_path.is_file() and not force:
+        done = json.loads(summary_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            return done
+    out.mkdir(parents=True, exist_ok=True)
+    module = build_module(cfg, spec.klal_weight, spec.klal_query, spec.seed, spec.klal_layers)
+    # The module writes a peft adapter at the end of fit; without a logger it would land in the working directory.
+    # It holds the LoRA weights only: trainable.pt (below) also has the train_extra modules.
+    module.adapter_dir = str(out / "lora_adapter")
+    dm = KLALDataModule(
+        paths=[str(data_path(cfg, spec.task))],
+        batch_size=cfg.batch_size,
+        num_workers=0,
+        target=TargetSpec(**cfg.target),
+    )
+    dm.processor = module.processor
+    dm.setup("fit")
+    curve = _CurveCallback(
+        load_split(cfg, spec.task, "validation", cfg.curve_samples), cfg.eval_every, cfg.eval_batch_size
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=cfg.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not quiet,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[curve.cb],
+        deterministic=False,
+    )
+    # Data order follows the run seed (seed_everything in build_module seeded the LoRA init; reseed for the sampler).
+    L.seed_everything(spec.seed + 1000, verbose=False)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    train_s = time.perf_counter() - t0
+    torch.save(module.trainable_state_dict(), out / "trainable.pt")
+    n_trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    summary = {
+        "spec": dataclasses.asdict(spec),
+        "fingerprint": fingerprint,
+        "steps": trainer.global_step,
+        "train_s": train_s,
+        "eval_s": sum(p["eval_s"] for p in curve.points),
+        "trainable_params": n_trainable,
+        "curve": curve.points,
+        "train_log": curve.train_losses[:: max(1, cfg.eval_every // 5)],
+    }
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _fingerprint(cfg: StudyConfig, spec: RunSpec) -> str:
+    """What a run's result depends on; a finished run is reused only when it matches."""
+    keys = (
+        "image_size",
+        "tiny_overrides",
+        "tiny_seed",
+        "lora",
+        "train_extra",
+        "klal_layers",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup_steps",
+        "eval_every",
+        "curve_samples",
+    )
+    d = {k: getattr(cfg, k) for k in keys}
+    if cfg.target:  # the default target spec adds no key, so fingerprints of default runs do not depend on it
+        d["target"] = cfg.target
+    d["task"] = dataclasses.asdict(cfg.tasks[spec.task])
+    d["spec"] = dataclasses.asdict(spec)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+# -- aggregation -------------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for fewer than two values), ignoring NaN."""
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+
+
+def fmt(mean: float, std: float | None = None, pct: bool = True) -> str:
+    """``12.3 ± 4.5`` (percent) or ``0.123`` style."""
+    if math.isnan(mean):
+        return "—"
+    scale = 100.0 if pct else 1.0
+    s = f"{mean * scale:.1f}" if pct else f"{mean:.3f}"
+    if std is not None and not math.isnan(std):
+        s += f" ± {std * scale:.1f}" if pct else f" ± {std:.3f}"
+    return s
