@@ -9,6 +9,7 @@ Examples::
 
     python bench/probes.py                                     # tiny model, CPU, 3 samples per task
     python bench/probes.py --arch 3b --device cuda --dtype bfloat16 --max-pixels 802816 --samples 4
+    python bench/probes.py --batch-size 6                      # add batched rows for the methods that batch
 """
 
 from __future__ import annotations
@@ -70,7 +71,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-pixels", type=int, default=224 * 224)
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="also measure the methods that batch (run_batch) with this many samples per forward pass",
+    )
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # Warm-up: one probe pass so that lazy initialisation is not billed to the first method.
     build_method("attention_probe").run(gm, rows[0])
 
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     results = []
     for name in names:
         method = build_method(name)
@@ -99,26 +112,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             t0 = time.perf_counter()
             prepare(gm, rows)
             t_prep = time.perf_counter() - t0
-        fwd = bwd = secs = 0.0
-        for row in rows:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            res = method.run(gm, row)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            fwd += res.passes["forward"]
-            bwd += res.passes["backward"]
-            secs += res.seconds
-        n = len(rows)
-        results.append(
-            {
-                "method": name,
-                "forward": fwd / n,
-                "backward": bwd / n,
-                "seconds": secs / n,
-                "prepare_s": t_prep,
-            }
-        )
+        batch_sizes = [1] + ([args.batch_size] if args.batch_size > 1 and hasattr(method, "run_batch") else [])
+        for bs in batch_sizes:
+            fwd = bwd = secs = 0.0
+            for start in range(0, len(rows), bs):
+                sync()
+                chunk = rows[start : start + bs]
+                out = method.run_batch(gm, chunk) if bs > 1 else [method.run(gm, chunk[0])]
+                sync()
+                for res in out:
+                    # As in evaluate.py: a batched pass counts once per sample in it; the seconds show the gain.
+                    fwd += res.passes["forward"]
+                    bwd += res.passes["backward"]
+                    secs += res.seconds
+            n = len(rows)
+            label = name if bs == 1 else f"{name} (batch {bs})"
+            results.append(
+                {"method": label, "forward": fwd / n, "backward": bwd / n, "seconds": secs / n, "prepare_s": t_prep}
+            )
     base = next((r["seconds"] for r in results if r["method"] == "attention_probe"), None)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(

@@ -83,6 +83,10 @@ class EvalConfig:
     """How many samples that preparation sees."""
     target: TargetSpec = field(default_factory=TargetSpec)
     """Target maps for the KL metric (as in training)."""
+    batch_size: int = 1
+    """Samples per forward pass for the methods that batch (``attention_probe`` with ``prompt_last`` or
+    ``answer_last``, ``localization_heads``); the others decode, crop or backpropagate per sample and run one at a
+    time."""
     gallery_size: int = 6
     """Samples drawn in each method's gallery PNG (0: none)."""
     out: str = "runs/eval"
@@ -123,13 +127,17 @@ def check_config(cfg: EvalConfig) -> list[MethodSpec]:
     """Validate everything that can be checked before loading a model; returns the resolved method rows.
 
     Raises:
-        GroundingError: unknown method or options, adapter rows without an adapter, duplicate row labels.
-        ValueError / FileNotFoundError: no datasets, or a dataset that is missing or lacks columns.
+        GroundingError: unknown method or options, adapter rows without an adapter, duplicate row labels, or an
+            evaluated image smaller than a cropping method's ``min_crop``.
+        ValueError / FileNotFoundError: no datasets, a dataset that is missing or lacks columns, bad ``batch_size``.
     """
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
     methods = cfg.methods if cfg.methods else default_methods(bool(cfg.adapter))
     methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in methods]
+    built = []
     for m in methods:
-        build_method(m.name, **m.options)  # unknown names and options fail here, before any model is loaded
+        built.append(build_method(m.name, **m.options))  # unknown names and options fail here, before any model
         if m.weights not in ("base", "adapter"):
             raise GroundingError(f"method row {m.row!r}: 'weights' must be base or adapter, got {m.weights!r}")
         if m.weights == "adapter" and not cfg.adapter:
@@ -142,7 +150,29 @@ def check_config(cfg: EvalConfig) -> list[MethodSpec]:
         raise ValueError("no datasets given (--data DIR [DIR ...])")
     for path in cfg.data:
         load_split(path, cfg.split, 1)
+    croppers = [(m, float(b.min_crop)) for m, b in zip(methods, built) if getattr(b, "min_crop", None)]
+    if croppers:
+        for path in cfg.data:
+            check_crop_sizes(load_split(path, cfg.split, cfg.max_samples), path, croppers)
     return methods
+
+
+def check_crop_sizes(ds: Any, path: str, croppers: Sequence[tuple[MethodSpec, float]]) -> None:
+    """Refuse a dataset with an image smaller than a cropping method's ``min_crop`` before any model runs.
+
+    Reads only the ``id``, ``width`` and ``height`` columns (image 0's size, as the schema records it).
+
+    Raises:
+        GroundingError: naming the method row, the option, the dataset and the first sample that is too small.
+    """
+    ids, widths, heights = ds["id"], ds["width"], ds["height"]
+    for spec, min_crop in croppers:
+        for sid, w, h in zip(ids, widths, heights):
+            if w < min_crop or h < min_crop:
+                raise GroundingError(
+                    f"{spec.row}: sample {sid!r} of {path} has an image of {w} x {h} px, smaller than option "
+                    f"min_crop={min_crop:g} px on at least one axis; lower min_crop or leave the sample out"
+                )
 
 
 @contextlib.contextmanager
@@ -191,33 +221,37 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
             n = 0
             rows_out: list[dict[str, Any]] = []
             gallery: list[tuple[dict[str, Any], Any]] = []
+            run_batch = getattr(method, "run_batch", None) if cfg.batch_size > 1 else None
             for path, ds in splits.items():
-                for row in ds:
+                for start in range(0, len(ds), cfg.batch_size):
+                    chunk = [ds[i] for i in range(start, min(start + cfg.batch_size, len(ds)))]
                     try:
-                        res = method.run(gm, row)
+                        results = run_batch(gm, chunk) if callable(run_batch) else [method.run(gm, r) for r in chunk]
                     except GroundingError as e:
-                        raise GroundingError(f"{spec.row} on {path} sample {row.get('id')!r}: {e}") from e
-                    metrics.update_result(spec.row, res, row)
-                    _check_finite_maps(res, spec.row, row)
-                    sums["forward"] += res.passes.get("forward", 0)
-                    sums["backward"] += res.passes.get("backward", 0)
-                    sums["seconds"] += res.seconds
-                    n += 1
-                    rows_out.append(
-                        {
-                            "id": row["id"],
-                            "task": row["task"],
-                            "dataset": path,
-                            "answer": res.answer,
-                            "gold": row["answer"],
-                            "boxes": [list(map(float, b)) for b in res.boxes],
-                            "passes": res.passes,
-                            "seconds": res.seconds,
-                        }
-                    )
-                    if len(gallery) < cfg.gallery_size:
-                        gallery.append((row, res))
-                    bar.update(1)
+                        ids = ", ".join(repr(r.get("id")) for r in chunk)
+                        raise GroundingError(f"{spec.row} on {path} sample(s) {ids}: {e}") from e
+                    for row, res in zip(chunk, results):
+                        metrics.update_result(spec.row, res, row)
+                        _check_finite_maps(res, spec.row, row)
+                        sums["forward"] += res.passes.get("forward", 0)
+                        sums["backward"] += res.passes.get("backward", 0)
+                        sums["seconds"] += res.seconds
+                        n += 1
+                        rows_out.append(
+                            {
+                                "id": row["id"],
+                                "task": row["task"],
+                                "dataset": path,
+                                "answer": res.answer,
+                                "gold": row["answer"],
+                                "boxes": [list(map(float, b)) for b in res.boxes],
+                                "passes": res.passes,
+                                "seconds": res.seconds,
+                            }
+                        )
+                        if len(gallery) < cfg.gallery_size:
+                            gallery.append((row, res))
+                        bar.update(1)
             bar.close()
         cost[spec.row] = {f"{k}_per_sample": v / max(n, 1) for k, v in sums.items()}
         per_sample[spec.row] = rows_out
@@ -339,8 +373,9 @@ def save_gallery(items: Sequence[tuple[dict[str, Any], Any]], path: Path, title:
         ax.axis("off")
     for ax, (row, res) in zip(axes.flat, items):
         image = sample_images(row)[0]
-        said = f" | said {res.answer!r}" if res.answer is not None else ""
-        overlay(ax, image, res.maps[0] if res.maps else None, title=f"{row['id']}: gold {row['answer']!r}{said}")
+        said = f" | said {_clip(res.answer, 14)!r}" if res.answer is not None else ""
+        panel = f"{_clip(str(row['id']), 24)}: gold {row['answer']!r}{said}"
+        overlay(ax, image, res.maps[0] if res.maps else None, title=panel)
         ev = row.get("evidence") or {}
         for x0, y0, x1, y1 in ev.get("boxes") or []:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
@@ -357,6 +392,11 @@ def save_gallery(items: Sequence[tuple[dict[str, Any], Any]], path: Path, title:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _clip(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters (ending in "..." when cut), so panel titles do not run into each other."""
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def check_ranges(scores: dict[str, Any]) -> list[str]:

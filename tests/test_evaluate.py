@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -196,21 +197,122 @@ def test_dataset_without_evidence_column_is_named(tmp_path, task_data):
         evaluate.main(["--data", f"[{broken}]", *MODEL_FLAGS])
 
 
-def test_image_too_small_for_a_crop_names_the_sample(tmp_path, task_data):
-    with pytest.raises(SystemExit, match=r"vicrop_rel_att.*sample '.*'.*(small|crop)"):
+@pytest.mark.parametrize("name", ["vicrop_rel_att", "entropy_gradient", "laser"])
+def test_image_too_small_for_a_crop_names_the_sample(tmp_path, task_data, name):
+    from klal.evaluation import load_split
+
+    first = load_split(task_data["grid_patch"], "test", 1)[0]
+    methods = f'[{{"name": "attention_probe"}}, {{"name": "{name}", "options": {{"min_crop": 1000}}}}]'
+    match = rf"^evaluate.py: error: {name}: sample '{first['id']}' of .*grid_patch has an image of 224 x 224 px"
+    match += r".*min_crop=1000"
+    with pytest.raises(SystemExit, match=match):
         evaluate.main(
-            [
-                "--data",
-                f"[{task_data['grid_patch']}]",
-                "--max_samples",
-                "1",
-                "--methods",
-                '[{"name": "vicrop_rel_att", "options": {"min_crop": 1000}}]',
-                "--out",
-                str(tmp_path / "o"),
-                *MODEL_FLAGS,
-            ]
+            ["--data", f"[{task_data['grid_patch']}]", "--max_samples", "1", "--methods", methods]
+            + ["--out", str(tmp_path / "o"), *MODEL_FLAGS]
         )
+    assert not (tmp_path / "o").exists()  # refused before any method ran (the output folder is made after loading)
+
+
+def test_batched_evaluation_equals_one_sample_at_a_time(tmp_path, task_data):
+    from klal.evaluation import EvalConfig, MethodSpec
+    from klal.evaluation import evaluate as run_eval
+    from klal.models.loader import ModelConfig
+
+    gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
+    methods = [
+        MethodSpec("attention_probe", "prompt attention", options={"query": "prompt_last"}),
+        MethodSpec("attention_probe", "answer attention", options={"query": "answer_last"}),
+        MethodSpec("localization_heads", options={"top_k": 3, "floor": 0.0}),
+    ]
+    data = [task_data["grid_patch"], task_data["line_tracing"]]
+    runs = {}
+    for bs in (1, 2):  # 5 samples per dataset: chunks of 2, 2 and a partial 1
+        cfg = EvalConfig(
+            data=data,
+            split="train",
+            max_samples=5,
+            methods=methods,
+            prepare_samples=4,
+            batch_size=bs,
+            gallery_size=0,
+            out=str(tmp_path / f"bs{bs}"),
+            progress=False,
+        )
+        runs[bs] = run_eval(cfg, gm)
+    one, two = runs[1], runs[2]
+    for row in one["metrics"]:
+        for task, ms in one["metrics"][row].items():
+            for name, stats in ms.items():
+                got = two["metrics"][row][task][name]
+                assert got["count"] == stats["count"] and got["skipped"] == stats["skipped"], (row, task, name)
+                assert got["value"] == pytest.approx(stats["value"], rel=1e-6, abs=1e-9), (row, task, name)
+        assert two["cost"][row]["forward_per_sample"] == one["cost"][row]["forward_per_sample"] == 1.0
+        assert [s["boxes"] for s in two["samples"][row]] == [s["boxes"] for s in one["samples"][row]]
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        run_eval(EvalConfig(data=data, batch_size=0, out=str(tmp_path / "bad")), gm)
+
+
+def test_every_method_runs_on_base_and_adapter_with_a_non_square_grid(adapter_dir):
+    """Each method on one 280 x 168 image: the 6 x 10 token grid (hand-worked: both sides are multiples of 28 and the
+    area is under max_pixels, so the processor keeps the size), on the base weights and with the LoRA adapter."""
+    from klal.evaluation import _weights
+    from klal.grounding import build_method
+    from klal.models.loader import ModelConfig
+    from tests.conftest import make_row
+
+    gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224), adapter=adapter_dir)
+    row = make_row(7, 280, 168, [56.0, 28.0, 140.0, 84.0])
+    prep = [make_row(10 + i, 280, 168, None) for i in range(3)]
+    options = {
+        "attention_probe": {"query": "answer_last"},
+        "localization_heads": {"top_k": 3, "floor": 0.0},
+        "entropy_gradient": {"max_rounds": 1, "max_new_tokens": 2},
+        "vicrop_rel_att": {"max_new_tokens": 2},
+        "vicrop_grad_att": {"max_new_tokens": 2},
+        "laser": {"max_new_tokens": 2},
+    }
+    assert set(options) == set(ALL_METHODS)
+    for name, opts in options.items():
+        maps = {}
+        for weights in ("base", "adapter"):
+            method = build_method(name, **opts)
+            with _weights(gm, weights):
+                if hasattr(method, "prepare"):
+                    method.prepare(gm, prep)
+                res = method.run(gm, row)
+            assert res.maps[0].shape == (6, 10), (name, weights)
+            assert np.all(np.isfinite(res.maps[0])) and res.maps[0].min() >= 0, (name, weights)
+            for x0, y0, x1, y1 in res.boxes:
+                assert 0 <= x0 < x1 <= 280 and 0 <= y0 < y1 <= 168, (name, weights, res.boxes)
+            maps[weights] = res.maps[0]
+        # the adapter reaches every method: its map differs from the base model's on the same sample
+        assert not np.allclose(maps["base"], maps["adapter"], rtol=1e-4, atol=1e-7), name
+
+
+def test_probe_images_reach_tensorboard(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from klal.callbacks import _log_image
+
+    png = tmp_path / "gallery.png"
+    pixels = np.zeros((30, 40, 3), dtype=np.uint8)
+    pixels[5:10, 20:30] = (255, 0, 0)
+    Image.fromarray(pixels).save(png)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
+    _log_image(trainer, "probe/answer attention", png, step=7)
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    (event,) = acc.Images("probe/answer attention")
+    assert event.step == 7 and (event.width, event.height) == (40, 30)
+    import io
+
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, pixels)
 
 
 def test_probe_callback_logs_metrics_and_pictures(tmp_path, task_data):
@@ -251,3 +353,24 @@ def test_probe_callback_logs_metrics_and_pictures(tmp_path, task_data):
     # probing leaves the trained weights trainable and without stray gradients from the probes
     assert any(p.requires_grad for p in cli.model.model.parameters())
     assert cli.model.model.training
+
+
+def test_probe_images_reach_wandb_offline(tmp_path, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+
+    from klal.callbacks import _log_image
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    png = tmp_path / "gallery.png"
+    pixels = np.zeros((30, 40, 3), dtype=np.uint8)
+    pixels[5:10, 20:30] = (0, 0, 255)
+    Image.fromarray(pixels).save(png)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="klal-test")
+    trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
+    _log_image(trainer, "probe/answer attention", png, step=3)
+    logger.experiment.finish()
+    (stored,) = (tmp_path / "wandb").glob("offline-run-*/files/media/images/probe/answer attention_*.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(stored).convert("RGB")), pixels)

@@ -439,6 +439,36 @@ def test_localization_heads_end_to_end(gm, rows, tmp_path):
     np.testing.assert_allclose(res.maps[0], ref, rtol=1e-5)
 
 
+def test_batched_probe_and_heads_equal_single_sample_runs(gm, rows, tmp_path):
+    """One right-padded forward pass over samples with different token grids gives each sample's own maps."""
+    sizes = [(224, 224), (280, 168), (168, 112)]  # grids (8, 8), (6, 10), (4, 6): different V, so padding is real
+    batch = [dict(r, image=r["image"].resize(wh), width=wh[0], height=wh[1]) for r, wh in zip(rows, sizes)]
+    for row, (w, h) in zip(batch, sizes):
+        assert gm.inputs([row["image"]], row["question"])["grids"] == [(h // 28, w // 28)]
+    heads = lh.HeadSelection([(0, 1), (2, 3), (3, 0)], [1, 1, 1], 1, "tiny", gm.num_layers, gm.num_heads)
+    heads.save(str(tmp_path / "heads.json"))
+    methods = [
+        build_method("attention_probe", query="prompt_last"),
+        build_method("attention_probe", query="answer_last", layers="1-2"),
+        build_method("localization_heads", heads_file=str(tmp_path / "heads.json")),
+    ]
+    for method in methods:
+        before = gm.passes["forward"]
+        batched = method.run_batch(gm, batch)
+        assert gm.passes["forward"] - before == 1  # the whole batch in one forward pass
+        for row, (w, h), got in zip(batch, sizes, batched):
+            want = method.run(gm, row)
+            assert [m.shape for m in got.maps] == [(h // 28, w // 28)]
+            np.testing.assert_allclose(got.maps[0], want.maps[0], rtol=1e-5, atol=1e-9)
+            assert got.boxes == want.boxes
+            assert got.passes == {"forward": 1, "backward": 0} and got.seconds > 0
+    # generated_last decodes per sample, so it falls back to single runs.
+    gen = build_method("attention_probe", query="generated_last", max_new_tokens=1)
+    assert [r.answer for r in gen.run_batch(gm, batch[:2])] == [gen.run(gm, r).answer for r in batch[:2]]
+    with pytest.raises(GroundingError, match="query must be prompt_last or answer_last"):
+        gm.batch_attention(batch, "generated_last")
+
+
 def test_loc_heads_cli(tmp_path, rows, gm):
     import datasets
 

@@ -15,17 +15,21 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from klal.capture import CaptureRequest, enable_capture
+from klal.capture import CaptureRequest, enable_capture, select_queries
 from klal.data.collate import KLALCollator, PromptSettings
 
 GENERIC_PROMPT = "Write a general description of the image."
 """ViCrop's query-free prompt, also used by LASER's 'without query' pass."""
+
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+"""Model inputs of a prompt (single sample or collated batch)."""
 
 
 class GroundingError(ValueError):
@@ -54,7 +58,12 @@ class GroundingResult:
 
 
 class GroundingMethod(Protocol):
-    """A training-free grounding method."""
+    """A training-free grounding method.
+
+    Methods that can share a forward pass between samples (``attention_probe`` with ``prompt_last`` or
+    ``answer_last``, ``localization_heads``) also have ``run_batch(gm, samples) -> list[GroundingResult]``, which
+    gives the results ``run`` gives one sample at a time (:meth:`GroundingModel.batch_attention`).
+    """
 
     name: ClassVar[str]
     answers: ClassVar[bool]
@@ -118,6 +127,23 @@ def timed(gm: GroundingModel, fn: Callable[[], GroundingResult]) -> GroundingRes
     res.seconds = time.perf_counter() - t0
     res.passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
     return res
+
+
+def timed_batch(gm: GroundingModel, fn: Callable[[], list[GroundingResult]]) -> list[GroundingResult]:
+    """Run a batched ``fn`` and fill in each result's cost.
+
+    Every sample of the batch takes part in every pass, so each result gets the batch's pass counts (a batched
+    forward pass counts as one forward pass per sample); the wall time is split evenly over the samples.
+    """
+    before = dict(gm.passes)
+    t0 = time.perf_counter()
+    results = fn()
+    seconds = time.perf_counter() - t0
+    passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
+    for res in results:
+        res.seconds = seconds / max(len(results), 1)
+        res.passes = dict(passes)
+    return results
 
 
 class GroundingModel:
@@ -208,8 +234,7 @@ class GroundingModel:
         return out
 
     def _model_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-        return {k: inputs[k] for k in keys if k in inputs}
+        return {k: inputs[k] for k in _INPUT_KEYS if k in inputs}
 
     def forward(self, inputs: dict[str, Any], request: CaptureRequest | None = None) -> torch.Tensor:
         """One forward pass; returns the logits ``(1, S, vocab)``."""
@@ -262,6 +287,69 @@ class GroundingModel:
         maps = req.stacked().exp()  # (L, 1, H, 1, V) or (L, 1, 1, V)
         req.clear()
         return maps[:, 0, :, 0] if per_head else maps[:, 0, 0]
+
+    def batch_attention(
+        self,
+        samples: Sequence[dict[str, Any]],
+        query: Literal["prompt_last", "answer_last"] = "prompt_last",
+        layers: Iterable[int] | None = None,
+        per_head: bool = True,
+    ) -> list[tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]]:
+        """:meth:`attention` for several samples in ONE forward pass, on the training collator's right-padded batch.
+
+        Every sample is rendered as in training (prompt, gold answer, end of turn) by :class:`KLALCollator`, and one
+        query token per sample is read with the capture: ``prompt_last``, the token before the answer (causal
+        attention never reaches the appended answer, so its map is the single-sample prompt map), or
+        ``answer_last``, the gold answer's last content token (teacher-forced). Padded keys get no attention, so each
+        sample's map is the one a pass on that sample alone gives, up to float round-off.
+
+        Args:
+            samples: dataset rows (``id``, ``image``, ``question``, ``answer``).
+            query: which token's attention to read.
+            layers: language layers (default all), in increasing order in the result.
+            per_head: keep heads (``(L, H, V_i)``) instead of the head mean (``(L, V_i)``).
+
+        Returns:
+            Per sample: the maps (probabilities over its ``V_i`` visual tokens, renormalised per head), its grids
+            ``[(gh, gw)]`` per image and its image sizes ``[(w, h)]``.
+
+        Raises:
+            GroundingError: unknown ``query``, or a sample with an empty answer (naming it).
+        """
+        if query not in ("prompt_last", "answer_last"):
+            raise GroundingError(f"batch_attention: query must be prompt_last or answer_last, not {query!r}")
+        if not samples:
+            return []
+        rows = [
+            {
+                "id": s.get("id"),
+                "image": sample_images(s),
+                "question": s["question"],
+                "answer": str(s["answer"]),
+                "evidence": None,  # the batch is only model input here; targets are not needed
+            }
+            for s in samples
+        ]
+        try:
+            batch = self.collator(rows)
+        except ValueError as e:
+            raise GroundingError(str(e)) from e
+        kw = {k: batch[k].to(self.device) for k in _INPUT_KEYS if k in batch}
+        kw["pixel_values"] = kw["pixel_values"].to(self.model.dtype)
+        qmask = select_queries(batch["answer_mask"].to(self.device), "last" if query == "answer_last" else query)
+        req = CaptureRequest.from_masks(qmask, kw["input_ids"] == self.image_token_id, layers)
+        req.per_head = per_head
+        self.passes["forward"] += 1
+        with torch.no_grad():
+            self.model(**kw, klal_capture=req, use_cache=False)
+        maps = req.stacked().exp()  # (L, B, H, 1, V) or (L, B, 1, V)
+        n_keys = req.key_valid.sum(-1).tolist()
+        req.clear()
+        out = []
+        for i, row in enumerate(rows):
+            m = maps[:, i, :, 0, : n_keys[i]] if per_head else maps[:, i, 0, : n_keys[i]]
+            out.append((m, list(batch["grids"][i]), [(im.width, im.height) for im in row["image"]]))
+        return out
 
     def visual_embeds_grad(
         self, inputs: dict[str, Any], objective: Callable[[torch.Tensor], torch.Tensor]
@@ -420,4 +508,5 @@ __all__ = [
     "register_method",
     "sample_images",
     "timed",
+    "timed_batch",
 ]

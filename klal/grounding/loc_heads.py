@@ -60,6 +60,7 @@ from klal.grounding.base import (
     register_method,
     sample_images,
     timed,
+    timed_batch,
 )
 from klal.grounding.ops import (
     cells_to_pixels,
@@ -454,25 +455,52 @@ class LocalizationHeads:
         """Map, mask and boxes of one row."""
         return timed(gm, lambda: self._run(gm, sample))
 
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
+    def run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        """Map several rows from one padded forward pass (:meth:`GroundingModel.batch_attention`)."""
+        return timed_batch(gm, lambda: self._run_batch(gm, samples))
+
+    def _ready(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> tuple[HeadSelection, list[int]]:
+        """The checked head selection and the layers it reads, or GroundingError naming the first sample."""
+        first = samples[0].get("id") if samples else None
         if self.selection is None:
             raise GroundingError(
-                f"sample {sample.get('id')!r}: localization_heads has no heads; give heads_file or call prepare()"
+                f"sample {first!r}: localization_heads has no heads; give heads_file or call prepare()"
             )
-        sel = self.selection
-        sel.check_model(gm, source=self.heads_file or "<discovered heads>")
-        images = sample_images(sample)
-        if not images:
-            raise GroundingError(f"sample {sample.get('id')!r}: localization_heads needs an image")
-        inputs = gm.inputs(images, sample["question"])
-        layers = sorted({layer for layer, _ in sel.heads})
+        self.selection.check_model(gm, source=self.heads_file or "<discovered heads>")
+        for sample in samples:
+            if not sample_images(sample):
+                raise GroundingError(f"sample {sample.get('id')!r}: localization_heads needs an image")
+        return self.selection, sorted({layer for layer, _ in self.selection.heads})
+
+    def _run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        sel, layers = self._ready(gm, samples)
+        return [
+            self._result(gm, sel, layers, att, grids, sizes)
+            for att, grids, sizes in gm.batch_attention(samples, "prompt_last", layers, per_head=True)
+        ]
+
+    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
+        sel, layers = self._ready(gm, [sample])
+        inputs = gm.inputs(sample_images(sample), sample["question"])
         att = gm.attention(inputs, layers=layers, per_head=True)  # (len(layers), H, V)
+        return self._result(gm, sel, layers, att, inputs["grids"], inputs["image_sizes"])
+
+    def _result(
+        self,
+        gm: GroundingModel,
+        sel: HeadSelection,
+        layers: list[int],
+        att: torch.Tensor,
+        grids: list[tuple[int, int]],
+        sizes: list[tuple[int, int]],
+    ) -> GroundingResult:
+        """Map, mask and boxes from the heads' attention ``att`` ``(len(layers), H, V)`` of one sample."""
         rows = torch.stack([att[layers.index(layer), head] for layer, head in sel.heads])  # (K, V)
-        per_image = gm.split_grid(rows, inputs["grids"])  # [(K, gh, gw)]
+        per_image = gm.split_grid(rows, grids)  # [(K, gh, gw)]
         maps = [heads_map(g, self.sigma) for g in per_image]
         mask, ranked = map_boxes(maps[0])
         gh, gw = maps[0].shape
-        boxes = [cells_to_pixels(box, (gh, gw), inputs["image_sizes"][0]) for box, _ in ranked]
+        boxes = [cells_to_pixels(box, (gh, gw), sizes[0]) for box, _ in ranked]
         extras = {
             "heads": [list(h) for h in sel.heads],
             "mask": mask.astype(int).tolist(),

@@ -27,6 +27,7 @@ from klal.grounding.base import (
     register_method,
     sample_images,
     timed,
+    timed_batch,
 )
 from klal.grounding.ops import cells_to_pixels, extract_regions
 
@@ -93,6 +94,25 @@ class AttentionProbe:
 
     def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
         return timed(gm, lambda: self._run(gm, sample))
+
+    def run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        """Probe several rows; ``prompt_last`` and ``answer_last`` share one padded forward pass.
+
+        ``generated_last`` decodes each row's own answer first, so its rows run one at a time. A batched result
+        reports the batch's passes and an even share of its seconds (:func:`klal.grounding.base.timed_batch`).
+        """
+        if self.query == "generated_last":
+            return [self.run(gm, s) for s in samples]
+        return timed_batch(gm, lambda: self._run_batch(gm, samples))
+
+    def _run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        layers = parse_layers(self.layers, gm.num_layers)
+        out = []
+        for att, grids, sizes in gm.batch_attention(samples, self.query, layers, per_head=False):  # att: (L, V)
+            maps = gm.split_grid(att.mean(0), grids)
+            boxes = map_to_box(maps[0], sizes[0], self.sigma) if maps else []
+            out.append(GroundingResult(maps=maps, boxes=boxes, extras={"layers": layers, "query": self.query}))
+        return out
 
     def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
         images = sample_images(sample)
