@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -147,6 +149,18 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS reports it (``/proc/cpuinfo`` on Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _sync(device: torch.device) -> None:
@@ -309,7 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
     batch = move(batch_cpu, device, dtype)
 
     peak = args.peak_tflops or measure_peak_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_name()} CPU ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     results = []
     for gc in settings:

@@ -444,9 +444,23 @@ def restore_rng_states(states: list[dict[str, Any]], rank: int) -> None:
 
 
 # -- finding the last checkpoint -------------------------------------------------------------------------------------
+def _newest_mtime(path: str) -> float:
+    """Modification time of a file, or of the newest file in a folder (a DeepSpeed checkpoint is a folder whose files
+    are rewritten in place, which need not touch the folder's own time)."""
+    if not os.path.isdir(path):
+        return os.path.getmtime(path)
+    times = [os.path.getmtime(path)]
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                times.append(os.path.getmtime(os.path.join(dirpath, name)))
+    return max(times)
+
+
 def find_last_checkpoint(roots: Iterable[str], max_depth: int = 4) -> str | None:
     """The most recently modified ``last.ckpt`` / ``last-vN.ckpt`` under ``roots`` (at most ``max_depth`` folders
-    down, hidden folders skipped), or None."""
+    down, hidden folders skipped), or None. A folder of that name counts too: DeepSpeed writes checkpoints as
+    folders; the newest file inside gives its time."""
     found: dict[str, float] = {}
     for root in roots:
         root = os.path.abspath(root)
@@ -457,11 +471,13 @@ def find_last_checkpoint(roots: Iterable[str], max_depth: int = 4) -> str | None
             if dirpath.rstrip(os.sep).count(os.sep) - base_depth >= max_depth:
                 dirnames[:] = []
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
+            folders = [d for d in dirnames if _LAST.match(d)]
+            dirnames[:] = [d for d in dirnames if d not in folders]  # nothing to find inside a checkpoint folder
+            for name in (*filenames, *folders):
                 if _LAST.match(name):
                     p = os.path.join(dirpath, name)
                     with contextlib.suppress(OSError):
-                        found[p] = os.path.getmtime(p)
+                        found[p] = _newest_mtime(p)
     return max(found, key=found.__getitem__) if found else None
 
 

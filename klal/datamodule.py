@@ -150,16 +150,26 @@ class KLALDataModule(L.LightningDataModule):
         self._train_lengths: list[int] | None = None
 
     def prepare_data(self) -> None:
-        """Generate the synthetic dataset once (rank 0 only, as Lightning calls it)."""
+        """Generate the synthetic dataset once (Lightning calls this on local rank 0 of every node).
+
+        Nodes that share a file system may generate the same folder at the same time. The writer renames a complete
+        dataset into place, and the same settings give the same dataset, so a process that loses the race uses the
+        winner's copy instead of failing.
+        """
         g = self.generate
         if g is not None and not os.path.isdir(g.out):
             from data_gen.tasks import build_task
-            from data_gen.writer import generate_dataset
+            from data_gen.writer import MANIFEST_NAME, DatasetWriteError, generate_dataset
 
             overrides: dict[str, Any] = {"image_size": g.image_size}
             os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
             task = build_task(g.task, preset=g.preset, overrides=overrides)
-            generate_dataset(task, num=g.num, seed=g.seed, out=g.out, workers=g.workers)
+            try:
+                generate_dataset(task, num=g.num, seed=g.seed, out=g.out, workers=g.workers)
+            except (DatasetWriteError, OSError):
+                # Another process finished the same dataset first (its manifest is written before the rename).
+                if not os.path.isfile(os.path.join(g.out, MANIFEST_NAME)):
+                    raise
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:

@@ -259,10 +259,15 @@ class KLALModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
+    def trainable_names(self) -> set[str]:
+        """State-dict keys (``model.`` + parameter name, without FSDP / checkpoint-wrapper segments) of the parameters
+        that train (the LoRA weights)."""
+        # Under FSDP parameter names carry wrapper segments that the (gathered) state dict does not.
+        return {f"model.{strip_wrapper_prefixes(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train (the LoRA weights), keyed as in ``self.state_dict()``."""
-        # Under FSDP parameter names carry wrapper segments that the (gathered) state dict does not.
-        names = {f"model.{strip_wrapper_prefixes(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
+        names = self.trainable_names()
         return {k: v for k, v in self.state_dict().items() if strip_wrapper_prefixes(k) in names}
 
     def checkpoint_fingerprint(self) -> dict[str, dict[str, Any]]:
@@ -275,8 +280,11 @@ class KLALModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = self.trainable_state_dict()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Filter by name: the strategy already gathered the state dict (FSDP: on rank 0 only, others get {}), and a
+        # second self.state_dict() would gather the whole sharded model again, on every rank.
+        names = self.trainable_names()
+        state = checkpoint.get("state_dict") or {}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if strip_wrapper_prefixes(k) in names}
         checkpoint["klal_base_model"] = self.backbone.name_or_path
         checkpoint["klal_fingerprint"] = self.checkpoint_fingerprint()
         # Lightning stores no RNG state; every rank's goes in so dropout continues as in an uninterrupted run.
@@ -287,7 +295,12 @@ class KLALModule(L.LightningModule):
         source = f"checkpoint {trainer.ckpt_path}" if trainer is not None and trainer.ckpt_path else "checkpoint"
         fp = self.checkpoint_fingerprint()
         check_compatible(checkpoint, fp["base"], fp["lora"], source=source)
-        check_trainable_keys(checkpoint.get("state_dict", {}), self.trainable_state_dict(), source=source)
+        if "state_dict" in checkpoint:
+            check_trainable_keys(checkpoint["state_dict"], self.trainable_state_dict(), source=source)
+        elif trainer is not None and not _strategy_loads_weights_itself(trainer.strategy):
+            raise ValueError(f"{source} holds no weights (no 'state_dict'); is it a Lightning checkpoint of klal?")
+        # Else the strategy restored the weights before this hook and passes no state dict (FSDP pops it from a full
+        # checkpoint, DeepSpeed keeps weights in its own files): the fingerprints above are the check there.
         # Applied in on_train_start: the sanity check and loader setup between here and training must not shift it.
         self._rng_to_restore = checkpoint.get("klal_rng")
 
@@ -320,6 +333,14 @@ class KLALModule(L.LightningModule):
             return self.adapter_dir
         root = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
         return os.path.join(root, "adapter")
+
+
+def _strategy_loads_weights_itself(strategy: Any) -> bool:
+    """Whether ``strategy`` restores model weights in ``load_checkpoint`` (FSDP, DeepSpeed: their
+    ``load_model_state_dict`` is overridden) rather than from ``checkpoint["state_dict"]`` after the hooks."""
+    from lightning.pytorch.strategies import Strategy
+
+    return type(strategy).load_model_state_dict is not Strategy.load_model_state_dict
 
 
 __all__ = ["KLALModule", "OptimSettings"]

@@ -39,7 +39,7 @@ SMALL = ModelConfig(min_pixels=56 * 56, max_pixels=112 * 112)
 LORA = LoraSettings(r=4, alpha=8, dropout=0.1)
 
 
-# -- helpers also used by the training subprocesses ------------------------------------------------------------------
+# -- a callback the training subprocesses load by class path ---------------------------------------------------------
 class HangAtStep(L.Callback):
     """Test-only: once ``step`` optimizer steps are done, write ``marker`` and block, so the test can SIGKILL a run
     that is alive, mid-training and past its newest checkpoint."""
@@ -52,23 +52,6 @@ class HangAtStep(L.Callback):
         if trainer.global_step == self.step:
             Path(self.marker).write_text(str(trainer.global_step))
             time.sleep(600)
-
-
-def child_main() -> None:
-    """``train.main()`` on ``sys.argv`` with the datamodule's train loader made resumable (as the datamodule should
-    build it)."""
-    from klal.datamodule import KLALDataModule
-
-    original = KLALDataModule.train_dataloader
-
-    def train_dataloader(self):
-        loader = original(self)
-        return loader if isinstance(loader, ResumableDataLoader) else ResumableDataLoader.from_loader(loader)
-
-    KLALDataModule.train_dataloader = train_dataloader
-    import train
-
-    train.main()
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------------
@@ -150,9 +133,9 @@ def _run_config(tmp: Path, data: str, root: Path, steps: int, hang: tuple[int, s
 
 
 def _start(config: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    """``python train.py fit --config CONFIG ...`` as a user runs it (PYTHONPATH lets it import ``HangAtStep``)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    code = "import tests.test_faults as t; t.child_main()"
-    cmd = [sys.executable, "-c", code, "fit", "--config", str(config), *extra]
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *extra]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -429,6 +412,18 @@ def test_find_last_checkpoint_picks_newest_across_versions(tmp_path):
     (tmp_path / "klal" / "version_1" / "checkpoints" / "epoch=0.ckpt").write_bytes(b"x")
     assert find_last_checkpoint([str(tmp_path)]) == str(new)
     assert find_last_checkpoint([str(tmp_path / "nowhere")]) is None
+    # DeepSpeed writes a checkpoint as a folder and rewrites the files inside: the newest file dates the folder.
+    folder = tmp_path / "klal" / "version_2" / "checkpoints" / "last.ckpt"
+    inner = folder / "checkpoint" / "mp_rank_00_model_states.pt"
+    inner.parent.mkdir(parents=True)
+    inner.write_bytes(b"x")
+    (folder / "latest").write_text("checkpoint")
+    for p in (folder, inner.parent, folder / "latest"):
+        os.utime(p, (900, 900))
+    os.utime(inner, (1002, 1002))
+    assert find_last_checkpoint([str(tmp_path)]) == str(folder)
+    os.utime(inner, (999, 999))
+    assert find_last_checkpoint([str(tmp_path)]) == str(new)
 
 
 # -- refusing checkpoints of another base model or LoRA config -------------------------------------------------------
@@ -457,6 +452,44 @@ def test_checkpoint_of_another_lora_config_is_refused(saved_checkpoint, lora, ex
     assert e.match(expected)
     # Dropout is not part of the weights' identity: another dropout loads.
     _module(lora=LoraSettings(r=4, alpha=8, dropout=0.3)).on_load_checkpoint(saved_checkpoint)
+
+
+def test_checkpoint_without_state_dict_is_checked_by_its_fingerprints(saved_checkpoint):
+    """FSDP (full checkpoints) and DeepSpeed restore the weights before ``on_load_checkpoint`` and hand it no state
+    dict: the same run's checkpoint must load, another LoRA config or base must still be refused."""
+    no_weights = {k: v for k, v in saved_checkpoint.items() if k != "state_dict"}
+    _module(lora=LoraSettings(r=4, alpha=8)).on_load_checkpoint(no_weights)
+    with pytest.raises(ValueError, match=r"another LoRA config \(r 4 vs 8"):
+        _module(lora=LoraSettings(r=8, alpha=8)).on_load_checkpoint(no_weights)
+    with pytest.raises(ValueError, match=r"another base model \(tiny_seed differ\)"):
+        _module(backbone=ModelConfig(min_pixels=56 * 56, max_pixels=112 * 112, tiny_seed=1)).on_load_checkpoint(
+            no_weights
+        )
+    # A strategy that loads checkpoint["state_dict"] itself after the hook (one device, DDP) gets a clear refusal
+    # instead of Lightning's KeyError.
+    m = _module(lora=LoraSettings(r=4, alpha=8))
+    m.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"holds no weights \(no 'state_dict'\)"):
+        m.on_load_checkpoint(no_weights)
+
+
+def test_saved_state_dict_keeps_exactly_the_trainable_tensors(saved_checkpoint):
+    m = _module(lora=LoraSettings(r=4, alpha=8, dropout=0.0, targets="attention", layers=None))
+    expected = {f"model.{n}": p for n, p in m.model.named_parameters() if p.requires_grad}
+    full = m.state_dict()
+    ckpt = {"state_dict": dict(full)}
+    m.on_save_checkpoint(ckpt)
+    assert set(ckpt["state_dict"]) == set(expected) and len(full) > 3 * len(expected)
+    assert all(torch.equal(ckpt["state_dict"][k], expected[k]) for k in expected)
+    # FSDP with a full state dict gathers it on rank 0 only; the other ranks' hook gets an empty one.
+    empty = {"state_dict": {}}
+    m.on_save_checkpoint(empty)
+    assert empty["state_dict"] == {}
+    # Parameter names under FSDP carry wrapper segments that the gathered state dict does not.
+    wrapped = {k.replace("layers.0.", "layers.0._fsdp_wrapped_module."): v for k, v in full.items()}
+    ckpt = {"state_dict": wrapped}
+    m.on_save_checkpoint(ckpt)
+    assert len(ckpt["state_dict"]) == len(expected)
 
 
 def test_checkpoint_of_another_base_model_is_refused(saved_checkpoint):
