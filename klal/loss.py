@@ -6,7 +6,9 @@ renormalised over visual tokens) of each selected query at layer ``l``::
     KLAL = mean_l mean_queries KL(P_eps || Q_l),     P_eps = (1 - eps) * P + eps / V
 
 averaged over the samples of the batch that have a map. Forward KL, as in the KLAL paper (arXiv 2511.12738). Samples
-without a map contribute nothing and are counted.
+without a map contribute nothing and are counted; so do samples without any visual token (text-only samples), even if
+``has_target`` claims a map. A batch without any map, or without any visual token, gives a KLAL of exactly 0 that
+still depends on ``log_q``, so every data-parallel rank back-propagates through the same parameters.
 
 Several images in one sample:
 

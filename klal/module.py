@@ -3,6 +3,10 @@
 The model is built in :meth:`KLALModule.configure_model`, so FSDP/DeepSpeed strategies can shard it at construction.
 Checkpoints hold only the trainable (LoRA) weights plus hyperparameters; at the end of ``fit`` the adapter is written
 with peft's ``save_pretrained`` so ``PeftModel.from_pretrained(base, path)`` loads it.
+
+Text-only samples (no image) train with NTP only. A batch without any image carries no ``pixel_values``, so the model
+skips its vision tower; the tower is frozen, so under DDP a rank that skipped it owes no gradients for it, and KLAL
+stays a graph-connected zero (:mod:`klal.loss`), so every rank reduces the same LoRA gradients.
 """
 
 from __future__ import annotations

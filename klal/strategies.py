@@ -123,6 +123,9 @@ class KLALFSDPStrategy(FSDPStrategy):
 
     Args:
         wrap_vision_blocks: make each vision block an FSDP unit too (else the vision tower joins the root unit).
+            Set it to False when the data has text-only samples: a rank whose batch has no image skips the vision
+            tower, and with it the all-gathers of those units that the other ranks wait in; the root unit is gathered
+            on every rank at every step.
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3-like), ``SHARD_GRAD_OP`` (ZeRO-2-like), ``HYBRID_SHARD``
             (full shard within a node, replicate across nodes) or ``NO_SHARD``.
         state_dict_type: ``full`` (rank 0 gathers; klal checkpoints hold only LoRA weights anyway) or ``sharded``.

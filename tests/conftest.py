@@ -36,6 +36,21 @@ def make_row(idx: int, width: int, height: int, box: list[float] | None, answer:
     }
 
 
+def make_text_row(idx: int, answer: str = "Paris", question: str = "What is the capital of France?") -> dict:
+    """A text-only schema row: no image (``image`` None, size 0 x 0) and empty evidence."""
+    return {
+        "id": f"text-{idx}",
+        "task": "test",
+        "image": None,
+        "question": question,
+        "answer": answer,
+        "width": 0,
+        "height": 0,
+        "evidence": {"boxes": [], "points": [], "polylines": []},
+        "meta": "{}",
+    }
+
+
 @pytest.fixture
 def mixed_rows():
     """Three rows with different image sizes (so different token grids) and one without evidence."""

@@ -1,4 +1,5 @@
-"""Attention capture against eager ``output_attentions`` on the tiny model, with padded mixed-size batches."""
+"""Attention capture against eager ``output_attentions`` on the tiny model, with padded mixed-size batches, and with
+text-only rows (no visual token) in the batch or making up the whole batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 from klal.capture import CaptureRequest, register_capture_attention, select_queries
 from klal.data.collate import KLALCollator
+from klal.loss import klal_loss
 from klal.models.tiny import build_tiny_model
+from tests.conftest import make_text_row
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -163,3 +166,79 @@ def test_differentiable_rows_keep_output_and_give_attention_gradients(models, ti
 
     fd = (logp_with(eps) - logp_with(-eps)) / (2 * eps)
     assert abs(fd - float(grad[0, 0, 0, key])) < 1e-3 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_text_only_rows_capture_nothing_and_klal_equals_the_eager_klal_of_the_image_rows(
+    models, tiny_processor, mixed_rows, padding_side
+):
+    """A batch mixing image rows and text-only rows: the image rows' captured maps equal eager attention, the text rows'
+    maps are finite placeholders, and KLAL equals a hand computation from the eager maps of the image rows alone."""
+    sdpa, cap, eager = models
+    rows = [make_text_row(0), mixed_rows[0], make_text_row(1, answer="(12, 10) and (3, 4)"), mixed_rows[1]]
+    batch = KLALCollator(tiny_processor, padding_side=padding_side)(rows)
+    inputs = {k: batch[k] for k in MODEL_KEYS}
+    visual = batch["input_ids"] == tiny_processor.image_token_id
+    request = CaptureRequest.from_masks(select_queries(batch["answer_mask"], "last"), visual)
+    assert request.key_valid.any(-1).tolist() == [False, True, False, True]
+    with torch.no_grad():
+        ref_logits = sdpa(**inputs).logits
+        out = cap(**inputs, klal_capture=request)
+        e = eager(**inputs, output_attentions=True)
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(out.logits[valid], ref_logits[valid])
+    log_q = request.stacked()  # (L, B, A, V)
+    assert torch.isfinite(log_q).all()
+    eps = 1e-4
+    per_row = []
+    for b in (1, 3):
+        qi = request.query_index[b][request.query_valid[b]]
+        ki = request.key_index[b][request.key_valid[b]]
+        p = batch["target"][b, : len(ki)].double()
+        p = (1 - eps) * p + eps / len(ki)
+        kl = []
+        for layer in range(log_q.shape[0]):
+            ref = _eager_reference(e.attentions[layer][b], qi, ki).double()  # (A=1, V)
+            assert torch.allclose(log_q[layer, b, : len(qi), : len(ki)].exp().double(), ref, atol=1e-5)
+            kl.append((p * (p.log() - ref.log())).sum(-1).mean())
+        per_row.append(torch.stack(kl).mean())
+    expected = torch.stack(per_row).mean().item()
+    res = klal_loss(log_q, batch["target"], batch["has_target"], request.query_valid, request.key_valid, epsilon=eps)
+    assert res.has_map.tolist() == [False, True, False, True]
+    assert res.per_sample[[0, 2]].tolist() == [0.0, 0.0]
+    assert res.klal.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_all_text_batch_gives_zero_klal_attached_to_the_graph(tiny_processor):
+    """No visual token in any row: the capture still returns (placeholder) maps, and KLAL is a finite 0 whose graph
+    reaches the model's weights, so a backward pass visits the same parameters as on a batch with images."""
+    cap = build_tiny_model(seed=0, attn_implementation=register_capture_attention("sdpa"))
+    batch = KLALCollator(tiny_processor)([make_text_row(0), make_text_row(1, answer="(12, 10)")])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    visual = batch["input_ids"] == tiny_processor.image_token_id
+    assert not visual.any()
+    request = CaptureRequest.from_masks(select_queries(batch["answer_mask"], "last"), visual)
+    cap(**inputs, klal_capture=request)
+    log_q = request.stacked()
+    assert log_q.shape[-1] == 1 and torch.isfinite(log_q).all() and log_q.requires_grad
+    res = klal_loss(log_q, batch["target"], batch["has_target"], request.query_valid, request.key_valid)
+    assert res.klal.item() == 0.0 and res.num_with_map == 0 and res.target_mass.item() == 0.0
+    res.klal.backward()
+    q_proj = cap.model.language_model.layers[0].self_attn.q_proj.weight
+    assert q_proj.grad is not None and torch.isfinite(q_proj.grad).all()
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_text_only_batch_logits_equal_each_row_run_alone(models, tiny_processor, padding_side):
+    """Without ``image_grid_thw`` the model numbers positions itself (from 0, padding included); for text this must
+    give the same logits as each row run alone, also with left padding."""
+    sdpa, _, _ = models
+    rows = [make_text_row(0), make_text_row(1, answer="(12, 10) and (3, 4)", question="Where are the two stars?")]
+    batch = KLALCollator(tiny_processor, padding_side=padding_side)(rows)
+    assert batch["attention_mask"].min() == 0, "the batch must be padded for this test to mean something"
+    with torch.no_grad():
+        logits = sdpa(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}).logits
+        for i in range(len(rows)):
+            real = batch["attention_mask"][i].bool()
+            alone = sdpa(input_ids=batch["input_ids"][i][real][None]).logits[0]
+            assert torch.allclose(logits[i][real], alone, atol=1e-5)

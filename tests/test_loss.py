@@ -95,6 +95,46 @@ def test_no_map_anywhere_gives_zero_loss_with_graph_and_no_nan():
     assert log_q.grad is not None and torch.isfinite(log_q.grad).all()
 
 
+@pytest.mark.parametrize("image_mode", ["joint", "per_image"])
+def test_rows_without_visual_tokens_are_excluded_and_an_all_text_batch_gives_zero(image_mode):
+    # The capture's placeholder for a row without visual tokens: one invalid key, log q = 0 (uniform over it).
+    q = [0.2, 0.3, 0.5]
+    p = [0.5, 0.5, 0.0]
+    log_q = torch.zeros(2, 2, 1, 3)
+    log_q[:, 0, 0] = torch.log(torch.tensor(q))
+    log_q.requires_grad_()
+    key_image = torch.tensor([[0, 0, 0], [-1, -1, -1]])
+    # Row 1 claims a map but has no visual token (a text-only row); it must not count, nor turn anything into NaN.
+    res = klal_loss(
+        log_q,
+        torch.tensor([p, [0.0, 0.0, 0.0]]),
+        torch.tensor([True, True]),
+        torch.ones(2, 1).bool(),
+        torch.tensor([[True, True, True], [False, False, False]]),
+        epsilon=0.0,
+        key_image=key_image,
+        image_mode=image_mode,
+    )
+    assert res.has_map.tolist() == [True, False]
+    assert res.klal.item() == pytest.approx(_kl(p, q), rel=1e-6)
+    res.klal.backward()
+    assert torch.isfinite(log_q.grad).all()
+    # Every row text-only: a zero that still depends on log_q, with a finite gradient.
+    log_q0 = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    res0 = klal_loss(
+        log_q0,
+        torch.zeros(2, 1),
+        torch.tensor([False, False]),
+        torch.ones(2, 1).bool(),
+        torch.zeros(2, 1).bool(),
+        key_image=torch.full((2, 1), -1),
+        image_mode=image_mode,
+    )
+    assert res0.klal.item() == 0.0 and res0.klal.requires_grad and res0.target_mass.item() == 0.0
+    res0.klal.backward()
+    assert log_q0.grad is not None and torch.isfinite(log_q0.grad).all()
+
+
 def test_one_hot_target_and_extreme_attention_stay_finite():
     q = torch.tensor([1.0 - 1e-30, 1e-30, 0.0])
     log_q = torch.log(q.clamp_min(1e-45))[None, None, None].requires_grad_()

@@ -1,4 +1,5 @@
-"""The Lightning module on the tiny model: gradients, NaN safety, a short fit that lowers KLAL, checkpoints, adapter."""
+"""The Lightning module on the tiny model: gradients, NaN safety, a short fit that lowers KLAL, checkpoints, adapter,
+and text-only samples (alone and mixed with image samples)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from klal.data.collate import KLALCollator
+from klal.data.collate import IGNORE_INDEX, KLALCollator
 from klal.models.loader import ModelConfig
 from klal.models.lora import LoraSettings
 from klal.module import KLALModule, OptimSettings
-from tests.conftest import make_row
+from tests.conftest import make_row, make_text_row
 
 SMALL = ModelConfig(min_pixels=56 * 56, max_pixels=224 * 224)
 
@@ -167,3 +168,85 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_processor, mixed_r
     assert k1 == pytest.approx(k0, rel=1e-6)
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+# -- text-only samples -------------------------------------------------------------------------------------------------
+TEXT_ROWS = [make_text_row(20), make_text_row(21, answer="(12, 10) and (3, 4)", question="Where are the two stars?")]
+
+
+def _rows(kind: str, mixed_rows: list[dict]) -> list[dict]:
+    """``all_text``: only text-only rows; ``mixed``: the image rows with text-only rows between them."""
+    if kind == "all_text":
+        return list(TEXT_ROWS)
+    return [mixed_rows[0], TEXT_ROWS[0], mixed_rows[1], TEXT_ROWS[1], mixed_rows[2]]
+
+
+def _cross_entropy_of_rows(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """NTP computed without klal: each row run on its own, unpadded, straight through the model, and the summed
+    next-token cross-entropy of the supervised labels divided by their count over the batch."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    grids = iter(batch.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)))
+    pixels = batch.get("pixel_values")
+    offset = 0
+    for i in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][i].bool()
+        ids, labels = batch["input_ids"][i][real][None], batch["labels"][i][real][None]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        n_images = len(batch["grids"][i])
+        if n_images:
+            thw = torch.stack([next(grids) for _ in range(n_images)])
+            n_patches = int(thw.prod(-1).sum())
+            inputs.update(
+                pixel_values=pixels[offset : offset + n_patches],
+                image_grid_thw=thw,
+                mm_token_type_ids=batch["mm_token_type_ids"][i][real][None],
+            )
+            offset += n_patches
+        logits = model(**inputs).logits[0, :-1].double()
+        target = labels[0, 1:]
+        keep = target != IGNORE_INDEX
+        total = total + torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+        count += int(keep.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("kind", ["all_text", "mixed"])
+def test_text_only_rows_train_every_lora_parameter_with_the_plain_ntp(tiny_processor, mixed_rows, kind):
+    m = _module()
+    _randomise_lora_b(m)
+    m.train()
+    batch = _batch(tiny_processor, _rows(kind, mixed_rows))
+    assert ("pixel_values" in batch) == (kind == "mixed")
+    parts = m.compute_losses(batch)
+    assert all(torch.isfinite(v).all() for v in parts.values()), parts
+    if kind == "all_text":
+        # No visual token anywhere: KLAL is an exact zero that is still part of the graph (DDP reduces the same
+        # parameters on every rank), and the loss is the NTP alone.
+        assert parts["klal"].item() == 0.0 and parts["klal"].requires_grad
+        assert parts["maps"].item() == 0 and parts["loss"].item() == parts["ntp"].item()
+    else:
+        assert parts["maps"].item() == 2 and parts["klal"].item() > 0
+    parts["loss"].backward()
+    trainable = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model.layers." in n for n, _ in trainable)
+    for n, p in m.model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n  # the frozen vision tower among them
+    with torch.no_grad():
+        expected = _cross_entropy_of_rows(m.model, batch)
+    assert parts["ntp"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("image_mode", ["joint", "per_image"])
+def test_mixed_batch_klal_equals_the_klal_of_its_image_rows_alone(tiny_processor, mixed_rows, image_mode):
+    m = _module(klal_image_mode=image_mode)
+    _randomise_lora_b(m)
+    m.eval()
+    with torch.no_grad():
+        mixed = m.compute_losses(_batch(tiny_processor, _rows("mixed", mixed_rows)))
+        images_only = m.compute_losses(_batch(tiny_processor, mixed_rows))
+    assert mixed["maps"].item() == images_only["maps"].item() == 2
+    assert mixed["klal"].item() == pytest.approx(images_only["klal"].item(), rel=1e-5)
+    assert mixed["target_mass"].item() == pytest.approx(images_only["target_mass"].item(), rel=1e-5)

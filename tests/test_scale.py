@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from klal.checkpoint import safe_load
-from klal.data.collate import KLALCollator, PromptSettings
+from klal.data.collate import NO_IMAGE_REASON, KLALCollator, PromptSettings
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths, padding_fraction
 from klal.data.schema import FEATURES
 from klal.strategies import (
@@ -30,7 +31,7 @@ from klal.strategies import (
     resolve_attn_implementation,
     strip_wrapper_prefixes,
 )
-from tests.conftest import make_row
+from tests.conftest import make_row, make_text_row
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo config's pixel bounds, which the DDP runs below use.
@@ -49,6 +50,8 @@ SIZES = [(224, 224, "(3, 2)"), (168, 112, "7"), (140, 196, "(12, 10)"), (50, 600
 )
 def test_estimated_lengths_equal_collated_lengths(tiny_processor, prompt):
     rows = [make_row(i, w, h, None, answer=a) for i, (w, h, a) in enumerate(SIZES)]
+    # Text-only rows (no image, size 0 x 0) render without the image placeholder.
+    rows += [make_text_row(0), make_text_row(1, answer="(12, 10) and (3, 4)", question="Where?")]
     collator = KLALCollator(tiny_processor, prompt=prompt)
     real = [int(collator([r])["attention_mask"].sum()) for r in rows]
     assert estimate_lengths(rows, tiny_processor, prompt) == real
@@ -56,6 +59,10 @@ def test_estimated_lengths_equal_collated_lengths(tiny_processor, prompt):
     assert estimate_lengths(ds, tiny_processor, prompt) == real
     with pytest.raises(ValueError, match="width"):
         estimate_lengths(ds.remove_columns("width"), tiny_processor)
+    # Only a 0 x 0 (or unknown) size means "no image"; one zero side is an error naming the sample.
+    assert estimate_lengths([dict(rows[-1], width=None, height=None)], tiny_processor, prompt) == real[-1:]
+    with pytest.raises(ValueError, match="sample 0.*positive"):
+        estimate_lengths([dict(rows[0], width=0)], tiny_processor, prompt)
 
 
 # -- LengthGroupedSampler ----------------------------------------------------------------------------------------------
@@ -198,6 +205,29 @@ def test_datamodule_token_budget_batches_fit_the_budget_once_collated(tmp_path):
         _datamodule(path, processor, token_budget=0)
 
 
+def test_datamodule_token_budget_with_text_only_rows(tmp_path):
+    """Text-only rows saved in the schema (``image`` None) load, get length estimates without visual tokens, and
+    token-budget batches of them (alone or mixed with image rows) stay within the budget once collated."""
+    from klal.models.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(**DEMO_PIXELS)
+    rows = _varied_rows(10) + [make_text_row(i, answer="(12, 10)" if i % 2 else "Paris") for i in range(10)]
+    path = _write_dataset(tmp_path / "d", rows, [make_text_row(100)])
+    dm = _datamodule(path, processor, token_budget=200, seed=0)
+    assert dm.splits["train"][10]["image"] is None and dm.splits["train"][10]["width"] == 0
+    seen, kinds = [], set()
+    for batch in dm.train_dataloader():
+        b, s = batch["input_ids"].shape
+        assert b * s <= 200
+        seen += batch["ids"]
+        n_text = sum(r == NO_IMAGE_REASON for r in batch["no_map_reason"])
+        kinds.add("text" if n_text == b else "image" if n_text == 0 else "mixed")
+        assert ("pixel_values" in batch) == (n_text < b)
+    assert sorted(seen) == sorted(r["id"] for r in rows)
+    assert {"text", "mixed"} <= kinds, kinds
+    assert dm.train_lengths()[10:] == [int(dm.collator([r])["attention_mask"].sum()) for r in rows[10:]]
+
+
 def test_nodes_generating_the_same_dataset_at_once_do_not_fail(tmp_path, monkeypatch):
     """``prepare_data`` runs on local rank 0 of every node: on a shared file system two nodes may generate
     ``data.generate.out`` at the same time. The one that finishes second must use the first one's dataset."""
@@ -323,22 +353,23 @@ CHECKPOINT_EVERY_STEP = (
 )
 
 
-def _run_ddp(tmp_path: Path, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def _run_ddp(tmp_path: Path, args: list[str], timeout: int = 240, strategy: str = "ddp") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "train.py"), *args]
-    cmd += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    cmd += ["--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.accelerator", "cpu"]
     # A hang would show as a timeout here rather than a stuck test session.
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
-def _step_metrics(root: Path) -> dict[str, list[float]]:
+def _step_metrics(root: Path, names: tuple[str, ...] = ("train/loss_step", "train/ntp_step", "train/klal_step")):
+    """Logged values of each metric in ``names``, in logging order, from the run's one ``metrics.csv``."""
     files = list(root.rglob("metrics.csv"))
     assert len(files) == 1, files
     rows = list(csv.DictReader(files[0].read_text().splitlines()))
     out: dict[str, list[float]] = {}
-    for name in ("train/loss_step", "train/ntp_step", "train/klal_step"):
+    for name in names:
         out[name] = [float(r[name]) for r in rows if r.get(name)]
     return out
 
@@ -397,6 +428,45 @@ def test_ddp_token_budget_with_mapless_batches_finishes(tmp_path):
     _run_ddp(tmp_path, _train_cmd(tmp_path, data, steps, 2, ["--data.token_budget", str(budget)]))
     m = _step_metrics(tmp_path)
     assert len(m["train/loss_step"]) == steps and all(v == v for v in m["train/loss_step"])
+
+
+@pytest.mark.slow
+def test_ddp_with_a_rank_whose_batch_has_no_image_finishes(tmp_path):
+    """2-process DDP (gloo) with ``find_unused_parameters=False`` and the default frozen vision tower: at step 0
+    rank 0's batch is text-only (no ``pixel_values``, so its vision tower never runs) while rank 1's has images and
+    maps, and the later steps mix text-only and image rows. Validation does the same (rank 0 text only). The run must
+    finish (no hang: a timeout bounds it; no unused-parameter error) with finite losses."""
+    n, steps, batch = 16, 3, 2
+    # The data module's default sampler: one seeded permutation, rank r takes every 2nd index (seed passed below).
+    order = [list(DistributedSampler(range(n), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in range(2)]
+    rank0_step0, rank1_step0 = set(order[0][:batch]), set(order[1][:batch])
+    text = rank0_step0 | {i for i in range(n) if i % 3 == 0 and i not in rank1_step0}
+    rows = [
+        make_text_row(i, answer="(12, 10)" if i % 2 else "Paris")
+        if i in text
+        else make_row(i, 112 if i % 2 else 168, 112, [0.0, 0.0, 56.0, 56.0], answer="(3, 4)")
+        for i in range(n)
+    ]
+    plan = [[order[r][s * batch : (s + 1) * batch] for s in range(steps)] for r in range(2)]
+    no_image = [[all(i in text for i in b) for b in plan[r]] for r in range(2)]
+    mixed = [any(i in text for i in b) and not all(i in text for i in b) for r in range(2) for b in plan[r]]
+    # If the sampler changes, re-arrange the rows so that the run still covers these situations.
+    assert no_image[0][0] and not any(i in text for i in plan[1][0]), plan
+    assert any(mixed), (plan, sorted(text))
+    # Validation: Lightning's distributed sampler gives rank 0 items 0, 2 and rank 1 items 1, 3.
+    box = [0.0, 0.0, 56.0, 56.0]
+    val = [make_text_row(100), make_row(101, 112, 112, box), make_text_row(102), make_row(103, 168, 112, box)]
+    data = _write_dataset(tmp_path / "data", rows, val)
+    # ddp_find_unused_parameters_false: Lightning's DDP with find_unused_parameters=False spelled out.
+    args = _train_cmd(tmp_path, data, steps, batch, ["--data.seed", "0"])
+    _run_ddp(tmp_path, args, timeout=300, strategy="ddp_find_unused_parameters_false")
+    names = ("train/loss_step", "train/ntp_step", "train/klal_step", "val/loss", "val/no_map")
+    m = _step_metrics(tmp_path, names)
+    for name in names[:3]:
+        assert len(m[name]) == steps and all(math.isfinite(v) for v in m[name]), (name, m[name])
+    assert m["val/loss"] and all(math.isfinite(v) for v in m["val/loss"]), m
+    # Both text-only validation rows were counted as samples without a map (summed over the ranks).
+    assert m["val/no_map"] == [2.0], m
 
 
 # -- launchers: torchrun and SLURM -------------------------------------------------------------------------------------

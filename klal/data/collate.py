@@ -13,6 +13,15 @@ per image, images in order), which is the key order of :class:`klal.capture.Capt
 Several images in one sample: give the row ``image`` as a list of images and ``evidence`` as a list of evidence dicts,
 one per image (an empty dict for an image without evidence). With ``joint`` supervision each image that has a map gets
 an equal share of the target mass.
+
+Text-only samples: a row whose ``image`` is None or an empty list renders without an image placeholder, so it has no
+``<|image_pad|>`` tokens and its ``mm_token_type_ids`` are all 0 (text). It gets no target map, counted in
+:class:`NoMapCounter` with the reason ``no image``, and trains with next-token loss only. Its evidence must be empty.
+Text-only and image rows can share a batch (the model's 3-D positions give text rows plain 1-D ones). A batch without
+any image has no ``pixel_values`` / ``image_grid_thw``: the model then skips the vision tower and numbers the positions
+itself, which for text gives the same attention (the three mrope axes coincide and rotary attention depends only on
+position differences, so left padding shifts nothing). Its ``target`` / ``key_image`` are ``(B, 1)`` placeholders
+with no valid visual token.
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from klal.data.schema import Evidence
+from klal.data.schema import Evidence, is_text_only
 from klal.targets import TargetMapError, TargetSpec, build_target_map_with_reason
 
 IGNORE_INDEX = -100
+NO_IMAGE_REASON = "no image"
+"""The :class:`NoMapCounter` reason of text-only samples."""
 
 
 @dataclass
@@ -112,11 +123,16 @@ class KLALCollator:
 
     # -- main entry -----------------------------------------------------------------------------------------------
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        images_per_row = [_as_list(r["image"]) for r in rows]
-        images = [_to_rgb(im, r.get("id", "?")) for r, ims in zip(rows, images_per_row) for im in ims]
+        images_per_row = [
+            [_to_rgb(im, _sample_id(r, i)) for im in _row_images(r, _sample_id(r, i))] for i, r in enumerate(rows)
+        ]
+        images = [im for ims in images_per_row for im in ims]
         prompts = [self.prompt_text(r["question"], len(ims)) for r, ims in zip(rows, images_per_row)]
         enc = self.processor(text=prompts, images=images or None, padding=False, return_tensors=None)
-        grid_thw = torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long).reshape(-1, 3)
+        if images:
+            grid_thw = torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long).reshape(-1, 3)
+        else:
+            grid_thw = torch.zeros((0, 3), dtype=torch.long)
 
         seqs, labels, answer_masks, mm_types = [], [], [], []
         for i, row in enumerate(rows):
@@ -137,8 +153,11 @@ class KLALCollator:
             mm_types.append(mm + [0] * len(a_ids))
 
         batch = self._pad(seqs, labels, answer_masks, mm_types)
-        batch["pixel_values"] = torch.as_tensor(np.asarray(enc["pixel_values"]), dtype=torch.float32)
-        batch["image_grid_thw"] = grid_thw
+        if images:
+            # Without any image the keys stay out: the model runs its vision tower only when pixel_values is given,
+            # and an empty pixel tensor would still enter it.
+            batch["pixel_values"] = torch.as_tensor(np.asarray(enc["pixel_values"]), dtype=torch.float32)
+            batch["image_grid_thw"] = grid_thw
         batch.update(self._targets(rows, images_per_row, grid_thw))
         batch["ids"] = [str(r.get("id", i)) for i, r in enumerate(rows)]
         return batch
@@ -170,6 +189,12 @@ class KLALCollator:
         k = 0
         for i, (row, ims) in enumerate(zip(rows, images_per_row)):
             evs = row.get("evidence")
+            if not ims:
+                _check_no_evidence(evs, _sample_id(row, i))
+                per_row_maps.append([])
+                grids.append([])
+                reasons.append(NO_IMAGE_REASON)
+                continue
             ev_list = evs if isinstance(evs, list) else [evs] + [None] * (len(ims) - 1)
             if len(ev_list) != len(ims):
                 raise ValueError(f"sample {row.get('id', i)!r}: {len(ims)} images but {len(ev_list)} evidence entries")
@@ -196,11 +221,13 @@ class KLALCollator:
             per_row_maps.append(maps)
             grids.append(g)
             if all(m is None for m in maps):
-                reason = "; ".join(sorted({r for r in why if r})) or "no evidence"
-                self.no_map.add(reason)
-                reasons.append(reason)
+                reasons.append("; ".join(sorted({r for r in why if r})) or "no evidence")
             else:
                 reasons.append(None)
+        # Counted only once the whole batch is valid, so a batch that raises leaves no partial counts behind.
+        for reason in reasons:
+            if reason is not None:
+                self.no_map.add(reason)
 
         n_vis = [sum(h * w for h, w in g) for g in grids]
         v = max(max(n_vis, default=0), 1)
@@ -223,8 +250,41 @@ class KLALCollator:
         }
 
 
-def _as_list(x: Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _sample_id(row: dict[str, Any], index: int) -> str:
+    """The id errors name: the row's ``id``, else its position in the batch."""
+    return str(row.get("id", index))
+
+
+def _row_images(row: dict[str, Any], sample_id: str) -> list[Any]:
+    """The row's images as a list: empty for a text-only sample (``image`` None or an empty list).
+
+    Raises:
+        ValueError: the row has no ``image`` field at all (a text-only sample says so with ``image: None``).
+    """
+    if "image" not in row:
+        raise ValueError(
+            f"sample {sample_id!r}: no 'image' field; give an image, a list of images, or None for a text-only sample"
+        )
+    image = row["image"]
+    if is_text_only(image):
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _check_no_evidence(evidence: Any, sample_id: str) -> None:
+    """Refuse evidence on a text-only sample: there is no image for it to point into.
+
+    Accepts None, an empty list, or evidence dicts / :class:`Evidence` without geometry (the schema column always
+    holds a dict, with empty lists for a text-only row).
+    """
+    entries = evidence if isinstance(evidence, list) else [evidence]
+    for ev in entries:
+        if ev is None:
+            continue
+        if not isinstance(ev, (dict, Evidence)):
+            raise TypeError(f"sample {sample_id!r}: evidence must be a dict, got {type(ev).__name__}")
+        if not (ev if isinstance(ev, Evidence) else Evidence.from_dict(ev)).is_empty():
+            raise ValueError(f"sample {sample_id!r}: has evidence but no image; a text-only sample has empty evidence")
 
 
 def _to_rgb(im: Any, sample_id: str) -> Image.Image:

@@ -17,7 +17,8 @@ process group is needed) because Lightning replaces any other sampler of a distr
 undo the grouping; Lightning calls ``set_epoch`` on them at the start of every epoch.
 
 Lengths come from :func:`estimate_lengths`, which reads only the ``width``, ``height``, ``question`` and ``answer``
-columns (images are not decoded): visual tokens from the processor's resize rule, text tokens from the tokenizer.
+columns (images are not decoded): visual tokens from the processor's resize rule, text tokens from the tokenizer. A
+text-only sample (``width = height = 0``, see :mod:`klal.data.schema`) has no visual tokens and no image placeholder.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
 
     Exact for one image per row (the klal schema) up to tokenizer merges across the question/template boundary: chat
     template tokens + ``h/28 x w/28`` visual tokens (from ``width``/``height`` and the processor's pixel bounds) +
-    question + answer + end-of-turn tokens.
+    question + answer + end-of-turn tokens. A text-only row (``width`` and ``height`` both 0 or None) counts the
+    template without the image placeholder and no visual tokens.
 
     Args:
         dataset: a ``datasets.Dataset`` in the klal schema, or a sequence of row dicts with the same columns.
@@ -71,18 +73,23 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
     size = processor.image_processor.size
     min_pixels, max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
     # The collator's own rendering of an empty question: its length minus the one image placeholder is the template
-    # overhead shared by every sample (system prompt and question suffix included).
+    # overhead shared by every image sample (system prompt and question suffix included); text-only samples render
+    # without the <|vision_start|><|image_pad|><|vision_end|> block, so they get the zero-image template's length.
     collator = KLALCollator(processor, prompt=prompt)
     tok = processor.tokenizer
-    template = tok(collator.prompt_text("", 1), add_special_tokens=False)["input_ids"]
-    overhead = len(template) - 1 + len(tok(prompt.end_of_turn, add_special_tokens=False)["input_ids"])
+    n_end = len(tok(prompt.end_of_turn, add_special_tokens=False)["input_ids"])
+    overhead = len(tok(collator.prompt_text("", 1), add_special_tokens=False)["input_ids"]) - 1 + n_end
+    overhead_text = len(tok(collator.prompt_text("", 0), add_special_tokens=False)["input_ids"]) + n_end
     questions = [str(q) for q in cols["question"]]
     n_question = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]] if questions else []
     n_answer = [len(ids) for ids in tok([str(a) for a in cols["answer"]], add_special_tokens=False)["input_ids"]]
     lengths = []
     for i, (w, h) in enumerate(zip(cols["width"], cols["height"])):
+        if not w and not h:  # both 0 or None: a text-only sample
+            lengths.append(overhead_text + n_question[i] + n_answer[i])
+            continue
         try:
-            gh, gw = token_grid_hw(int(h), int(w), min_pixels, max_pixels)
+            gh, gw = token_grid_hw(int(h or 0), int(w or 0), min_pixels, max_pixels)
         except ValueError as e:
             raise ValueError(f"estimate_lengths: sample {i}: {e}") from e
         lengths.append(overhead + gh * gw + n_question[i] + n_answer[i])

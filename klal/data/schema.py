@@ -3,6 +3,12 @@
 A dataset is a ``datasets.DatasetDict`` saved with ``save_to_disk`` whose splits (``train``, ``validation``,
 ``test``) carry the columns of :data:`FEATURES`. Evidence coordinates are in pixels of the *original* image
 (``width`` x ``height``); converters rescale them to the model's token grid.
+
+Text-only samples. A row whose ``image`` is None (or, for rows built in memory, an empty list) is a text-only
+sample: the prompt gets no image placeholder, the sample trains with next-token loss only, and the collator counts it
+as having no target map (reason ``no image``). Such a row has ``width = height = 0`` and empty evidence. A row
+without an ``image`` field, or whose image is neither an image nor None / an empty list, is an error that names the
+sample.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ class Evidence:
         )
 
 
+def is_text_only(image: Any) -> bool:
+    """Whether an ``image`` value marks a text-only sample: None or an empty list/tuple (not a missing field)."""
+    return image is None or (isinstance(image, (list, tuple)) and len(image) == 0)
+
+
 def make_record(
     *,
     id: str,
@@ -87,15 +98,33 @@ def make_record(
     evidence: Evidence,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One row in the schema; ``width``/``height`` are read from the PIL image."""
+    """One row in the schema; ``width``/``height`` are read from the PIL image (0 for a text-only sample).
+
+    Args:
+        id: sample id (named in every error about the sample).
+        task: task name.
+        image: a PIL image (or anything with ``width``/``height`` that the ``Image`` feature stores), or None for a
+            text-only sample.
+        question: the user turn.
+        answer: the supervised assistant turn.
+        evidence: evidence geometry in original-image pixels; must be empty for a text-only sample.
+        meta: free-form metadata, stored as JSON.
+
+    Raises:
+        ValueError: a text-only sample with evidence (there is no image for it to point into).
+    """
+    text_only = is_text_only(image)
+    if text_only and not evidence.is_empty():
+        raise ValueError(f"sample {id!r}: has evidence but no image; a text-only sample has empty evidence")
     return {
         "id": id,
         "task": task,
-        "image": image,
+        "image": None if text_only else image,
         "question": question,
         "answer": answer,
-        "width": int(image.width),
-        "height": int(image.height),
+        # Text-only rows have no size; 0 x 0 tells the length estimate not to count visual tokens.
+        "width": 0 if text_only else int(image.width),
+        "height": 0 if text_only else int(image.height),
         "evidence": evidence.to_dict(),
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
