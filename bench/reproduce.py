@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -479,6 +480,9 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
     times = [x for t in res["tasks"].values() for v in t.get("train_s", {}).values() for x in v]
     if times:
         lines.append(f"Training time per run: {np.mean(times):.0f} s mean (CPU, {platform.machine()}).")
+    if res.get("packages"):
+        pkgs = ", ".join(f"{k} {v}" for k, v in res["packages"].items() if k != "cpu")
+        lines.append(f"Report written on: {res['packages'].get('cpu', '?')}; {pkgs}.")
     return "\n".join(lines) + "\n"
 
 
@@ -510,10 +514,12 @@ def plot(cfg: StudyConfig, res: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1, j].set_ylabel("answer-token attention mass in evidence")
         axes[1, j].set_xlabel("training step")
         axes[0, j].legend(fontsize=8)
-    fig.suptitle(
+    title = (
         f"NTP vs NTP + KLAL, mean ± std over seeds {cfg.seeds} ({Path(cfg.results_dir).name}: LoRA + "
         f"{', '.join(cfg.train_extra) or 'nothing else'} trained)"
     )
+    # One task column is too narrow for the title on one line.
+    fig.suptitle(textwrap.fill(title, width=int(48 * len(tasks))), fontsize=11 if len(tasks) > 1 else 9)
     fig.tight_layout()
     p = out_dir / "curves.png"
     fig.savefig(p, dpi=100)
@@ -557,11 +563,28 @@ def stage_report(cfg: StudyConfig, command: str, study_command: str | None = Non
     res["command"] = command
     res["study_command"] = study_command or command
     res["config"] = _jsonable(cfg)
+    res["packages"] = package_versions()
     (out / "results.json").write_text(json.dumps(res, indent=1, default=_nan_safe))
     (out / "table.md").write_text(render_table(cfg, res, command, study_command))
     plot(cfg, res, out)
     _log(f"report written to {out}/ (table.md, results.json, curves.png{', sweep.png' if res['sweep'] else ''})")
     return out / "table.md"
+
+
+def package_versions() -> dict[str, str]:
+    """The CPU and the versions of the packages whose numerics the runs depend on (training the tiny random model is
+    chaotic enough that another CPU or release changes individual runs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from bench.throughput import cpu_name
+
+    out = {"cpu": cpu_name()}
+    for name in ("torch", "transformers", "peft", "lightning"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _jsonable(cfg: StudyConfig) -> dict[str, Any]:
