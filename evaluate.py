@@ -3,7 +3,9 @@ the training-free methods (localization heads, entropy-gradient grounding, ViCro
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (rows: methods; columns: per-task pointing game, attention mass
 inside the evidence, KL(target || map), box IoU, Acc@0.5 and answer accuracy, each with its sample count; cost per
-sample) and ``<out>/gallery_<method>.png``. Every option is a flag or a YAML key (``--config``).
+sample) and ``<out>/gallery_<method>.png``. Every option is a flag or a YAML key (``--config``). Text-only rows (no
+image) are skipped; the number per dataset is logged, stored in ``results.json`` (``text_only_skipped``) and stated
+under the table.
 
 Examples (tiny random model on CPU; generate data first with ``python -m data_gen``)::
 

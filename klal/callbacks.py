@@ -13,16 +13,23 @@ Add to a training config::
               - {name: attention_probe, label: answer attention, options: {query: answer_last}}
               - {name: entropy_gradient}
 
-Metrics are logged as ``probe/<label>/<task>/<metric>`` to every logger; galleries go to
+The probe subset is the first ``num_samples`` rows *that have an image*: text-only rows (``image`` None, see
+:mod:`klal.data.schema`) have nothing to ground, so they are passed over when the subset is built, with a warning that
+counts them (``text_only_skipped``); a split without any image row is an error naming it.
+
+Metrics are logged as ``probe/<label>/<task>/<metric>`` to every logger; the full scores with their sample counts
+(loggers get only the values) go to ``<log_dir>/probes/step_<N>/metrics.json``, galleries to
 ``<log_dir>/probes/step_<N>/gallery_<label>.png`` and, when the logger is TensorBoard or W&B, to its image panel.
-Under DDP each rank probes its share of the subset and the metrics are synced (every rank must reach the hook, which
-Lightning guarantees); the pictures are drawn by rank 0 from its own share. The probes use the module's live model
-(eval mode and frozen weights while probing, restored after), so FSDP/DeepSpeed sharded models are not supported
-here: the callback skips with a warning under those strategies.
+Under DDP rank ``r`` of ``k`` probes rows ``r, r + k, ...`` of the subset and the metrics' sum states are synced, so
+the logged values equal one process probing the whole subset (every rank must reach the hook, which Lightning
+guarantees); the pictures are drawn by rank 0 from its own share. The probes use the module's live model (eval mode
+and frozen weights while probing, restored after), so FSDP/DeepSpeed sharded models are not supported here: the
+callback skips with a warning under those strategies.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -30,9 +37,11 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from klal.evaluation import MethodSpec, load_split, save_gallery, slug
 from klal.grounding import GroundingModel, build_method
+from klal.grounding.base import image_rows
 from klal.metrics import GroundingMetrics
 
 
@@ -43,7 +52,7 @@ class GroundingProbes(Callback):
         methods: rows to run (default: the answer token's attention, teacher-forced, i.e. what KLAL trains).
         data: dataset directory of the probe subset (default: the datamodule's validation split).
         split: split of ``data``.
-        num_samples: size of the probe subset (the first samples, fixed for the whole run).
+        num_samples: size of the probe subset (the first samples with an image, fixed for the whole run).
         every_n_steps: probe every N optimizer steps (None or 0: only at validation end).
         at_validation_end: also probe after every validation run (not the sanity check).
         gallery_size: samples per gallery picture (0: none).
@@ -75,15 +84,23 @@ class GroundingProbes(Callback):
         self.at_validation_end = at_validation_end
         self.gallery_size = gallery_size
         self.rows: list[dict[str, Any]] = []
+        self.text_only_skipped = 0
+        """Text-only rows passed over while building the probe subset."""
         self._last_step = -1
         self._gm: GroundingModel | None = None
         self.history: list[dict[str, Any]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build the probe subset once: the first ``num_samples`` image rows of the probe split.
+
+        Raises:
+            ValueError: no validation split to probe, or a split without any row that has an image.
+        """
         if self.rows:
             return
         if self.data:
-            ds = load_split(self.data, self.split, self.num_samples)
+            ds = load_split(self.data, self.split)
+            source = f"{self.data} [{self.split}]"
         else:
             dm = trainer.datamodule
             splits = getattr(dm, "splits", None) or {}
@@ -92,8 +109,26 @@ class GroundingProbes(Callback):
                 splits = dm.splits
             if "val" not in splits:
                 raise ValueError("GroundingProbes: no validation split to probe; set GroundingProbes.data")
-            ds = splits["val"].select(range(min(self.num_samples, len(splits["val"]))))
-        self.rows = list(ds)
+            ds = splits["val"]
+            paths = list(getattr(dm, "paths", None) or [])
+            if getattr(dm, "generate", None) is not None:
+                paths.append(dm.generate.out)
+            val_name = getattr(dm, "split_names", {}).get("val", "validation")
+            source = f"{', '.join(paths) or 'the datamodule'} [{val_name}]"
+        # The image column is scanned as Arrow, so finding the image rows decodes no image.
+        kept, self.text_only_skipped = image_rows(ds, self.num_samples)
+        if len(kept) == 0:
+            what = f"{len(ds)} row(s), all text-only" if len(ds) else "the split is empty"
+            raise ValueError(
+                f"GroundingProbes: {source} has no row with an image ({what}); grounding probes need images: point "
+                "GroundingProbes.data/split at a split with image rows"
+            )
+        if self.text_only_skipped:
+            rank_zero_warn(
+                f"GroundingProbes: skipped {self.text_only_skipped} text-only row(s) of {source} building the probe "
+                f"subset (no image to ground); probing {len(kept)} image row(s)"
+            )
+        self.rows = list(kept)
 
     def _supported(self, trainer: L.Trainer) -> bool:
         name = type(trainer.strategy).__name__
@@ -145,9 +180,18 @@ class GroundingProbes(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=step)
+            # The counts show which samples were scored after the sync (under DDP: every rank's share, summed).
+            root.mkdir(parents=True, exist_ok=True)
+            record = {
+                "step": step,
+                "world_size": world,
+                "samples": [row.get("id") for row in self.rows],
+                "text_only_skipped": self.text_only_skipped,
+                "scores": scores,
+            }
+            (root / "metrics.json").write_text(json.dumps(record, indent=2))
             for label, items in galleries.items():
                 if items:
-                    root.mkdir(parents=True, exist_ok=True)
                     path = root / f"gallery_{slug(label)}.png"
                     save_gallery(items, path, title=f"{label} @ step {step}")
                     _log_image(trainer, f"probe/{label}", path, step)

@@ -9,12 +9,17 @@ method. ``evaluate.py`` is the command-line front end.
 The base model is loaded once. With an adapter, methods marked ``weights: adapter`` run on the LoRA model and the
 others on the same weights with the adapter switched off (peft's ``disable_adapter``), so base and fine-tuned rows share
 every other setting.
+
+Text-only rows (``image`` None, see :mod:`klal.data.schema`) have nothing to ground: they are left out of every
+method's run, of the crop-size check and of the rows methods prepare on, and never silently. Per dataset, the number
+left out is logged, recorded as ``text_only_skipped`` in ``results.json`` and stated under the table in ``results.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,9 +32,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from klal.grounding import GroundingError, GroundingModel, build_method
+from klal.grounding.base import image_rows
 from klal.metrics import METRIC_NAMES, METRIC_RANGES, GroundingMetrics
 from klal.models.loader import ModelConfig
 from klal.targets import TargetSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,13 +82,13 @@ class EvalConfig:
     split: str = "test"
     """Split to evaluate."""
     max_samples: int | None = None
-    """Evaluate the first N samples of each dataset."""
+    """Evaluate the first N samples of each dataset (text-only rows among them are skipped and counted)."""
     methods: list[MethodSpec] | None = None
     """Rows of the table (default: base attention, and fine-tuned attention when an adapter is given)."""
     prepare_split: str = "train"
     """Split whose samples methods that need preparation (localization-head discovery) see; falls back to ``split``."""
     prepare_samples: int = 64
-    """How many samples that preparation sees."""
+    """How many samples that preparation sees (image rows only: text-only rows are passed over)."""
     target: TargetSpec = field(default_factory=TargetSpec)
     """Target maps for the KL metric (as in training)."""
     batch_size: int = 1
@@ -153,14 +161,16 @@ def check_config(cfg: EvalConfig) -> list[MethodSpec]:
     croppers = [(m, float(b.min_crop)) for m, b in zip(methods, built) if getattr(b, "min_crop", None)]
     if croppers:
         for path in cfg.data:
-            check_crop_sizes(load_split(path, cfg.split, cfg.max_samples), path, croppers)
+            # Text-only rows are 0 x 0 px by the schema; they are skipped, not cropped, so they are not checked.
+            check_crop_sizes(image_rows(load_split(path, cfg.split, cfg.max_samples))[0], path, croppers)
     return methods
 
 
 def check_crop_sizes(ds: Any, path: str, croppers: Sequence[tuple[MethodSpec, float]]) -> None:
     """Refuse a dataset with an image smaller than a cropping method's ``min_crop`` before any model runs.
 
-    Reads only the ``id``, ``width`` and ``height`` columns (image 0's size, as the schema records it).
+    Reads only the ``id``, ``width`` and ``height`` columns (image 0's size, as the schema records it). Give it image
+    rows only (:func:`klal.grounding.base.image_rows`): a text-only row's 0 x 0 would be refused.
 
     Raises:
         GroundingError: naming the method row, the option, the dataset and the first sample that is too small.
@@ -195,13 +205,31 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
         cfg: the evaluation.
         gm: an already loaded model (default: load ``cfg.model`` + ``cfg.adapter``).
 
+    Text-only rows of the evaluated rows are skipped: they reach no method and no metric, and their number per
+    dataset is logged, stored as ``text_only_skipped`` and stated in ``results.md``.
+
     Returns:
         The dict written to ``results.json``.
     """
     methods = check_config(cfg)
     if gm is None:
         gm = GroundingModel.load(cfg.model, cfg.adapter)
-    splits = {path: load_split(path, cfg.split, cfg.max_samples) for path in cfg.data}
+    splits: dict[str, Any] = {}
+    text_only: dict[str, int] = {}
+    for path in cfg.data:
+        loaded = load_split(path, cfg.split, cfg.max_samples)
+        # Chunks for run_batch are cut from the image rows, so a dataset with text rows mixed in batches (and scores)
+        # its image rows exactly as a dataset of those image rows alone would.
+        splits[path], text_only[path] = image_rows(loaded)
+        if text_only[path]:
+            logger.warning(
+                "%s [%s]: skipping %d text-only row(s) of %d (no image to ground); evaluating %d",
+                path,
+                cfg.split,
+                text_only[path],
+                len(loaded),
+                len(splits[path]),
+            )
     metrics = GroundingMetrics(spec=cfg.target)
     cost: dict[str, dict[str, float]] = {}
     per_sample: dict[str, list[dict[str, Any]]] = {}
@@ -217,6 +245,8 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
             if callable(prepare):
                 prepare(gm, _prepare_rows(cfg))
             bar = tqdm(total=total, desc=spec.row, disable=not cfg.progress, leave=False)
+            if any(text_only.values()):
+                bar.set_postfix_str(f"{sum(text_only.values())} text-only rows skipped")
             sums = {"forward": 0.0, "backward": 0.0, "seconds": 0.0}
             n = 0
             rows_out: list[dict[str, Any]] = []
@@ -263,13 +293,14 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
         "adapter": cfg.adapter,
         "split": cfg.split,
         "datasets": list(cfg.data),
+        "text_only_skipped": text_only,
         "methods": [asdict(m) | {"row": m.row} for m in methods],
         "metrics": scores,
         "cost": cost,
         "samples": per_sample,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    table = markdown_table(scores, cost, [m.row for m in methods])
+    table = markdown_table(scores, cost, [m.row for m in methods], text_only)
     (out / "results.md").write_text(table + "\n")
     for row_label, gallery in galleries.items():
         if gallery:
@@ -278,15 +309,21 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
 
 
 def _prepare_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Rows a method may prepare on (localization-head discovery): the prepare split, else the evaluated split."""
+    """Rows a method may prepare on (localization-head discovery): the first image rows of the prepare split, else of
+    the evaluated split. Discovery runs over image-text pairs, so text-only rows are passed over (and logged)."""
     rows: list[dict[str, Any]] = []
     per = max(1, math.ceil(cfg.prepare_samples / max(len(cfg.data), 1)))
     for path in cfg.data:
+        split = cfg.prepare_split
         try:
-            ds = load_split(path, cfg.prepare_split, per)
+            ds = load_split(path, split)
         except ValueError:
-            ds = load_split(path, cfg.split, per)
-        rows.extend(ds)
+            split = cfg.split
+            ds = load_split(path, split)
+        kept, skipped = image_rows(ds, per)
+        if skipped:
+            logger.info("%s [%s]: preparation passed over %d text-only row(s)", path, split, skipped)
+        rows.extend(kept)
     return rows[: cfg.prepare_samples]
 
 
@@ -321,13 +358,19 @@ SHORT = {
 }
 
 
-def markdown_table(scores: dict[str, Any], cost: dict[str, dict[str, float]], rows: Sequence[str]) -> str:
+def markdown_table(
+    scores: dict[str, Any],
+    cost: dict[str, dict[str, float]],
+    rows: Sequence[str],
+    text_only_skipped: dict[str, int] | None = None,
+) -> str:
     """Rows are methods; columns are ``task: metric`` as ``value (n)``, metrics without samples left out; then cost.
 
     Args:
         scores: :meth:`klal.metrics.GroundingMetrics.compute` output.
         cost: per-row ``forward_per_sample``, ``backward_per_sample``, ``seconds_per_sample``.
         rows: row order.
+        text_only_skipped: per dataset, text-only rows left out; datasets with any get a line under the table.
     """
     tasks = sorted({t for r in rows for t in scores.get(r, {})})
     cols = [
@@ -351,7 +394,12 @@ def markdown_table(scores: dict[str, Any], cost: dict[str, dict[str, float]], ro
         ]
         lines.append("| " + " | ".join(cells) + " |")
     legend = ", ".join(f"{v} = {k}" for k, v in SHORT.items())
-    return "\n".join(lines) + f"\n\nValues are means over the samples counted in brackets ({legend}).\n"
+    text = "\n".join(lines) + f"\n\nValues are means over the samples counted in brackets ({legend}).\n"
+    skipped = {path: n for path, n in (text_only_skipped or {}).items() if n}
+    if skipped:
+        listed = "; ".join(f"{path}: {n}" for path, n in skipped.items())
+        text += f"\nText-only rows skipped (no image to ground; in no count above): {listed}.\n"
+    return text
 
 
 def save_gallery(items: Sequence[tuple[dict[str, Any], Any]], path: Path, title: str = "") -> None:

@@ -374,3 +374,185 @@ def test_probe_images_reach_wandb_offline(tmp_path, monkeypatch):
     logger.experiment.finish()
     (stored,) = (tmp_path / "wandb").glob("offline-run-*/files/media/images/probe/answer attention_*.png")
     np.testing.assert_array_equal(np.asarray(Image.open(stored).convert("RGB")), pixels)
+
+
+# -- text-only rows ---------------------------------------------------------------------------------------------------
+
+
+def _text_record(k: int) -> dict:
+    from klal.data.schema import Evidence, make_record
+
+    return make_record(
+        id=f"text-{k}", task="grid_patch", image=None, question="What is 2 + 3?", answer="5", evidence=Evidence()
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed_data(task_data, tmp_path_factory) -> dict[str, str]:
+    """The same grid_patch image rows saved twice in the klal schema: alone, and with text-only rows mixed in (first
+    rows of a split, between image rows and last), plus a dataset of text-only rows alone."""
+    import datasets
+
+    from klal.data.schema import FEATURES
+    from klal.evaluation import load_split
+
+    source = list(load_split(task_data["grid_patch"], "train", 7))
+    text = iter(_text_record(k) for k in range(100))
+    image_only = {"test": source[:4], "train": source[4:7]}
+    # Every split starts with a text row; "test" also has two in a row and one at the end.
+    mixed = {
+        "test": [next(text), source[0], source[1], next(text), next(text), source[2], source[3], next(text)],
+        "train": [next(text), next(text), source[4], source[5], next(text), source[6]],
+    }
+    mixed["validation"] = mixed["test"]
+    text_only = {name: [next(text), next(text)] for name in ("train", "validation", "test")}
+    root = tmp_path_factory.mktemp("mixed")
+    out = {}
+    for name, splits in (("image_only", image_only), ("mixed", mixed), ("text_only", text_only)):
+        dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=FEATURES) for k, v in splits.items()})
+        dd.save_to_disk(str(root / name))
+        out[name] = str(root / name)
+    return out
+
+
+def test_text_only_rows_are_refused_by_methods_with_a_clear_error(task_data):
+    from klal.grounding import GroundingError, build_method
+    from klal.models.loader import ModelConfig
+
+    gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
+    with pytest.raises(GroundingError, match="sample 'text-0' is text-only"):
+        build_method("attention_probe", query="answer_last").run(gm, _text_record(0))
+
+
+def test_evaluate_skips_text_only_rows_and_counts_them(tmp_path, mixed_data, caplog):
+    """Mixed in text-only rows change nothing: the same metrics, samples and costs as the image rows alone (batched
+    over image rows only, localization heads discovered on image rows only, no 0 x 0 crop-size refusal), and the
+    number skipped is in results.json, results.md and the log."""
+    import logging
+
+    from klal.evaluation import EvalConfig, MethodSpec
+    from klal.evaluation import evaluate as run_eval
+    from klal.models.loader import ModelConfig
+
+    gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
+    methods = [
+        MethodSpec("attention_probe", "answer attention", options={"query": "answer_last"}),
+        MethodSpec("localization_heads", options={"top_k": 3, "floor": 0.0}),
+        MethodSpec("vicrop_rel_att", options={"max_new_tokens": 2}),
+    ]
+    runs = {}
+    for name in ("image_only", "mixed"):
+        cfg = EvalConfig(
+            data=[mixed_data[name]],
+            methods=methods,
+            prepare_samples=3,
+            batch_size=2,
+            gallery_size=2,
+            out=str(tmp_path / name),
+            progress=False,
+        )
+        with caplog.at_level(logging.WARNING, logger="klal.evaluation"):
+            caplog.clear()
+            runs[name] = run_eval(cfg, gm)
+        runs[name]["log"] = caplog.text
+    alone, mixed = runs["image_only"], runs["mixed"]
+    assert mixed["metrics"] == alone["metrics"]
+    assert mixed["metrics"]["answer attention"]["grid_patch"]["evidence_mass"]["count"] == 4
+    assert mixed["cost"].keys() == alone["cost"].keys()
+    for row in alone["samples"]:
+        assert [s["id"] for s in mixed["samples"][row]] == [s["id"] for s in alone["samples"][row]]
+        assert [s["boxes"] for s in mixed["samples"][row]] == [s["boxes"] for s in alone["samples"][row]]
+        assert [s["answer"] for s in mixed["samples"][row]] == [s["answer"] for s in alone["samples"][row]]
+        assert mixed["cost"][row]["forward_per_sample"] == alone["cost"][row]["forward_per_sample"]
+    assert alone["text_only_skipped"] == {mixed_data["image_only"]: 0}
+    assert mixed["text_only_skipped"] == {mixed_data["mixed"]: 4}
+    on_disk = json.loads((tmp_path / "mixed" / "results.json").read_text())
+    assert on_disk["text_only_skipped"] == {mixed_data["mixed"]: 4}
+    table = (tmp_path / "mixed" / "results.md").read_text()
+    assert f"Text-only rows skipped (no image to ground; in no count above): {mixed_data['mixed']}: 4." in table
+    assert "Text-only" not in (tmp_path / "image_only" / "results.md").read_text()
+    assert (
+        f"{mixed_data['mixed']} [test]: skipping 4 text-only row(s) of 8 (no image to ground); evaluating 4"
+        in (mixed["log"])
+    )
+    assert "text-only" not in alone["log"]
+
+    # max_samples caps the rows read; the text rows among them are skipped and counted.
+    capped = run_eval(
+        EvalConfig(
+            data=[mixed_data["mixed"]],
+            methods=methods[:1],
+            max_samples=4,
+            gallery_size=0,
+            out=str(tmp_path / "capped"),
+            progress=False,
+        ),
+        gm,
+    )
+    assert capped["text_only_skipped"] == {mixed_data["mixed"]: 2}
+    assert capped["metrics"]["answer attention"]["grid_patch"]["evidence_mass"]["count"] == 2
+
+
+def test_probe_subset_leaves_out_text_only_rows(mixed_data):
+    import lightning as L
+
+    from klal.callbacks import GroundingProbes
+    from klal.evaluation import load_split
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    images = list(load_split(mixed_data["image_only"], "test"))
+    probes = GroundingProbes(data=mixed_data["mixed"], split="test", num_samples=3)
+    # The first 3 image rows sit among rows 0-5 of the split; rows 0, 3 and 4 before them are text-only.
+    with pytest.warns(UserWarning, match=r"skipped 3 text-only row\(s\) of .*mixed \[test\].*probing 3 image row"):
+        probes.setup(trainer, None, "fit")
+    assert [r["id"] for r in probes.rows] == [r["id"] for r in images[:3]]
+    assert probes.text_only_skipped == 3
+    # Fewer image rows than asked for: all of them, and every text row counted.
+    probes = GroundingProbes(data=mixed_data["mixed"], split="test", num_samples=10)
+    with pytest.warns(UserWarning, match=r"skipped 4 text-only row\(s\)"):
+        probes.setup(trainer, None, "fit")
+    assert [r["id"] for r in probes.rows] == [r["id"] for r in images]
+    # A split without any image is refused, naming it.
+    probes = GroundingProbes(data=mixed_data["text_only"], split="validation", num_samples=2)
+    with pytest.raises(ValueError, match=r"GroundingProbes: .*text_only \[validation\] has no row with an image"):
+        probes.setup(trainer, None, "fit")
+
+
+def test_probe_callback_on_a_validation_split_with_text_rows(tmp_path, mixed_data):
+    """Through the datamodule (train.py validate): the subset is the first image rows of the validation split, the
+    warning names the dataset and split, and the probe scores only those rows."""
+    import train
+
+    with pytest.warns(UserWarning, match=r"skipped 3 text-only row\(s\) of .*mixed \[validation\]"):
+        cli = train.main(
+            [
+                "validate",
+                "--config",
+                str(REPO / "configs" / "demo.yaml"),
+                "--data.paths",
+                f"[{mixed_data['mixed']}]",
+                "--data.generate",
+                "null",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.callbacks+",
+                "klal.callbacks.GroundingProbes",
+                "--trainer.callbacks.num_samples",
+                "3",
+                "--trainer.callbacks.gallery_size",
+                "0",
+            ]
+        )
+    from klal.evaluation import load_split
+
+    probes = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GroundingProbes")
+    # The validation split holds the same rows as "test": its first 3 image rows are the image-only set's first 3.
+    assert [r["id"] for r in probes.rows] == load_split(mixed_data["image_only"], "test", 3)["id"][:]
+    (record,) = [json.loads(p.read_text()) for p in Path(tmp_path).rglob("probes/step_0/metrics.json")]
+    assert record["samples"] == [r["id"] for r in probes.rows]
+    assert record["text_only_skipped"] == 3
+    assert record["scores"]["answer attention"]["grid_patch"]["evidence_mass"]["count"] == 3

@@ -543,3 +543,61 @@ def test_bad_options_are_named():
         lh.LocalizationHeads(top_k=0)
     with pytest.raises(GroundingError, match="save_heads"):
         lh.LocalizationHeads(heads_file="x.json", save_heads="y.json")
+
+
+def _text_row(k: int) -> dict:
+    from klal.data.schema import Evidence, make_record
+
+    return make_record(
+        id=f"text-{k}", task="grid_patch", image=None, question="What is 2 + 3?", answer="5", evidence=Evidence()
+    )
+
+
+def test_image_rows_pass_over_text_only_rows(rows):
+    import datasets
+
+    from klal.data.schema import FEATURES
+    from klal.grounding.base import image_rows, text_only_mask
+
+    mixed = [_text_row(0), rows[0], _text_row(1), _text_row(2), rows[1], _text_row(3)]
+    assert text_only_mask(mixed) == [True, False, True, True, False, True]
+    ds = datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in mixed], features=FEATURES)
+    # On a Dataset the image column is read as Arrow (honouring select() indices); nothing is decoded.
+    assert text_only_mask(ds.select([4, 5, 0])) == [False, True, True]
+    kept, skipped = image_rows(ds)
+    assert isinstance(kept, datasets.Dataset) and kept["id"][:] == [rows[0]["id"], rows[1]["id"]] and skipped == 4
+    # With a limit only the text rows before the last kept image row count: they were passed over.
+    kept, skipped = image_rows(mixed, 1)
+    assert [r["id"] for r in kept] == [rows[0]["id"]] and skipped == 1
+    # A multi-image column: an empty list is a text-only row as well.
+    multi = datasets.Dataset.from_dict({"image": [[], None, [rows[0]["image"]]]})
+    assert text_only_mask(multi) == [True, True, False]
+
+
+def test_head_discovery_uses_image_rows_only(gm, rows, tmp_path, capsys):
+    import datasets
+
+    from klal.data.schema import FEATURES
+
+    mixed = [_text_row(0), _text_row(1), rows[0], _text_row(2), rows[1], rows[2]]
+    plain = lh.LocalizationHeads(top_k=2, discover_samples=2, floor=0.0)
+    plain.prepare(gm, rows[:2])
+    method = lh.LocalizationHeads(top_k=2, discover_samples=2, floor=0.0)
+    method.prepare(gm, mixed)
+    assert method.selection == plain.selection and method.selection.num_samples == 2
+    with pytest.raises(GroundingError, match=r"no image rows to discover heads on \(2 text-only row\(s\) passed over"):
+        lh.LocalizationHeads(floor=0.0).prepare(gm, [_text_row(0), _text_row(1)])
+
+    # The CLI: --num counts image-text pairs, and the text rows it leaves out are reported.
+    data = tmp_path / "data"
+    split = datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in mixed], features=FEATURES)
+    datasets.DatasetDict({"train": split}).save_to_disk(str(data))
+    argv = ["--data", str(data), "--num", "2", "--top-k", "2", "--floor", "0", "--max-pixels", "50176"]
+    sel = lh.main([*argv, "--out", str(tmp_path / "heads.json")])
+    assert "skipping 3 text-only row(s)" in capsys.readouterr().err
+    assert sel.num_samples == 2 and sel.counts == plain.selection.counts
+    text = tmp_path / "text"
+    split = datasets.Dataset.from_list([_text_row(0), _text_row(1)], features=FEATURES)
+    datasets.DatasetDict({"train": split}).save_to_disk(str(text))
+    with pytest.raises(SystemExit, match="has no rows with an image"):
+        lh.main(["--data", str(text), "--out", str(tmp_path / "none.json")])

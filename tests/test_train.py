@@ -120,3 +120,79 @@ def test_train_two_process_ddp_on_cpu(tmp_path, tiny_dataset):
     assert metrics, proc.stderr[-2000:]
     rows = list(csv.DictReader(metrics[0].read_text().splitlines()))
     assert any(r.get("train/klal_step") for r in rows)
+
+
+@pytest.mark.slow
+def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny_dataset):
+    """GroundingProbes in a 2-process DDP run (gloo): each rank probes its share of the subset and the metrics are
+    synced, so what rank 0 logs at step 3 equals one process probing the whole subset with the weights of step 3."""
+    import json
+
+    import datasets
+
+    from klal.grounding import GroundingModel, build_method
+    from klal.metrics import GroundingMetrics
+    from klal.models.loader import ModelConfig
+
+    n = 3  # rank 0 probes rows 0 and 2, rank 1 row 1: uneven shares, so a mean of rank means would differ
+    val = datasets.load_from_disk(tiny_dataset)["validation"]
+    assert len(val) >= n
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "fit",
+        *_flags(tmp_path, tiny_dataset, steps=3),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.callbacks+",
+        "klal.callbacks.GroundingProbes",
+        "--trainer.callbacks.every_n_steps",
+        "3",
+        "--trainer.callbacks.num_samples",
+        str(n),
+        "--trainer.callbacks.at_validation_end",
+        "false",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (csv_path,) = Path(tmp_path).rglob("metrics.csv")
+    log_dir = csv_path.parent
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    logged = {k: float(v) for r in rows if r.get("step") == "3" for k, v in r.items() if k.startswith("probe/") and v}
+    assert logged, f"no probe metrics at step 3 in {csv_path}"
+    record = json.loads((log_dir / "probes" / "step_3" / "metrics.json").read_text())
+    assert record["world_size"] == 2
+    assert record["samples"] == val["id"][:n]
+
+    # The same probe in one process: the base model as evaluate.py loads it, plus the adapter saved at train end
+    # (the probe at step 3 ran after the last optimizer step, so it saw these weights).
+    backbone = yaml.safe_load((log_dir / "config.yaml").read_text())["model"]["backbone"]
+    gm = GroundingModel.load(ModelConfig(**backbone), adapter=str(log_dir / "adapter"))
+    method = build_method("attention_probe", query="answer_last")
+    metrics = GroundingMetrics()
+    for row in val.select(range(n)):
+        metrics.update_result("answer attention", method.run(gm, row), row)
+    scores = metrics.compute()
+    expected = {
+        f"probe/{label}/{task}/{name}": s["value"]
+        for label, tasks in scores.items()
+        for task, ms in tasks.items()
+        for name, s in ms.items()
+        if s["count"] > 0
+    }
+    # The same metrics were scored (same sample counts after the sync), with the same values.
+    assert set(logged) == set(expected)
+    assert {"evidence_mass", "pointing_game", "target_kl"} <= {k.rsplit("/", 1)[1] for k in logged}
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for task, ms in scores["answer attention"].items():
+        for name, s in ms.items():
+            synced = record["scores"]["answer attention"][task][name]
+            assert (synced["count"], synced["skipped"]) == (s["count"], s["skipped"]), (task, name)
+            assert synced["value"] == pytest.approx(s["value"], rel=1e-5, abs=1e-6), (task, name)
+    assert scores["answer attention"]["grid_patch"]["evidence_mass"]["count"] == n

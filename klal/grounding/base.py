@@ -23,6 +23,7 @@ from PIL import Image
 
 from klal.capture import CaptureRequest, enable_capture, select_queries
 from klal.data.collate import KLALCollator, PromptSettings
+from klal.data.schema import is_text_only
 
 GENERIC_PROMPT = "Write a general description of the image."
 """ViCrop's query-free prompt, also used by LASER's 'without query' pass."""
@@ -109,7 +110,17 @@ def build_method(name: str, **kwargs: Any) -> GroundingMethod:
 
 
 def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
-    """The sample's images as RGB PIL images (a row holds one image or a list)."""
+    """The sample's images as RGB PIL images (a row holds one image or a list).
+
+    Raises:
+        GroundingError: a text-only sample (nothing to ground; callers skip those rows with :func:`image_rows`), or an
+            image that is not a PIL image.
+    """
+    if is_text_only(sample["image"]):
+        raise GroundingError(
+            f"sample {sample.get('id')!r} is text-only (no image): grounding methods need an image; "
+            "leave text-only rows out (klal.grounding.base.image_rows)"
+        )
     ims = sample["image"] if isinstance(sample["image"], (list, tuple)) else [sample["image"]]
     out = []
     for im in ims:
@@ -117,6 +128,59 @@ def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
             raise GroundingError(f"sample {sample.get('id')!r}: image must be a PIL image, got {type(im).__name__}")
         out.append(im.convert("RGB") if im.mode != "RGB" else im)
     return out
+
+
+def text_only_mask(rows: Any) -> list[bool]:
+    """Which rows are text-only samples (:func:`klal.data.schema.is_text_only`: ``image`` None or an empty list).
+
+    For a ``datasets.Dataset`` the ``image`` column is read as Arrow, so no image is decoded (a whole split can be
+    scanned before any model runs); any other sequence of rows is checked row by row.
+
+    Args:
+        rows: a ``datasets.Dataset`` in the klal schema, or a sequence of row dicts.
+    """
+    import datasets
+
+    if isinstance(rows, datasets.Dataset):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = rows.with_format("arrow")["image"]  # honours select() indices; the images stay encoded
+        mask = col.is_null()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            # A multi-image column: an empty list is text-only too (a null length is already covered above).
+            mask = pc.or_(mask, pc.fill_null(pc.equal(pc.list_value_length(col), 0), False))
+        return [bool(v) for v in mask.to_pylist()]
+    return [is_text_only(rows[i]["image"]) for i in range(len(rows))]
+
+
+def image_rows(rows: Any, limit: int | None = None) -> tuple[Any, int]:
+    """The rows that have an image, in order, and how many text-only rows were left out.
+
+    Args:
+        rows: a ``datasets.Dataset`` (the result is a ``select`` of it, images still undecoded) or a sequence of row
+            dicts (the result is a list).
+        limit: keep at most this many image rows (the first ones). Text-only rows after the last kept image row are
+            not counted: they were never passed over.
+
+    Returns:
+        ``(kept, skipped)``: the image rows and the number of text-only rows skipped among the rows scanned.
+    """
+    import datasets
+
+    mask = text_only_mask(rows)
+    keep: list[int] = []
+    skipped = 0
+    for i, text_only in enumerate(mask):
+        if limit is not None and len(keep) >= limit:
+            break
+        if text_only:
+            skipped += 1
+        else:
+            keep.append(i)
+    if isinstance(rows, datasets.Dataset):
+        return rows.select(keep), skipped
+    return [rows[i] for i in keep], skipped
 
 
 def timed(gm: GroundingModel, fn: Callable[[], GroundingResult]) -> GroundingResult:
@@ -504,9 +568,11 @@ __all__ = [
     "GroundingResult",
     "available_methods",
     "build_method",
+    "image_rows",
     "load_adapter",
     "register_method",
     "sample_images",
+    "text_only_mask",
     "timed",
     "timed_batch",
 ]

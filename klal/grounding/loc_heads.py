@@ -23,7 +23,8 @@ Choices where the paper leaves details open (the tunable ones are options):
 
 * The elbow on ``S_img`` is taken per pair, over all ``L x H`` heads of that pair.
 * Discovery uses the first image of each pair (the method is defined on single image-text pairs); ``S_img`` and the
-  map refer to that image.
+  map refer to that image. Text-only rows are not pairs: :meth:`LocalizationHeads.prepare` and the CLI pass over them
+  (the CLI says how many), so ``discover_samples`` / ``--num`` count image-text pairs.
 * Heads whose map has no blob (spatial entropy ``+inf``, e.g. a flat map) get no vote, so a pair may vote for fewer
   than ``top_k`` heads. On an untrained model (the tiny test model) attention is so uniform that no map clears the
   0.001 floor and discovery fails, saying so; ``floor=0`` (``--floor 0``) counts any above-mean cell.
@@ -57,6 +58,7 @@ from klal.grounding.base import (
     GroundingError,
     GroundingModel,
     GroundingResult,
+    image_rows,
     register_method,
     sample_images,
     timed,
@@ -432,21 +434,24 @@ class LocalizationHeads:
         self.selection: HeadSelection | None = HeadSelection.load(heads_file) if heads_file else None
 
     def prepare(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> None:
-        """Check the loaded heads against ``gm``, or discover heads on the first ``discover_samples`` rows.
+        """Check the loaded heads against ``gm``, or discover heads on the first ``discover_samples`` image rows.
 
         Heads are a property of the model, not of a dataset: once loaded or discovered they are kept, and later
         calls (e.g. one per evaluated dataset) only check them against ``gm``.
 
         Raises:
-            GroundingError: heads made for another model, or no samples to discover on.
+            GroundingError: heads made for another model, or no image rows to discover on.
         """
         if self.selection is not None:
             self.selection.check_model(gm, source=self.heads_file or "<heads>")
             return
+        # Discovery votes over image-text pairs: the first discover_samples rows that have an image.
+        kept, skipped = image_rows(samples, self.discover_samples)
         # Index row by row: slicing a datasets.Dataset would give columns, not rows.
-        rows = [samples[i] for i in range(min(len(samples), self.discover_samples))]
+        rows = [kept[i] for i in range(len(kept))]
         if not rows:
-            raise GroundingError("localization_heads: no heads_file and no samples to discover heads on")
+            text = f" ({skipped} text-only row(s) passed over)" if skipped else ""
+            raise GroundingError(f"localization_heads: no heads_file and no image rows to discover heads on{text}")
         self.selection = discover_heads(gm, rows, top_k=self.top_k, mean_scale=self.mean_scale, floor=self.floor)
         if self.save_heads:
             self.selection.save(self.save_heads)
@@ -525,7 +530,10 @@ def _positive_int(value: Any, option: str) -> int:
 
 
 def _rows(paths: Sequence[str], split: str, num: int) -> tuple[list[Any], int]:
-    """Datasets of ``paths`` (their ``split``) and how many rows to draw from them in total (at most ``num``)."""
+    """The image rows of ``paths`` (their ``split``) and how many to draw from them in total (at most ``num``).
+
+    Text-only rows are left out (discovery needs image-text pairs) and their number is printed to stderr.
+    """
     import datasets
 
     from klal.data.schema import check_columns
@@ -540,7 +548,10 @@ def _rows(paths: Sequence[str], split: str, num: int) -> tuple[list[Any], int]:
                 sys.exit(f"loc_heads: error: {path} has no split {split!r} (has {list(loaded)})")
             loaded = loaded[split]
         check_columns(loaded, f"{path} [{split}]")
-        parts.append(loaded)
+        kept, skipped = image_rows(loaded)
+        if skipped:
+            print(f"loc_heads: {path} [{split}]: skipping {skipped} text-only row(s) (no image)", file=sys.stderr)
+        parts.append(kept)
     return parts, min(num, sum(len(p) for p in parts))
 
 
@@ -583,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> HeadSelection:
 
     parts, total = _rows(args.data, args.split, args.num)
     if total == 0:
-        sys.exit(f"loc_heads: error: the {args.split!r} split of {args.data} has no rows")
+        sys.exit(f"loc_heads: error: the {args.split!r} split of {args.data} has no rows with an image")
     gm = GroundingModel.load(
         ModelConfig(name_or_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels), args.adapter
     )
