@@ -167,13 +167,7 @@ class GroundingProbes(Callback):
                         galleries[spec.row].append((row, res))
         scores = metrics.compute()  # every rank takes part in the sync
         step = trainer.global_step
-        flat = {
-            f"probe/{label}/{task}/{name}": s["value"]
-            for label, tasks in scores.items()
-            for task, ms in tasks.items()
-            for name, s in ms.items()
-            if s["count"] > 0
-        }
+        flat = GroundingMetrics.flatten(scores, "probe")
         self.history.append({"step": step, **flat})
         # trainer.log_dir is a collective under DDP: every rank resolves it.
         root = Path(trainer.log_dir or trainer.default_root_dir) / "probes" / f"step_{step}"

@@ -776,6 +776,18 @@ class GroundingMetrics:
             out.setdefault(method, {})[task] = {name: ms[name].summary() for name in METRIC_NAMES}
         return out
 
+    @staticmethod
+    def flatten(scores: dict[str, dict[str, dict[str, dict[str, float | int]]]], prefix: str) -> dict[str, float]:
+        """``{"<prefix>/<method>/<task>/<metric>": value}`` of a :meth:`compute` result, for loggers; metrics that
+        scored no sample are left out (their 0.0 is a placeholder, not a score)."""
+        return {
+            f"{prefix}/{method}/{task}/{name}": s["value"]
+            for method, tasks in scores.items()
+            for task, ms in tasks.items()
+            for name, s in ms.items()
+            if s["count"] > 0
+        }
+
     def reset(self) -> None:
         """Forget all samples and keys."""
         self._sets.clear()

@@ -99,23 +99,31 @@ def test_train_main_fit_end_to_end(tmp_path, tiny_dataset, grad_ckpt):
     assert ckpts
 
 
-@pytest.mark.slow
-def test_train_two_process_ddp_on_cpu(tmp_path, tiny_dataset):
+def _fit_two_process_ddp(tmp_path: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
+    """``train.py fit`` for 3 steps as 2 CPU processes (DDP over gloo), the command line users type; fails the test
+    with the run's stderr when it does not exit cleanly."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         str(REPO / "train.py"),
         "fit",
-        *_flags(tmp_path, tiny_dataset, steps=3),
+        *_flags(tmp_path, data, steps=3),
         "--trainer.devices",
         "2",
         "--trainer.strategy",
         "ddp",
         "--trainer.accelerator",
         "cpu",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_two_process_ddp_on_cpu(tmp_path, tiny_dataset):
+    proc = _fit_two_process_ddp(tmp_path, tiny_dataset)
     metrics = list(Path(tmp_path).rglob("metrics.csv"))
     assert metrics, proc.stderr[-2000:]
     rows = list(csv.DictReader(metrics[0].read_text().splitlines()))
@@ -137,18 +145,9 @@ def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny
     n = 3  # rank 0 probes rows 0 and 2, rank 1 row 1: uneven shares, so a mean of rank means would differ
     val = datasets.load_from_disk(tiny_dataset)["validation"]
     assert len(val) >= n
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "fit",
-        *_flags(tmp_path, tiny_dataset, steps=3),
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.accelerator",
-        "cpu",
+    _fit_two_process_ddp(
+        tmp_path,
+        tiny_dataset,
         "--trainer.callbacks+",
         "klal.callbacks.GroundingProbes",
         "--trainer.callbacks.every_n_steps",
@@ -157,9 +156,7 @@ def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny
         str(n),
         "--trainer.callbacks.at_validation_end",
         "false",
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    )
     (csv_path,) = Path(tmp_path).rglob("metrics.csv")
     log_dir = csv_path.parent
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
@@ -178,13 +175,7 @@ def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny
     for row in val.select(range(n)):
         metrics.update_result("answer attention", method.run(gm, row), row)
     scores = metrics.compute()
-    expected = {
-        f"probe/{label}/{task}/{name}": s["value"]
-        for label, tasks in scores.items()
-        for task, ms in tasks.items()
-        for name, s in ms.items()
-        if s["count"] > 0
-    }
+    expected = GroundingMetrics.flatten(scores, "probe")
     # The same metrics were scored (same sample counts after the sync), with the same values.
     assert set(logged) == set(expected)
     assert {"evidence_mass", "pointing_game", "target_kl"} <= {k.rsplit("/", 1)[1] for k in logged}
