@@ -422,6 +422,10 @@ def test_text_only_rows_are_refused_by_methods_with_a_clear_error(task_data):
     gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
     with pytest.raises(GroundingError, match="sample 'text-0' is text-only"):
         build_method("attention_probe", query="answer_last").run(gm, _text_record(0))
+    # Every method relies on sample_images for this check (none repeats it), so each must give the same error.
+    for name in ("entropy_gradient", "vicrop_rel_att", "vicrop_grad_att", "laser"):
+        with pytest.raises(GroundingError, match="sample 'text-0' is text-only"):
+            build_method(name).run(gm, _text_record(0))
 
 
 def test_evaluate_skips_text_only_rows_and_counts_them(tmp_path, mixed_data, caplog):

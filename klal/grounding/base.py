@@ -112,6 +112,9 @@ def build_method(name: str, **kwargs: Any) -> GroundingMethod:
 def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
     """The sample's images as RGB PIL images (a row holds one image or a list).
 
+    Returns:
+        At least one image: this is the one check every method relies on for "the sample has an image".
+
     Raises:
         GroundingError: a text-only sample (nothing to ground; callers skip those rows with :func:`image_rows`), or an
             image that is not a PIL image.

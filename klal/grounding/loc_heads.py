@@ -228,8 +228,6 @@ def head_statistics(gm: GroundingModel, sample: dict[str, Any]) -> tuple[np.ndar
         GroundingError: the sample has no image, or the model did not report every layer.
     """
     images = sample_images(sample)[:1]
-    if not images:
-        raise GroundingError(f"sample {sample.get('id')!r}: localization-head discovery needs an image")
     inputs = gm.inputs(images, sample["question"])
     request = gm.request(inputs, per_head=False, differentiable_rows=True)
     with torch.no_grad():
@@ -465,16 +463,14 @@ class LocalizationHeads:
         return timed_batch(gm, lambda: self._run_batch(gm, samples))
 
     def _ready(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> tuple[HeadSelection, list[int]]:
-        """The checked head selection and the layers it reads, or GroundingError naming the first sample."""
+        """The checked head selection and the layers it reads, or GroundingError naming the first sample (images are
+        checked where they are read, by :func:`sample_images`)."""
         first = samples[0].get("id") if samples else None
         if self.selection is None:
             raise GroundingError(
                 f"sample {first!r}: localization_heads has no heads; give heads_file or call prepare()"
             )
         self.selection.check_model(gm, source=self.heads_file or "<discovered heads>")
-        for sample in samples:
-            if not sample_images(sample):
-                raise GroundingError(f"sample {sample.get('id')!r}: localization_heads needs an image")
         return self.selection, sorted({layer for layer, _ in self.selection.heads})
 
     def _run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:

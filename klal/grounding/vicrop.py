@@ -262,8 +262,6 @@ class _ViCrop:
     def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
         sid = sample.get("id")
         images = sample_images(sample)
-        if not images:
-            raise GroundingError(f"{self.name}: sample {sid!r} has no image")
         check_crop_fits(images[0], self.min_crop, self.name, sid)
         layer = check_layer(default_layer(gm.num_layers) if self.layer is None else self.layer, gm, self.name, sid)
         inputs = gm.inputs(images, sample["question"])
