@@ -15,7 +15,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.step import ARCH  # noqa: E402
+from bench.throughput import cpu_name  # noqa: E402
 from klal.grounding import GroundingModel, available_methods, build_method  # noqa: E402
 from klal.models.loader import ModelConfig, load_model_and_processor  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 {"method": label, "forward": fwd / n, "backward": bwd / n, "seconds": secs / n, "prepare_s": t_prep}
             )
     base = next((r["seconds"] for r in results if r["method"] == "attention_probe"), None)
-    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
     print(
         f"\n{args.arch} model, {args.dtype}, {dev}, {len(rows)} samples ({args.samples} per task), "
         f"max_pixels {args.max_pixels}, torch threads {torch.get_num_threads()}"
