@@ -17,49 +17,7 @@ Examples::
     python train.py fit --config configs/demo.yaml --ckpt_path last
 """
 
-from __future__ import annotations
-
-import sys
-
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
-
-from klal.checkpoint import resolve_ckpt_path, use_atomic_checkpoint_io
-from klal.datamodule import KLALDataModule
-from klal.module import KLALModule
-
-
-class KLALCLI(LightningCLI):
-    """LightningCLI with klal's checkpointing: atomic, weights-only checkpoints (:mod:`klal.checkpoint`), and
-    ``--ckpt_path last`` meaning the newest ``last*.ckpt`` of earlier runs under the same folders."""
-
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        use_atomic_checkpoint_io(trainer)
-        return trainer
-
-    def _resolve_last(self) -> None:
-        cfg = self.config_init[self.subcommand]
-        cfg["ckpt_path"] = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
-
-    before_fit = before_validate = before_test = _resolve_last
-
-
-def main(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return it (``cli.model``, ``cli.trainer``)."""
-    # Show the config dataclasses' field docstrings in --help.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    if argv is not None:
-        # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
-        sys.argv = sys.argv[:1]
-    return KLALCLI(
-        KLALModule,
-        KLALDataModule,
-        args=argv,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
-
+from klal.train_cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,26 +7,22 @@ with random weights (no checkpoint download), for a GPU.
 
 Examples::
 
-    python bench/probes.py                                     # tiny model, CPU, 3 samples per task
-    python bench/probes.py --arch 3b --device cuda --dtype bfloat16 --max-pixels 802816 --samples 4
-    python bench/probes.py --batch-size 6                      # add batched rows for the methods that batch
+    python -m bench.probes                                     # tiny model, CPU, 3 samples per task
+    python -m bench.probes --arch 3b --device cuda --dtype bfloat16 --max-pixels 802816 --samples 4
+    python -m bench.probes --batch-size 6                      # add batched rows for the methods that batch
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench.step import ARCH  # noqa: E402
-from bench.throughput import cpu_name  # noqa: E402
-from klal.grounding import GroundingModel, available_methods, build_method  # noqa: E402
-from klal.models.loader import ModelConfig, load_model_and_processor  # noqa: E402
+from bench.step import ARCH
+from bench.throughput import cpu_name
+from klal.grounding import GroundingModel, available_methods, build_method
+from klal.models.loader import ModelConfig, load_model_and_processor
 
 TASKS = {
     "grid_patch": ("easy", {"image_size": 224}),

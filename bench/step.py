@@ -7,30 +7,25 @@ CPU allocations have no peak counter.
 
 Run::
 
-    python bench/step.py                                   # tiny model, CPU, ~100 visual tokens, a minute
-    python bench/step.py --visual-tokens 256 --steps 5
-    python bench/step.py --arch 3b --device cuda --visual-tokens 1024 --dtype bfloat16   # GPU, random 3B weights
+    python -m bench.step                                   # tiny model, CPU, ~100 visual tokens, a minute
+    python -m bench.step --visual-tokens 256 --steps 5
+    python -m bench.step --arch 3b --device cuda --visual-tokens 1024 --dtype bfloat16   # GPU, random 3B weights
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import contextlib
-
-from klal.capture import CaptureRequest, register_capture_attention, select_queries  # noqa: E402
-from klal.loss import klal_loss  # noqa: E402
-from klal.models.loader import set_text_attn_implementation  # noqa: E402
-from klal.models.lora import LoraSettings, apply_lora  # noqa: E402
-from klal.models.tiny import build_tiny_model, tiny_config  # noqa: E402
+from klal.capture import CaptureRequest, register_capture_attention, select_queries
+from klal.loss import klal_loss
+from klal.models.loader import set_text_attn_implementation
+from klal.models.lora import LoraSettings, apply_lora
+from klal.models.tiny import build_tiny_model, tiny_config
 
 ARCH = {
     # Published Qwen2.5-VL sizes; weights are random (no checkpoint can be downloaded here).

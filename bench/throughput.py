@@ -15,8 +15,8 @@ CPU) unless ``--peak-tflops`` is given.
 
 Run::
 
-    python bench/throughput.py                                                       # tiny model, CPU
-    python bench/throughput.py --arch 7b --device cuda --dtype bfloat16 --visual-tokens 1024 --seq 1536 \\
+    python -m bench.throughput                                                       # tiny model, CPU
+    python -m bench.throughput --arch 7b --device cuda --dtype bfloat16 --visual-tokens 1024 --seq 1536 \\
         --batch 4 --gradient-checkpointing both                                      # one GPU, random 7B weights
 """
 
@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -36,20 +35,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.step import ARCH, saved_bytes  # noqa: E402
-from klal.data.collate import KLALCollator  # noqa: E402
-from klal.data.sampler import (  # noqa: E402
+from bench.step import ARCH, saved_bytes
+from klal.data.collate import KLALCollator
+from klal.data.sampler import (
     LengthGroupedSampler,
     TokenBudgetBatchSampler,
     estimate_lengths,
     padding_fraction,
 )
-from klal.models.loader import ModelConfig  # noqa: E402
-from klal.models.lora import LoraSettings  # noqa: E402
-from klal.models.tiny import build_tiny_processor  # noqa: E402
-from klal.module import KLALModule  # noqa: E402
+from klal.models.loader import ModelConfig
+from klal.models.lora import LoraSettings
+from klal.models.tiny import build_tiny_processor
+from klal.module import KLALModule
 
 # Published vocabulary sizes (lm_head and the loss over it are a real part of the step's cost).
 VOCAB = {"3b": 151936, "7b": 152064}

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from klal import repro
 from klal.data.collate import IGNORE_INDEX
+from studies.reproduce import pipeline as repro
 
 TOY = {
     "image_size": 112,
@@ -154,7 +154,7 @@ def test_unfreeze_merger_counts_its_parameters():
 
 def test_pipeline_toy(tmp_path, monkeypatch):
     """data -> train -> eval -> report on a toy study; a second train pass reuses the finished runs."""
-    from bench import reproduce
+    from studies.reproduce import run as reproduce
 
     cfg_d = {
         **TOY,

@@ -1,6 +1,7 @@
 """Small-scale reproduction of the KLAL paper's comparison: Base vs NTP vs NTP + KLAL on the synthetic tasks.
 
-The pieces of ``bench/reproduce.py``, importable so tests can run the pipeline at a toy size:
+The pieces of ``python -m studies.reproduce`` (:mod:`studies.reproduce.run`), importable so tests can run the
+pipeline at a toy size:
 
 * :class:`StudyConfig` (read from ``configs/repro/*.yaml``): tasks and their generator settings, the tiny model's
   size, the trainable set, the training schedule, the two arms, seeds, the lambda / query sweep and the probes.
@@ -12,7 +13,8 @@ The pieces of ``bench/reproduce.py``, importable so tests can run the pipeline a
   inside the evidence cells).
 * :func:`load_trained`: a finished run's model, from its saved weights or (full-size recipe) its peft adapter.
 
-``bench/reproduce.py`` strings these into stages (data, train, eval, probes, report) and writes the report.
+``python -m studies.reproduce`` (:mod:`studies.reproduce.run`) strings these into stages (data, train, eval,
+probes, report) and writes the report.
 
 Exact match in one teacher-forced pass: greedy decoding produces the gold answer token sequence followed by
 ``<|im_end|>`` exactly when, with the gold prefix fed in, every gold answer token and the closing ``<|im_end|>`` is

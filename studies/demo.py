@@ -8,8 +8,8 @@ over a few validation images.
 
 Run (2 CPU cores, a few minutes)::
 
-    python -m klal.demo
-    python -m klal.demo --steps 40 --out runs/demo_quick     # shorter
+    python -m studies.demo
+    python -m studies.demo --steps 40 --out runs/demo_quick     # shorter
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m klal.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="training config (default: demo)")
     p.add_argument("--out", default="runs/demo", help="run directory (logs, checkpoint, adapter, PNG)")
     p.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
@@ -36,13 +36,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the demo; returns ``{"before": metrics, "after": metrics}``."""
     args = _parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(REPO))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import train
+    from klal import train_cli
     from klal.measure import attention_grids, measure
     from klal.viz import overlay
 
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.steps is not None:
         flags += ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(max(args.steps // 3, 1))]
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too; the demo passes its flags explicitly
-    cli = train.main([*flags, *args.extra], run=False)
+    cli = train_cli.main([*flags, *args.extra], run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     dm.prepare_data()
     dm.processor = module.processor

@@ -4,9 +4,9 @@ a real checkpoint (``backbone`` + ``adapter_pattern``) it evaluates, probes and 
 
 Run from the repository root::
 
-    python -m bench.reproduce --config configs/repro/small.yaml --jobs 2              # every stage, 2 processes
-    python -m bench.reproduce --config configs/repro/small.yaml --stages probes,report  # probes again, then report
-    python -m bench.reproduce --config configs/repro/qwen2.5-vl-7b_study.yaml --stages eval,probes,report   # GPU
+    python -m studies.reproduce --config configs/repro/small.yaml --jobs 2              # every stage, 2 processes
+    python -m studies.reproduce --config configs/repro/small.yaml --stages probes,report  # probes again, then report
+    python -m studies.reproduce --config configs/repro/qwen2.5-vl-7b_study.yaml --stages eval,probes,report   # GPU
 
 Stages (in this order; each reuses what earlier ones wrote, so any stage can be rerun alone):
 
@@ -35,15 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from studies.reproduce import pipeline as repro
+from studies.reproduce.pipeline import RunSpec, StudyConfig
 
-from klal import repro  # noqa: E402
-from klal.repro import RunSpec, StudyConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 STAGES = ("data", "train", "eval", "probes", "report")
 EVAL_QUERIES = ("last", "prompt_last")
@@ -621,7 +619,8 @@ def _fan_out(stage: str, args: argparse.Namespace, argv: list[str]) -> None:
         subprocess.Popen(
             [
                 sys.executable,
-                str(REPO / "bench" / "reproduce.py"),
+                "-m",
+                "studies.reproduce",
                 *base,
                 "--stages",
                 stage,
@@ -640,7 +639,7 @@ def _fan_out(stage: str, args: argparse.Namespace, argv: list[str]) -> None:
 # -- entry point -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> Path | None:
     """Run the chosen stages; returns the table path when the report stage ran."""
-    p = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "repro" / "small.yaml"), help="study YAML")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--shard", type=_parse_shard, default=(0, 1), help="I/N: this process takes every N-th job")
@@ -667,7 +666,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     cfg = repro.load_config(args.config, overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, args.threads))
-    command = "python -m bench.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m studies.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     table = None
     for stage in STAGES:
         if stage not in stages:
@@ -684,7 +683,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         elif stage == "probes":
             stage_probes(cfg, args.shard, args.force)
         elif stage == "report":
-            table = stage_report(cfg, command, f"python -m bench.reproduce --config {args.config}")
+            table = stage_report(cfg, command, f"python -m studies.reproduce --config {args.config}")
         _log(f"stage {stage} done in {time.perf_counter() - t0:.0f} s")
     return table
 

@@ -1,0 +1,57 @@
+"""The ``klal`` command: every klal tool as a subcommand (``klal NAME --help`` documents each one).
+
+Usage::
+
+    klal                                   # this list
+    klal train fit --config configs/demo.yaml
+    klal evaluate --config configs/eval/synthetic_compare.yaml
+    klal generate grid_patch --num 200 --seed 0 --out data/grid_patch
+    klal export --adapter RUN/adapter --out exported --merge
+
+``python -m klal`` is the same command. Each subcommand is also its module's own entry point (``python -m
+klal.export``); both spellings parse the same typed signature (:mod:`klal.cli`). Only the chosen subcommand's module
+is imported, so ``klal NAME --help`` answers without loading torch for the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("klal.train_cli", "train with NTP + KLAL (LightningCLI: fit / validate / test)"),
+    "evaluate": ("klal.eval.cli", "compare grounding methods and adapters on klal datasets"),
+    "generate": ("data_gen.cli", "generate a synthetic grounding dataset, or preview one"),
+    "convert-refcoco": ("klal.data.refcoco", "convert RefCOCO / RefCOCO+ / RefCOCOg into the klal schema"),
+    "convert-pixmo": ("klal.data.pixmo", "convert PixMo-Points into the klal schema"),
+    "discover-heads": ("klal.grounding.loc_heads", "find a model's localization heads and save them as JSON"),
+    "export": ("klal.export", "export a trained adapter (optionally merged) as a stock checkpoint"),
+}
+"""Subcommand -> (module whose ``main(argv, prog)`` runs it, one-line description)."""
+
+
+def usage() -> str:
+    """The subcommand list that ``klal`` and ``klal --help`` print."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: klal COMMAND [options]   (klal COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> object:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to its subcommand's module."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"klal: error: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest, prog=f"klal {name}")
+
+
+if __name__ == "__main__":
+    main()
