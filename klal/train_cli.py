@@ -7,18 +7,29 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from klal.checkpoint import resolve_ckpt_path, use_atomic_checkpoint_io
 from klal.datamodule import KLALDataModule
 from klal.module import KLALModule
+from klal.noise import quiet
+from klal.progress import StepProgressBar
 
 
 class KLALCLI(LightningCLI):
     """LightningCLI with klal's checkpointing: atomic, weights-only checkpoints (:mod:`klal.checkpoint`), and
     ``--ckpt_path last`` meaning the newest ``last*.ckpt`` of earlier runs under the same folders."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
+        # klal's step-counted progress display, unless the config brings a progress bar or turns it off.
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -40,6 +51,7 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
         run: run the subcommand (False: only build model, data and trainer).
         prog: program name in help and errors.
     """
+    quiet()
     # Show the config dataclasses' field docstrings in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if argv is not None:

@@ -1,0 +1,46 @@
+"""Quiet by default: the console lines of third-party libraries that say nothing about a klal run.
+
+Every ``train.py`` run used to print five to seven lines that were not about the run: Lightning's advertisements for
+its cloud products, a transformers deprecation triggered inside peft (``is_gradient_checkpointing``), a Lightning
+deprecation triggered by its own pytree code, and peft's failed network look-up of the base model's config on every
+adapter save (fixed where klal saves adapters, not here). :func:`quiet` removes exactly those, by message, and
+nothing else: every other warning and log line still shows. ``KLAL_DEBUG=1`` leaves everything on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from klal.cli import debug_enabled
+
+ADVERTISEMENTS = ("💡 Tip: For seamless cloud",)
+"""Starts of Lightning info lines that advertise products (logged on every Trainer construction)."""
+
+IRRELEVANT_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # peft reads model.is_gradient_checkpointing; transformers 5 deprecated the name. Nothing for a user to change.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # Lightning's own pytree helper on torch >= 2.10; fixed upstream, nothing for a user to change.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
+)
+"""(message regex, category) of warnings raised inside third-party code about third-party code."""
+
+
+class _DropAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(ADVERTISEMENTS)
+
+
+_FILTER = _DropAdvertisements()
+
+
+def quiet() -> None:
+    """Silence :data:`ADVERTISEMENTS` and :data:`IRRELEVANT_WARNINGS` (idempotent; a no-op with ``KLAL_DEBUG``)."""
+    if debug_enabled():
+        return
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+    for message, category in IRRELEVANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
