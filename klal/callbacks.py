@@ -17,6 +17,10 @@ The probe subset is the first ``num_samples`` rows *that have an image*: text-on
 :mod:`klal.data.schema`) have nothing to ground, so they are passed over when the subset is built, with a warning that
 counts them (``text_only_skipped``); a split without any image row is an error naming it.
 
+Each probe runs the evaluation engine's loop (:func:`klal.eval.engine.run_method`, as ``evaluate.py`` does): every
+method is built once, when the callback is, and prepared at each probe on the whole subset and the model as it is
+then (localization-head discovery), so every rank prepares on the same rows.
+
 Metrics are logged as ``probe/<label>/<task>/<metric>`` to every logger; the full scores with their sample counts
 (loggers get only the values) go to ``<log_dir>/probes/step_<N>/metrics.json``, galleries to
 ``<log_dir>/probes/step_<N>/gallery_<label>.png`` and, when the logger is TensorBoard or W&B, to its image panel.
@@ -39,10 +43,13 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from klal.evaluation import MethodSpec, load_split, save_gallery, slug
+from klal.data.io import load_split
+from klal.eval.config import MethodSpec
+from klal.eval.engine import run_method
+from klal.eval.metrics import GroundingMetrics
+from klal.eval.report import save_gallery, slug
 from klal.grounding import GroundingModel, build_method
 from klal.grounding.base import image_rows
-from klal.metrics import GroundingMetrics
 
 
 class GroundingProbes(Callback):
@@ -74,7 +81,8 @@ class GroundingProbes(Callback):
         for m in self.methods:
             if m.weights != "base":
                 raise ValueError(f"GroundingProbes row {m.row!r}: probes run on the model in training; drop 'weights'")
-            build_method(m.name, **m.options)
+        # Built once (bad names and options fail here); each probe prepares them again on the model as it is then.
+        self._built = [build_method(m.name, **m.options) for m in self.methods]
         if num_samples < 1:
             raise ValueError(f"GroundingProbes num_samples must be >= 1, got {num_samples}")
         self.data = data
@@ -158,13 +166,12 @@ class GroundingProbes(Callback):
         metrics = GroundingMetrics(device=pl_module.device if trainer.strategy.root_device.type != "cpu" else None)
         galleries: dict[str, list[Any]] = {}
         with self._gm.borrowed():
-            for spec in self.methods:
-                method = build_method(spec.name, **spec.options)
-                for row in mine:
-                    res = method.run(self._gm, row)
-                    metrics.update_result(spec.row, res, row)
-                    if len(galleries.setdefault(spec.row, [])) < self.gallery_size:
-                        galleries[spec.row].append((row, res))
+            for spec, method in zip(self.methods, self._built):
+                # Every rank prepares on the whole subset (not its share), so all ranks discover the same heads.
+                run = run_method(
+                    self._gm, spec.row, method, {"probe": mine}, metrics, self.rows, gallery_size=self.gallery_size
+                )
+                galleries[spec.row] = run.gallery
         scores = metrics.compute()  # every rank takes part in the sync
         step = trainer.global_step
         flat = GroundingMetrics.flatten(scores, "probe")

@@ -23,6 +23,7 @@ from klal.grounding.ops import (
     normalize,
     pixels_to_cells,
     spatial_entropy,
+    spatial_entropy_count,
 )
 
 # ------------------------------------------------------------------------------------------------------ chord elbow
@@ -142,8 +143,14 @@ def test_spatial_entropy_mean_scale_and_floor():
     assert spatial_entropy(g) == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
     # mean_scale 2: 2 * mean = 1.4 > 1.2, the weak blob vanishes.
     assert spatial_entropy(g, mean_scale=2.0) == 0.0
-    # The floor is absolute: weak blob B = 0.5 falls below floor 0.6.
-    assert spatial_entropy(g, floor=0.6) == 0.0
+    # The floor is absolute: weak blob B = 0.5 falls below floor 0.6. Its B still counts in the denominator (the
+    # authors' shares are over the sum of B over all cells), so the one component has p = 9.3 / 9.8, not 1.
+    p = 9.3 / 9.8
+    assert spatial_entropy(g, floor=0.6) == pytest.approx(-p * math.log(p), rel=1e-12)
+    assert spatial_entropy_count(g, floor=0.6) == (pytest.approx(-p * math.log(p), rel=1e-12), 1)
+    # No cell above the floor but B positive: entropy 0 with no component; B zero everywhere: inf.
+    assert spatial_entropy_count(g, floor=20.0) == (0.0, 0)
+    assert spatial_entropy_count(np.full((3, 3), 2.0)) == (math.inf, 0)
     with pytest.raises(ValueError, match="NaN"):
         spatial_entropy(np.array([[1.0, np.nan]]))
 

@@ -17,7 +17,12 @@ Example::
     from klal.grounding import GroundingModel, build_method
     from klal.models.loader import ModelConfig
     gm = GroundingModel.load(ModelConfig("tiny"))
-    result = build_method("entropy_gradient").run(gm, row)   # row: a klal dataset row
+    result = build_method("entropy_gradient", max_rounds=1).run(gm, row)   # row: a klal dataset row
+
+A method is a :class:`GroundingMethod` subclass (:mod:`klal.grounding.base`): it declares its options as a frozen
+``Options`` dataclass (defaults and bounds in one place, checked by :mod:`klal.grounding.options`) and writes only
+``ground`` (and, to share passes between rows, ``ground_batch``); timing, pass counting, the image check and the
+crop-size check are the base's. A new method registers itself with ``class MyMethod(GroundingMethod, name="...")``.
 """
 
 # Importing the method modules registers them.

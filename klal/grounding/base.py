@@ -1,5 +1,5 @@
-"""What every training-free grounding method shares: a model wrapper with the passes the methods need, the result
-type, and the method registry.
+"""What every training-free grounding method shares: the :class:`GroundingMethod` base class (options, checks, cost),
+a model wrapper with the passes the methods need, the result type, and the method registry.
 
 A method takes one dataset row (the klal schema) and returns a :class:`GroundingResult`: a relevance map per image
 over that image's LLM token grid (``h/2 x w/2`` of ``image_grid_thw``, row-major), boxes in original-image pixels
@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from PIL import Image
 from klal.capture import CaptureRequest, enable_capture, select_queries
 from klal.data.collate import KLALCollator, PromptSettings
 from klal.data.schema import is_text_only
+from klal.grounding.options import NoOptions, parse_options
+from klal.models.loader import text_config
 
 GENERIC_PROMPT = "Write a general description of the image."
 """ViCrop's query-free prompt, also used by LASER's 'without query' pass."""
@@ -58,27 +60,149 @@ class GroundingResult:
     seconds: float = 0.0
 
 
-class GroundingMethod(Protocol):
-    """A training-free grounding method.
+class GroundingMethod:
+    """Base class of every training-free grounding method.
 
-    Methods that can share a forward pass between samples (``attention_probe`` with ``prompt_last`` or
-    ``answer_last``, ``localization_heads``) also have ``run_batch(gm, samples) -> list[GroundingResult]``, which
-    gives the results ``run`` gives one sample at a time (:meth:`GroundingModel.batch_attention`).
+    The base does what every method shares: options (a frozen ``Options`` dataclass, checked once by
+    :func:`klal.grounding.options.parse_options`), the image check (:func:`sample_images`), the crop-size check
+    (:meth:`check_sizes`), and the cost of every result (passes and seconds). A method writes only how it computes
+    relevance and answers:
+
+    * :meth:`ground` ``(gm, sample, images)``: one row (its images already checked);
+    * optionally :meth:`ground_batch` with ``batched = True``, for methods that share a forward pass between rows;
+    * optionally :meth:`prepare`, for methods that need the model or data before the first row (localization heads).
+
+    Subclasses register themselves by name: ``class MyMethod(GroundingMethod, name="my_method")``.
+
+    Attributes:
+        name: the registered name (also in every message).
+        answers: whether :attr:`GroundingResult.answer` is filled in.
+        batched: whether :meth:`run_batch` runs :meth:`ground_batch` (else :meth:`run` per row).
+        Options: the frozen dataclass of the method's options, with their defaults.
+        options: this instance's options.
     """
 
-    name: ClassVar[str]
-    answers: ClassVar[bool]
+    name: ClassVar[str] = ""
+    answers: ClassVar[bool] = False
+    batched: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A module run with ``python -m`` is a second copy of itself (``__main__``): registering its classes too
+        # would clash with the importable module's.
+        if name is not None and cls.__module__ != "__main__":
+            register_method(name)(cls)
+
+    def __init__(self, **options: Any) -> None:
+        """Build the method with keyword ``options`` (see ``Options``).
+
+        Raises:
+            GroundingError: an unknown option or a bad value, naming it.
+        """
+        self.options = parse_options(self.name or type(self).__name__, self.Options, options)
+
+    @property
+    def min_crop(self) -> float | None:
+        """The smallest crop side in original pixels, for methods that crop (option ``min_crop``); None otherwise."""
+        value = getattr(self.options, "min_crop", None)
+        return float(value) if value else None
+
+    def check_sizes(self, sizes: Iterable[tuple[Any, float, float]], where: str | None = None) -> None:
+        """Refuse images smaller than :attr:`min_crop` on an axis; a no-op for methods that do not crop.
+
+        Args:
+            sizes: ``(sample_id, width, height)`` of each sample's image 0 (crops are cut from image 0).
+            where: where the samples come from (a dataset path), for the message.
+
+        Raises:
+            GroundingError: naming the method, the first sample too small, its size and the option.
+        """
+        m = self.min_crop
+        if m is None:
+            return
+        of = f" of {where}" if where else ""
+        for sid, w, h in sizes:
+            if w < m or h < m:
+                raise GroundingError(
+                    f"{self.name}: sample {sid!r}{of} has an image of {w} x {h} px, smaller than option "
+                    f"min_crop={m:g} px on at least one axis; lower min_crop or leave the sample out"
+                )
+
+    def prepare(self, gm: GroundingModel, rows: Any) -> None:
+        """Get ready to run on ``gm`` (e.g. discover heads on ``rows``: a ``datasets.Dataset`` or a list of rows).
+
+        The default does nothing; the engine calls it once per method and model before the first row.
+        """
 
     def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        """Ground (and, if ``answers``, answer) one dataset row."""
-        ...
+        """Ground (and, if :attr:`answers`, answer) one dataset row; the result carries its passes and seconds.
+
+        Raises:
+            GroundingError: a text-only row, an image that is too small to crop, or a bad option for this model.
+        """
+
+        def one() -> list[GroundingResult]:
+            images = self._checked_images(sample)
+            return [self.ground(gm, sample, images)]
+
+        return _costed(gm, one)[0]
+
+    def run_batch(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> list[GroundingResult]:
+        """:meth:`run` on several rows, sharing passes when the method is :attr:`batched`.
+
+        A batched result reports the batch's passes (every row takes part in every pass) and an even share of its
+        seconds.
+        """
+        if not self.batched:
+            return [self.run(gm, s) for s in samples]
+
+        def batch() -> list[GroundingResult]:
+            for s in samples:
+                self._checked_images(s)
+            return self.ground_batch(gm, list(samples))
+
+        return _costed(gm, batch)
+
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
+        """The method itself on one row whose ``images`` (RGB, at least one) passed the checks."""
+        raise NotImplementedError(f"{type(self).__name__} must implement ground()")
+
+    def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        """The method on several checked rows at once (methods with ``batched = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement ground_batch() when batched")
+
+    def _checked_images(self, sample: dict[str, Any]) -> list[Image.Image]:
+        images = sample_images(sample)
+        self.check_sizes([(sample.get("id"), images[0].width, images[0].height)])
+        return images
 
 
-_REGISTRY: dict[str, type] = {}
+def _costed(gm: GroundingModel, fn: Callable[[], list[GroundingResult]]) -> list[GroundingResult]:
+    """Run ``fn`` and give each of its results the passes it cost and an even share of the seconds.
+
+    Every sample of a batch takes part in every pass, so each result gets the batch's pass counts (a batched forward
+    pass counts as one forward pass per sample).
+    """
+    before = dict(gm.passes)
+    t0 = time.perf_counter()
+    results = fn()
+    seconds = time.perf_counter() - t0
+    passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
+    for res in results:
+        res.seconds = seconds / max(len(results), 1)
+        res.passes = dict(passes)
+    return results
+
+
+_REGISTRY: dict[str, type[GroundingMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[type], type]:
-    """Class decorator that makes a method available to :func:`build_method` under ``name``."""
+    """Class decorator that makes a method available to :func:`build_method` under ``name``.
+
+    Subclasses of :class:`GroundingMethod` can register with ``class M(GroundingMethod, name="...")`` instead.
+    """
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -95,18 +219,15 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_method(name: str, **kwargs: Any) -> GroundingMethod:
+def build_method(name: str, **options: Any) -> GroundingMethod:
     """Instantiate a registered method by name with its keyword options.
 
     Raises:
-        GroundingError: unknown method name or option.
+        GroundingError: unknown method name, unknown option or bad option value (naming it).
     """
     if name not in _REGISTRY:
         raise GroundingError(f"unknown grounding method {name!r}; available: {', '.join(available_methods())}")
-    try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as e:
-        raise GroundingError(f"grounding method {name!r}: bad options {sorted(kwargs)}: {e}") from e
+    return _REGISTRY[name](**options)
 
 
 def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
@@ -186,33 +307,6 @@ def image_rows(rows: Any, limit: int | None = None) -> tuple[Any, int]:
     return [rows[i] for i in keep], skipped
 
 
-def timed(gm: GroundingModel, fn: Callable[[], GroundingResult]) -> GroundingResult:
-    """Run ``fn`` and fill in the result's pass counts and seconds."""
-    before = dict(gm.passes)
-    t0 = time.perf_counter()
-    res = fn()
-    res.seconds = time.perf_counter() - t0
-    res.passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
-    return res
-
-
-def timed_batch(gm: GroundingModel, fn: Callable[[], list[GroundingResult]]) -> list[GroundingResult]:
-    """Run a batched ``fn`` and fill in each result's cost.
-
-    Every sample of the batch takes part in every pass, so each result gets the batch's pass counts (a batched
-    forward pass counts as one forward pass per sample); the wall time is split evenly over the samples.
-    """
-    before = dict(gm.passes)
-    t0 = time.perf_counter()
-    results = fn()
-    seconds = time.perf_counter() - t0
-    passes = {k: gm.passes[k] - before.get(k, 0) for k in gm.passes}
-    for res in results:
-        res.seconds = seconds / max(len(results), 1)
-        res.passes = dict(passes)
-    return results
-
-
 class GroundingModel:
     """A Qwen2.5-VL (optionally with a LoRA adapter) prepared for grounding probes.
 
@@ -228,8 +322,7 @@ class GroundingModel:
         self.processor = processor
         self.collator = KLALCollator(processor, prompt=prompt)
         self.image_token_id = int(processor.image_token_id)
-        cfg = model.config
-        self.text_config = getattr(cfg, "text_config", cfg)
+        self.text_config = text_config(model)
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.num_heads = int(self.text_config.num_attention_heads)
         self.merge = self.collator.merge
@@ -243,8 +336,10 @@ class GroundingModel:
         Raises:
             GroundingError: the adapter directory is missing or was trained on another base model.
         """
-        from klal.models.loader import load_model_and_processor
+        from klal.models.loader import load_model_and_processor, with_saved_pixel_bounds
 
+        # The adapter's saved pixel bounds, unless the caller chose others: the visual grid it was trained on.
+        backbone = with_saved_pixel_bounds(backbone, adapter) if adapter else backbone
         model, processor = load_model_and_processor(backbone)
         if adapter:
             model = load_adapter(model, adapter, backbone.name_or_path)
@@ -455,58 +550,61 @@ class GroundingModel:
         with torch.no_grad():
             return self.forward(inputs)[0, -1].float()
 
-    @torch.no_grad()
+    def append_tokens(self, inputs: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
+        """``inputs`` (one prompt, from :meth:`inputs`) with the token ``ids`` appended, as the model reads them.
+
+        The attention mask grows with ones and ``mm_token_type_ids`` with zeros (the new tokens are text), so the
+        model gives the appended tokens the positions they get when they are part of the encoded text; the other
+        keys (images, grids, sizes) are kept and ``visual_mask`` is recomputed.
+        """
+        ids_t = inputs["input_ids"]
+        extra = torch.tensor([list(ids)], dtype=ids_t.dtype, device=ids_t.device)  # (1, n)
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([ids_t, extra], dim=1)
+        mask = inputs.get("attention_mask", torch.ones_like(ids_t))
+        out["attention_mask"] = torch.cat([mask, torch.ones_like(extra, dtype=mask.dtype)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra.shape[1]))
+        out["visual_mask"] = out["input_ids"] == self.image_token_id
+        return out
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: ``<|im_end|>`` and the tokenizer's eos."""
+        tok = self.processor.tokenizer
+        return sorted({i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if isinstance(i, int)})
+
     def generate(
         self,
         inputs: dict[str, Any],
         max_new_tokens: int = 16,
         logits_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
     ) -> str:
-        """Greedy decoding of the answer (stops at ``<|im_end|>`` or the tokenizer's eos).
+        """Greedy decoding of the answer (:func:`klal.eval.decode.greedy_generate`: truly greedy, whatever the
+        checkpoint's generation config says; stops at ``<|im_end|>`` or the tokenizer's eos).
 
         Args:
             inputs: from :meth:`inputs`.
             max_new_tokens: decoding cap.
             logits_fn: optional hook ``(next_logits (vocab,), generated_ids) -> logits`` (LASER's contrastive
                 decoding); it may run its own forward passes.
+
+        Returns:
+            The answer text; each decoding step counts as one forward pass.
         """
-        tok = self.processor.tokenizer
-        stops = {i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if isinstance(i, int)}
-        ids = inputs["input_ids"]
+        from klal.eval.decode import greedy_generate
+
+        hook = None
+        if logits_fn is not None:
+
+            def hook(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+                return logits_fn(logits[0], generated[0])[None]  # one prompt: (1, vocab)
+
         kw = self._model_kwargs(inputs)
-        if logits_fn is None:
-            # transformers' cached greedy decoding; it yields the same tokens as the loop below, ~10x faster.
-            out = self.model.generate(
-                **kw,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=sorted(stops),
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stops),
-            )
-            new = [int(t) for t in out[0, ids.shape[1] :]]
-            self.passes["forward"] += max(len(new), 1)
-            new = [t for t in new if t not in stops]
-            return tok.decode(new, skip_special_tokens=True).strip()
-        generated: list[int] = []
-        # Re-running the whole prefix each step keeps mrope positions exact without cache plumbing; answers are
-        # a few tokens long, so the quadratic cost is small next to the probes themselves.
-        for _ in range(max_new_tokens):
-            step = dict(kw)
-            step["input_ids"] = ids
-            step["attention_mask"] = torch.ones_like(ids)
-            if "mm_token_type_ids" in kw:
-                pad = ids.shape[1] - kw["mm_token_type_ids"].shape[1]
-                step["mm_token_type_ids"] = torch.nn.functional.pad(kw["mm_token_type_ids"], (0, pad))
-            self.passes["forward"] += 1
-            logits = self.model(**step, use_cache=False).logits[0, -1].float()
-            if logits_fn is not None:
-                logits = logits_fn(logits, generated)
-            nxt = int(logits.argmax())
-            if nxt in stops:
-                break
-            generated.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-        return tok.decode(generated, skip_special_tokens=True).strip()
+        new = greedy_generate(self.model, kw, max_new_tokens, self.stop_ids, hook)[0]
+        # One forward pass per token produced, the stop token included.
+        self.passes["forward"] += min(len(new) + 1, max_new_tokens)
+        return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     # -- grids ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -529,30 +627,17 @@ def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.
     Raises:
         GroundingError: missing adapter files, or an adapter whose recorded base differs from ``base_name``.
     """
-    import json
     import os
 
     from peft import PeftModel
 
-    cfg_path = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
+    from klal.checkpoint import check_adapter_base
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise GroundingError(f"adapter {adapter!r} has no adapter_config.json")
-    with open(cfg_path) as f:
-        recorded = json.load(f).get("base_model_name_or_path")
-    if recorded and base_name and not _same_base(recorded, base_name):
-        raise GroundingError(
-            f"adapter {adapter!r} was trained on base model {recorded!r}, but the model given is {base_name!r}"
-        )
+    # By content (architecture + frozen weights), so the hub id, its snapshot path and a copy are all accepted.
+    check_adapter_base(model, adapter, base_name, error=GroundingError)
     return PeftModel.from_pretrained(model, adapter)
-
-
-def _same_base(recorded: str, given: str) -> bool:
-    import os
-
-    if recorded == given:
-        return True
-    # A local copy of a hub checkpoint may be recorded by path: compare the last path components.
-    return os.path.basename(os.path.normpath(recorded)) == os.path.basename(os.path.normpath(given))
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -561,21 +646,3 @@ def _language_model(model: torch.nn.Module) -> torch.nn.Module:
         if name.endswith("language_model") and hasattr(mod, "layers"):
             return mod
     raise RuntimeError("could not find the language model (a module named '*language_model' with .layers)")
-
-
-__all__ = [
-    "GENERIC_PROMPT",
-    "GroundingError",
-    "GroundingMethod",
-    "GroundingModel",
-    "GroundingResult",
-    "available_methods",
-    "build_method",
-    "image_rows",
-    "load_adapter",
-    "register_method",
-    "sample_images",
-    "text_only_mask",
-    "timed",
-    "timed_batch",
-]

@@ -5,30 +5,29 @@ position. One forward and one backward pass give ``dH/de_v`` for every visual to
 output the language model reads at an ``<|image_pad|>`` position); the relevance of token ``v`` is
 ``||dH/de_v||_2`` (:meth:`klal.grounding.base.GroundingModel.visual_embeds_grad`).
 
-**Regions.** :func:`klal.grounding.ops.extract_regions` on image 0's relevance grid: Gaussian smoothing
-(``sigma`` = 1.5 cells), elbow threshold, ``connectivity``-connected components ranked by raw relevance mass, the
-``top_k`` = 2 best boxed and their aspect capped at ``max_aspect`` = 3. Each region box is grown to at least
-``min_crop`` px per side (:func:`klal.grounding.ops.expand_box`) and cropped from the original image 0.
+**Regions** (:func:`find_regions`, :func:`pool_regions`), as the authors' release computes them
+(merci00001/entropy-gradient-grounding): Gaussian smoothing (``sigma`` = 1.5 cells, scipy's default boundary mode
+``reflect``), the cells strictly above the chord elbow of the smoothed values, 4-connected components ranked by the
+sum of their RAW relevance (ties: raster order). The search pools image 0's map with the maps of the round's crops;
+a region found on a crop is cut from that crop (zooming into a zoom). The ``top_k`` = 2 best regions are boxed in
+their source's pixels, aspect-capped at ``max_aspect`` = 3 (grown about the centre, then clipped at the source's
+edge: :func:`klal.grounding.ops.cap_aspect_px`), and are the next round's crops.
 
-**Zoom and re-ground** (:func:`zoom_and_reground`). Round 0 grounds on the sample's images. Round ``t >= 1`` grounds
-on the sample's images followed by the crops planned in round ``t - 1``, and re-plans the crops from the new
-relevance over the original image 0. The loop stops when the spatial entropy of image 0's map does not fall below the
-previous round's (that round is rejected) or after ``max_rounds`` re-grounding rounds (default 2, so at most three
-relevance passes). The last round whose entropy fell (round 0 if none did) is *accepted*: its regions are the boxes,
-its crops are appended to the sample's images for the answer (``gm.generate`` on ``[images..., crops...]``), and its
-relevance grids over the sample's own images are the result maps.
+**Zoom.** Every crop is upscaled to image 0's area before it is encoded (:func:`klal.grounding.crop.crop_image`),
+so it gets the original's token budget, as the authors re-encode every crop at the encoder's input size. (Qwen2.5-VL
+encodes an image at about its own resolution: without this a 112 x 112 crop would stay 16 visual tokens and show no
+more detail than the original.)
 
-Choices where the method's description leaves details open:
+**Stopping** (:func:`zoom_rounds`, :func:`returned_round`). Round 0 grounds on the sample's images; round ``t >= 1``
+on the sample's images followed by the crops planned in round ``t - 1`` (each round's crops replace the previous
+round's). ``H_t`` is :func:`stopping_entropy` of the map holding round ``t``'s top region. ``H_0 == 0`` returns round
+0 (no crops); otherwise round ``t`` is returned as soon as ``H_t > H_{t-1}``, ``H_t == 0`` or ``t == max_rounds``
+(15); equal entropies go on. The answer is generated from the sample's images plus the returned round's crops
+(``answer_crops="replanned"``: the crops planned from the returned round's map instead); the result maps are the
+returned round's relevance over the sample's own images, its boxes the ``top_k`` regions found in that round
+(image-0 pixels).
 
-* Crops are always cut from the ORIGINAL image 0 (re-grounding refines where to look; it never crops a crop), and
-  each round's crops replace the previous round's rather than accumulating.
-* The stopping entropy is :func:`klal.grounding.ops.spatial_entropy` (mean_scale 1, floor 1e-3) of image 0's
-  relevance smoothed with the region step's ``sigma`` and normalised to sum 1: smoothing first makes the entropy count
-  the blobs the region step sees instead of cell-level gradient noise. A flat map has entropy ``+inf``.
-* "Stops falling" means ``H_t >= H_{t-1}``; an equal entropy stops the loop too.
-* ``min_crop`` defaults to 112 px (four 28-px tokens; the processor upsamples small crops, which is the zoom).
-* Result boxes are the region boxes (before ``min_crop`` growth) in image-0 pixels, best first; the grown crop boxes
-  are in ``extras["crop_boxes"]``.
+docs/grounding.md lists, with reasons, every place where klal's default or option differs from the release.
 """
 
 from __future__ import annotations
@@ -36,34 +35,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from klal.grounding.base import (
-    GroundingError,
-    GroundingModel,
-    GroundingResult,
-    register_method,
-    sample_images,
-    timed,
-)
+from klal.grounding.base import GroundingError, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.ops import (
     CropTooSmallError,
     PixelBox,
     Region,
+    cap_aspect_px,
     cells_to_pixels,
+    elbow_threshold,
     expand_box,
     extract_regions,
     gaussian_smooth,
-    normalize,
     spatial_entropy,
 )
-
-CropPlan = tuple[list[Region], list[PixelBox], list[PixelBox]]
-"""``(regions, region boxes in image-0 pixels, crop boxes in image-0 pixels)``."""
+from klal.grounding.options import option
 
 
 def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -87,178 +79,229 @@ def entropy_relevance(
     return gm.split_grid(grad, inputs["grids"]), float(value)
 
 
-def map_entropy(grid: np.ndarray, sigma: float) -> float:
-    """Stopping criterion: spatial entropy of the ``sigma``-smoothed, normalised grid (``+inf`` for a flat map)."""
-    # + 0.0 turns the -0.0 of a single blob into 0.0 for the records.
-    return spatial_entropy(normalize(gaussian_smooth(grid, sigma))) + 0.0
+MAX_ROUNDS = 15
+"""The authors' round cap: the loop stops at round 15 at the latest."""
 
 
-def plan_crops(
-    grid: np.ndarray,
-    image_wh: tuple[float, float],
-    sigma: float = 1.5,
-    top_k: int = 2,
-    connectivity: int = 4,
-    max_aspect: float | None = 3.0,
-    min_crop: float = 112.0,
-) -> CropPlan:
-    """Regions of a relevance grid and the crops that show them.
+def find_regions(
+    relevance_grid: np.ndarray, sigma: float = 1.5, connectivity: int = 4, smooth_mode: str = "reflect"
+) -> list[Region]:
+    """Every region of a relevance grid, ranked: the authors' region step, neither truncated nor aspect-capped.
+
+    Smoothing (``sigma`` 1.5 cells, scipy's default boundary mode ``reflect``), the cells whose smoothed value is
+    strictly greater than the chord elbow of the smoothed values, their 4-connected components, ranked by the sum of
+    the RAW relevance of their cells (descending; ties keep the raster order of the components' first cells).
+    :func:`klal.grounding.ops.extract_regions` with ``strict=True``.
+    """
+    return extract_regions(
+        relevance_grid,
+        sigma=sigma,
+        top_k=None,
+        connectivity=connectivity,
+        max_aspect=None,
+        smooth_mode=smooth_mode,
+        strict=True,
+    )
+
+
+def rank_regions(relevance_grid: np.ndarray) -> list[np.ndarray]:
+    """Boolean masks (grid shape) of every region of ``relevance_grid``, best first (:func:`find_regions`)."""
+    return [r.mask for r in find_regions(relevance_grid)]
+
+
+def stopping_entropy(relevance_grid: np.ndarray, sigma: float = 1.5, smooth_mode: str = "reflect") -> float:
+    """The authors' stopping statistic, from the raw relevance grid.
+
+    ``S`` is the smoothed grid (as in :func:`find_regions`); ``B = ReLU(S - 2 mean(S))``; the 8-connected components
+    of the cells whose ``B`` exceeds the chord elbow of ``S`` get ``p_i = sum_i B / sum_all B`` and the statistic is
+    ``-sum p_i log p_i`` (:func:`klal.grounding.ops.spatial_entropy`): ``inf`` when ``B`` sums to 0, ``0`` when no
+    cell passes the threshold.
+    """
+    smooth = gaussian_smooth(relevance_grid, sigma, smooth_mode)
+    return spatial_entropy(smooth, mean_scale=2.0, floor=elbow_threshold(smooth))
+
+
+def _stop_round(entropies: Sequence[float], max_rounds: int) -> int | None:
+    """The round the loop returns given ``H_0, ..., H_t`` so far, or None if it goes on to round ``t + 1``."""
+    for t, h in enumerate(entropies):
+        if t == 0:
+            if h == 0 or max_rounds == 0:
+                return 0
+        elif h > entropies[t - 1] or h == 0 or t >= max_rounds:
+            return t
+    return None
+
+
+def returned_round(entropies: Sequence[float], max_rounds: int = MAX_ROUNDS) -> int:
+    """The round whose crops the authors' loop answers with, given the statistics ``H_0, H_1, ...`` of its rounds.
+
+    ``H_0`` (the original image's statistic) of 0 returns round 0, which has no crops. Otherwise round ``t = 1, 2,
+    ...`` is returned as soon as ``H_t > H_{t-1}``, or ``H_t == 0``, or ``t == max_rounds``; an equal entropy goes on.
+    The round returned is the one just computed, even when its entropy rose.
 
     Args:
-        grid: relevance over image 0's token grid.
-        image_wh: image 0's original ``(W, H)``.
-        sigma, top_k, connectivity, max_aspect: the region step (:func:`klal.grounding.ops.extract_regions`).
-        min_crop: minimum crop side in pixels.
+        entropies: ``H_0, H_1, ...``, long enough for the loop to stop.
+        max_rounds: the round cap (the authors' 15); 0 returns round 0.
 
     Raises:
-        CropTooSmallError: the image is smaller than ``min_crop`` on an axis.
+        ValueError: ``entropies`` ends before the loop stops, or ``max_rounds`` < 0.
     """
-    regions = extract_regions(grid, sigma=sigma, top_k=top_k, connectivity=connectivity, max_aspect=max_aspect)
-    boxes = [cells_to_pixels(r.box, grid.shape, image_wh) for r in regions]
-    crops = [expand_box(b, min_crop, image_wh) for b in boxes]
-    return regions, boxes, crops
-
-
-def crop_image(image: Image.Image, box_px: PixelBox) -> Image.Image:
-    """Crop a pixel box (outward-rounded to whole pixels, clipped to the image, at least 1 px per side)."""
-    x0, y0, x1, y1 = box_px
-    left = min(max(math.floor(x0), 0), image.width - 1)
-    top = min(max(math.floor(y0), 0), image.height - 1)
-    right = max(min(math.ceil(x1), image.width), left + 1)
-    bottom = max(min(math.ceil(y1), image.height), top + 1)
-    return image.crop((left, top, right, bottom))
+    if isinstance(max_rounds, bool) or int(max_rounds) != max_rounds or max_rounds < 0:
+        raise ValueError(f"max_rounds must be an integer >= 0, got {max_rounds!r}")
+    values = [float(h) for h in entropies]
+    if any(math.isnan(h) for h in values):
+        raise ValueError(f"entropies contain NaN: {values}")
+    t = _stop_round(values, int(max_rounds))
+    if t is None:
+        raise ValueError(f"the loop has not stopped after the {len(values)} entropies given: {values}")
+    return t
 
 
 @dataclass
-class ZoomRound:
-    """One grounding pass of the zoom loop.
+class PooledRegion:
+    """A region found on image 0 or on one of the round's crops.
 
     Attributes:
-        maps: relevance grid per image of this round's input (the sample's images, then the crops).
-        entropy: stopping entropy of ``maps[0]`` (:func:`map_entropy`).
-        accepted: whether the entropy fell (round 0 is always accepted); a rejected round plans no crops.
-        regions: regions of ``maps[0]`` (accepted rounds).
-        boxes: region boxes in image-0 pixels (accepted rounds).
-        crops: crop boxes in image-0 pixels appended in the next round / for the answer (accepted rounds).
+        source: 0 for image 0, ``k`` for the round's ``k``-th crop.
+        region: the region on that source's grid (``mass`` is its raw relevance mass).
+        box: its box in image-0 pixels, aspect-capped in the source's pixels (before any ``min_crop`` growth).
     """
 
-    maps: list[np.ndarray]
-    entropy: float
-    accepted: bool
-    regions: list[Region]
-    boxes: list[PixelBox]
+    source: int
+    region: Region
+    box: PixelBox
+
+
+def pool_regions(
+    maps: Sequence[np.ndarray],
+    sources: Sequence[PixelBox],
+    sigma: float = 1.5,
+    connectivity: int = 4,
+    smooth_mode: str = "reflect",
+    max_aspect: float | None = 3.0,
+) -> list[PooledRegion]:
+    """The regions of several maps ranked together by raw relevance mass (the authors' pooled region search).
+
+    ``maps[k]`` covers the part of image 0 in ``sources[k]`` (image-0 pixels; image 0 itself is ``(0, 0, W, H)``).
+    A region's cell box becomes pixels of its source (:func:`klal.grounding.ops.cells_to_pixels`), gets the aspect
+    cap there (:func:`klal.grounding.ops.cap_aspect_px`: grown about its centre, clipped at the source's edge) and is
+    shifted into image-0 pixels, so a region found on a crop is cut from that crop (zooming into a zoom). Ties in mass
+    keep the order of the sources, then the raster order of the components.
+    """
+    if len(maps) != len(sources):
+        raise ValueError(f"{len(maps)} maps but {len(sources)} sources")
+    found: list[PooledRegion] = []
+    for k, (grid, (sx0, sy0, sx1, sy1)) in enumerate(zip(maps, sources)):
+        size = (sx1 - sx0, sy1 - sy0)
+        for reg in find_regions(grid, sigma, connectivity, smooth_mode):
+            box = cells_to_pixels(reg.box, grid.shape, size)
+            if max_aspect is not None:
+                box = cap_aspect_px(box, max_aspect, size)
+            x0, y0, x1, y1 = box
+            found.append(PooledRegion(k, reg, (x0 + sx0, y0 + sy0, x1 + sx0, y1 + sy0)))
+    # sorted() is stable: equal masses keep the order they were found in.
+    return sorted(found, key=lambda p: -p.region.mass)
+
+
+@dataclass
+class EggRound:
+    """One grounding pass of the authors' zoom loop.
+
+    Attributes:
+        crops: crop boxes (image-0 pixels, whole pixels) this round's input carried after the sample's images; round
+            0 has none.
+        maps: relevance grid per input image (the sample's images, then the crops).
+        regions: every region of the pooled maps (image 0 and the crops), best first.
+        entropy: the stopping statistic ``H_t`` (:func:`stopping_entropy` of the map holding the top region; 0 when
+            no map has a region).
+        planned: the crops planned from this round's top regions (image-0 pixels): the next round's crops.
+    """
+
     crops: list[PixelBox]
+    maps: list[np.ndarray]
+    regions: list[PooledRegion]
+    entropy: float
+    planned: list[PixelBox]
 
 
-def zoom_and_reground(
+def zoom_rounds(
     relevance_fn: Callable[[list[Image.Image]], list[np.ndarray]],
     images: Sequence[Image.Image],
-    plan: Callable[[np.ndarray], CropPlan],
-    max_rounds: int = 2,
-    sigma: float = 1.5,
-) -> tuple[list[ZoomRound], int]:
-    """The zoom-and-re-ground loop, independent of any model.
+    search: Callable[[list[np.ndarray], list[PixelBox]], tuple[list[PooledRegion], float, list[PixelBox]]],
+    max_rounds: int = MAX_ROUNDS,
+    zoom: bool = True,
+) -> tuple[list[EggRound], int]:
+    """The authors' zoom-and-re-ground loop, independent of any model.
+
+    Round 0 grounds on the sample's images. Round ``t >= 1`` grounds on the sample's images followed by the crops
+    planned in round ``t - 1`` (cut from image 0 and, with ``zoom``, upscaled to its area: :func:`crop_image`); each
+    round's crops replace the previous round's. The loop stops at the round :func:`returned_round` returns.
 
     Args:
         relevance_fn: input images -> one relevance grid per image (for EGG: :func:`entropy_relevance`).
         images: the sample's images (crops come from image 0).
-        plan: image 0's grid -> ``(regions, boxes, crop boxes)`` (for EGG: :func:`plan_crops`).
-        max_rounds: re-grounding rounds after round 0 (>= 0).
-        sigma: smoothing of the stopping entropy (:func:`map_entropy`).
+        search: ``(pooled maps, their sources in image-0 pixels) -> (ranked regions, H_t, planned crops)``; the pooled
+            maps are image 0's and the crops'.
+        max_rounds: the round cap (>= 0).
+        zoom: upscale each crop to image 0's area before it is encoded.
 
     Returns:
-        Every round run (the last may be rejected) and the index of the accepted round.
+        Every round run and the index of the returned one (the last).
     """
     originals = list(images)
-    rounds: list[ZoomRound] = []
-    current = originals
-    for t in range(max_rounds + 1):
-        maps = relevance_fn(current)
-        ent = map_entropy(maps[0], sigma)
-        # `not <` also stops on NaN; an unchanged entropy counts as "stopped falling".
-        if rounds and not ent < rounds[-1].entropy:
-            rounds.append(ZoomRound(maps, ent, False, [], [], []))
-            break
-        regions, boxes, crops = plan(maps[0])
-        rounds.append(ZoomRound(maps, ent, True, regions, boxes, crops))
-        if t < max_rounds:
-            current = originals + [crop_image(originals[0], c) for c in crops]
-    accepted = max(i for i, r in enumerate(rounds) if r.accepted)
-    return rounds, accepted
+    image0 = originals[0]
+    whole = (0.0, 0.0, float(image0.width), float(image0.height))
+    rounds: list[EggRound] = []
+    crops: list[PixelBox] = []
+    while True:
+        maps = relevance_fn(originals + [crop_image(image0, c, zoom) for c in crops])
+        regions, entropy, planned = search([maps[0], *maps[len(originals) :]], [whole, *crops])
+        rounds.append(EggRound(crops, maps, regions, entropy, planned))
+        t = _stop_round([r.entropy for r in rounds], max_rounds)
+        if t is not None:
+            return rounds, t
+        crops = [tuple(float(v) for v in whole_pixel_box(image0, c)) for c in planned]
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-@register_method("entropy_gradient")
-class EntropyGradientGrounding:
-    """Entropy-Gradient Grounding with zoom-and-re-ground; answers from the original images plus the crops.
-
-    Args:
-        sigma: region smoothing in cells (also used by the stopping entropy).
-        top_k: regions (crops) per round.
-        connectivity: 4 or 8 for the region components.
-        max_aspect: region aspect cap (None disables it).
-        min_crop: minimum crop side in original pixels.
-        max_rounds: re-grounding rounds after the first grounding (0 = ground once, crop, answer).
-        max_new_tokens: answer decoding cap.
-
-    Raises:
-        GroundingError: naming the bad option.
-    """
+class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
+    """Entropy-Gradient Grounding with zoom-and-re-ground; answers from the original images plus the crops."""
 
     answers = True
 
-    def __init__(
-        self,
-        sigma: float = 1.5,
-        top_k: int = 2,
-        connectivity: int = 4,
-        max_aspect: float | None = 3.0,
-        min_crop: float = 112.0,
-        max_rounds: int = 2,
-        max_new_tokens: int = 16,
-    ) -> None:
-        def bad(option: str, need: str, value: Any) -> GroundingError:
-            return GroundingError(f"entropy_gradient: {option} must be {need}, got {value!r}")
+    @dataclass(frozen=True)
+    class Options:
+        sigma: float = option(1.5, ge=0)
+        """Region smoothing in cells (also used by the stopping statistic)."""
+        smooth_mode: Literal["reflect", "nearest"] = "reflect"
+        """Boundary mode of the smoothing: scipy's default ``reflect`` (the authors) or ``nearest`` (klal's earlier
+        choice, which does not dim border evidence)."""
+        top_k: int = option(2, ge=1)
+        """Regions (crops) per round."""
+        connectivity: Literal[4, 8] = 4
+        """Neighbourhood of the region components."""
+        max_aspect: float | None = option(3.0, ge=1)
+        """Aspect cap of a region's box in pixels, grown about its centre then clipped (None disables it)."""
+        min_crop: float = option(0.0, ge=0)
+        """Minimum crop side in original pixels (0: none, the authors; an image smaller than this is refused)."""
+        max_rounds: int = option(MAX_ROUNDS, ge=0)
+        """Round cap of the zoom loop (the authors' 15; 0 = ground once and answer without crops)."""
+        zoom: bool = True
+        """Upscale each crop to image 0's area before it is encoded, so it gets the original's token budget."""
+        answer_crops: Literal["returned", "replanned"] = "returned"
+        """Crops the answer sees: those of the returned round (the rule as specified), or those planned from the
+        returned round's map (what the release's main loop appends; no extra pass)."""
+        max_new_tokens: int = option(16, ge=1)
+        """Answer decoding cap."""
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not (is_num(sigma) and sigma >= 0):
-            raise bad("sigma", "a finite number >= 0", sigma)
-        if not (is_int(top_k) and top_k >= 1):
-            raise bad("top_k", "a positive integer", top_k)
-        if connectivity not in (4, 8):
-            raise bad("connectivity", "4 or 8", connectivity)
-        if max_aspect is not None and not (is_num(max_aspect) and max_aspect >= 1):
-            raise bad("max_aspect", "None or a finite number >= 1", max_aspect)
-        if not (is_num(min_crop) and min_crop >= 1):
-            raise bad("min_crop", "a number of pixels >= 1", min_crop)
-        if not (is_int(max_rounds) and max_rounds >= 0):
-            raise bad("max_rounds", "an integer >= 0", max_rounds)
-        if not (is_int(max_new_tokens) and max_new_tokens >= 1):
-            raise bad("max_new_tokens", "a positive integer", max_new_tokens)
-        self.sigma = float(sigma)
-        self.top_k = int(top_k)
-        self.connectivity = int(connectivity)
-        self.max_aspect = None if max_aspect is None else float(max_aspect)
-        self.min_crop = float(min_crop)
-        self.max_rounds = int(max_rounds)
-        self.max_new_tokens = int(max_new_tokens)
-
-    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
         """Ground, zoom, re-ground and answer one row."""
-        return timed(gm, lambda: self._run(gm, sample))
-
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        sid = sample.get("id")
-        images = sample_images(sample)
+        opts = self.options
         question = sample["question"]
+        image0 = images[0]
         token_entropies: list[float] = []
 
         def relevance(imgs: list[Image.Image]) -> list[np.ndarray]:
@@ -266,49 +309,54 @@ class EntropyGradientGrounding:
             token_entropies.append(h)
             return grids
 
-        def plan(grid: np.ndarray) -> CropPlan:
+        def search(maps: list[np.ndarray], sources: list[PixelBox]) -> tuple[list[PooledRegion], float, list[PixelBox]]:
+            found = pool_regions(maps, sources, opts.sigma, opts.connectivity, opts.smooth_mode, opts.max_aspect)
+            # The statistic of the map holding the top region; no region anywhere counts as 0 (the release's
+            # "no boxes" return), which stops the loop.
+            entropy = stopping_entropy(maps[found[0].source], opts.sigma, opts.smooth_mode) if found else 0.0
             try:
-                return plan_crops(
-                    grid,
-                    images[0].size,
-                    self.sigma,
-                    self.top_k,
-                    self.connectivity,
-                    self.max_aspect,
-                    self.min_crop,
-                )
+                planned = [expand_box(p.box, opts.min_crop, image0.size) for p in found[: opts.top_k]]
             except CropTooSmallError as e:
-                raise GroundingError(f"sample {sid!r}: cannot crop with min_crop={self.min_crop:g}: {e}") from e
+                raise GroundingError(f"{self.name}: sample {sample.get('id')!r}: option min_crop: {e}") from e
+            return found, entropy, planned
 
-        rounds, best = zoom_and_reground(relevance, images, plan, self.max_rounds, self.sigma)
-        acc = rounds[best]
-        crops = [crop_image(images[0], c) for c in acc.crops]
-        answer = gm.generate(gm.inputs(images + crops, question), self.max_new_tokens)
+        rounds, t = zoom_rounds(relevance, images, search, opts.max_rounds, opts.zoom)
+        last = rounds[t]
+        crops = last.planned if opts.answer_crops == "replanned" else last.crops
+        answer = gm.generate(
+            gm.inputs(images + [crop_image(image0, c, opts.zoom) for c in crops], question), opts.max_new_tokens
+        )
         extras = {
-            "accepted_round": best,
-            "crop_boxes": [list(c) for c in acc.crops],
+            "returned_round": t,
+            "crop_boxes": [list(c) for c in crops],
             "rounds": [
                 {
                     "num_images": len(r.maps),
-                    "map_entropy": _finite_or_none(r.entropy),
+                    "stop_entropy": _finite_or_none(r.entropy),
                     "next_token_entropy": h,
-                    "accepted": r.accepted,
-                    "boxes": [list(b) for b in r.boxes],
-                    "masses": [reg.mass for reg in r.regions],
+                    "crops": [list(c) for c in r.crops],
+                    "boxes": [list(p.box) for p in r.regions[: opts.top_k]],
+                    "sources": [p.source for p in r.regions[: opts.top_k]],
+                    "masses": [p.region.mass for p in r.regions[: opts.top_k]],
                 }
                 for r, h in zip(rounds, token_entropies)
             ],
         }
-        return GroundingResult(maps=acc.maps[: len(images)], boxes=list(acc.boxes), answer=answer, extras=extras)
+        boxes = [p.box for p in last.regions[: opts.top_k]]
+        return GroundingResult(maps=last.maps[: len(images)], boxes=boxes, answer=answer, extras=extras)
 
 
 __all__ = [
+    "MAX_ROUNDS",
+    "EggRound",
     "EntropyGradientGrounding",
-    "ZoomRound",
-    "crop_image",
+    "PooledRegion",
     "entropy_relevance",
-    "map_entropy",
+    "find_regions",
     "next_token_entropy",
-    "plan_crops",
-    "zoom_and_reground",
+    "pool_regions",
+    "rank_regions",
+    "returned_round",
+    "stopping_entropy",
+    "zoom_rounds",
 ]

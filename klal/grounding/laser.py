@@ -1,7 +1,8 @@
 """LASER: query-contrastive attention picks the layer, crops around the evidence, and drives counterfactual decoding.
 
-DESIGN.md section 4 describes LASER from secondary sources only; every step below that those sources leave open is
-our choice and is listed under "Choices".
+LASER (Zhu et al., arXiv 2602.04304) has no released code, and klal worked from the paper's abstract and secondary
+summaries only: every step below is klal's reading, and those the sources leave open are listed under "Choices".
+docs/grounding.md gives, for each, the sentence of the sources it interprets.
 
 1. **Contrastive attention.** For every layer ``l`` and head ``h``, the last prompt token's attention over the visual
    tokens is read twice, once for the question and once for the query-free prompt
@@ -29,7 +30,7 @@ Choices:
   ("about half the image"), then grown to ``min_crop`` px per side. ``min_crop=112`` by default so the small
   synthetic test images fit; the source says 224 px, which real benchmarks should set. An image smaller than
   ``min_crop`` is an error naming the sample. The crop is zoomed to the image's area like ViCrop's
-  (:func:`klal.grounding.vicrop.crop_image`).
+  (:func:`klal.grounding.crop.crop_image`).
 * **Negative view.** ``K = max(1, round(grey_fraction * V))`` cells with the largest map value (``grey_fraction=0.1``
   of all visual tokens; cells whose value is 0 are never greyed), each filled with mid-grey ``(128, 128, 128)`` over
   its pixel box in the original image (cell ``(r, c)`` of a ``gh x gw`` grid covers ``W / gw x H / gh`` px; edges
@@ -51,23 +52,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from klal.grounding import ops
-from klal.grounding.base import (
-    GENERIC_PROMPT,
-    GroundingError,
-    GroundingModel,
-    GroundingResult,
-    register_method,
-    sample_images,
-    timed,
-)
-from klal.grounding.vicrop import check_crop_fits, crop_image, crop_or_raise
+from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.crop import crop_image, whole_pixel_box
+from klal.grounding.options import option
+from klal.grounding.vicrop import select_crop
 
 GREY = (128, 128, 128)
 
@@ -159,100 +155,42 @@ def top_cells(grid_vec: torch.Tensor | np.ndarray, k: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------------- method
 
 
-def _extend(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """``inputs`` with the generated tokens appended (the same step input :meth:`GroundingModel.generate` builds)."""
-    ids = inputs["input_ids"]
-    if generated:
-        ids = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
-    out = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    out["input_ids"] = ids
-    out["attention_mask"] = torch.ones_like(ids)
-    if "mm_token_type_ids" in inputs:
-        pad = ids.shape[1] - inputs["mm_token_type_ids"].shape[1]
-        out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, pad))
-    return out
-
-
-@register_method("laser")
-class Laser:
+class Laser(GroundingMethod, name="laser"):
     """LASER: VAQ layer choice, Con-ViCrop and VAT-gated counterfactual decoding (see the module docstring)."""
 
-    name: ClassVar[str]
-    answers: ClassVar[bool] = True
+    answers = True
 
-    def __init__(
-        self,
-        top_heads: int = 4,
-        crop_frac: float = 0.5,
-        min_crop: float = 112,
-        zoom: bool = True,
-        grey_fraction: float = 0.1,
-        alpha: float = 1.0,
-        vat_threshold: float = 0.9,
-        plausibility: float = 0.1,
-        max_new_tokens: int = 16,
-    ) -> None:
-        """Options.
+    @dataclass(frozen=True)
+    class Options:
+        top_heads: int = option(4, ge=1)
+        """Heads per layer averaged by VAQ (clamped to the head count)."""
+        crop_frac: float = option(0.5, gt=0, le=1)
+        """Crop window side as a fraction of each grid side."""
+        min_crop: float = option(112.0, ge=0)
+        """Minimum crop side in original pixels (an image smaller than this on an axis is refused)."""
+        zoom: bool = True
+        """Upscale the crop to the original image's area before answering."""
+        grey_fraction: float = option(0.1, gt=0, le=1)
+        """Fraction of visual tokens greyed out in the negative view."""
+        alpha: float = option(1.0, ge=0)
+        """Contrast strength."""
+        vat_threshold: float = option(0.9, ge=0)
+        """Steps whose positive max-probability is below this are contrasted."""
+        plausibility: float = option(0.1, ge=0, lt=1)
+        """Adaptive plausibility cut-off."""
+        max_new_tokens: int = option(16, ge=1)
+        """Answer length cap."""
 
-        Args:
-            top_heads: heads per layer averaged by VAQ (clamped to the head count).
-            crop_frac: crop window side as a fraction of each grid side, in ``(0, 1]``.
-            min_crop: minimum crop side in original pixels.
-            zoom: upscale the crop to the original image's area before answering.
-            grey_fraction: fraction of visual tokens greyed out in the negative view, in ``(0, 1]``.
-            alpha: contrast strength, >= 0.
-            vat_threshold: steps whose positive max-probability is below this are contrasted.
-            plausibility: adaptive plausibility cut-off in ``[0, 1)``.
-            max_new_tokens: answer length cap.
-        """
-
-        def bad(opt: str, val: Any, want: str) -> GroundingError:
-            return GroundingError(f"laser: option {opt} must be {want}, got {val!r}")
-
-        def num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not (isinstance(top_heads, int) and top_heads >= 1):
-            raise bad("top_heads", top_heads, "an integer >= 1")
-        if not (num(crop_frac) and 0 < crop_frac <= 1):
-            raise bad("crop_frac", crop_frac, "a number in (0, 1]")
-        if not (num(min_crop) and min_crop >= 0):
-            raise bad("min_crop", min_crop, "a number >= 0")
-        if not (num(grey_fraction) and 0 < grey_fraction <= 1):
-            raise bad("grey_fraction", grey_fraction, "a number in (0, 1]")
-        if not (num(alpha) and alpha >= 0):
-            raise bad("alpha", alpha, "a number >= 0")
-        if not (num(vat_threshold) and vat_threshold >= 0):
-            raise bad("vat_threshold", vat_threshold, "a number >= 0")
-        if not (num(plausibility) and 0 <= plausibility < 1):
-            raise bad("plausibility", plausibility, "a number in [0, 1)")
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-            raise bad("max_new_tokens", max_new_tokens, "an integer >= 1")
-        self.top_heads = top_heads
-        self.crop_frac = float(crop_frac)
-        self.min_crop = float(min_crop)
-        self.zoom = bool(zoom)
-        self.grey_fraction = float(grey_fraction)
-        self.alpha = float(alpha)
-        self.vat_threshold = float(vat_threshold)
-        self.plausibility = float(plausibility)
-        self.max_new_tokens = max_new_tokens
-
-    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        """Map, crop and answer one dataset row."""
-        return timed(gm, lambda: self._run(gm, sample))
-
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        sid = sample.get("id")
-        images = sample_images(sample)
-        check_crop_fits(images[0], self.min_crop, self.name, sid)
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
+        """Map, crop and answer one row."""
+        opts = self.options
         question = sample["question"]
 
         # 1-2: contrastive attention and the layer it peaks at.
         inputs = gm.inputs(images, question)
         a_with = gm.attention(inputs, per_head=True).float()  # (L, H, V)
         a_without = gm.attention(gm.inputs(images, GENERIC_PROMPT), per_head=True).float()
-        vaq = vaq_scores(a_with, a_without, self.top_heads)
+        vaq = vaq_scores(a_with, a_without, opts.top_heads)
         layer = int(vaq.argmax())
         rel = contrastive_attention(a_with[layer], a_without[layer]).mean(dim=0)  # (V,)
         fallback = not bool((rel > 0).any())
@@ -263,12 +201,13 @@ class Laser:
 
         # 3: Con-ViCrop.
         gh, gw = maps[0].shape
-        size = (math.ceil(self.crop_frac * gh), math.ceil(self.crop_frac * gw))
-        cell_box, box_px = crop_or_raise(maps[0], [size], images[0], self.min_crop, self.name, sid)
-        crop, crop_box = crop_image(images[0], box_px, self.zoom)
+        size = (math.ceil(opts.crop_frac * gh), math.ceil(opts.crop_frac * gw))
+        cell_box, box_px = select_crop(maps[0], [size], images[0].size, opts.min_crop)
+        crop_box = tuple(float(v) for v in whole_pixel_box(images[0], box_px))
+        crop = crop_image(images[0], crop_box, opts.zoom)
 
         # 4: negative views and VAT-gated counterfactual decoding.
-        k = max(1, round(self.grey_fraction * rel.numel()))
+        k = max(1, round(opts.grey_fraction * rel.numel()))
         chosen = top_cells(rel, k)
         negatives, offset, greyed = [], 0, []
         for im, (h, w) in zip(images, grids):
@@ -282,14 +221,14 @@ class Laser:
         steps = {"contrasted": 0, "plain": 0}
 
         def logits_fn(z_pos: torch.Tensor, generated: list[int]) -> torch.Tensor:
-            if float(torch.softmax(z_pos, dim=-1).max()) >= self.vat_threshold:
+            if float(torch.softmax(z_pos, dim=-1).max()) >= opts.vat_threshold:
                 steps["plain"] += 1
                 return z_pos
             steps["contrasted"] += 1
-            z_neg = gm.forward(_extend(neg_inputs, generated))[0, -1].float()
-            return contrastive_logits(z_pos, z_neg, self.alpha, self.plausibility)
+            z_neg = gm.forward(gm.append_tokens(neg_inputs, generated))[0, -1].float()
+            return contrastive_logits(z_pos, z_neg, opts.alpha, opts.plausibility)
 
-        answer = gm.generate(pos_inputs, self.max_new_tokens, logits_fn=logits_fn)
+        answer = gm.generate(pos_inputs, opts.max_new_tokens, logits_fn=logits_fn)
         extras = {
             "layer": layer,
             "vaq": [float(v) for v in vaq],

@@ -5,11 +5,11 @@ layer and head, the last prompt token's attention row over *all* keys (``Capture
 ``torch.no_grad`` it is a plain tensor):
 
 1. ``S_img(l, h)`` = attention mass on the image tokens (not renormalised; what the head spends on the image).
-2. Heads whose ``S_img`` is at or above the chord elbow of the descending ``S_img`` curve of that pair are kept
-   (:func:`klal.grounding.ops.elbow_threshold`).
-3. Each kept head's map (its attention over the image tokens, renormalised to sum 1) gets a spatial entropy
-   (:func:`klal.grounding.ops.spatial_entropy`, ``mean_scale`` and ``floor`` options); heads are ranked by lowest
-   entropy and the first ``top_k`` get one vote.
+2. Heads whose ``S_img`` is at or above the chord-elbow value of that pair's ``S_img`` values are kept
+   (:func:`klal.grounding.ops.elbow_threshold`; the paper's reading, see "Choices").
+3. Each kept head's RAW map (its attention row over the image tokens, summing to its ``S_img``) gets the authors'
+   spatial entropy (:func:`head_entropy`; ``mean_scale`` and ``floor`` options); heads are ranked by lowest entropy
+   and the first ``top_k`` get one vote.
 4. After N pairs, the ``top_k`` heads with the most votes are the localization heads (:class:`HeadSelection`).
 
 **Map** (:class:`LocalizationHeads`): one forward pass reads the selected heads' attention over each image's tokens;
@@ -21,13 +21,16 @@ mask of image 0 is returned in ``extras["mask"]``.
 
 Choices where the paper leaves details open (the tunable ones are options):
 
-* The elbow on ``S_img`` is taken per pair, over all ``L x H`` heads of that pair.
+* The elbow on ``S_img`` is taken per pair, over all ``L x H`` heads of that pair, and the heads whose ``S_img`` is
+  at or above the elbow VALUE are kept. The released code's ``find_elbow_point`` returns a head index and its filter
+  ``head_idx >= index`` keeps a suffix of layers instead: a bug, not followed (docs/grounding.md).
 * Discovery uses the first image of each pair (the method is defined on single image-text pairs); ``S_img`` and the
   map refer to that image. Text-only rows are not pairs: :meth:`LocalizationHeads.prepare` and the CLI pass over them
   (the CLI says how many), so ``discover_samples`` / ``--num`` count image-text pairs.
-* Heads whose map has no blob (spatial entropy ``+inf``, e.g. a flat map) get no vote, so a pair may vote for fewer
-  than ``top_k`` heads. On an untrained model (the tiny test model) attention is so uniform that no map clears the
-  0.001 floor and discovery fails, saying so; ``floor=0`` (``--floor 0``) counts any above-mean cell.
+* Heads whose map has no component above the floor (entropy 0 with no component, or ``+inf`` for a flat map) get
+  no vote, so a pair may vote for fewer than ``top_k`` heads. The released code gives such a head entropy 0, so it
+  ranks first: a bug, not followed. On an untrained model (the tiny test model) attention is so uniform that no map
+  clears the 0.001 floor and discovery fails, saying so; ``floor=0`` (``--floor 0``) counts any above-mean cell.
 * Entropy ties (e.g. several single-blob heads at 0) go to the larger ``S_img``, then to the lower ``(layer, head)``.
 * Final ties in vote count go to the lower ``(layer, head)``; heads with no vote are never selected.
 * Each head's grid is normalised before smoothing so that every selected head weighs the same in the sum.
@@ -35,16 +38,15 @@ Choices where the paper leaves details open (the tunable ones are options):
   without one: the embedded test model), the number of layers and the number of heads. A file is accepted for a
   model with the same counts and the same name, or the same last path component (a local copy of a hub checkpoint).
 
-CLI::
+CLI (:func:`discover`; ``--config FILE.yaml`` sets any flag)::
 
-    python -m klal.grounding.loc_heads --model tiny --data data/grid_patch --num 1000 --out heads.json
+    klal discover-heads --model tiny --data data/grid_patch --num 1000 --out heads.json
+    python -m klal.grounding.loc_heads --data "[data/grid_patch, data/refcoco]" --out heads.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -54,15 +56,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from klal.grounding.base import (
     GroundingError,
+    GroundingMethod,
     GroundingModel,
     GroundingResult,
     image_rows,
-    register_method,
     sample_images,
-    timed,
-    timed_batch,
 )
 from klal.grounding.ops import (
     cells_to_pixels,
@@ -72,7 +73,10 @@ from klal.grounding.ops import (
     mask_to_box,
     normalize,
     spatial_entropy,
+    spatial_entropy_count,
 )
+from klal.grounding.options import option
+from klal.models.identity import model_name, same_name
 
 Head = tuple[int, int]
 FORMAT = "klal.localization_heads/1"
@@ -188,8 +192,8 @@ class HeadSelection:
         Raises:
             GroundingError: naming ``source`` and both identities.
         """
-        name, layers, heads = model_identity(gm)
-        same = _same_model_name(self.name_or_path, name) and (self.num_layers, self.num_heads) == (layers, heads)
+        name, layers, heads = model_name(gm.model), gm.num_layers, gm.num_heads
+        same = same_name(self.name_or_path, name) and (self.num_layers, self.num_heads) == (layers, heads)
         if not same:
             raise GroundingError(
                 f"heads file {source}: made for model {self.name_or_path!r} ({self.num_layers} layers x "
@@ -197,32 +201,28 @@ class HeadSelection:
             )
 
 
-def model_identity(gm: GroundingModel) -> tuple[str, int, int]:
-    """``(name_or_path, num_layers, num_heads)`` of the model behind ``gm``.
-
-    A model built in memory has an empty ``name_or_path``; in klal that is the embedded tiny model, named ``"tiny"``
-    as :class:`klal.models.loader.ModelConfig` names it.
-    """
-    name = str(getattr(gm.model.config, "_name_or_path", "") or "") or TINY_NAME
-    return name, int(gm.num_layers), int(gm.num_heads)
-
-
-def _same_model_name(recorded: str, given: str) -> bool:
-    if recorded == given:
-        return True
-    # A local copy of a hub checkpoint is recorded by its path: compare the last path components.
-    return os.path.basename(os.path.normpath(recorded)) == os.path.basename(os.path.normpath(given))
-
-
 # ------------------------------------------------------------------------------------------------------ discovery
 
 
+def head_entropy(attention_grid: np.ndarray) -> float:
+    """The authors' spatial entropy of one head's RAW attention over an image's tokens.
+
+    ``attention_grid`` is the head's attention row over the image tokens as a ``(gh, gw)`` grid, not renormalised (it
+    sums to the head's image-attention mass ``S_img``, not to 1). ``B = ReLU(A - mean(A))``; the 8-connected
+    components of the cells with ``B > 0.001`` get ``p_i = sum_i B / sum_all B``; the entropy is
+    ``-sum p_i log p_i`` (:func:`klal.grounding.ops.spatial_entropy`). It is ``inf`` when ``B`` sums to 0 and 0 when
+    ``B`` is positive somewhere but no cell passes the floor; :func:`select_heads_for_sample` gives such a head no
+    vote (the released code would rank it first, see docs/grounding.md).
+    """
+    return spatial_entropy(attention_grid, mean_scale=1.0, floor=1e-3)
+
+
 def head_statistics(gm: GroundingModel, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass: every head's image attention mass and map for the sample's first image.
+    """One forward pass: every head's image attention mass and raw map for the sample's first image.
 
     Returns:
         ``S_img`` ``(L, H)``: the last prompt token's attention mass on the image tokens, and ``maps``
-        ``(L, H, gh, gw)``: the same attention renormalised over the image tokens.
+        ``(L, H, gh, gw)``: that raw attention over the image tokens (each head's map sums to its ``S_img``).
 
     Raises:
         GroundingError: the sample has no image, or the model did not report every layer.
@@ -243,29 +243,37 @@ def head_statistics(gm: GroundingModel, sample: dict[str, Any]) -> tuple[np.ndar
     visual = inputs["visual_mask"][0].to(full.device)
     on_image = full[..., visual]  # (L, H, V)
     s_img = on_image.sum(-1)
-    maps = on_image / s_img.clamp_min(torch.finfo(on_image.dtype).tiny)[..., None]
     gh, gw = inputs["grids"][0]
     n_layers, n_heads = s_img.shape
-    return s_img.cpu().numpy().astype(np.float64), maps.cpu().numpy().astype(np.float64).reshape(
+    return s_img.cpu().numpy().astype(np.float64), on_image.cpu().numpy().astype(np.float64).reshape(
         n_layers, n_heads, gh, gw
     )
 
 
 def select_heads_for_sample(
-    s_img: np.ndarray, maps: np.ndarray, top_k: int, mean_scale: float = 1.0, floor: float = 1e-3
+    s_img: np.ndarray,
+    maps: np.ndarray,
+    top_k: int,
+    mean_scale: float = 1.0,
+    floor: float = 1e-3,
+    normalise: bool = False,
 ) -> list[Head]:
     """The heads one image-text pair votes for.
 
-    Heads with ``S_img`` at or above the elbow threshold are ranked by the spatial entropy of their (normalised) map,
-    lowest first, ties by larger ``S_img`` then lower ``(layer, head)``; heads with no blob (infinite entropy) are
-    dropped; the first ``top_k`` are returned.
+    Heads with ``S_img`` at or above the elbow value of all heads' ``S_img`` are ranked by the spatial entropy of
+    their map (:func:`head_entropy` with these ``mean_scale`` and ``floor``), lowest first, ties by larger ``S_img``
+    then lower ``(layer, head)``. Heads whose map has no component above the floor (entropy 0 with no component, or
+    ``inf``) get no vote. The first ``top_k`` are returned.
 
     Args:
         s_img: ``(L, H)`` image attention mass.
-        maps: ``(L, H, gh, gw)`` per-head maps over the image.
+        maps: ``(L, H, gh, gw)`` per-head raw attention over the image.
         top_k: votes per pair.
         mean_scale: spatial-entropy mean multiple (1 in the original method, 2 in a later version).
-        floor: spatial-entropy component floor (on maps normalised to sum 1).
+        floor: spatial-entropy component floor, in the units of the maps (raw attention, or shares with
+            ``normalise``).
+        normalise: divide each map by its sum before the entropy (klal's earlier choice, which makes the floor mean
+            the same for every head whatever its ``S_img``).
     """
     s_img = np.asarray(s_img, dtype=np.float64)
     maps = np.asarray(maps, dtype=np.float64)
@@ -274,8 +282,9 @@ def select_heads_for_sample(
     threshold = elbow_threshold(s_img)
     ranked = []
     for layer, head in zip(*np.nonzero(s_img >= threshold)):
-        ent = spatial_entropy(normalize(maps[layer, head]), mean_scale=mean_scale, floor=floor)
-        if math.isfinite(ent):
+        grid = normalize(maps[layer, head]) if normalise else maps[layer, head]
+        ent, n = spatial_entropy_count(grid, mean_scale=mean_scale, floor=floor)
+        if n > 0:
             ranked.append((ent, -float(s_img[layer, head]), int(layer), int(head)))
     ranked.sort()
     return [(layer, head) for _, _, layer, head in ranked[:top_k]]
@@ -289,6 +298,7 @@ def discover_heads(
     floor: float = 1e-3,
     progress: bool = False,
     total: int | None = None,
+    normalise: bool = False,
 ) -> HeadSelection:
     """Find the localization heads of ``gm`` by voting over image-text pairs (one forward pass each).
 
@@ -297,9 +307,10 @@ def discover_heads(
         samples: dataset rows (``id``, ``image``, ``question``); may be a generator.
         top_k: heads voted for per pair, and heads kept in the end.
         mean_scale: spatial-entropy mean multiple.
-        floor: spatial-entropy component floor.
+        floor: spatial-entropy component floor (raw attention units; shares with ``normalise``).
         progress: show a tqdm progress bar.
         total: number of samples, for the progress bar.
+        normalise: entropy of each head's map divided by its sum (klal's earlier choice) instead of the raw map.
 
     Raises:
         GroundingError: no samples, bad ``top_k``, or no head received a vote.
@@ -314,7 +325,7 @@ def discover_heads(
     n = 0
     for sample in iterator:
         s_img, maps = head_statistics(gm, sample)
-        for layer, head in select_heads_for_sample(s_img, maps, top_k, mean_scale, floor):
+        for layer, head in select_heads_for_sample(s_img, maps, top_k, mean_scale, floor, normalise):
             counts[layer, head] += 1
         n += 1
     if n == 0:
@@ -330,7 +341,7 @@ def discover_heads(
             f"blob (cells above mean_scale={mean_scale:g} x mean by more than floor={floor:g}); attention this "
             "uniform (e.g. an untrained model) needs a smaller floor"
         )
-    name, n_layers, n_heads = model_identity(gm)
+    name, n_layers, n_heads = model_name(gm.model), gm.num_layers, gm.num_heads
     return HeadSelection(
         heads=chosen,
         frequencies=[int(counts[h]) for h in chosen],
@@ -383,55 +394,47 @@ def map_boxes(grid: np.ndarray) -> tuple[np.ndarray, list[tuple[tuple[int, int, 
 # --------------------------------------------------------------------------------------------------------- method
 
 
-class LocalizationHeads:
+class LocalizationHeads(GroundingMethod, name="localization_heads"):
     """Localization-heads grounding (one forward pass per sample once the heads are known).
-
-    Args:
-        heads_file: JSON written by :meth:`HeadSelection.save` or the CLI; if None, :meth:`prepare` discovers heads.
-        top_k: heads to discover (and voted for per pair).
-        discover_samples: at most this many rows of ``prepare``'s samples are used for discovery.
-        save_heads: where :meth:`prepare` writes discovered heads (JSON); not allowed with ``heads_file``.
-        sigma: smoothing (cells) of each head's grid before summing.
-        mean_scale: spatial-entropy mean multiple used in discovery.
-        floor: spatial-entropy component floor used in discovery (maps sum to 1; the paper's 0.001).
 
     Raises:
         GroundingError: bad options, or an unreadable ``heads_file`` (naming it).
     """
 
-    answers = False
+    batched = True
 
-    def __init__(
-        self,
-        heads_file: str | None = None,
-        top_k: int = 5,
-        discover_samples: int = 64,
-        save_heads: str | None = None,
-        sigma: float = 1.0,
-        mean_scale: float = 1.0,
-        floor: float = 1e-3,
-    ) -> None:
-        self.top_k = _positive_int(top_k, "top_k")
-        self.discover_samples = _positive_int(discover_samples, "discover_samples")
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-            raise GroundingError(f"localization_heads: sigma must be a finite number >= 0, got {sigma!r}")
-        if not (isinstance(mean_scale, (int, float)) and math.isfinite(mean_scale) and mean_scale > 0):
-            raise GroundingError(f"localization_heads: mean_scale must be a positive number, got {mean_scale!r}")
-        if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
-            raise GroundingError(f"localization_heads: floor must be a finite number >= 0, got {floor!r}")
-        if heads_file and save_heads:
-            raise GroundingError(
-                "localization_heads: save_heads writes discovered heads, but heads_file already gives them; "
-                "pass one of the two"
-            )
-        self.sigma = float(sigma)
-        self.mean_scale = float(mean_scale)
-        self.floor = float(floor)
-        self.heads_file = heads_file
-        self.save_heads = save_heads
-        self.selection: HeadSelection | None = HeadSelection.load(heads_file) if heads_file else None
+    @dataclass(frozen=True)
+    class Options:
+        heads_file: str | None = None
+        """JSON written by :meth:`HeadSelection.save` or the CLI; if None, :meth:`prepare` discovers heads."""
+        top_k: int = option(5, ge=1)
+        """Heads to discover (and voted for per pair)."""
+        discover_samples: int = option(64, ge=1)
+        """At most this many image rows of ``prepare``'s rows are used for discovery."""
+        save_heads: str | None = None
+        """Where :meth:`prepare` writes discovered heads (JSON); not allowed with ``heads_file``."""
+        sigma: float = option(1.0, ge=0)
+        """Smoothing (cells) of each head's grid before summing."""
+        mean_scale: float = option(1.0, gt=0)
+        """Spatial-entropy mean multiple used in discovery."""
+        floor: float = option(1e-3, ge=0)
+        """Spatial-entropy component floor used in discovery (the paper's 0.001, on raw attention)."""
+        normalise: bool = False
+        """Discovery: take each head's entropy on its map divided by its sum (klal's earlier choice) instead of on
+        the raw attention row (the authors)."""
 
-    def prepare(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> None:
+        def __post_init__(self) -> None:
+            if self.heads_file and self.save_heads:
+                raise ValueError(
+                    "save_heads writes discovered heads, but heads_file already gives them; pass one of the two"
+                )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        path = self.options.heads_file
+        self.selection: HeadSelection | None = HeadSelection.load(path) if path else None
+
+    def prepare(self, gm: GroundingModel, rows: Any) -> None:
         """Check the loaded heads against ``gm``, or discover heads on the first ``discover_samples`` image rows.
 
         Heads are a property of the model, not of a dataset: once loaded or discovered they are kept, and later
@@ -440,49 +443,45 @@ class LocalizationHeads:
         Raises:
             GroundingError: heads made for another model, or no image rows to discover on.
         """
+        opts = self.options
         if self.selection is not None:
-            self.selection.check_model(gm, source=self.heads_file or "<heads>")
+            self.selection.check_model(gm, source=opts.heads_file or "<heads>")
             return
         # Discovery votes over image-text pairs: the first discover_samples rows that have an image.
-        kept, skipped = image_rows(samples, self.discover_samples)
+        kept, skipped = image_rows(rows, opts.discover_samples)
         # Index row by row: slicing a datasets.Dataset would give columns, not rows.
-        rows = [kept[i] for i in range(len(kept))]
-        if not rows:
+        pairs = [kept[i] for i in range(len(kept))]
+        if not pairs:
             text = f" ({skipped} text-only row(s) passed over)" if skipped else ""
             raise GroundingError(f"localization_heads: no heads_file and no image rows to discover heads on{text}")
-        self.selection = discover_heads(gm, rows, top_k=self.top_k, mean_scale=self.mean_scale, floor=self.floor)
-        if self.save_heads:
-            self.selection.save(self.save_heads)
-
-    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        """Map, mask and boxes of one row."""
-        return timed(gm, lambda: self._run(gm, sample))
-
-    def run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
-        """Map several rows from one padded forward pass (:meth:`GroundingModel.batch_attention`)."""
-        return timed_batch(gm, lambda: self._run_batch(gm, samples))
+        self.selection = discover_heads(
+            gm, pairs, top_k=opts.top_k, mean_scale=opts.mean_scale, floor=opts.floor, normalise=opts.normalise
+        )
+        if opts.save_heads:
+            self.selection.save(opts.save_heads)
 
     def _ready(self, gm: GroundingModel, samples: Sequence[dict[str, Any]]) -> tuple[HeadSelection, list[int]]:
-        """The checked head selection and the layers it reads, or GroundingError naming the first sample (images are
-        checked where they are read, by :func:`sample_images`)."""
+        """The checked head selection and the layers it reads, or GroundingError naming the first sample."""
         first = samples[0].get("id") if samples else None
         if self.selection is None:
             raise GroundingError(
                 f"sample {first!r}: localization_heads has no heads; give heads_file or call prepare()"
             )
-        self.selection.check_model(gm, source=self.heads_file or "<discovered heads>")
+        self.selection.check_model(gm, source=self.options.heads_file or "<discovered heads>")
         return self.selection, sorted({layer for layer, _ in self.selection.heads})
 
-    def _run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+    def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        """Map several rows from one padded forward pass (:meth:`GroundingModel.batch_attention`)."""
         sel, layers = self._ready(gm, samples)
         return [
             self._result(gm, sel, layers, att, grids, sizes)
             for att, grids, sizes in gm.batch_attention(samples, "prompt_last", layers, per_head=True)
         ]
 
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Any]) -> GroundingResult:
+        """Map, mask and boxes of one row."""
         sel, layers = self._ready(gm, [sample])
-        inputs = gm.inputs(sample_images(sample), sample["question"])
+        inputs = gm.inputs(images, sample["question"])
         att = gm.attention(inputs, layers=layers, per_head=True)  # (len(layers), H, V)
         return self._result(gm, sel, layers, att, inputs["grids"], inputs["image_sizes"])
 
@@ -498,7 +497,7 @@ class LocalizationHeads:
         """Map, mask and boxes from the heads' attention ``att`` ``(len(layers), H, V)`` of one sample."""
         rows = torch.stack([att[layers.index(layer), head] for layer, head in sel.heads])  # (K, V)
         per_image = gm.split_grid(rows, grids)  # [(K, gh, gw)]
-        maps = [heads_map(g, self.sigma) for g in per_image]
+        maps = [heads_map(g, self.options.sigma) for g in per_image]
         mask, ranked = map_boxes(maps[0])
         gh, gw = maps[0].shape
         boxes = [cells_to_pixels(box, (gh, gw), sizes[0]) for box, _ in ranked]
@@ -510,12 +509,6 @@ class LocalizationHeads:
         return GroundingResult(maps=maps, boxes=boxes, answer=None, extras=extras)
 
 
-# Running this file with ``python -m`` executes a second copy of it as ``__main__``; registering that copy's class as
-# well would clash with the importable module's registration (the CLI does not need the registry).
-if __name__ != "__main__":
-    register_method("localization_heads")(LocalizationHeads)
-
-
 def _positive_int(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise GroundingError(f"localization_heads: {option} must be a positive integer, got {value!r}")
@@ -525,30 +518,20 @@ def _positive_int(value: Any, option: str) -> int:
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 
-def _rows(paths: Sequence[str], split: str, num: int) -> tuple[list[Any], int]:
-    """The image rows of ``paths`` (their ``split``) and how many to draw from them in total (at most ``num``).
+def _rows(paths: Sequence[str], split: str) -> list[Any]:
+    """The image rows of each dataset's ``split`` (:func:`klal.data.io.load_split`), text-only rows left out.
 
-    Text-only rows are left out (discovery needs image-text pairs) and their number is printed to stderr.
+    Discovery needs image-text pairs; how many text-only rows were left out is printed to stderr.
     """
-    import datasets
-
-    from klal.data.schema import check_columns
+    from klal.data.io import load_split
 
     parts = []
     for path in paths:
-        if not os.path.isdir(path):
-            sys.exit(f"loc_heads: error: --data {path!r} is not a directory (a dataset saved with save_to_disk)")
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                sys.exit(f"loc_heads: error: {path} has no split {split!r} (has {list(loaded)})")
-            loaded = loaded[split]
-        check_columns(loaded, f"{path} [{split}]")
-        kept, skipped = image_rows(loaded)
+        kept, skipped = image_rows(load_split(path, split))
         if skipped:
             print(f"loc_heads: {path} [{split}]: skipping {skipped} text-only row(s) (no image)", file=sys.stderr)
         parts.append(kept)
-    return parts, min(num, sum(len(p) for p in parts))
+    return parts
 
 
 def _interleave(parts: Sequence[Any], total: int) -> Iterable[dict[str, Any]]:
@@ -563,64 +546,83 @@ def _interleave(parts: Sequence[Any], total: int) -> Iterable[dict[str, Any]]:
         i += 1
 
 
-def main(argv: Sequence[str] | None = None) -> HeadSelection:
-    """Discover a model's localization heads on dataset rows and save them as JSON."""
-    p = argparse.ArgumentParser(
-        prog="python -m klal.grounding.loc_heads",
-        description="Discover the localization heads of a Qwen2.5-VL model and save them as JSON.",
-    )
-    p.add_argument("--model", default="tiny", help="tiny, a hub id or a local checkpoint directory")
-    p.add_argument("--adapter", default=None, help="peft adapter directory trained on --model")
-    p.add_argument("--data", nargs="+", required=True, help="dataset directories (save_to_disk, klal schema)")
-    p.add_argument("--split", default="train", help="split to discover on (default train, to keep test data unseen)")
-    p.add_argument("--num", type=int, default=1000, help="image-text pairs to use (round-robin over --data)")
-    p.add_argument("--top-k", type=int, default=5, help="heads voted for per pair and kept in the end")
-    p.add_argument("--mean-scale", type=float, default=1.0, help="spatial entropy: B = ReLU(A - mean_scale * mean A)")
-    p.add_argument("--floor", type=float, default=1e-3, help="spatial entropy: components of B > floor (maps sum to 1)")
-    p.add_argument("--min-pixels", type=int, default=56 * 56)
-    p.add_argument("--max-pixels", type=int, default=448 * 448)
-    p.add_argument("--out", required=True, help="JSON file to write")
-    args = p.parse_args(argv)
-    if args.num < 1:
-        p.error(f"--num must be >= 1, got {args.num}")
-    if args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
+def discover(
+    *,
+    data: str | list[str],
+    out: str,
+    model: str = "tiny",
+    adapter: str | None = None,
+    split: str = "train",
+    num: int = 1000,
+    top_k: int = 5,
+    mean_scale: float = 1.0,
+    floor: float = 1e-3,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> HeadSelection:
+    """Discover the localization heads of a Qwen2.5-VL model and save them as JSON.
 
+    Args:
+        data: dataset directories (``save_to_disk``, klal schema): one path or a list.
+        out: JSON file to write.
+        model: ``tiny``, a hub id or a local checkpoint directory.
+        adapter: peft adapter directory trained on ``model``.
+        split: split to discover on (default train, to keep test data unseen).
+        num: image-text pairs to use, taken round-robin over the datasets.
+        top_k: heads voted for per pair and kept in the end.
+        mean_scale: spatial entropy: ``B = ReLU(A - mean_scale * mean A)``.
+        floor: spatial entropy: components of ``B > floor``.
+        min_pixels: processor lower bound on an image's resized area.
+        max_pixels: processor upper bound on an image's resized area.
+
+    Returns:
+        The selection written to ``out``.
+
+    Raises:
+        ValueError: ``num`` or ``top_k`` below 1, a missing split, or no image rows (naming the option or dataset).
+    """
     from klal.models.loader import ModelConfig
 
-    parts, total = _rows(args.data, args.split, args.num)
+    for option_name, value in (("num", num), ("top_k", top_k)):
+        if value < 1:
+            raise ValueError(f"--{option_name} must be >= 1, got {value}")
+    paths = [data] if isinstance(data, str) else list(data)
+    parts = _rows(paths, split)
+    total = min(num, sum(len(p) for p in parts))
     if total == 0:
-        sys.exit(f"loc_heads: error: the {args.split!r} split of {args.data} has no rows with an image")
-    gm = GroundingModel.load(
-        ModelConfig(name_or_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels), args.adapter
+        raise ValueError(f"the {split!r} split of {paths} has no rows with an image")
+    gm = GroundingModel.load(ModelConfig(name_or_path=model, min_pixels=min_pixels, max_pixels=max_pixels), adapter)
+    sel = discover_heads(
+        gm,
+        _interleave(parts, total),
+        top_k=top_k,
+        mean_scale=mean_scale,
+        floor=floor,
+        progress=True,
+        total=total,
     )
-    try:
-        sel = discover_heads(
-            gm,
-            _interleave(parts, total),
-            top_k=args.top_k,
-            mean_scale=args.mean_scale,
-            floor=args.floor,
-            progress=True,
-            total=total,
-        )
-    except GroundingError as e:
-        sys.exit(f"loc_heads: error: {e}")
-    sel.save(args.out)
+    sel.save(out)
     heads = ", ".join(f"L{layer}H{head} ({n})" for (layer, head), n in zip(sel.heads, sel.frequencies))
-    print(f"{sel.num_samples} samples -> heads (votes): {heads}; written to {args.out}")
+    print(f"{sel.num_samples} samples -> heads (votes): {heads}; written to {out}")
     return sel
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> HeadSelection:
+    """``klal discover-heads`` / ``python -m klal.grounding.loc_heads``: :func:`discover` from the command line."""
+    from klal.cli import run
+
+    return run(discover, argv, prog or "python -m klal.grounding.loc_heads")
 
 
 __all__ = [
     "HeadSelection",
     "LocalizationHeads",
+    "discover",
     "discover_heads",
     "head_statistics",
     "heads_map",
     "main",
     "map_boxes",
-    "model_identity",
     "select_heads_for_sample",
 ]
 

@@ -28,6 +28,8 @@ PixelBox = tuple[float, float, float, float]
 # though c * (W / gw) * (gw / W) is not exactly c in floating point.
 _CELL_EPS = 1e-9
 
+_SMOOTH_MODES = ("nearest", "reflect", "mirror", "wrap", "constant")
+
 
 class CropTooSmallError(ValueError):
     """The image is smaller than the minimum crop side on some axis, so no crop of that size fits."""
@@ -144,10 +146,12 @@ def chord_elbow(values: Sequence[float] | np.ndarray) -> int:
 
 
 def elbow_threshold(values: Sequence[float] | np.ndarray) -> float:
-    """Value at the chord elbow of ``values`` sorted in descending order.
+    """Value at the chord elbow of ``values`` sorted in ascending order (the authors' ``elbow_chord``).
 
-    Keeping the entries ``>= elbow_threshold(values)`` keeps the head of the sorted curve up to and including its
-    elbow. A flat curve gives its (only) value, so everything is kept.
+    The sorted curve is ``(i, v_i)``; the elbow is the point farthest from the chord through its first and last
+    points (:func:`chord_elbow`; the distance to a line only scales when an axis is rescaled, so raw and normalised
+    axes pick the same point). On exact ties the lowest value wins, and two or fewer values give the smallest, as in
+    the entropy-gradient-grounding release. A flat curve gives its (only) value.
 
     Args:
         values: finite values of any shape (flattened); at least one.
@@ -155,31 +159,35 @@ def elbow_threshold(values: Sequence[float] | np.ndarray) -> float:
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         raise ValueError("values is empty; elbow_threshold needs at least one value")
-    s = np.sort(v)[::-1]
-    return float(s[chord_elbow(s)])
+    ascending = np.sort(v)
+    return float(ascending[chord_elbow(ascending)])
 
 
 # ------------------------------------------------------------------------------------------------- maps and blobs
 
 
-def gaussian_smooth(grid: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian-smooth a grid (``scipy.ndimage.gaussian_filter``, ``mode="nearest"``).
+def gaussian_smooth(grid: np.ndarray, sigma: float, mode: str = "nearest") -> np.ndarray:
+    """Gaussian-smooth a grid (``scipy.ndimage.gaussian_filter``).
 
-    ``mode="nearest"`` replicates the border cells outward, so evidence at the image border is not dimmed relative to
-    evidence in the middle (``"constant"`` would leak border mass into the zero padding and bias thresholds toward
-    the centre).
+    ``mode`` is scipy's boundary mode. ``"nearest"`` (klal's default) replicates the border cells outward, so evidence
+    at the image border is not dimmed relative to evidence in the middle. ``"reflect"`` (scipy's default, which the
+    entropy-gradient-grounding release uses) mirrors the grid about its edge; ``"constant"`` pads with zeros and
+    leaks border mass into the padding.
 
     Args:
         grid: finite 2-D grid.
         sigma: standard deviation in cells; 0 returns a copy.
+        mode: ``"nearest"``, ``"reflect"``, ``"mirror"``, ``"wrap"`` or ``"constant"``.
     """
     arr = _as_grid(grid)
     sigma = float(sigma)
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    if mode not in _SMOOTH_MODES:
+        raise ValueError(f"mode must be one of {', '.join(_SMOOTH_MODES)}, got {mode!r}")
     if sigma == 0:
         return arr.copy()
-    return ndimage.gaussian_filter(arr, sigma=sigma, mode="nearest")
+    return ndimage.gaussian_filter(arr, sigma=sigma, mode=mode)
 
 
 def connected_components(mask: np.ndarray, connectivity: int = 4) -> tuple[np.ndarray, int]:
@@ -203,34 +211,43 @@ def connected_components(mask: np.ndarray, connectivity: int = 4) -> tuple[np.nd
     return labels.astype(np.int64, copy=False), int(n)
 
 
+def spatial_entropy_count(grid: np.ndarray, mean_scale: float = 1.0, floor: float = 1e-3) -> tuple[float, int]:
+    """Spatial entropy of a map and the number of components it counts (see :func:`spatial_entropy`)."""
+    a = _as_grid(grid)
+    b = np.maximum(a - float(mean_scale) * a.mean(), 0.0)
+    total = float(b.sum())
+    if not total > 0:
+        return math.inf, 0
+    labels, n = connected_components(b > float(floor), connectivity=8)
+    if n == 0:
+        return 0.0, 0
+    p = np.asarray(ndimage.sum_labels(b, labels, index=np.arange(1, n + 1)), dtype=np.float64) / total
+    p = p[p > 0]
+    # + 0.0 turns the -0.0 of a single component into 0.0.
+    return float(-(p * np.log(p)).sum()) + 0.0, int(n)
+
+
 def spatial_entropy(grid: np.ndarray, mean_scale: float = 1.0, floor: float = 1e-3) -> float:
-    """Spatial entropy of a map (localization-heads criterion; low = concentrated in few blobs).
+    """Spatial entropy of a map, as the localization-heads and entropy-gradient-grounding releases compute it.
 
-    ``B = ReLU(A - mean_scale * mean(A))``; the connected components (8-connectivity) of ``B > floor`` get masses
-    ``m_i = sum of B over component i``; with ``p_i = m_i / sum_j m_j``, ``H = -sum_i p_i log p_i`` (natural log).
-    One blob gives 0; k equal blobs give ``log k``.
+    ``B = ReLU(A - mean_scale * mean(A))``; the connected components (8-connectivity) of the cells with
+    ``B > floor`` get ``p_i = (sum of B over component i) / (sum of B over ALL cells)``, and
+    ``H = -sum_i p_i log p_i`` (natural log). The shares need not sum to 1: B below the floor counts in the
+    denominator only. One component holding all of B gives 0; k equal components holding all of it give ``log k``.
 
-    ``floor`` is absolute, in the units of ``grid``, as the method's authors use it on attention probabilities: pass
-    maps normalised to sum 1 (:func:`normalize`) so the floor means the same for every map.
+    ``floor`` is absolute, in the units of ``grid`` (localization heads: 0.001 on raw attention; EGG's stopping
+    statistic: the chord elbow of the map itself).
 
     Args:
         grid: finite 2-D map.
-        mean_scale: multiple of the mean subtracted (1 in the original method; a later version uses 2).
+        mean_scale: multiple of the mean subtracted (1 for localization heads, 2 for EGG's stopping statistic).
         floor: cells of ``B`` must exceed this to count.
 
     Returns:
-        The entropy in nats, or ``+inf`` when no cell exceeds the floor (e.g. a flat map): a map with no blob is the
-        worst candidate when heads are ranked by lowest entropy.
+        The entropy in nats; ``+inf`` when ``B`` sums to 0 (e.g. a flat map), and ``0`` when ``B`` is positive
+        somewhere but no cell exceeds the floor (:func:`spatial_entropy_count` tells that case from one component).
     """
-    a = _as_grid(grid)
-    b = np.maximum(a - float(mean_scale) * a.mean(), 0.0)
-    labels, n = connected_components(b > float(floor), connectivity=8)
-    if n == 0:
-        return math.inf
-    masses = ndimage.sum_labels(b, labels, index=np.arange(1, n + 1))
-    p = masses / masses.sum()
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return spatial_entropy_count(grid, mean_scale, floor)[0]
 
 
 def mask_to_box(mask: np.ndarray) -> CellBox | None:
@@ -304,53 +321,87 @@ def cap_aspect(
     return r0, c0, r1, c1
 
 
+def cap_aspect_px(box_px: Sequence[float], max_aspect: float, image_wh: Sequence[float]) -> PixelBox:
+    """Cap a pixel box's aspect ratio at ``max_aspect``: grow the short side about the centre, then clip.
+
+    The entropy-gradient-grounding release's rule: a box wider than ``max_aspect`` times its height gets height
+    ``w / max_aspect`` (a box taller than ``max_aspect`` times its width gets width ``h / max_aspect``), centred on
+    the box centre; the grown box is then clipped at the image edge, not shifted back inside, so a box at the edge
+    keeps its centre and may end up below the cap.
+
+    Args:
+        box_px: ``(x0, y0, x1, y1)`` in pixels, non-empty.
+        max_aspect: largest allowed long/short ratio, >= 1.
+        image_wh: ``(W, H)`` of the image the box lies in.
+    """
+    width, height = _check_image_wh(image_wh)
+    x0, y0, x1, y1 = _check_pixel_box(box_px)
+    max_aspect = float(max_aspect)
+    if not math.isfinite(max_aspect) or max_aspect < 1:
+        raise ValueError(f"max_aspect must be a finite number >= 1, got {max_aspect}")
+    w, h = x1 - x0, y1 - y0
+    if w <= 0 or h <= 0:
+        raise ValueError(f"pixel box {tuple(box_px)} is empty")
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if w > max_aspect * h:
+        h = w / max_aspect
+    elif h > max_aspect * w:
+        # The release widens a too-tall box to h * max_aspect (3:1 the other way); the cap asks for h / max_aspect.
+        w = h / max_aspect
+    return max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(width, cx + w / 2), min(height, cy + h / 2)
+
+
 def extract_regions(
     relevance: np.ndarray,
     sigma: float = 1.5,
-    top_k: int = 2,
+    top_k: int | None = 2,
     connectivity: int = 4,
     max_aspect: float | None = 3.0,
+    smooth_mode: str = "nearest",
+    strict: bool = False,
 ) -> list[Region]:
     """Relevance grid -> the top-k boxed regions (Entropy-Gradient Grounding's region step).
 
-    1. Smooth with :func:`gaussian_smooth` (``sigma`` cells).
-    2. Keep cells whose smoothed value is ``>= elbow_threshold`` of all smoothed values. Exception: when the
-       threshold is the grid's minimum (a step-shaped curve, e.g. a block on an exactly-zero background, whose chord
-       elbow is the first point of the flat tail) keep only the cells strictly above it, not the whole grid.
+    1. Smooth with :func:`gaussian_smooth` (``sigma`` cells, boundary ``smooth_mode``).
+    2. Threshold at ``t = elbow_threshold`` of all smoothed values. With ``strict`` (the entropy-gradient-grounding
+       release) keep the cells whose smoothed value is ``> t``: a flat grid then has no region. Otherwise (klal's
+       earlier rule, still used by the attention probe) keep ``>= t``, except that when ``t`` is the grid's minimum
+       (a step-shaped curve, e.g. a block on an exactly-zero background, whose elbow is the first point of the
+       flat tail) only the cells strictly above it are kept; a flat grid is then one region covering the grid.
     3. Label the kept cells' connected components (``connectivity``).
     4. Rank components by their RAW relevance mass (sum of the unsmoothed grid over the component), descending;
        smoothing only decides the shape, so a broad weak blob cannot outrank a small strong one. Ties keep the
-       row-major order of the components.
-    5. Keep ``top_k``, box each (:func:`mask_to_box`) and cap its aspect (:func:`cap_aspect`, shrinking around the
-       component's raw mass centre when needed).
-
-    A flat grid (e.g. all zero) has nothing above its minimum, so every cell is kept and the result is a single region
-    covering the grid.
+       raster order of the components' first cells.
+    5. Keep ``top_k`` (None: all), box each (:func:`mask_to_box`) and, unless ``max_aspect`` is None, cap its aspect
+       in cells (:func:`cap_aspect`, shrinking around the component's raw mass centre when needed). EGG caps in
+       pixels instead (:func:`cap_aspect_px`) and passes ``max_aspect=None`` here.
 
     Args:
         relevance: finite 2-D relevance grid (non-negative in practice: gradient norms, attention).
         sigma: smoothing in cells (0 = none).
-        top_k: number of regions to keep, >= 1.
+        top_k: number of regions to keep, >= 1; None keeps every region.
         connectivity: 4 or 8.
-        max_aspect: aspect cap; None disables it.
+        max_aspect: aspect cap in cells; None disables it.
+        smooth_mode: boundary mode of the smoothing (:func:`gaussian_smooth`).
+        strict: keep cells strictly above the elbow value (see step 2).
 
     Returns:
         Up to ``top_k`` regions, best first.
     """
     rel = _as_grid(relevance, "relevance")
-    if int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    smooth = gaussian_smooth(rel, sigma)
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+    smooth = gaussian_smooth(rel, sigma, smooth_mode)
     thr = elbow_threshold(smooth)
-    keep = smooth >= thr
-    if thr == smooth.min() < smooth.max():
+    keep = smooth > thr if strict else smooth >= thr
+    if not strict and thr == smooth.min() < smooth.max():
         # A step-like curve (e.g. a block on an exactly-zero background) has its chord elbow on the first point of
         # the flat tail; ">=" would then keep the whole grid, so keep only the cells above the tail.
         keep = smooth > thr
     labels, n = connected_components(keep, connectivity)
     idx = np.arange(1, n + 1)
     masses = np.asarray(ndimage.sum_labels(rel, labels, index=idx), dtype=np.float64)
-    order = np.argsort(-masses, kind="stable")[: int(top_k)]
+    order = np.argsort(-masses, kind="stable")[: None if top_k is None else int(top_k)]
     gh, gw = rel.shape
     rows, cols = np.mgrid[0:gh, 0:gw]
     regions: list[Region] = []

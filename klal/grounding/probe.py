@@ -14,28 +14,22 @@ region (by raw attention mass) is boxed; see :func:`klal.grounding.ops.extract_r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
+from PIL import Image
 
 from klal.capture import parse_layers
-from klal.grounding.base import (
-    GroundingError,
-    GroundingModel,
-    GroundingResult,
-    register_method,
-    sample_images,
-    timed,
-    timed_batch,
-)
+from klal.grounding.base import GroundingError, GroundingMethod, GroundingModel, GroundingResult
 from klal.grounding.ops import cells_to_pixels, extract_regions
+from klal.grounding.options import option
 
 ProbeQuery = Literal["prompt_last", "answer_last", "generated_last"]
 
 
 def append_answer(gm: GroundingModel, inputs: dict[str, Any], answer: str) -> tuple[dict[str, Any], int]:
-    """``inputs`` with ``answer`` + end-of-turn appended (as the collator does in training).
+    """``inputs`` with ``answer`` + end-of-turn appended (the tokens the collator appends in training).
 
     Returns:
         The extended inputs and the sequence position of the answer's last content token.
@@ -43,14 +37,7 @@ def append_answer(gm: GroundingModel, inputs: dict[str, Any], answer: str) -> tu
     ids, n_content = gm.collator.answer_ids(answer)
     if n_content == 0:
         raise GroundingError("cannot probe the answer token of an empty answer")
-    extra = torch.tensor([ids], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
-    out = dict(inputs)
-    out["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, len(ids)))
-    out["visual_mask"] = out["input_ids"] == gm.image_token_id
-    return out, inputs["input_ids"].shape[1] + n_content - 1
+    return gm.append_tokens(inputs, ids), inputs["input_ids"].shape[1] + n_content - 1
 
 
 def map_to_box(
@@ -61,75 +48,55 @@ def map_to_box(
     return [cells_to_pixels(r.box, grid.shape, image_wh) for r in regions]
 
 
-@register_method("attention_probe")
-class AttentionProbe:
-    """Head- and layer-averaged attention of one query token over the visual tokens.
+class AttentionProbe(GroundingMethod, name="attention_probe"):
+    """Head- and layer-averaged attention of one query token over the visual tokens (see the module docstring)."""
 
-    Args:
-        layers: language layers to average: ``all``, ``"4-11"``, ``"-8:"`` or a list.
-        query: ``prompt_last``, ``answer_last`` (gold answer, teacher-forced) or ``generated_last``.
-        sigma: smoothing (tokens) before the map is boxed.
-        max_new_tokens: decoding cap for ``generated_last``.
-    """
+    @dataclass(frozen=True)
+    class Options:
+        layers: str | list[int] = "all"
+        """Language layers to average: ``all``, ``"4-11"``, ``"-8:"`` or a list."""
+        query: ProbeQuery = "prompt_last"
+        """``prompt_last``, ``answer_last`` (gold answer, teacher-forced) or ``generated_last``."""
+        sigma: float = option(1.0, ge=0)
+        """Smoothing (tokens) before the map is boxed."""
+        max_new_tokens: int = option(16, ge=1)
+        """Decoding cap for ``generated_last``."""
 
-    answers = False
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        generated = self.options.query == "generated_last"
+        # generated_last answers (the engine reads this per instance) and decodes each row's own answer first, so
+        # its rows run one at a time; the other queries share one padded forward pass.
+        self.answers = generated
+        self.batched = not generated
 
-    def __init__(
-        self,
-        layers: str | list[int] = "all",
-        query: ProbeQuery = "prompt_last",
-        sigma: float = 1.0,
-        max_new_tokens: int = 16,
-    ) -> None:
-        if query not in ("prompt_last", "answer_last", "generated_last"):
-            raise GroundingError(
-                f"attention_probe: query must be prompt_last, answer_last or generated_last, not {query!r}"
-            )
-        self.layers = layers
-        self.query: ProbeQuery = query
-        self.sigma = sigma
-        self.max_new_tokens = max_new_tokens
-        # An instance answers only in generated_last mode; evaluate.py reads this per instance.
-        self.answers = query == "generated_last"
-
-    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        return timed(gm, lambda: self._run(gm, sample))
-
-    def run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
-        """Probe several rows; ``prompt_last`` and ``answer_last`` share one padded forward pass.
-
-        ``generated_last`` decodes each row's own answer first, so its rows run one at a time. A batched result
-        reports the batch's passes and an even share of its seconds (:func:`klal.grounding.base.timed_batch`).
-        """
-        if self.query == "generated_last":
-            return [self.run(gm, s) for s in samples]
-        return timed_batch(gm, lambda: self._run_batch(gm, samples))
-
-    def _run_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
-        layers = parse_layers(self.layers, gm.num_layers)
+    def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
+        """``prompt_last`` / ``answer_last`` on several rows in one padded forward pass."""
+        opts = self.options
+        layers = parse_layers(opts.layers, gm.num_layers)
         out = []
-        for att, grids, sizes in gm.batch_attention(samples, self.query, layers, per_head=False):  # att: (L, V)
+        for att, grids, sizes in gm.batch_attention(samples, opts.query, layers, per_head=False):  # att: (L, V)
             maps = gm.split_grid(att.mean(0), grids)
-            boxes = map_to_box(maps[0], sizes[0], self.sigma) if maps else []
-            out.append(GroundingResult(maps=maps, boxes=boxes, extras={"layers": layers, "query": self.query}))
+            boxes = map_to_box(maps[0], sizes[0], opts.sigma) if maps else []
+            out.append(GroundingResult(maps=maps, boxes=boxes, extras={"layers": layers, "query": opts.query}))
         return out
 
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        images = sample_images(sample)
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
+        opts = self.options
         inputs = gm.inputs(images, sample["question"])
-        layers = parse_layers(self.layers, gm.num_layers)
+        layers = parse_layers(opts.layers, gm.num_layers)
         answer = None
         query_pos = None
-        if self.query == "answer_last":
+        if opts.query == "answer_last":
             inputs, query_pos = append_answer(gm, inputs, str(sample["answer"]))
-        elif self.query == "generated_last":
-            answer = gm.generate(inputs, self.max_new_tokens)
+        elif opts.query == "generated_last":
+            answer = gm.generate(inputs, opts.max_new_tokens)
             if answer:
                 inputs, query_pos = append_answer(gm, inputs, answer)
         att = gm.attention(inputs, query_pos=query_pos, layers=layers, per_head=False)  # (L, V)
         maps = gm.split_grid(att.mean(0), inputs["grids"])
-        boxes = map_to_box(maps[0], inputs["image_sizes"][0], self.sigma) if maps else []
-        return GroundingResult(maps=maps, boxes=boxes, answer=answer, extras={"layers": layers, "query": self.query})
+        boxes = map_to_box(maps[0], inputs["image_sizes"][0], opts.sigma) if maps else []
+        return GroundingResult(maps=maps, boxes=boxes, answer=answer, extras={"layers": layers, "query": opts.query})
 
 
 __all__ = ["AttentionProbe", "append_answer", "map_to_box"]

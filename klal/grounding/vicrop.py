@@ -3,64 +3,53 @@
 Two relevance maps over the visual tokens, both read at ONE language-model layer from the last prompt token (the
 position that predicts the first answer token):
 
-* ``vicrop_rel_att`` (relative attention): the head-mean attention for the question divided elementwise by the
-  head-mean attention for the query-free prompt :data:`~klal.grounding.base.GENERIC_PROMPT`
-  (:func:`relative_attention`). Regions the model looks at for *any* prompt (attention sinks, salient clutter)
-  cancel; regions the question draws attention to stand out. 2 forward passes.
+* ``vicrop_rel_att`` (relative attention): the head mean of the RAW attention (each head's full softmax row over
+  the image tokens, not renormalised) for the question, divided elementwise by the same map for the query-free prompt
+  :data:`~klal.grounding.base.GENERIC_PROMPT` (:func:`raw_attention`, :func:`relative_attention`). Regions the model
+  looks at for *any* prompt (attention sinks, salient clutter) cancel; regions the question draws attention to stand
+  out. 2 forward passes.
 * ``vicrop_grad_att`` (gradient-weighted attention): the attention probabilities ``A`` (per head, the full softmax
   row restricted to visual keys) times ``ReLU(dlog p(top) / dA)``, averaged over heads (:func:`grad_attention`), where
   ``top`` is the most likely next token. Keys whose extra attention would raise the answer's probability count.
   1 forward + 1 backward pass.
 
-The crop is the best *square* window of the relevance grid of image 0 over a few sizes
-(:func:`square_window_sizes`, :func:`klal.grounding.ops.best_window`), converted to original pixels and grown to at
-least ``min_crop`` px per side. The model then answers (greedy) from ``[*original images, crop]`` with the question.
+Both prompts end with :data:`ANSWER_SUFFIX` (" Answer the question using a single word or phrase."), as the authors'
+do (option ``prompt_suffix``); the answer prompt carries it too. The crop is the authors' adaptive box
+(:func:`crop_box`: six window sizes from ``box_size`` = 224 px to twice that, the sharpest attention peak wins),
+cut from image 0, zoomed to its area (:func:`klal.grounding.crop.crop_image`) and appended: the model answers
+(greedy) from ``[*original images, crop]``. ``crop="square"`` selects klal's earlier best square window
+(:func:`square_window_sizes`, :func:`klal.grounding.ops.best_window`).
 
-Choices (DESIGN.md section 4 gives the method; the rest is ours):
+Choices (the authors' code is saccharomycetes/mllms_know; docs/grounding.md has the full table):
 
 * **Layer.** ``layer=None`` picks ``round(0.61 * num_layers)`` (clamped to the last layer): the relative depth of the
   layer the authors' Qwen2.5-VL-3B code uses (22 of 36; 22 / 36 = 0.611). The tiny 4-layer test model gets layer 2.
-* **Attention normalisation.** rel-att uses :meth:`GroundingModel.attention` (klal's capture convention: each head's
-  row renormalised over the visual tokens, then head-mean) for both prompts, so the ratio compares where each
-  prompt's visual attention goes, independent of how much of it goes to text. grad-att uses the raw full-row
-  probabilities (``CaptureRequest.full_probs``) because that is the quantity the gradient is taken with respect to.
-* **Division.** ``a_q / (a_generic + eps)`` with ``eps=1e-6`` (maps are probabilities of order ``1 / V``), no
-  smoothing, so a token the generic prompt ignores can dominate; this matches the method's plain elementwise ratio.
-* **Window sizes.** Square windows (in cells; a cell is square in the resized image and the resize is proportional,
-  so near-square in original pixels) of side ``round(s * min(gh, gw))`` for ``s`` in ``scales`` (default
-  0.25, 0.5, 0.75), at least one cell; :func:`~klal.grounding.ops.best_window` picks the window with the largest
-  ``sum / sqrt(area)``.
-* **Minimum crop.** ``min_crop=112`` px by default (the original uses the vision encoder's input side, e.g. 224 or
-  336 px); 112 fits the small synthetic test images. Set 224 for real benchmarks. An image smaller than ``min_crop``
-  on either axis is an error naming the sample (no silent fallback to the whole image).
+* **Division.** ``a_q / (a_generic + eps)`` with ``eps=1e-6``; the authors divide with no ``eps``, which is infinite
+  where the generic prompt's attention underflows to 0.
 * **Zoom.** With ``zoom=True`` (default) the crop is upscaled (bicubic, aspect kept) to the original image's area
-  before it is given to the model, the analogue of resizing the crop to the encoder's input size: with Qwen2.5-VL's
-  dynamic resolution an un-resized crop would get few visual tokens and show no more detail than the original. The
-  processor's ``max_pixels`` still caps the tokens. The crop is never downscaled.
+  before it is given to the model, the analogue of the authors' processor resizing every crop to the encoder's input
+  size: with Qwen2.5-VL's dynamic resolution an un-resized crop would get few visual tokens and show no more detail
+  than the original. The processor's ``max_pixels`` still caps the tokens. The crop is never downscaled.
+* **Minimum crop.** ``min_crop=0`` by default (the adaptive box is already ``box_size`` px or the whole image); a
+  positive value grows the crop and refuses smaller images, naming the sample.
 * **Multi-image samples.** Maps cover every image; the crop is taken from image 0 (result boxes are in image-0
   pixels) and appended after all original images.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from klal.grounding import ops
-from klal.grounding.base import (
-    GENERIC_PROMPT,
-    GroundingError,
-    GroundingModel,
-    GroundingResult,
-    register_method,
-    sample_images,
-    timed,
-)
+from klal.grounding.base import GENERIC_PROMPT, GroundingError, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.crop import crop_image, whole_pixel_box
+from klal.grounding.options import option
 
 DEFAULT_RELATIVE_DEPTH = 22 / 36
 """Default layer as a fraction of the depth: Qwen2.5-VL-3B's ViCrop layer 22 of 36."""
@@ -138,109 +127,117 @@ def select_crop(
     return cell_box, ops.expand_box(box_px, min_crop, image_wh)
 
 
-def crop_image(image: Image.Image, box_px: Sequence[float], zoom: bool = True) -> tuple[Image.Image, ops.PixelBox]:
-    """Crop ``box_px`` (widened to whole pixels) out of ``image``; optionally upscale it to the image's area.
+ADAPTIVE_RATIOS = (1, 1.2, 1.4, 1.6, 1.8, 2)
+"""Window sides tried by :func:`crop_box`, as multiples of ``box_size`` (the authors' ratios)."""
+
+ANSWER_SUFFIX = " Answer the question using a single word or phrase."
+"""Appended to the question and to the generic prompt by default, as the authors' prompts do."""
+
+
+def crop_box(attention_grid: np.ndarray, image_size: tuple[int, int], box_size: int = 224) -> tuple[int, int, int, int]:
+    """The authors' adaptive ViCrop box: the sharpest of six window sizes around the attention peak.
+
+    A cell of the ``(gh, gw)`` grid is a block of ``bw = W / gw`` x ``bh = H / gh`` original pixels. For each ratio
+    ``r`` of :data:`ADAPTIVE_RATIOS`, a window of ``box_size * r`` px is ``nx = min(int(box_size * r / bw), gw)`` x
+    ``ny = min(int(box_size * r / bh), gh)`` blocks (at least 1 each; the authors' code would divide by 0 there). A
+    window covering the whole grid on both axes is skipped, and if even ratio 1 covers it the crop is the whole
+    image. The window with the largest attention sum wins for its ratio (scanning ``x`` in the outer loop and ``y``
+    in the inner one, the first maximum found); its sharpness is that sum minus the mean of the sums of the (up to
+    four) windows one block left, right, up and down, divided by ``nx * ny``. The sharpest ratio wins (the first on
+    ties). Its centre ``cx = int(x * bw + bw * nx / 2)`` (likewise ``cy``) is clamped to ``[half, W - half]`` with
+    ``half = floor(box_size * r / 2)``, and the crop is ``(max(0, cx - half), max(0, cy - half), min(W, cx + half),
+    min(H, cy + half))``.
+
+    Args:
+        attention_grid: finite 2-D attention (relevance) grid over the image's tokens.
+        image_size: ``(W, H)`` of the original image in pixels.
+        box_size: the base crop side in pixels (the authors' encoder input side: 224 for BLIP, 336 for LLaVA).
 
     Returns:
-        The crop and the integer pixel box actually cropped, ``(x0, y0, x1, y1)`` as floats.
+        ``(x0, y0, x1, y1)`` in original pixels.
     """
-    x0, y0, x1, y1 = box_px
-    box = (
-        max(0, math.floor(x0)),
-        max(0, math.floor(y0)),
-        min(image.width, math.ceil(x1)),
-        min(image.height, math.ceil(y1)),
-    )
-    crop = image.crop(box)
-    if zoom:
-        factor = math.sqrt((image.width * image.height) / (crop.width * crop.height))
-        if factor > 1:
-            size = (max(1, round(crop.width * factor)), max(1, round(crop.height * factor)))
-            crop = crop.resize(size, Image.Resampling.BICUBIC)
-    return crop, tuple(float(v) for v in box)
+    att = ops._as_grid(attention_grid, "attention_grid")
+    gh, gw = att.shape
+    if len(image_size) != 2 or any(int(v) != v or v <= 0 for v in image_size):
+        raise ValueError(f"image_size must be two positive integers (W, H), got {tuple(image_size)}")
+    width, height = int(image_size[0]), int(image_size[1])
+    if isinstance(box_size, bool) or not isinstance(box_size, (int, np.integer)) or box_size < 1:
+        raise ValueError(f"box_size must be a positive integer of pixels, got {box_size!r}")
+    bw, bh = width / gw, height / gh
+    best: tuple[float, float, int, int, int, int] | None = None  # (sharpness, ratio, x, y, nx, ny)
+    for ratio in ADAPTIVE_RATIOS:
+        side = box_size * ratio
+        nx = max(1, min(int(side / bw), gw))
+        ny = max(1, min(int(side / bh), gh))
+        if gw - nx < 1 and gh - ny < 1:
+            if ratio == 1:
+                return 0, 0, width, height
+            continue
+        # sums[y, x]: attention inside the window whose top-left block is (x, y). Every window is summed the same
+        # way (no integral image), so windows over equal values tie exactly and the scan order decides.
+        sums = np.lib.stride_tricks.sliding_window_view(att, (ny, nx)).sum(axis=(-2, -1))
+        # First maximum with x in the outer loop: argmax over the transposed (x-major) array.
+        x, y = np.unravel_index(int(np.argmax(sums.T)), sums.T.shape)
+        peak = float(sums[y, x])
+        around = [float(sums[y, x + dx]) for dx in (-1, 1) if 0 <= x + dx < sums.shape[1]]
+        around += [float(sums[y + dy, x]) for dy in (-1, 1) if 0 <= y + dy < sums.shape[0]]
+        sharpness = (peak - float(np.mean(around))) / (nx * ny)
+        if best is None or sharpness > best[0]:
+            best = (sharpness, ratio, int(x), int(y), nx, ny)
+    assert best is not None  # ratio 1 either returned or was scored
+    _, ratio, x, y, nx, ny = best
+    half = (box_size * ratio) // 2
+    cx = int(x * bw + bw * nx / 2)
+    cy = int(y * bh + bh * ny / 2)
+    cx = min(max(cx, half), width - half)
+    cy = min(max(cy, half), height - half)
+    return int(max(0, cx - half)), int(max(0, cy - half)), int(min(width, cx + half)), int(min(height, cy + half))
 
 
-# ---------------------------------------------------------------------------------------------------- shared glue
+def raw_attention(gm: GroundingModel, inputs: dict[str, Any], layer: int) -> torch.Tensor:
+    """``(V,)`` head mean of the last prompt token's RAW attention over the visual tokens at ``layer``.
 
-
-def check_layer(layer: int, gm: GroundingModel, method: str, sample_id: Any) -> int:
-    """``layer`` (negative counts from the end) as an index into the model's layers, or GroundingError."""
-    n = gm.num_layers
-    if not -n <= layer < n:
-        raise GroundingError(
-            f"{method}: option layer={layer} is out of range for a model with {n} layers (sample {sample_id!r})"
-        )
-    return layer % n
-
-
-def check_crop_fits(image: Image.Image, min_crop: float, method: str, sample_id: Any) -> None:
-    """GroundingError naming the sample when ``image`` is smaller than ``min_crop`` px on an axis."""
-    if image.width < min_crop or image.height < min_crop:
-        raise GroundingError(
-            f"{method}: sample {sample_id!r} has an image of {image.width} x {image.height} px, smaller than "
-            f"option min_crop={min_crop:g} px on at least one axis"
-        )
-
-
-def crop_or_raise(
-    grid: np.ndarray,
-    sizes: Sequence[tuple[int, int]],
-    image: Image.Image,
-    min_crop: float,
-    method: str,
-    sample_id: Any,
-) -> tuple[ops.CellBox, ops.PixelBox]:
-    """:func:`select_crop`, turning :class:`~klal.grounding.ops.CropTooSmallError` into GroundingError."""
+    Raw: each head's full softmax row (over all keys) restricted to the visual tokens, not renormalised, as the
+    authors read ``outputs.attentions[layer][0, :, -1, image tokens].mean(0)``. One forward pass.
+    """
+    req = gm.request(inputs, layers=[layer], per_head=True, differentiable_rows=True)
     try:
-        return select_crop(grid, sizes, (image.width, image.height), min_crop)
-    except ops.CropTooSmallError as e:
-        raise GroundingError(f"{method}: sample {sample_id!r}: option min_crop: {e}") from e
-
-
-def _check_common(min_crop: float, max_new_tokens: int, method: str) -> None:
-    if not (isinstance(min_crop, (int, float)) and math.isfinite(min_crop) and min_crop >= 0):
-        raise GroundingError(f"{method}: option min_crop must be a finite number >= 0, got {min_crop!r}")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-        raise GroundingError(f"{method}: option max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        with torch.no_grad():
+            gm.forward(inputs, req)
+        probs = req.full_probs[layer]  # (1, H, 1, S)
+        vis = inputs["visual_mask"][0].nonzero().squeeze(-1).to(probs.device)
+        return probs[0, :, 0][:, vis].float().mean(dim=0)  # (V,)
+    finally:
+        req.clear()
 
 
 # --------------------------------------------------------------------------------------------------------- methods
 
 
-class _ViCrop:
+class _ViCrop(GroundingMethod):
     """Shared ViCrop pipeline; subclasses provide the relevance vector over all visual tokens."""
 
-    name: ClassVar[str]
-    answers: ClassVar[bool] = True
+    answers = True
 
-    def __init__(
-        self,
-        layer: int | None = None,
-        scales: Sequence[float] = (0.25, 0.5, 0.75),
-        min_crop: float = 112,
-        zoom: bool = True,
-        max_new_tokens: int = 16,
-    ) -> None:
-        """Options.
-
-        Args:
-            layer: language-model layer to read (negative counts from the end); None: ``default_layer``.
-            scales: square window sides as fractions of the shorter grid side, each in ``(0, 1]``.
-            min_crop: minimum crop side in original pixels.
-            zoom: upscale the crop to the original image's area before answering.
-            max_new_tokens: answer length cap.
-        """
-        if layer is not None and not isinstance(layer, int):
-            raise GroundingError(f"{self.name}: option layer must be an integer or None, got {layer!r}")
-        scales = tuple(scales)
-        if not scales or not all(isinstance(s, (int, float)) and 0 < s <= 1 for s in scales):
-            raise GroundingError(f"{self.name}: option scales must be numbers in (0, 1], got {scales!r}")
-        _check_common(min_crop, max_new_tokens, self.name)
-        self.layer = layer
-        self.scales = scales
-        self.min_crop = float(min_crop)
-        self.zoom = bool(zoom)
-        self.max_new_tokens = max_new_tokens
+    @dataclass(frozen=True)
+    class Options:
+        layer: int | None = None
+        """Language-model layer to read (negative counts from the end); None: :func:`default_layer`."""
+        crop: Literal["adaptive", "square"] = "adaptive"
+        """Crop selection: the authors' adaptive box (:func:`crop_box`, ``box_size``) or klal's earlier best square
+        window (:func:`square_window_sizes`, ``scales``)."""
+        box_size: int = option(224, ge=1)
+        """Base side in pixels of the adaptive box (the authors': the encoder input, 224 for BLIP, 336 for LLaVA)."""
+        scales: tuple[float, ...] = option((0.25, 0.5, 0.75), gt=0, le=1)
+        """Square window sides as fractions of the shorter grid side (``crop="square"``)."""
+        min_crop: float = option(0.0, ge=0)
+        """Minimum crop side in original pixels (0: none, the authors; an image smaller than this is refused)."""
+        prompt_suffix: str = ANSWER_SUFFIX
+        """Appended to the question (attention and answer) and to the generic prompt; "" for the bare question."""
+        zoom: bool = True
+        """Upscale the crop to the original image's area before answering."""
+        max_new_tokens: int = option(16, ge=1)
+        """Answer length cap."""
 
     def relevance(
         self, gm: GroundingModel, images: list[Image.Image], inputs: dict[str, Any], layer: int
@@ -255,53 +252,68 @@ class _ViCrop:
         """
         raise NotImplementedError
 
-    def run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        """Map, crop and answer one dataset row."""
-        return timed(gm, lambda: self._run(gm, sample))
+    def layer_index(self, gm: GroundingModel, sample_id: Any) -> int:
+        """Option ``layer`` (default :func:`default_layer`) as an index into the model's layers, or GroundingError."""
+        n = gm.num_layers
+        layer = default_layer(n) if self.options.layer is None else self.options.layer
+        if not -n <= layer < n:
+            raise GroundingError(
+                f"{self.name}: option layer={layer} is out of range for a model with {n} layers (sample {sample_id!r})"
+            )
+        return layer % n
 
-    def _run(self, gm: GroundingModel, sample: dict[str, Any]) -> GroundingResult:
-        sid = sample.get("id")
-        images = sample_images(sample)
-        check_crop_fits(images[0], self.min_crop, self.name, sid)
-        layer = check_layer(default_layer(gm.num_layers) if self.layer is None else self.layer, gm, self.name, sid)
-        inputs = gm.inputs(images, sample["question"])
+    def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
+        """Map, crop and answer one row."""
+        opts = self.options
+        layer = self.layer_index(gm, sample.get("id"))
+        question = sample["question"] + opts.prompt_suffix
+        inputs = gm.inputs(images, question)
         rel = self.relevance(gm, images, inputs, layer)
         maps = gm.split_grid(rel, inputs["grids"])
-        sizes = square_window_sizes(maps[0].shape, self.scales)
-        cell_box, box_px = crop_or_raise(maps[0], sizes, images[0], self.min_crop, self.name, sid)
-        crop, crop_box = crop_image(images[0], box_px, self.zoom)
-        answer = gm.generate(gm.inputs([*images, crop], sample["question"]), self.max_new_tokens)
+        if opts.crop == "adaptive":
+            box_px = ops.expand_box(crop_box(maps[0], images[0].size, opts.box_size), opts.min_crop, images[0].size)
+            cell_box = ops.pixels_to_cells(box_px, maps[0].shape, images[0].size)
+        else:
+            sizes = square_window_sizes(maps[0].shape, opts.scales)
+            cell_box, box_px = select_crop(maps[0], sizes, images[0].size, opts.min_crop)
+        cut = tuple(float(v) for v in whole_pixel_box(images[0], box_px))
+        crop = crop_image(images[0], cut, opts.zoom)
+        answer = gm.generate(gm.inputs([*images, crop], question), opts.max_new_tokens)
         extras = {
             "layer": layer,
             "window_cells": list(cell_box),
-            "crop_box": list(crop_box),
+            "crop_box": list(cut),
             "crop_size": [crop.width, crop.height],
         }
-        return GroundingResult(maps=maps, boxes=[crop_box], answer=answer, extras=extras)
+        return GroundingResult(maps=maps, boxes=[cut], answer=answer, extras=extras)
 
 
-@register_method("vicrop_rel_att")
-class ViCropRelAtt(_ViCrop):
+class ViCropRelAtt(_ViCrop, name="vicrop_rel_att"):
     """ViCrop with relative attention (question attention / generic-prompt attention at one layer)."""
 
-    def __init__(self, eps: float = 1e-6, **kwargs: Any) -> None:
-        """Options: ``eps`` (> 0, added to the generic map before dividing) and those of the shared pipeline."""
-        super().__init__(**kwargs)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise GroundingError(f"{self.name}: option eps must be a number > 0, got {eps!r}")
-        self.eps = float(eps)
+    @dataclass(frozen=True)
+    class Options(_ViCrop.Options):
+        eps: float = option(1e-6, gt=0)
+        """Added to the generic-prompt map before dividing."""
+        attention: Literal["raw", "renormalised"] = "raw"
+        """Map of each prompt: the head mean of the raw attention over the image tokens (the authors), or of each
+        head's attention renormalised over them (klal's earlier choice, :meth:`GroundingModel.attention`)."""
 
     def relevance(
         self, gm: GroundingModel, images: list[Image.Image], inputs: dict[str, Any], layer: int
     ) -> torch.Tensor:
         """Head-mean visual attention for the question over that for :data:`GENERIC_PROMPT`, at ``layer``."""
-        a_q = gm.attention(inputs, layers=[layer], per_head=False)[0]
-        a_g = gm.attention(gm.inputs(images, GENERIC_PROMPT), layers=[layer], per_head=False)[0]
-        return relative_attention(a_q.float(), a_g.float(), self.eps)
+        opts = self.options
+        generic = gm.inputs(images, GENERIC_PROMPT + opts.prompt_suffix)
+        if opts.attention == "raw":
+            a_q, a_g = raw_attention(gm, inputs, layer), raw_attention(gm, generic, layer)
+        else:
+            a_q = gm.attention(inputs, layers=[layer], per_head=False)[0]
+            a_g = gm.attention(generic, layers=[layer], per_head=False)[0]
+        return relative_attention(a_q.float(), a_g.float(), opts.eps)
 
 
-@register_method("vicrop_grad_att")
-class ViCropGradAtt(_ViCrop):
+class ViCropGradAtt(_ViCrop, name="vicrop_grad_att"):
     """ViCrop with gradient-weighted attention (attention x ReLU of d log p(top token) / d attention)."""
 
     def relevance(
@@ -327,15 +339,15 @@ class ViCropGradAtt(_ViCrop):
 
 
 __all__ = [
+    "ADAPTIVE_RATIOS",
+    "ANSWER_SUFFIX",
     "DEFAULT_RELATIVE_DEPTH",
     "ViCropGradAtt",
     "ViCropRelAtt",
-    "check_crop_fits",
-    "check_layer",
-    "crop_image",
-    "crop_or_raise",
+    "crop_box",
     "default_layer",
     "grad_attention",
+    "raw_attention",
     "relative_attention",
     "select_crop",
     "square_window_sizes",

@@ -1,4 +1,4 @@
-"""Grounding and answer metrics for the evaluation of grounding methods and fine-tuned models.
+"""Grounding and answer metrics (torchmetrics) for the evaluation of grounding methods and fine-tuned models.
 
 Every metric is a :class:`torchmetrics.Metric` whose states are sums (``dist_reduce_fx="sum"``), so a DDP sync adds
 the ranks' states and gives exactly the single-process result over all their samples. Each metric keeps:
@@ -14,7 +14,7 @@ returns ``0.0`` rather than NaN, and the zero count is what tells a table the va
 value with the (synced) counts as plain Python numbers.
 
 Inputs. Relevance maps are per-image grids ``(gh, gw)`` over the model's visual-token grid (row-major, one token per
-28 x 28 px cell of the *resized* image, see :mod:`klal.targets`); they must be finite and non-negative, at any scale:
+28 x 28 px cell of the *resized* image, see :mod:`klal.geometry`); they must be finite and non-negative, at any scale:
 the metrics normalise them to sum to 1 (an all-zero map reads as uniform, "no information"). Boxes are
 ``(x0, y0, x1, y1)`` in ORIGINAL image pixels. A sample with several images has one map per image, but its evidence
 refers to image 0 (the schema's ``width``/``height`` are image 0's), so the grounding metrics use map 0 only.
@@ -33,7 +33,7 @@ Metrics (names as in :data:`METRIC_RANGES` and :meth:`GroundingMetrics.compute`)
 * ``box_iou`` (:class:`BoxIoU`): IoU of the top-ranked predicted box with the best-matching gt box
   (``evidence["boxes"]``), in original pixels.
 * ``box_accuracy`` (:class:`BoxAccuracy`): 1 when that IoU is at least ``iou_threshold`` (0.5).
-* ``answer_accuracy`` (:class:`AnswerAccuracy`): :func:`answer_correct` of the predicted answer against the gold one.
+* ``answer_accuracy`` (:class:`AnswerAccuracy`): :func:`~klal.eval.answers.answer_correct` of prediction and gold.
 
 Box metrics count every sample that has gt boxes and a box prediction list: a method that returns an empty list for a
 sample scores IoU 0 there (state ``no_prediction`` counts those), while ``None`` means "this method does not predict
@@ -43,26 +43,16 @@ boxes" and the sample is skipped. Samples without gt boxes are skipped.
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 
-from klal.data.schema import Evidence
-from klal.targets import (
-    TOKEN_PX,
-    TargetMapError,
-    TargetSpec,
-    box_map,
-    build_target_map,
-    mask_map,
-    point_map,
-    polyline_map,
-)
+from klal.eval.answers import answer_correct
+from klal.eval.scores import as_grid, best_box_iou, evidence_mass, pointing_score, sample_prefix, target_kl
+from klal.geometry import TOKEN_PX
+from klal.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts, processed_grid
 
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "pointing_game": (0.0, 1.0),
@@ -76,342 +66,6 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 
 METRIC_NAMES: tuple[str, ...] = tuple(METRIC_RANGES)
 """The metric names :class:`GroundingMetrics` reports, in table order."""
-
-AnswerKind = Literal["integer", "yes_no", "row_column", "text"]
-
-_LINE_THICKNESS = 1e-6
-"""Brush side (tokens) for rasterising evidence polylines: thin enough that only the cells the line runs through get
-mass (a line exactly on a cell border marks both neighbours)."""
-_LINE_MIN_LENGTH = 1e-3
-"""A polyline marks a cell when it runs at least this far (tokens) inside it, so a line through a cell corner does
-not mark the cells it only touches (those get mass of order thickness squared)."""
-_TIE_RTOL = 1e-9
-
-
-# -- evidence geometry -------------------------------------------------------------------------------------------------
-
-
-def _evidence_lists(evidence: Evidence | Mapping[str, Any] | None) -> dict[str, list[Any]]:
-    """Evidence elements by kind (``boxes``, ``points``, ``polylines``, ``masks``); unknown keys raise."""
-    keys = ("boxes", "points", "polylines", "masks")
-    if evidence is None:
-        return {k: [] for k in keys}
-    if isinstance(evidence, Evidence):
-        return {"boxes": evidence.boxes, "points": evidence.points, "polylines": evidence.polylines, "masks": []}
-    if not isinstance(evidence, Mapping):
-        raise TargetMapError(f"evidence must be an Evidence or a dict, got {type(evidence).__name__}")
-    unknown = sorted(set(evidence) - set(keys))
-    if unknown:
-        raise TargetMapError(f"unknown evidence key(s) {unknown}; expected some of {list(keys)}")
-    out: dict[str, list[Any]] = {}
-    for k in keys:
-        value = evidence.get(k)
-        if value is None:
-            out[k] = []
-        elif k == "masks" and isinstance(value, np.ndarray) and value.ndim == 2:
-            out[k] = [value]
-        elif isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-            raise TargetMapError(f"evidence {k!r} must be a list, got {type(value).__name__}")
-        else:
-            out[k] = list(value)
-    return out
-
-
-def evidence_cells(
-    evidence: Evidence | Mapping[str, Any] | None,
-    orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
-) -> np.ndarray | None:
-    """Token cells that hold evidence, on the grid of an image resized to ``processed_hw``.
-
-    Built with :mod:`klal.targets`, so the geometry (resize scale per axis, cell ``(i, j)`` covering
-    ``[j, j + 1] x [i, i + 1]`` in token units) is the training target's:
-
-    * box: every cell the box overlaps with positive area (``area`` box mode > 0); a box edge lying exactly on a cell
-      border does not mark the next cell, and a zero-area box marks nothing (as it gives no target mass);
-    * point: the cell containing it (``nearest`` point mode; a point on the right/bottom border belongs to the last
-      cell);
-    * polyline: the cells the line runs through, at least 1e-3 token widths inside the cell (a polyline drawn with a
-      1e-6-token brush); a line exactly on a cell border marks both neighbours, a line through a cell corner does not
-      mark the cells it only touches;
-    * mask (``masks`` key, not in the stored schema): the cells the mask covers with positive weight.
-
-    Args:
-        evidence: an :class:`~klal.data.schema.Evidence` or an ``evidence`` column dict, in original pixels.
-        orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
-
-    Returns:
-        ``(gh, gw)`` bool array, or None when the evidence marks no cell (empty, outside the image or zero area).
-
-    Raises:
-        TargetMapError: malformed evidence or sizes (the message names the element).
-    """
-    parts = _evidence_lists(evidence)
-    gh, gw = _grid_of(processed_hw)
-    cells = np.zeros((gh, gw), dtype=bool)
-    if parts["boxes"]:
-        cells |= box_map(parts["boxes"], orig_hw, processed_hw, mode="area") > 0
-    if parts["points"]:
-        cells |= point_map(parts["points"], orig_hw, processed_hw, mode="nearest") > 0
-    if parts["polylines"]:
-        mass = polyline_map(parts["polylines"], orig_hw, processed_hw, thickness=_LINE_THICKNESS)
-        # Mass in a cell = line length inside it x thickness (token units).
-        cells |= mass >= _LINE_MIN_LENGTH * _LINE_THICKNESS
-    for k, mask in enumerate(parts["masks"]):
-        arr = np.asarray(mask, dtype=np.float64)
-        if arr.ndim == 2 and arr.shape != (int(orig_hw[0]), int(orig_hw[1])):
-            raise TargetMapError(f"masks[{k}]: shape {arr.shape} does not match the image size {tuple(orig_hw)}")
-        cells |= mask_map(arr, processed_hw) > 0
-    return cells if cells.any() else None
-
-
-def _grid_of(processed_hw: Sequence[int]) -> tuple[int, int]:
-    try:
-        ph, pw = (int(v) for v in processed_hw)
-    except (TypeError, ValueError) as e:
-        raise TargetMapError(f"processed_hw must be (height, width), got {processed_hw!r}") from e
-    if ph <= 0 or pw <= 0 or ph % TOKEN_PX or pw % TOKEN_PX:
-        raise TargetMapError(f"processed_hw must be positive multiples of {TOKEN_PX}, got {tuple(processed_hw)}")
-    return ph // TOKEN_PX, pw // TOKEN_PX
-
-
-# -- per-sample scores -------------------------------------------------------------------------------------------------
-
-
-def _where(sample_id: str | None) -> str:
-    return f"sample {sample_id!r}: " if sample_id is not None else ""
-
-
-def as_grid(relevance: Any, sample_id: str | None = None) -> np.ndarray:
-    """A relevance map as a float64 numpy ``(gh, gw)`` array (tensors of any dtype/device accepted).
-
-    Raises:
-        ValueError: not 2-D, empty, non-finite or negative values (clip relevance at 0 before scoring).
-    """
-    if isinstance(relevance, torch.Tensor):
-        # bfloat16 has no numpy dtype: go through float64 on the CPU.
-        arr = relevance.detach().to("cpu", torch.float64).numpy()
-    else:
-        arr = np.asarray(relevance, dtype=np.float64)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"{_where(sample_id)}a relevance map must be a non-empty 2-D (gh, gw) grid, got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{_where(sample_id)}relevance map contains NaN or inf")
-    if arr.min() < 0:
-        raise ValueError(f"{_where(sample_id)}relevance map has negative values (min {arr.min()}); clip it at 0")
-    return arr
-
-
-def normalize_map(relevance: Any, sample_id: str | None = None) -> np.ndarray:
-    """The map as a distribution over its cells (sums to 1); an all-zero map becomes uniform."""
-    arr = as_grid(relevance, sample_id)
-    total = arr.sum()
-    if not total > 0:
-        return np.full(arr.shape, 1.0 / arr.size)
-    return arr / total
-
-
-def _check_cells(grid: np.ndarray, cells: Any, sample_id: str | None) -> np.ndarray:
-    mask = np.asarray(cells, dtype=bool)
-    if mask.shape != grid.shape:
-        raise ValueError(
-            f"{_where(sample_id)}evidence cells {mask.shape} do not match the relevance map's grid {grid.shape} "
-            "(is processed_hw the size of image 0?)"
-        )
-    return mask
-
-
-def pointing_score(relevance: Any, cells: Any, sample_id: str | None = None) -> float:
-    """Pointing-game score of one map: fraction of its peak cells (ties within a relative 1e-9) inside ``cells``.
-
-    Args:
-        relevance: ``(gh, gw)`` non-negative map.
-        cells: ``(gh, gw)`` bool evidence cells.
-        sample_id: named in error messages.
-    """
-    p = normalize_map(relevance, sample_id)
-    mask = _check_cells(p, cells, sample_id)
-    peak = p >= p.max() * (1.0 - _TIE_RTOL)
-    return float((peak & mask).sum() / peak.sum())
-
-
-def evidence_mass(relevance: Any, cells: Any, sample_id: str | None = None) -> float:
-    """Share of the normalised map inside ``cells`` (bool ``(gh, gw)``)."""
-    p = normalize_map(relevance, sample_id)
-    mask = _check_cells(p, cells, sample_id)
-    return float(p[mask].sum())
-
-
-def target_kl(relevance: Any, target: Any, epsilon: float = 1e-4, sample_id: str | None = None) -> float:
-    """``KL(P_eps || Q_eps)`` of a map ``Q`` against a target distribution ``P`` on the same grid.
-
-    ``X_eps = (1 - epsilon) * X + epsilon / V`` for both, ``V`` the number of cells; natural log (nats).
-
-    Args:
-        relevance: ``(gh, gw)`` non-negative map (normalised here).
-        target: ``(gh, gw)`` target distribution (normalised here too, so any positive scale works).
-        epsilon: smoothing weight in ``(0, 1)``; it keeps the KL finite (at most ``log(V / epsilon)``).
-        sample_id: named in error messages.
-    """
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"target_kl epsilon must be in (0, 1), got {epsilon}")
-    q = normalize_map(relevance, sample_id)
-    p = as_grid(target, sample_id)
-    if p.shape != q.shape:
-        raise ValueError(f"{_where(sample_id)}target map {p.shape} does not match the relevance map {q.shape}")
-    if not p.sum() > 0:
-        raise ValueError(f"{_where(sample_id)}target map has no mass")
-    p = p / p.sum()
-    v = p.size
-    pe = (1.0 - epsilon) * p + epsilon / v
-    qe = (1.0 - epsilon) * q + epsilon / v
-    # Both are strictly positive, so the log ratio is finite everywhere; clamp rounding noise below 0.
-    return max(float(np.sum(pe * (np.log(pe) - np.log(qe)))), 0.0)
-
-
-def _parse_box(box: Any, where: str) -> tuple[float, float, float, float]:
-    try:
-        arr = np.asarray(box, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: a box is 4 numbers (x0, y0, x1, y1), got {box!r}") from e
-    if arr.shape != (4,):
-        raise ValueError(f"{where}: a box is 4 numbers (x0, y0, x1, y1), got {box!r}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{where}: box has NaN or inf ({arr.tolist()})")
-    x0, y0, x1, y1 = (float(v) for v in arr)
-    if x1 < x0 or y1 < y0:
-        raise ValueError(f"{where}: box needs x0 <= x1 and y0 <= y1 (x0, y0, x1, y1), got {arr.tolist()}")
-    return x0, y0, x1, y1
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes; 0 when the union has no area."""
-    ax0, ay0, ax1, ay1 = _parse_box(a, "box a")
-    bx0, by0, bx1, by1 = _parse_box(b, "box b")
-    iw = max(0.0, min(ax1, bx1) - max(ax0, bx0))
-    ih = max(0.0, min(ay1, by1) - max(ay0, by0))
-    inter = iw * ih
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def best_box_iou(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]]) -> float:
-    """IoU of the top-ranked (first) predicted box with the gt box it overlaps best; 0 with no predicted box.
-
-    Raises:
-        ValueError: no gt box, or a malformed box.
-    """
-    gts = [_parse_box(g, f"gt box {k}") for k, g in enumerate(gt_boxes)]
-    if not gts:
-        raise ValueError("best_box_iou needs at least one gt box")
-    if len(pred_boxes) == 0:
-        return 0.0
-    top = _parse_box(pred_boxes[0], "predicted box 0")
-    return max(box_iou(top, g) for g in gts)
-
-
-# -- answers -----------------------------------------------------------------------------------------------------------
-
-_NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "  # noqa: SIM905
-        "seventeen eighteen nineteen twenty".split()
-    )
-}
-_NUMBER_WORDS.update({"none": 0, "once": 1, "twice": 2, "thrice": 3})
-_WORD_ALT = "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True))
-# A number: digits with an optional decimal part ("3." is the integer 3 followed by a full stop), or a number word.
-# A sign counts only after a non-word character, so "2-3" reads as 2 and 3, not 2 and -3.
-_NUMBER_RE = re.compile(rf"(?P<num>(?:(?<![\w.])[-+])?\d+(?:\.\d+)?)|\b(?P<word>{_WORD_ALT})\b")
-_NUM_TOKEN = rf"(?:\d+|{_WORD_ALT})\b"
-_ROW_RE = re.compile(rf"\brows?\b\s*(?:#|no\.?|number)?\s*(?P<n>{_NUM_TOKEN})")
-_COL_RE = re.compile(rf"\b(?:columns?|cols?)\b\s*(?:#|no\.?|number)?\s*(?P<n>{_NUM_TOKEN})")
-_YES_NO_RE = re.compile(r"\b(yes|no)\b")
-_GOLD_INT_RE = re.compile(r"^[-+]?\d+\.?$")
-_GOLD_ROW_COL_RE = re.compile(r"^\(\s*[-+]?\d+\s*,\s*[-+]?\d+\s*\)$")
-
-
-def _strip_punct(text: str) -> str:
-    """Casefold, drop Unicode punctuation, collapse whitespace."""
-    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.casefold())
-    return " ".join(kept.split())
-
-
-def answer_kind(gold: str) -> AnswerKind:
-    """How answers to this gold answer are compared.
-
-    * ``integer``: gold is an integer (``"3"``);
-    * ``yes_no``: gold is yes or no (any case, punctuation ignored);
-    * ``row_column``: gold is ``"(row, column)"`` (two integers in parentheses);
-    * ``text``: anything else.
-    """
-    g = gold.strip()
-    if _GOLD_INT_RE.match(g):
-        return "integer"
-    if _strip_punct(g) in ("yes", "no"):
-        return "yes_no"
-    if _GOLD_ROW_COL_RE.match(g):
-        return "row_column"
-    return "text"
-
-
-def _number_value(m: re.Match[str]) -> str:
-    if m.group("word") is not None:
-        return str(_NUMBER_WORDS[m.group("word")])
-    num = m.group("num")
-    if "." in num:
-        whole, frac = num.split(".")
-        # "3.0" is the integer 3; "3.5" stays a decimal and matches no integer answer.
-        return str(int(whole)) if set(frac) == {"0"} else num.lstrip("+")
-    return str(int(num))
-
-
-def _token_value(token: str) -> str:
-    return str(_NUMBER_WORDS[token]) if token in _NUMBER_WORDS else str(int(token))
-
-
-def normalize_answer(text: str, gold: str) -> str:
-    """Canonical form of ``text`` for comparison with ``gold``, by :func:`answer_kind` of ``gold``.
-
-    * integer: the first number in the text, digits or a word (``"zero"`` to ``"twenty"``, ``"none"``, ``"once"``,
-      ``"twice"``, ``"thrice"``), as a plain integer string (``" 3."`` -> ``"3"``, ``"There are three crossings"`` ->
-      ``"3"``); a non-integer decimal stays as written (``"3.5"``) and so matches no integer;
-    * yes/no: the first standalone ``yes`` or ``no`` word (``"yes!"`` -> ``"yes"``; ``"not"`` is not ``no``);
-    * row/column: ``"(r, c)"`` from explicitly labelled ``row N`` and ``column M`` when both are present in any order
-      (``"Column 3, row 2"`` -> ``"(2, 3)"``), otherwise the first two numbers (``"(2,3)"`` -> ``"(2, 3)"``);
-    * text: casefolded, punctuation removed, whitespace collapsed.
-
-    Returns an empty string when the text holds nothing of the required kind (never a correct answer).
-    """
-    kind = answer_kind(gold)
-    low = text.casefold()
-    if kind == "integer":
-        m = _NUMBER_RE.search(low)
-        return _number_value(m) if m else ""
-    if kind == "yes_no":
-        m = _YES_NO_RE.search(low)
-        return m.group(1) if m else ""
-    if kind == "row_column":
-        row, col = _ROW_RE.search(low), _COL_RE.search(low)
-        if row and col:
-            return f"({_token_value(row.group('n'))}, {_token_value(col.group('n'))})"
-        nums = [_number_value(m) for m in _NUMBER_RE.finditer(low)][:2]
-        return f"({nums[0]}, {nums[1]})" if len(nums) == 2 else ""
-    return _strip_punct(text)
-
-
-def answer_correct(pred: str, gold: str) -> bool:
-    """Whether a predicted answer matches the gold one after :func:`normalize_answer` of both.
-
-    Raises:
-        ValueError: the gold answer is empty (after normalisation), so nothing could match it.
-    """
-    want = normalize_answer(gold, gold)
-    if not want:
-        raise ValueError(f"gold answer {gold!r} is empty after normalisation")
-    return normalize_answer(pred, gold) == want
 
 
 # -- torchmetrics metrics ----------------------------------------------------------------------------------------------
@@ -565,7 +219,7 @@ class BoxIoU(_MeanMetric):
         try:
             iou = best_box_iou(pred_boxes, gt_boxes)
         except ValueError as e:
-            raise ValueError(f"{_where(sample_id)}{e}") from e
+            raise ValueError(f"{sample_prefix(sample_id)}{e}") from e
         self._add(self._score(iou))
 
     def _local_summary(self) -> dict[str, float | int]:
@@ -611,7 +265,7 @@ class AnswerAccuracy(_MeanMetric):
         try:
             ok = answer_correct(str(pred), str(gold))
         except ValueError as e:
-            raise ValueError(f"{_where(sample_id)}{e}") from e
+            raise ValueError(f"{sample_prefix(sample_id)}{e}") from e
         self._add(float(ok))
 
 
@@ -717,21 +371,21 @@ class GroundingMetrics:
             if processed_hw is None:
                 processed_hw = (grid.shape[0] * TOKEN_PX, grid.shape[1] * TOKEN_PX)
             try:
-                expect = _grid_of(processed_hw)
+                expect = processed_grid(processed_hw)
                 if grid.shape != expect:
                     raise ValueError(
                         f"map 0 has grid {grid.shape} but processed_hw {tuple(processed_hw)} gives {expect} "
                         f"({TOKEN_PX} px per token)"
                     )
                 cells = evidence_cells(record["evidence"], orig_hw, processed_hw)
-                target = build_target_map(_target_evidence(record["evidence"]), orig_hw, processed_hw, self.spec)
+                target = build_target_map(record["evidence"], orig_hw, processed_hw, self.spec)
             except ValueError as e:
-                raise type(e)(f"{_where(sid)}{e}") from e
+                raise type(e)(f"{sample_prefix(sid)}{e}") from e
         ms = self.metrics(method, task)
         ms["pointing_game"].update(grid, cells, sample_id=sid)
         ms["evidence_mass"].update(grid, cells, sample_id=sid)
         ms["target_kl"].update(grid, target, sample_id=sid)
-        gt_boxes = _evidence_lists(record["evidence"])["boxes"]
+        gt_boxes = evidence_parts(record["evidence"])["boxes"]
         ms["box_iou"].update(boxes, gt_boxes, sample_id=sid)
         ms["box_accuracy"].update(boxes, gt_boxes, sample_id=sid)
         ms["answer_accuracy"].update(answer, str(record["answer"]), sample_id=sid)
@@ -801,33 +455,29 @@ class GroundingMetrics:
         return self
 
 
-def _target_evidence(evidence: Evidence | Mapping[str, Any] | None) -> Evidence | Mapping[str, Any] | None:
-    """Evidence for :func:`build_target_map`: dicts with None values (as HF datasets may give) read as empty."""
-    if isinstance(evidence, Mapping):
-        return {k: v for k, v in evidence.items() if v is not None}
-    return evidence
+def pooled(scores: Mapping[str, Any], method: str, metric: str) -> dict[str, float | int]:
+    """One metric of one method over all its tasks, from a :meth:`GroundingMetrics.compute` result.
+
+    Returns:
+        ``{"value", "count", "skipped"}``: the count-weighted mean of the per-task values (0.0 with no scored sample)
+        and the summed counts.
+    """
+    per_task = [ms[metric] for ms in scores.get(method, {}).values()]
+    count = sum(int(s["count"]) for s in per_task)
+    total = sum(float(s["value"]) * int(s["count"]) for s in per_task)
+    skipped = sum(int(s["skipped"]) for s in per_task)
+    return {"value": total / count if count else 0.0, "count": count, "skipped": skipped}
 
 
 __all__ = [
     "METRIC_NAMES",
     "METRIC_RANGES",
     "AnswerAccuracy",
-    "AnswerKind",
     "BoxAccuracy",
     "BoxIoU",
     "EvidenceMass",
     "GroundingMetrics",
     "PointingGame",
     "TargetKL",
-    "answer_correct",
-    "answer_kind",
-    "as_grid",
-    "best_box_iou",
-    "box_iou",
-    "evidence_cells",
-    "evidence_mass",
-    "normalize_answer",
-    "normalize_map",
-    "pointing_score",
-    "target_kl",
+    "pooled",
 ]

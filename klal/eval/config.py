@@ -1,0 +1,92 @@
+"""What an evaluation runs: the method rows (:class:`MethodSpec`) and the whole evaluation (:class:`EvalConfig`).
+
+Both are dataclasses with attribute docstrings, so ``evaluate.py`` / ``klal evaluate`` (:mod:`klal.eval.cli`) take every
+field as a flag or a YAML key, and the :class:`~klal.callbacks.GroundingProbes` callback and the study take the same
+:class:`MethodSpec` rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from klal.models.loader import ModelConfig
+from klal.targets import TargetSpec
+
+
+@dataclass
+class MethodSpec:
+    """One row of the comparison: a grounding method, its options, and which weights it runs on."""
+
+    name: str
+    """Registered method: attention_probe, localization_heads, entropy_gradient, vicrop_rel_att, vicrop_grad_att,
+    laser."""
+    label: str | None = None
+    """Row label (default: the name, with " (adapter)" when it runs on the adapter)."""
+    weights: Literal["base", "adapter"] = "base"
+    """Run on the base weights or on base + adapter (needs ``adapter``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the method (see its class docstring)."""
+
+    @property
+    def row(self) -> str:
+        """The table row label."""
+        return self.label or (f"{self.name} (adapter)" if self.weights == "adapter" else self.name)
+
+
+def default_methods(with_adapter: bool) -> list[MethodSpec]:
+    """The base model's answer-token attention and, with an adapter, the fine-tuned model's."""
+    probe = {"query": "generated_last"}
+    rows = [MethodSpec("attention_probe", "base model attention", "base", dict(probe))]
+    if with_adapter:
+        rows.append(MethodSpec("attention_probe", "KLAL fine-tuned attention", "adapter", dict(probe)))
+    return rows
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and where to write it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model: ``tiny``, a hub id or a local checkpoint directory."""
+    adapter: str | None = None
+    """peft adapter directory trained on ``model`` (rows with ``weights: adapter`` use it)."""
+    data: list[str] | str = field(default_factory=list)
+    """Dataset directories (``save_to_disk``, klal schema): one path or a list."""
+    split: str = "test"
+    """Split to evaluate."""
+    max_samples: int | None = None
+    """Evaluate the first N samples of each dataset (text-only rows among them are skipped and counted)."""
+    methods: list[MethodSpec] | None = None
+    """Rows of the table (default: base attention, and fine-tuned attention when an adapter is given)."""
+    prepare_split: str = "train"
+    """Split whose samples methods that need preparation (localization-head discovery) see; falls back to ``split``."""
+    prepare_samples: int = 64
+    """How many samples that preparation sees (image rows only: text-only rows are passed over)."""
+    target: TargetSpec = field(default_factory=TargetSpec)
+    """Target maps for the KL metric (as in training)."""
+    batch_size: int = 1
+    """Samples per forward pass for the methods that batch (``attention_probe`` with ``prompt_last`` or
+    ``answer_last``, ``localization_heads``); the others decode, crop or backpropagate per sample and run one at a
+    time."""
+    gallery_size: int = 6
+    """Samples drawn in each method's gallery PNG (0: none)."""
+    out: str = "runs/eval"
+    """Output directory."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [os.fspath(self.data)]
+        self.data = [os.fspath(p) for p in self.data]
+        if self.methods:
+            self.methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in self.methods]
+
+    def method_rows(self) -> list[MethodSpec]:
+        """The rows of the table: ``methods``, or the defaults (:func:`default_methods`)."""
+        return list(self.methods) if self.methods else default_methods(bool(self.adapter))
+
+
+__all__ = ["EvalConfig", "MethodSpec", "default_methods"]
