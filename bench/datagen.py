@@ -14,16 +14,20 @@ of busy-loop processes runs than one), since on a shared machine other jobs can 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from jsonargparse.typing import PositiveInt
 
 from data_gen.base import GenerationError
 from data_gen.tasks import build_task, task_names
 from data_gen.writer import generate_dataset
+from klal.cli import run as run_command
 
 
 def _burn(n: int) -> int:
@@ -61,17 +65,35 @@ def measure(task_name: str, num: int, workers: int, image_size: int, seed: int =
         return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class DatagenOptions:
+    """Data-generation throughput (see the module docstring)."""
+
+    num: PositiveInt = 200
+    """Samples per measurement (at least 3: one per split)."""
+    workers: list[PositiveInt] = field(default_factory=lambda: [1, 2])
+    """Worker counts (space- or comma-separated)."""
+    tasks: list[str] | None = None
+    """Tasks (default: every registered task)."""
+    image_size: PositiveInt = 448
+    """Image side in pixels."""
+    repeat: PositiveInt = 1
+    """Runs per measurement; the fastest is kept."""
+
+    def __post_init__(self) -> None:
+        if self.num < 3:
+            raise ValueError(f"--num must be >= 3 (one sample per split), got {self.num}")
+        if not self.workers:
+            raise ValueError("--workers: give at least one worker count")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``python -m bench.datagen [options]``: :func:`benchmark`; returns the exit status."""
+    return benchmark(run_command(DatagenOptions, argv, prog or "python -m bench.datagen"))
+
+
+def benchmark(args: DatagenOptions) -> int:
     """Run the benchmark and print the table; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m bench.datagen", description=__doc__.splitlines()[0])
-    p.add_argument("--num", type=int, default=200, help="samples per measurement (default 200)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
-    p.add_argument("--tasks", nargs="+", default=task_names(), help="tasks (default all)")
-    p.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept (default 1)")
-    args = p.parse_args(argv)
-    if args.num < 3 or min(args.workers) < 1 or args.repeat < 1:
-        p.error("--num must be >= 3, --repeat >= 1 and every --workers value >= 1")
 
     print(
         f"data_gen throughput: {args.num} samples, {args.image_size}x{args.image_size}, "
@@ -82,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| task | workers | samples | seconds | samples/s |")
     print("|---|---:|---:|---:|---:|")
-    for name in args.tasks:
+    for name in args.tasks or task_names():
         for w in args.workers:
             try:
                 sec = min(measure(name, args.num, w, args.image_size) for _ in range(args.repeat))

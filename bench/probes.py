@@ -24,7 +24,7 @@ from jsonargparse.typing import PositiveInt
 
 from bench.step import ARCH
 from bench.throughput import cpu_name
-from data_gen.cli import run_command
+from klal.cli import run as run_command
 from klal.grounding import GroundingModel, available_methods, build_method
 from klal.models.loader import ModelConfig, load_model_and_processor
 

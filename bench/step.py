@@ -14,14 +14,17 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 
 from klal.capture import CaptureRequest, register_capture_attention, select_queries
+from klal.cli import run as run_command
 from klal.loss import klal_loss
 from klal.models.loader import set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora
@@ -145,30 +148,48 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["tiny", "3b", "7b"], default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--visual-tokens", type=int, default=100, help="rounded down to a square grid")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    args = p.parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[dict]:
+    """``python -m bench.step [options]``: :func:`benchmark`."""
+    return run_command(benchmark, argv, prog or "python -m bench.step")
+
+
+def benchmark(
+    arch: Literal["tiny", "3b", "7b"] = "tiny",
+    device: str = "cpu",
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    visual_tokens: PositiveInt = 100,
+    batch: PositiveInt = 2,
+    steps: PositiveInt = 5,
+    gradient_checkpointing: bool = False,
+) -> list[dict]:
+    """Per-step time and memory of NTP only, NTP + KLAL with capture, and NTP + KLAL with eager attentions.
+
+    Args:
+        arch: tiny model, or random weights at the published 3B / 7B sizes.
+        device: torch device (cpu, cuda, cuda:1, ...).
+        dtype: parameter dtype.
+        visual_tokens: visual tokens per image, rounded down to a square grid.
+        batch: samples per step.
+        steps: timed steps per mode (after one warm-up step).
+        gradient_checkpointing: non-reentrant gradient checkpointing.
+
+    Returns:
+        One ``{"mode", "time_s", "mem_bytes"}`` per mode.
+    """
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    cfg = tiny_config(**ARCH.get(args.arch, {}))
+    dev = torch.device(device)
+    torch_dtype = getattr(torch, dtype)
+    cfg = tiny_config(**ARCH.get(arch, {}))
     name = register_capture_attention("sdpa")
-    model = build_tiny_model(cfg, attn_implementation=name, dtype=dtype).to(device)
+    model = build_tiny_model(cfg, attn_implementation=name, dtype=torch_dtype).to(dev)
     model = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0)).train()
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    grid = max(int(args.visual_tokens**0.5), 1)
-    inputs = build_inputs(model.config, args.batch, grid, prompt=24, answer=4, device=device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    cuda = device.type == "cuda"
+    grid = max(int(visual_tokens**0.5), 1)
+    inputs = build_inputs(model.config, batch, grid, prompt=24, answer=4, device=dev)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+    cuda = dev.type == "cuda"
     results = []
     for mode in ("ntp", "capture", "eager"):
         set_text_attn_implementation(model, "eager" if mode == "eager" else name)
@@ -178,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        for _ in range(args.steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
             step(model, inputs, model.config, mode)
             if cuda:
@@ -193,9 +214,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t = {r["mode"]: r for r in results}
     kind = "peak allocated above model" if cuda else "saved-for-backward"
     print(
-        f"arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch} "
-        f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={args.steps} "
-        f"grad_ckpt={args.gradient_checkpointing}"
+        f"arch={arch} device={device} dtype={dtype} batch={batch} "
+        f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={steps} "
+        f"grad_ckpt={gradient_checkpointing}"
     )
     print(f"{'mode':<34}{'step s':>10}{'memory MiB':>14}   ({kind})")
     labels = {"ntp": "(a) NTP only", "capture": "(b) NTP + KLAL, capture", "eager": "(c) NTP + KLAL, eager attentions"}

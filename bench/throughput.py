@@ -22,20 +22,25 @@ Run::
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 
 from bench.step import ARCH, saved_bytes
+from klal.cli import run as run_command
 from klal.data.collate import KLALCollator
 from klal.data.sampler import (
     LengthGroupedSampler,
@@ -43,6 +48,7 @@ from klal.data.sampler import (
     estimate_lengths,
     padding_fraction,
 )
+from klal.geometry import DEFAULT_MIN_PIXELS, TOKEN_PX
 from klal.models.loader import ModelConfig
 from klal.models.lora import LoraSettings
 from klal.models.tiny import build_tiny_processor
@@ -60,7 +66,7 @@ WORDS = [
 def make_rows(n: int, grid: int, question_words: int, seed: int = 0) -> list[dict]:
     """Schema rows with a ``grid*28`` px square noise image (``grid^2`` visual tokens) and an evidence box."""
     rng = np.random.default_rng(seed)
-    side = grid * 28
+    side = grid * TOKEN_PX
     rows = []
     for i in range(n):
         img = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
@@ -166,19 +172,19 @@ def _sync(device: torch.device) -> None:
 
 
 # -- model and step ----------------------------------------------------------------------------------------------------
-def build_module(args, grad_ckpt: bool, max_pixels: int) -> KLALModule:
+def build_module(args: ThroughputOptions, grad_ckpt: bool, max_pixels: int) -> KLALModule:
     backbone = ModelConfig(
         name_or_path="tiny",
         dtype=args.dtype,
-        min_pixels=56 * 56,
+        min_pixels=DEFAULT_MIN_PIXELS,
         max_pixels=max_pixels,
         tiny_overrides=dict(ARCH[args.arch]) if args.arch in ARCH else None,
+        attn_implementation=args.attn,
     )
     module = KLALModule(
         backbone=backbone,
         lora=LoraSettings(r=16, alpha=32, dropout=0.0, targets="attention"),
         gradient_checkpointing=grad_ckpt,
-        attn_implementation=args.attn,
     )
     device = torch.device(args.device)
     with device:  # initialise the random weights on the device (a 7B model initialises slowly on CPU)
@@ -202,7 +208,7 @@ def move(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def run_modes(module: KLALModule, batch: dict, args, device: torch.device) -> dict[str, dict]:
+def run_modes(module: KLALModule, batch: dict, args: ThroughputOptions, device: torch.device) -> dict[str, dict]:
     """Time training steps of NTP only and NTP + KLAL on the same model and batch.
 
     The two modes alternate step by step, so a change in machine load hits both alike (their ratio is the figure of
@@ -251,7 +257,7 @@ def run_modes(module: KLALModule, batch: dict, args, device: torch.device) -> di
 def padding_report(n: int = 2000, batch: int = 8, seed: int = 0) -> dict[str, float]:
     """Padding share of random batches vs length-grouped vs token-budget batches, for images of random size resized
     to at most 1024 visual tokens (a typical real-run max_pixels)."""
-    processor = build_tiny_processor(min_pixels=56 * 56, max_pixels=1024 * 28 * 28)
+    processor = build_tiny_processor(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=1024 * TOKEN_PX * TOKEN_PX)
     rng = np.random.default_rng(seed)
     rows = [
         {
@@ -277,34 +283,55 @@ def padding_report(n: int = 2000, batch: int = 8, seed: int = 0) -> dict[str, fl
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["tiny", "3b", "7b"], default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attn", default="sdpa", help="text attention kernel (flash_attention_2 falls back to sdpa)")
-    p.add_argument("--visual-tokens", type=int, default=256, help="per image, rounded down to a square grid")
-    p.add_argument("--seq", type=int, default=400, help="target tokens per sample (image + text)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: measured)")
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine: no OpenMP spinning)"
-    )
-    args = p.parse_args(argv)
+@dataclass
+class ThroughputOptions:
+    """Training throughput of NTP only vs NTP + KLAL (see the module docstring)."""
+
+    arch: Literal["tiny", "3b", "7b"] = "tiny"
+    """The tiny model, or random weights at the published Qwen2.5-VL 3B / 7B sizes."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda, cuda:1, ...)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype (bfloat16 also runs the step under autocast)."""
+    attn: str = "sdpa"
+    """Text attention kernel (flash_attention_2 falls back to sdpa)."""
+    visual_tokens: PositiveInt = 256
+    """Visual tokens per image, rounded down to a square grid."""
+    seq: PositiveInt = 400
+    """Target tokens per sample (image + text)."""
+    batch: PositiveInt = 4
+    """Samples per step."""
+    steps: PositiveInt = 5
+    """Timed steps per mode."""
+    warmup: NonNegativeInt = 2
+    """Untimed steps per mode first."""
+    gradient_checkpointing: Literal["off", "on", "both"] = "off"
+    """Gradient checkpointing off, on, or both one after the other."""
+    peak_tflops: float | None = None
+    """Device peak for MFU in TFLOP/s (default: measured with large matmuls)."""
+    json: str | None = None
+    """Also write the results to this file."""
+    threads: PositiveInt | None = None
+    """CPU threads (1 is steadier on a shared machine: no OpenMP spinning)."""
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict:
+    """``python -m bench.throughput [options]``: :func:`benchmark`."""
+    return benchmark(run_command(ThroughputOptions, argv, prog or "python -m bench.throughput"))
+
+
+def benchmark(args: ThroughputOptions) -> dict:
+    """Measure, print the table and return the results (also written to ``args.json`` when given)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     grid = max(int(math.isqrt(args.visual_tokens)), 1)
-    max_pixels = grid * grid * 28 * 28
+    max_pixels = grid * grid * TOKEN_PX * TOKEN_PX
 
     # Data: collate one batch in this process (a DataLoader worker does the same work).
-    probe = KLALModule(backbone=ModelConfig(min_pixels=56 * 56, max_pixels=max_pixels))
+    probe = KLALModule(backbone=ModelConfig(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=max_pixels))
     processor = probe.processor
     rows = make_rows(args.batch, grid, question_words_for(args.seq, grid, processor))
     collator = KLALCollator(processor)
@@ -374,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = {
         "device": name,
-        "args": vars(args),
+        "args": dataclasses.asdict(args),
         "seq": seq,
         "tokens_per_batch": text_tokens,
         "peak_tflops": peak,

@@ -20,33 +20,18 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 
+from klal.data.io import load_split, read_row
 from klal.data.schema import Evidence
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PX, smart_resize_hw
+from klal.targets import TargetSpec
 
 EVIDENCE_COLOUR = "#00e000"
-TOKEN_PX = 28
-"""Pixels of the resized image covered by one LLM visual token (Qwen2.5-VL: 14-px patches, 2x2 merge)."""
 
 
-class PreviewError(Exception):
+class PreviewError(ValueError):
     """The dataset, split or row range cannot be previewed; the message names the one at fault."""
-
-
-def _load_split(dataset: str | os.PathLike, split: str) -> datasets.Dataset:
-    path = Path(dataset)
-    if not path.is_dir():
-        raise PreviewError(f"dataset directory {str(path)!r} not found")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise PreviewError(f"{str(path)!r} is not a dataset saved with save_to_disk: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise PreviewError(f"{str(path)!r} has no split {split!r}; splits: {', '.join(ds)}")
-        ds = ds[split]
-    return ds
 
 
 def _draw_evidence(ax: Any, evidence: Evidence) -> None:
@@ -68,7 +53,7 @@ def _target_map(
     evidence: Evidence, h: int, w: int, min_pixels: int, max_pixels: int, spec: Any
 ) -> tuple[np.ndarray | None, tuple[int, int], str]:
     """(map or None, processed (h, w), note) for one image."""
-    from klal.targets import TargetMapError, build_target_map_with_reason, smart_resize_hw
+    from klal.targets import TargetMapError, build_target_map_with_reason
 
     ph, pw = smart_resize_hw(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
     try:
@@ -87,9 +72,9 @@ def render_preview(
     num: int = 8,
     start: int = 0,
     cols: int = 4,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 448 * 448,
-    spec: Any = None,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spec: TargetSpec | None = None,
     alpha: float = 0.4,
 ) -> Path:
     """Draw rows ``start .. start+num-1`` of ``split`` of the dataset at ``dataset`` into the PNG ``out``.
@@ -103,28 +88,27 @@ def render_preview(
         cols: panels per row of the figure.
         min_pixels: ``min_pixels`` of the processor resize the target map is computed for.
         max_pixels: ``max_pixels`` of that resize.
-        spec: a ``klal.targets.TargetSpec``; None uses its defaults.
+        spec: how evidence becomes the target map (None: the defaults).
         alpha: opacity of the target-map heat map where the map is at its maximum (it fades to 0 with the value).
 
     Returns:
         The path of the written PNG.
 
     Raises:
-        PreviewError: missing dataset or split, or an empty row range.
+        PreviewError: bad drawing options or an empty row range.
+        FileNotFoundError / ValueError: a missing dataset or split (:func:`klal.data.io.load_split`).
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from klal.targets import TargetSpec
-
     if num < 1 or cols < 1 or start < 0:
         raise PreviewError(f"need num >= 1, cols >= 1, start >= 0; got num={num}, cols={cols}, start={start}")
-    if min_pixels > max_pixels:
-        raise PreviewError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
-    ds = _load_split(dataset, split)
+    if min_pixels < 1 or min_pixels > max_pixels:
+        raise PreviewError(f"need 1 <= min_pixels <= max_pixels; got min_pixels={min_pixels}, max_pixels={max_pixels}")
+    ds = load_split(dataset, split)
     if start >= len(ds):
         raise PreviewError(f"start={start} is past the end of split {split!r} ({len(ds)} rows)")
-    rows = [ds[i] for i in range(start, min(start + num, len(ds)))]
+    rows = [read_row(ds, i, f"{dataset} [{split}]") for i in range(start, min(start + num, len(ds)))]
     spec = spec if spec is not None else TargetSpec()
     cmap = colormaps["turbo"]
 

@@ -7,8 +7,12 @@ Layout and guarantees:
       n_val)``, ``test`` = the rest. The sizes are the fractions of ``num`` rounded by largest remainder, then
       raised to at least 1 per split (taken from the largest split), so every split is non-empty for ``num >= 3``.
     * Row ids are ``f"{task}-{seed}-{i:06d}"``; images are stored as PNG.
-    * The dataset is built in a hidden temporary directory beside ``out`` and renamed into place only when complete;
-      on any error or KeyboardInterrupt the temporary directory is removed and ``out`` is left as it was. An existing
+    * The dataset is built in a hidden temporary directory beside ``out`` (``.NAME.partial-*``) and renamed into
+      place only when complete; on any error or KeyboardInterrupt the temporary directory is removed and ``out`` is
+      left as it was. The directory records its owner (:data:`OWNER_NAME`: host, pid, process start time), so a run
+      killed with SIGKILL, which cannot clean up, leaves a folder that the next run of the same ``out`` removes once
+      it sees the owner is dead. Worker processes die with their parent (a parent-death signal on Linux, a watchdog
+      thread elsewhere), and Ctrl-C stops them at once instead of waiting for their current jobs. An existing
       ``out`` is refused unless ``overwrite=True``, in which case it is replaced only after the new dataset is
       complete (and only if it looks like a dataset directory or is empty, so a mistyped path cannot wipe a folder).
     * ``klal_dataset.json`` in the dataset directory records the task, seed, num, split ranges, config and versions.
@@ -23,8 +27,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,9 +52,11 @@ MANIFEST_NAME = "klal_dataset.json"
 """File written into every generated dataset directory."""
 FORMAT_VERSION = 1
 """Version of the on-disk layout written here (bumped on incompatible changes)."""
+OWNER_NAME = "owner.json"
+"""File in a ``.NAME.partial-*`` build folder naming the process that builds it (removed with the folder)."""
 
 
-class DatasetWriteError(Exception):
+class DatasetWriteError(ValueError):
     """Bad writer arguments or output path; the message names the argument or path at fault."""
 
 
@@ -108,12 +116,32 @@ def sample_record(task: Task, seed: int, index: int) -> dict[str, Any]:
 _WORKER_TASK: Task | None = None
 
 
-def _init_worker(task: Task) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process ``parent`` ends, even by SIGKILL (which gives the parent no chance to)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(task: Task, parent: int) -> None:
     global _WORKER_TASK
     _WORKER_TASK = task
-    # Ctrl-C reaches the whole process group; the parent handles it and shuts the pool down, so workers ignore it
+    # Ctrl-C reaches the whole process group; the parent handles it and stops the pool, so workers ignore it
     # instead of each printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
 
 
 def _work(seed: int, start: int, stop: int) -> list[dict[str, Any]]:
@@ -152,8 +180,9 @@ def record_stream(
     chunk = chunk_size or max(1, min(64, math.ceil((stop - start) / (workers * 8))))
     todo = iter([(a, min(a + chunk, stop)) for a in range(start, stop, chunk)])
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(task,)
+        max_workers=workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(task, os.getpid())
     )
+    stopped = False
     try:
         # A bounded window of jobs in flight keeps memory flat for large datasets; results are taken in submission
         # (= index) order, so the output does not depend on which worker finishes first.
@@ -168,8 +197,68 @@ def record_stream(
                 yield from recs
 
         yield ordered()
+    except BaseException:
+        # Ctrl-C or an error: the running jobs' results are not wanted, so the workers are stopped now rather than
+        # after their current chunk (seconds with large images).
+        stopped = True
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=not stopped, cancel_futures=True)
+
+
+def _process_start(pid: int) -> str | None:
+    """An id of process ``pid``'s start (its start time in clock ticks, Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _claim(work: Path) -> None:
+    """Record this process as the owner of the build folder ``work``."""
+    pid = os.getpid()
+    owner = {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+    (work / OWNER_NAME).write_text(json.dumps(owner) + "\n")
+
+
+def _owner_dead(work: Path) -> bool:
+    """Whether the build folder ``work`` belongs to a process of this host that no longer runs. A folder without a
+    readable owner, or of another host (a shared file system), is never called dead."""
+    try:
+        owner = json.loads((work / OWNER_NAME).read_text())
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return False
+    if not _pid_alive(pid):
+        return True
+    start = _process_start(pid)
+    return start is not None and owner.get("start") is not None and start != owner["start"]  # pid reused
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the ``.NAME.partial-*`` build folders of ``out`` whose owner is dead (a run killed by SIGKILL or a
+    power cut); returns the folders removed."""
+    removed = []
+    for work in out.parent.glob(f".{out.name}.partial-*"):
+        if work.is_dir() and not work.is_symlink() and _owner_dead(work):
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+    return removed
 
 
 def _looks_like_dataset(path: Path) -> bool:
@@ -239,8 +328,13 @@ def generate_dataset(
         ranges[name] = (start, start + n)
         start += n
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        remove_stale_partials(out)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise _write_error(out, e) from None
+    try:
+        _claim(work)
         scratch = work / "scratch"
         scratch.mkdir()
         parts: dict[str, datasets.Dataset] = {}
@@ -294,9 +388,20 @@ def generate_dataset(
                 raise
         else:
             os.replace(staged, out)
+    except OSError as e:
+        raise _write_error(out, e) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return datasets.load_from_disk(str(out))
+
+
+def _write_error(out: Path, e: OSError) -> DatasetWriteError:
+    """A full disk, a read-only or virtual file system, missing permissions: one line naming ``out``."""
+    what = e.strerror or str(e)
+    at = f" ({e.filename})" if e.filename and os.path.dirname(str(e.filename)) != str(out.parent) else ""
+    return DatasetWriteError(
+        f"cannot write the dataset {str(out)!r} in {str(out.parent)!r}: {what}{at}; nothing was written"
+    )
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -255,19 +255,14 @@ def register_capture_attention(base: str = "sdpa") -> str:
 
 def enable_capture(model: torch.nn.Module, base: str | None = None) -> str:
     """Switch the language model of ``model`` to the capture attention (vision tower untouched); returns the name."""
-    from klal.models.loader import set_text_attn_implementation
+    from klal.models.loader import set_text_attn_implementation, text_config
 
-    text_cfg = _text_config(model)
+    text_cfg = text_config(model)
     current = text_cfg._attn_implementation or "sdpa"
     base = base or (current[len(CAPTURE_PREFIX) :] if current.startswith(CAPTURE_PREFIX) else current)
     name = register_capture_attention(base)
     set_text_attn_implementation(model, name)
     return name
-
-
-def _text_config(model: torch.nn.Module):
-    cfg = model.config
-    return getattr(cfg, "text_config", cfg)
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:

@@ -5,12 +5,14 @@
   or the new one, never a torn file. Before the rename it checks that the file loads with ``weights_only=True``;
   loading always uses ``weights_only=True``, admitting only klal's own config dataclasses besides tensors and plain
   containers (:func:`safe_load`).
-- :func:`base_fingerprint` / :func:`lora_fingerprint` describe what a checkpoint's LoRA weights belong to;
-  :func:`check_compatible` refuses a checkpoint of another base model or LoRA configuration, naming both.
+- :func:`base_fingerprint` / :func:`lora_fingerprint` describe what a checkpoint's LoRA weights belong to (the base
+  model by content, :mod:`klal.models.identity`); :func:`check_compatible` refuses a checkpoint of another base model
+  or LoRA configuration and :func:`check_adapter_base` an adapter of another base model, naming both sides.
 - :func:`gather_rng_states` / :func:`restore_rng_states` carry the torch, CUDA, numpy and Python RNG states of every
   rank through a checkpoint (Lightning does not), so dropout after a resume draws what it would have drawn.
-- :func:`resolve_ckpt_path` makes ``--ckpt_path last`` find the newest ``last*.ckpt`` of earlier runs (Lightning's
-  own ``last`` only looks in the new run's folder, which a fresh logger version makes empty).
+- Resuming: :func:`resolve_ckpt_path` makes ``--ckpt_path last`` the newest ``last*.ckpt`` of the run's own logger
+  version (and points the logger at that version), :func:`continue_csv_metrics` keeps its ``metrics.csv``, and
+  :func:`check_resume_hparams` refuses a command line that differs from the checkpoint's settings.
 - :func:`atomic_save_dir` / :func:`save_adapter` write the peft adapter folder the same all-or-nothing way.
 """
 
@@ -35,6 +37,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
+from klal.models.identity import TEXT_KEYS, base_identity, check_same_base, same_name
+from klal.models.loader import TINY
 from klal.models.lora import resolve_targets
 
 __all__ = [
@@ -46,8 +50,14 @@ __all__ = [
     "atomic_torch_save",
     "base_fingerprint",
     "capture_rng_state",
+    "check_adapter_base",
     "check_compatible",
+    "changed_hparams",
+    "check_resume_hparams",
     "check_trainable_keys",
+    "checkpoint_state",
+    "continue_csv_metrics",
+    "flush_csv_metrics",
     "find_last_checkpoint",
     "gather_rng_states",
     "lora_fingerprint",
@@ -63,14 +73,7 @@ __all__ = [
 # Modules whose dataclasses may be rebuilt by weights-only loading (configs stored as hyperparameters).
 SAFE_MODULE_PREFIXES = ("klal.", "data_gen.")
 # Text-backbone config fields that must agree for LoRA weights to mean the same thing.
-ARCH_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "vocab_size",
-)
+ARCH_KEYS = TEXT_KEYS
 ADAPTER_INFO = "klal_adapter.json"
 """File written next to the peft adapter: the backbone and LoRA settings it was trained with."""
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
@@ -263,19 +266,19 @@ def use_atomic_checkpoint_io(trainer: Any) -> None:
 
 
 # -- what a checkpoint belongs to ------------------------------------------------------------------------------------
-def base_fingerprint(backbone: Any, text_config: Any) -> dict[str, Any]:
-    """The base model a LoRA checkpoint applies to: its name (plus seed/sizes for ``tiny``) and text architecture.
+def base_fingerprint(backbone: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """The base model a LoRA checkpoint applies to, by content (:func:`klal.models.identity.base_identity`): its
+    name (plus seed and sizes for ``tiny``), architecture and a sample of weights that training leaves unchanged.
 
     Args:
         backbone: the :class:`~klal.models.loader.ModelConfig` of the run.
-        text_config: the loaded model's language config.
+        model: the loaded base model (bare or peft-wrapped), its weights not yet sharded.
     """
-    fp: dict[str, Any] = {"name_or_path": str(backbone.name_or_path)}
-    if backbone.name_or_path == "tiny":
-        fp["tiny_seed"] = int(backbone.tiny_seed)
-        fp["tiny_overrides"] = {str(k): v for k, v in sorted((backbone.tiny_overrides or {}).items())}
-    fp["architecture"] = {k: getattr(text_config, k, None) for k in ARCH_KEYS}
-    return fp
+    tiny = None
+    if backbone.name_or_path == TINY:
+        overrides = {str(k): v for k, v in sorted((backbone.tiny_overrides or {}).items())}
+        tiny = {"tiny_seed": int(backbone.tiny_seed), "tiny_overrides": overrides}
+    return base_identity(model, str(backbone.name_or_path), tiny)
 
 
 def lora_fingerprint(lora: Any, num_layers: int) -> dict[str, Any]:
@@ -296,15 +299,6 @@ def lora_fingerprint(lora: Any, num_layers: int) -> dict[str, Any]:
     }
 
 
-def _same_model_name(a: str, b: str) -> bool:
-    # A hub id and a local copy of it (".../Qwen2.5-VL-3B-Instruct") name the same model; the architecture check
-    # below still has to pass.
-    if a == b:
-        return True
-    tail = lambda s: os.path.basename(os.path.normpath(s))  # noqa: E731
-    return "tiny" not in (a, b) and tail(a) == tail(b)
-
-
 def _describe(fp: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in fp.items())
 
@@ -314,7 +308,9 @@ def check_compatible(
 ) -> None:
     """Refuse a checkpoint whose weights belong to another base model or another LoRA configuration.
 
-    Checkpoints without fingerprints (written before klal stored them) are checked by base-model name only.
+    The base model is compared by content (:func:`klal.models.identity.identity_mismatch`), so any path to the same
+    model is accepted. Checkpoints without fingerprints (written before klal stored them) are checked by base-model
+    name only.
 
     Args:
         checkpoint: the loaded checkpoint dict (``klal_base_model``, ``klal_fingerprint``).
@@ -328,17 +324,12 @@ def check_compatible(
     saved_name = checkpoint.get("klal_base_model")
     fp = checkpoint.get("klal_fingerprint") or {}
     saved_base = fp.get("base")
-    if saved_name is not None and not _same_model_name(str(saved_name), base["name_or_path"]):
-        raise ValueError(
-            f"{source} was trained on base model {saved_name!r}, but this run uses {base['name_or_path']!r}"
-        )
+    here_name = str(base["name_or_path"])
+    named_other = saved_name is not None and (saved_base is None or (str(saved_name) == TINY) != (here_name == TINY))
+    if named_other and not same_name(str(saved_name), here_name):
+        raise ValueError(f"{source} was trained on base model {saved_name!r}, but this run uses {here_name!r}")
     if saved_base is not None:
-        diff = [k for k in base if k != "name_or_path" and saved_base.get(k) != base[k]]
-        if diff:
-            raise ValueError(
-                f"{source} was trained on another base model ({', '.join(diff)} differ): checkpoint "
-                f"[{_describe(saved_base)}], this run [{_describe(base)}]"
-            )
+        check_same_base(saved_base, base, source)
     saved_lora = fp.get("lora")
     if saved_lora is not None:
         diff = [k for k in lora if saved_lora.get(k) != lora[k]]
@@ -481,26 +472,168 @@ def find_last_checkpoint(roots: Iterable[str], max_depth: int = 4) -> str | None
     return max(found, key=found.__getitem__) if found else None
 
 
-def _search_roots(trainer: Any) -> list[str]:
-    roots: list[str] = []
-    for cb in getattr(trainer, "checkpoint_callbacks", []):
-        if getattr(cb, "dirpath", None):
-            roots.append(str(cb.dirpath))
-    for logger in getattr(trainer, "loggers", []):
-        with contextlib.suppress(Exception):  # loggers without a local folder raise or return None
-            if logger.root_dir:
-                roots.append(str(logger.root_dir))
-    roots.append(str(trainer.default_root_dir))
-    return [r for r in roots if _is_local(r)]
+def _version_dir(version: Any) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def _run_dirs(trainer: Any) -> tuple[list[str], Any]:
+    """The folders where this run's own checkpoints live, and the logger that numbers runs (or None).
+
+    A ``ModelCheckpoint`` with an explicit ``dirpath`` names the folder itself. Otherwise checkpoints go to the
+    logger's ``<save_dir>/<name>/version_N/checkpoints``: with ``version`` given, that version only; without, every
+    version of this logger name (one of them is the run being resumed). Without a logger, ``default_root_dir``.
+    """
+    explicit = [str(cb.dirpath) for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "dirpath", None)]
+    if explicit:
+        return [d for d in explicit if _is_local(d)], None
+    logger = getattr(trainer, "logger", None)
+    root = None
+    with contextlib.suppress(Exception):  # loggers without a local folder raise or return None
+        root = logger.root_dir if logger is not None else None
+    if root and _is_local(root) and hasattr(logger, "_version"):
+        if logger._version is not None:
+            return [os.path.join(root, _version_dir(logger._version))], logger
+        versions = sorted(glob.glob(os.path.join(glob.escape(str(root)), "*")))
+        return [v for v in versions if os.path.isdir(v)], logger
+    return [os.path.join(str(trainer.default_root_dir), "checkpoints")], None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
-    """``ckpt_path``, except that ``last`` becomes the newest ``last*.ckpt`` under the trainer's checkpoint folders,
-    logger folders and ``default_root_dir`` (``last`` is kept when there is none: Lightning then warns and starts
-    fresh)."""
+    """``ckpt_path``, except that ``last`` becomes the newest ``last*.ckpt`` of this run's own folders (see
+    :func:`_run_dirs`), never a checkpoint of another run that shares the root folder.
+
+    When the run is numbered by a logger (``version_N``) and no version was given, the logger is set to the version
+    the checkpoint belongs to, so the resumed run writes into the same folder (``metrics.csv``, the adapter). ``last``
+    is kept when there is no checkpoint: Lightning then warns and starts fresh.
+    """
     if ckpt_path != "last":
         return ckpt_path
-    return find_last_checkpoint(_search_roots(trainer)) or ckpt_path
+    dirs, logger = _run_dirs(trainer)
+    found = find_last_checkpoint(dirs)
+    if found is None:
+        return ckpt_path
+    if logger is not None and logger._version is None:
+        root = os.path.abspath(str(logger.root_dir))
+        version = os.path.relpath(os.path.abspath(found), root).split(os.sep)[0]
+        m = re.fullmatch(r"version_(\d+)", version)
+        logger._version = int(m.group(1)) if m else version
+    return found
+
+
+def checkpoint_state(path: str) -> dict[str, Any] | None:
+    """The checkpoint dict at ``path`` (weights-only loading): a file, or the client state of a DeepSpeed checkpoint
+    folder (its ``*model_states.pt``); None when a folder holds none that loads weights-only."""
+    if os.path.isfile(path):
+        return safe_load(path)
+    for state in sorted(glob.glob(os.path.join(glob.escape(path), "**", "*model_states.pt"), recursive=True)):
+        with contextlib.suppress(UnsafeCheckpointError):
+            return safe_load(state)
+    return None
+
+
+def continue_csv_metrics(trainer: Any, global_step: int | None) -> int:
+    """Let a resumed run append to its own ``metrics.csv`` (Lightning's CSV logger deletes an existing one).
+
+    The rows logged before the checkpoint (``step < global_step``) are kept; later rows, which the resumed run logs
+    again, are dropped (``global_step`` None: all rows are kept). Returns the number of rows kept (0 without a CSV
+    logger or file).
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    kept = 0
+    if not getattr(trainer, "is_global_zero", True):
+        return kept  # only rank 0 writes the CSV; another rank must not touch the file
+    for logger in getattr(trainer, "loggers", []):
+        if not isinstance(logger, CSVLogger) or not _is_local(logger.log_dir):
+            continue
+        path = os.path.join(logger.log_dir, "metrics.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [
+                r
+                for r in reader
+                if r.get("step", "") != "" and (global_step is None or int(float(r["step"])) < global_step)
+            ]
+        with warnings.catch_warnings():
+            # "Previous log files in this directory will be deleted": they are, and written back below.
+            warnings.simplefilter("ignore")
+            experiment = logger.experiment
+        experiment.metrics_keys = header
+        experiment.metrics = [{k: v for k, v in r.items() if v != ""} for r in rows]
+        if os.path.isfile(path):
+            os.remove(path)
+        experiment.save()
+        kept += len(rows)
+    return kept
+
+
+def flush_csv_metrics(trainer: Any) -> None:
+    """Write CSV-logged rows to disk now, so a run killed later keeps them for :func:`continue_csv_metrics`."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, CSVLogger) and getattr(logger.experiment, "metrics", None):
+            logger.save()
+
+
+RUN_HPARAMS = ("lora", "klal_weight", "klal_query", "klal_layers", "klal_epsilon", "klal_image_mode", "optim")
+"""Module hyperparameters that change what a resumed run computes (refused when changed, unless allowed)."""
+MODEL_OPTIONS = ("backbone",)
+"""Module hyperparameters that choose the model (refused when they differ from the checkpoint's)."""
+DATA_KEEP_FREE = ("num_workers", "pin_memory", "eval_batch_size", "max_val_samples", "val_split", "test_split")
+"""Data options a resumed run may change: they do not change the training batches."""
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=lambda o: _plain(o) if dataclasses.is_dataclass(o) else str(o)))
+
+
+def changed_hparams(saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str]) -> dict[str, tuple]:
+    """``{key: (saved, current)}`` for each of ``keys`` whose value differs (dataclasses compared as dicts)."""
+    out = {}
+    for key in keys:
+        a, b = _plain(saved.get(key)), _plain(current.get(key))
+        if a != b:
+            out[key] = (a, b)
+    return out
+
+
+def check_resume_hparams(checkpoint: dict[str, Any], module: Any, datamodule: Any, source: str, allow: bool) -> None:
+    """Refuse resuming ``source`` with settings other than the checkpoint's, naming each difference.
+
+    Model options (:data:`MODEL_OPTIONS`) must always agree: Lightning's CLI used to replace them silently with the
+    checkpoint's. Run hyperparameters (:data:`RUN_HPARAMS`) and the data options (all but :data:`DATA_KEEP_FREE`)
+    may change only with ``allow`` (``--allow_changed_hparams``), e.g. a deliberate second stage at another learning
+    rate. Checkpoints without saved hyperparameters are not checked.
+
+    Raises:
+        ValueError: ``"resuming <source>: <key> <saved> in the checkpoint vs <current> now; ..."``.
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    current = dict(getattr(module, "hparams", {}) or {})
+    # The attention kernel is a machine's choice (flash-attn falls back to sdpa); it does not change the model.
+    saved_model = {k: {**_plain(v), "attn_implementation": None} for k, v in saved.items() if k in MODEL_OPTIONS}
+    model_now = {k: {**_plain(v), "attn_implementation": None} for k, v in current.items() if k in MODEL_OPTIONS}
+    problems = changed_hparams(saved_model, model_now, list(saved_model))
+    if not allow:
+        problems.update(changed_hparams(saved, current, [k for k in RUN_HPARAMS if k in saved]))
+        saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+        data_now = dict(getattr(datamodule, "hparams", {}) or {}) if datamodule is not None else {}
+        if saved_data and data_now:
+            keys = [k for k in saved_data.keys() | data_now.keys() if k not in DATA_KEEP_FREE]
+            problems.update({f"data.{k}": v for k, v in changed_hparams(saved_data, data_now, sorted(keys)).items()})
+    if problems:
+        detail = "; ".join(f"{k} {a} in the checkpoint vs {b} now" for k, (a, b) in problems.items())
+        only_model = set(problems) <= set(MODEL_OPTIONS)
+        hint = "" if only_model else " (--allow_changed_hparams true to resume anyway)"
+        raise ValueError(f"resuming {source} with other settings than it was trained with: {detail}{hint}")
 
 
 # -- the exported adapter --------------------------------------------------------------------------------------------
@@ -545,3 +678,33 @@ def read_adapter_info(path: str) -> dict[str, Any] | None:
         return None
     with open(file) as f:
         return json.load(f)
+
+
+def _peft_base_name(adapter: str) -> str | None:
+    file = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json (is it a peft adapter folder?)")
+    with open(file) as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
+def check_adapter_base(model: Any, adapter: str, name: str, error: type[Exception] = ValueError) -> None:
+    """Refuse loading ``adapter`` onto ``model`` (loaded as ``name``) when it was trained on another base model.
+
+    The check is by content where the adapter records it (:data:`ADAPTER_INFO`, written by klal's training and
+    export): architecture plus a sample of frozen weights, so the hub id, its snapshot path and a copied folder are
+    all accepted. An adapter from elsewhere is checked by peft's recorded base name
+    (:func:`klal.models.identity.same_name`).
+
+    Raises:
+        FileNotFoundError: not a peft adapter folder.
+        error: another base model, naming both sides.
+    """
+    recorded = _peft_base_name(adapter)
+    saved = ((read_adapter_info(adapter) or {}).get("fingerprint") or {}).get("base")
+    name = str(name)
+    by_name = saved is None or (str(recorded) == TINY) != (name == TINY)
+    if recorded and name and by_name and not same_name(str(recorded), name):
+        raise error(f"adapter {adapter!r} was trained on base model {recorded!r}, but the model given is {name!r}")
+    if saved is not None:
+        check_same_base(saved, base_identity(model, name), f"adapter {adapter}", error=error)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -90,10 +93,7 @@ def build_parser(fn: Callable[..., Any], prog: str, description: str | None = No
     parser = ArgumentParser(prog=prog, description=doc, exit_on_error=False)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below")
     parser.add_function_arguments(fn, as_positional=True, as_group=False)
-    for action in parser._actions:
-        # A bare ``--overwrite`` means true, as users expect of a switch; ``--overwrite false`` still works.
-        if getattr(action, "_typehint", None) is bool and action.option_strings:
-            action.nargs, action.const = "?", True
+    bare_bool_flags(parser)
     return parser
 
 
@@ -108,23 +108,130 @@ def run(fn: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | N
     Returns:
         What ``fn`` returns. A parse error or a :data:`USER_ERRORS` exception exits with one line and status 2.
     """
-    from jsonargparse import ArgumentError
 
     prog = prog or f"python -m {fn.__module__}"
-    args = normalise_flags(sys.argv[1:] if argv is None else argv)
+    names = sequence_options(typing.get_type_hints(fn))
+    args = list_options(normalise_flags(sys.argv[1:] if argv is None else argv), names)
     parser = build_parser(fn, prog)
     with user_errors(prog):
-        try:
-            ns = parser.parse_args(args)
-            kwargs = vars(parser.instantiate(ns))
-        except ArgumentError as e:
-            if debug_enabled():
-                raise
-            fail(prog, _one_line(str(e)))
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("config", "__path__")}
+        ns = parse_or_fail(parser, args, prog)
+        kwargs = {k: v for k, v in vars(parser.instantiate(ns)).items() if k not in ("config", "__path__")}
         return fn(**kwargs)
 
 
-def _one_line(message: str) -> str:
-    # jsonargparse explains a bad value over several lines (the key, then the problem): join them into one.
-    return " ".join(line.strip() for line in message.strip().splitlines() if line.strip()) or message
+def expand_key_values(argv: Sequence[str], flag: str, prefix: str, fields: Sequence[str], owner: str) -> list[str]:
+    """Rewrite ``FLAG KEY=VALUE ...`` items as ``--PREFIXKEY=VALUE`` options, moved to the end so they win.
+
+    Args:
+        argv: the command line (flags already with underscores).
+        flag: the option that takes ``KEY=VALUE`` items (``--set``); also accepted as ``FLAG=KEY=VALUE``.
+        prefix: put before each key (``""`` or ``"spec."``).
+        fields: the valid keys.
+        owner: what the keys belong to, for messages (``"task 'grid_patch'"``).
+
+    Raises:
+        ValueError: an item without ``=``, an unknown key or a key given twice (the message names ``flag`` and the
+            key).
+    """
+    rest: list[str] = []
+    items: list[str] = []
+    taking = False
+    for arg in argv:
+        if arg == flag:
+            taking = True
+        elif arg.startswith(flag + "="):
+            items.append(arg[len(flag) + 1 :])
+            taking = False
+        elif taking and not arg.startswith("--"):
+            items.append(arg)
+        else:
+            taking = False
+            rest.append(arg)
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise ValueError(f"{flag} {key}: unknown field of {owner}; fields: {', '.join(sorted(fields))}")
+        if key in seen:
+            raise ValueError(f"{flag} {key} given twice")
+        seen.add(key)
+        out.append(f"--{prefix}{key}={value}")
+    return rest + out
+
+
+def _is_sequence(tp: Any) -> bool:
+    """Whether a field of type ``tp`` holds a list or tuple (also inside ``X | None``)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_sequence(a) for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) in (tuple, list) or tp in (tuple, list)
+
+
+def sequence_options(hints: dict[str, Any]) -> set[str]:
+    """The names of the list- and tuple-typed entries of ``hints`` (``typing.get_type_hints`` of a signature)."""
+    return {name for name, tp in hints.items() if _is_sequence(tp)}
+
+
+def list_options(argv: Sequence[str], names: set[str]) -> list[str]:
+    """List and tuple options in the spellings command lines use, as the YAML list jsonargparse reads.
+
+    For the options in ``names``: ``--rows 4,8``, ``--rows (4, 8)`` and ``--workers 1 2 4`` (several values, as
+    argparse's ``nargs="+"`` took them) become ``--rows=[4,8]`` / ``--workers=[1,2,4]``; ``[...]`` and ``null`` are
+    left alone, as is every other option.
+    """
+
+    def bracket(values: list[str]) -> str:
+        if len(values) > 1:
+            return "[" + ", ".join(values) + "]"
+        v = values[0].strip()
+        if v.startswith("(") and v.endswith(")"):
+            return "[" + v[1:-1] + "]"
+        return v if v.startswith(("[", "{", "!")) or v in ("null", "None", "") else "[" + v + "]"
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        i += 1
+        if name not in names:
+            out.append(arg)
+            continue
+        values = [value] if eq else []
+        while not eq and i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
+            i += 1
+        out.append(f"--{name}={bracket(values)}" if values else arg)
+    return out
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's message as one line that names the flag: ``Parser key "num": ...`` -> ``--num: ...``."""
+    text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+    text = re.sub(r'Parser key "([\w.]+)"', r"--\1", text)
+    m = re.match(r"(.*the following arguments are required: )(.*)$", text)
+    if m:
+        text = m.group(1) + ", ".join("--" + n.strip().lstrip("-") for n in m.group(2).split(","))
+    return text
+
+
+def bare_bool_flags(parser: Any) -> None:
+    """Let a bare ``--overwrite`` mean true (as :mod:`klal.cli` does); ``--overwrite false`` still works."""
+    for action in parser._actions:
+        if getattr(action, "_typehint", None) is bool and action.option_strings:
+            action.nargs, action.const = "?", True
+
+
+def parse_or_fail(parser: Any, args: Sequence[str], prog: str) -> Any:
+    """``parser.parse_args(args)``; a bad option exits with one line naming it (:func:`one_line_error`)."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(args)
+    except ArgumentError as e:
+        if debug_enabled():
+            raise
+        fail(prog, one_line_error(str(e)))

@@ -74,7 +74,8 @@ class KLALDataModule(L.LightningDataModule):
     Args:
         paths: dataset directories written with ``save_to_disk`` (splits train/validation/test); several are
             concatenated per split.
-        generate: generate a synthetic dataset instead of (or when missing from) ``paths``.
+        generate: generate a synthetic dataset (written once, reused after) instead of reading ``paths``; setting
+            both is an error.
         batch_size: samples per device per step (global batch = batch_size x devices x num_nodes x
             accumulate_grad_batches).
         eval_batch_size: validation/test batch size (default: batch_size).
@@ -118,8 +119,17 @@ class KLALDataModule(L.LightningDataModule):
         test_split: str = "test",
     ) -> None:
         super().__init__()
+        # Stored in checkpoints (datamodule_hyper_parameters), so a resume with other data is noticed.
+        self.save_hyperparameters()
         if not paths and generate is None:
             raise ValueError("data: give `paths` (datasets on disk) or `generate` (a synthetic task to generate)")
+        if paths and generate is not None:
+            # Both used to be concatenated, so overriding `paths` on top of a config that generates (configs/demo.yaml)
+            # silently trained on the user's rows plus the generated ones.
+            raise ValueError(
+                f"data: both `paths` ({list(paths)}) and `generate` (task {generate.task!r} into {generate.out!r}) are "
+                "set; give one of them (with a config that generates, add `--data.generate null` to train on `paths`)"
+            )
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if token_budget is not None and token_budget < 1:

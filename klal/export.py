@@ -1,31 +1,67 @@
-"""Export a trained LoRA adapter: a self-contained peft adapter folder, or a merged model.
+"""Export a trained LoRA adapter: a self-contained peft adapter folder, or a merged model in the stock layout.
 
 Examples::
 
     # adapter folder (+ processor) that PeftModel.from_pretrained(base, OUT) loads
     python -m klal.export --adapter runs/demo/klal/version_0/adapter --out exports/demo-adapter
-    # LoRA merged into the base weights: Qwen2_5_VLForConditionalGeneration.from_pretrained(OUT) loads it
+    # LoRA merged into the base weights, loadable without klal:
+    #   AutoProcessor.from_pretrained(OUT); Qwen2_5_VLForConditionalGeneration.from_pretrained(OUT)
     python -m klal.export --adapter runs/demo/klal/version_0/adapter --merge --out exports/demo-merged
 
 The base model is the one the adapter was trained on, read from the adapter's ``klal_adapter.json`` (written by
 training; it also holds the ``tiny`` model's seed and sizes and the processor's pixel bounds), else from peft's
-``base_model_name_or_path``; ``--model`` overrides the location (a local copy of the same checkpoint). An adapter
-of another base model is refused. The output folder is written atomically (a temporary folder renamed into place).
+``base_model_name_or_path``; ``--model`` overrides the location (any path to the same model: the hub id, its
+snapshot folder, a copy). An adapter of another base model is refused, by content (architecture and frozen
+weights, :mod:`klal.models.identity`).
+
+The processor is written in the stock layout (:func:`save_stock_processor`): the class names of transformers'
+``Qwen2_5_VLProcessor``, ``processor_config.json`` with the image and video processors, ``preprocessor_config.json``
+and ``video_preprocessor_config.json`` as older transformers and vLLM read them, the chat template, and the pixel
+bounds the adapter was trained with.
+
+Nothing that export did not write is ever deleted: ``--out`` must be new, empty, or a previous export (it carries
+:data:`EXPORT_INFO`), and a previous export is replaced only with ``--overwrite``. ``--out`` may not be the adapter
+folder, inside it, or a folder that contains it. The output is written atomically (a temporary folder renamed into
+place).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
+from typing import Any
 
-from klal.checkpoint import ADAPTER_INFO, atomic_save_dir, base_fingerprint, check_compatible, read_adapter_info
+from klal.checkpoint import ADAPTER_INFO, atomic_save_dir, check_adapter_base, read_adapter_info
 from klal.models.loader import DTYPES, ModelConfig, load_model_and_processor
 
-__all__ = ["export", "main", "resolve_base"]
+__all__ = ["EXPORT_INFO", "check_out_dir", "export", "main", "resolve_base", "save_stock_processor"]
+
+EXPORT_INFO = "klal_export.json"
+"""File every export writes: what it holds (``adapter`` or ``merged``), its source adapter and the backbone settings
+(pixel bounds included). It marks the folder as klal's own, so a later ``--overwrite`` may replace it."""
+
+STOCK_PROCESSOR = "Qwen2_5_VLProcessor"
+STOCK_IMAGE_PROCESSOR = "Qwen2VLImageProcessor"
+STOCK_VIDEO_PROCESSOR = "Qwen2VLVideoProcessor"
+# Image-processor fields the video processor shares (it reads frames with the same patch geometry).
+_VIDEO_FIELDS = (
+    "size",
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "do_normalize",
+    "do_rescale",
+    "do_resize",
+    "rescale_factor",
+    "resample",
+)
 
 
 def _check_adapter_dir(adapter: str) -> None:
@@ -66,36 +102,129 @@ def resolve_base(adapter: str, model: str | None = None, dtype: str = "auto") ->
     return ModelConfig(**kwargs)
 
 
-def export(adapter: str, out: str, model: str | None = None, merge: bool = False, dtype: str = "auto") -> str:
-    """Load the base model with ``adapter`` and write it to ``out``; returns ``out``.
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (both absolute and resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, adapter: str, overwrite: bool) -> None:
+    """Refuse an output folder whose writing would destroy something export did not write.
+
+    Raises:
+        ValueError: ``out`` is the adapter, inside it or above it; a file; a non-empty folder that is not a previous
+            export; or a previous export without ``overwrite``.
+    """
+    out_abs, adapter_abs = os.path.realpath(out), os.path.realpath(adapter)
+    if _inside(adapter_abs, out_abs):
+        what = "the adapter folder itself" if out_abs == adapter_abs else f"a folder containing the adapter {adapter}"
+        raise ValueError(f"--out {out!r} is {what}; choose a new folder (export never replaces its source)")
+    if _inside(out_abs, adapter_abs):
+        raise ValueError(f"--out {out!r} is inside the adapter folder {adapter!r}; choose a folder outside it")
+    if not os.path.exists(out_abs):
+        return
+    if not os.path.isdir(out_abs):
+        raise ValueError(f"--out {out!r} is a file; choose a folder")
+    if not os.listdir(out_abs):
+        return
+    if not os.path.isfile(os.path.join(out_abs, EXPORT_INFO)):
+        raise ValueError(
+            f"--out {out!r} is a non-empty folder that klal did not export (no {EXPORT_INFO}); choose a new or empty "
+            "folder (nothing was deleted)"
+        )
+    if not overwrite:
+        raise ValueError(f"--out {out!r} holds a previous export; pass --overwrite to replace it")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def save_stock_processor(processor: Any, out: str) -> None:
+    """Write ``processor`` (klal's image-only Qwen2.5-VL processor) as transformers' stock one would be written.
+
+    Files: the tokenizer's (``processor_class`` set to the stock class), ``processor_config.json`` with the
+    ``image_processor`` and ``video_processor`` entries, the flat ``preprocessor_config.json`` and
+    ``video_preprocessor_config.json`` (with ``min_pixels`` / ``max_pixels``) that older transformers and vLLM read,
+    and the chat template (``chat_template.jinja``). The video processor's entries are the image processor's
+    geometry; its class (``Qwen2VLVideoProcessor``) needs torchvision only when it is built, i.e. when loading.
+    """
+    processor.save_pretrained(out)
+    image = processor.image_processor.to_dict()
+    image = {k: v for k, v in image.items() if not k.startswith("_")}
+    image["image_processor_type"] = STOCK_IMAGE_PROCESSOR
+    image.pop("processor_class", None)
+    size = image.get("size") or {}
+    bounds = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+    video = {k: image[k] for k in _VIDEO_FIELDS if k in image}
+    video["video_processor_type"] = STOCK_VIDEO_PROCESSOR
+    path = os.path.join(out, "processor_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    config.update(image_processor=image, video_processor=video, processor_class=STOCK_PROCESSOR)
+    _write_json(path, config)
+    _write_json(os.path.join(out, "preprocessor_config.json"), {**image, **bounds, "processor_class": STOCK_PROCESSOR})
+    _write_json(
+        os.path.join(out, "video_preprocessor_config.json"), {**video, **bounds, "processor_class": STOCK_PROCESSOR}
+    )
+    tok_path = os.path.join(out, "tokenizer_config.json")
+    if os.path.isfile(tok_path):
+        with open(tok_path) as f:
+            tok = json.load(f)
+        tok["processor_class"] = STOCK_PROCESSOR
+        _write_json(tok_path, tok)
+    template = processor.chat_template
+    if template and not os.path.isfile(os.path.join(out, "chat_template.jinja")):
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+            f.write(template)
+
+
+def export(
+    *,
+    adapter: str,
+    out: str,
+    model: str | None = None,
+    merge: bool = False,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> str:
+    """Export a klal LoRA adapter as a peft adapter folder or, with --merge, a merged transformers model.
 
     Args:
-        adapter: peft adapter folder (e.g. ``<log_dir>/adapter`` from training).
-        out: output folder (replaced if it exists).
-        model: base model location overriding the one the adapter records.
-        merge: merge the LoRA weights into the base and save a plain transformers model (``save_pretrained``, with
-            the processor), instead of an adapter folder.
-        dtype: parameter dtype of the loaded base (and of the merged model).
+        adapter: peft adapter folder written by training (``<log_dir>/adapter``).
+        out: output folder: new, empty, or a previous export (replaced only with ``--overwrite``).
+        model: base model location overriding the one the adapter records (``tiny``, a hub id or a folder holding
+            the same model).
+        merge: merge the LoRA weights into the base and save a plain transformers model with the processor.
+        dtype: parameter dtype of the loaded base and of a merged model: ``auto`` (float32 for tiny, bfloat16
+            otherwise), ``float32``, ``bfloat16``, ``float16``.
+        overwrite: replace ``out`` when it holds a previous export (never anything else).
+
+    Returns:
+        ``out``.
 
     Raises:
         FileNotFoundError: not an adapter folder.
-        ValueError: the adapter was trained on another base model.
+        ValueError: the adapter was trained on another base model, or ``out`` may not be written.
     """
     from peft import PeftModel
 
     cfg = resolve_base(adapter, model, dtype)
-    if os.path.abspath(out) == os.path.abspath(adapter):
-        raise ValueError(f"--out {out!r} is the adapter folder itself; choose another folder")
+    check_out_dir(out, adapter, overwrite)
     base, processor = load_model_and_processor(cfg)
+    check_adapter_base(base, adapter, cfg.name_or_path)
     info = read_adapter_info(adapter)
-    saved_base = ((info or {}).get("fingerprint") or {}).get("base")
-    if saved_base is not None:
-        text_config = getattr(base.config, "text_config", base.config)
-        here = base_fingerprint(cfg, text_config)
-        recorded = {"klal_base_model": saved_base["name_or_path"], "klal_fingerprint": {"base": saved_base}}
-        check_compatible(recorded, here, {}, source=f"adapter {adapter}")
     peft_model = PeftModel.from_pretrained(base, adapter)
     peft_model.eval()
+    record = {
+        "kind": "merged" if merge else "adapter",
+        "adapter": os.path.abspath(adapter),
+        "backbone": dataclasses.asdict(cfg),
+        "fingerprint": (info or {}).get("fingerprint"),
+    }
 
     def write(tmp: str) -> None:
         if merge:
@@ -106,37 +235,20 @@ def export(adapter: str, out: str, model: str | None = None, merge: bool = False
             peft_model.save_pretrained(tmp)
             if info is not None:
                 shutil.copy(os.path.join(adapter, ADAPTER_INFO), os.path.join(tmp, ADAPTER_INFO))
-        processor.save_pretrained(tmp)
+        save_stock_processor(processor, tmp)
+        _write_json(os.path.join(tmp, EXPORT_INFO), record)
 
     atomic_save_dir(write, out)
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m klal.export",
-        description="Export a klal LoRA adapter as a peft adapter folder or (--merge) a merged transformers model.",
-    )
-    p.add_argument("--adapter", required=True, help="peft adapter folder written by training (<log_dir>/adapter)")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base model: tiny, a hub id or a local folder (default: the one recorded with the adapter)",
-    )
-    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights and save a plain model")
-    p.add_argument("--dtype", default="auto", help="auto (float32 for tiny, bfloat16 otherwise), float32, bfloat16")
-    return p
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> str:
+    """Command line entry point (``python -m klal.export`` / ``klal export``); returns the output folder."""
+    from klal.cli import run
 
-
-def main(argv: list[str] | None = None) -> str:
-    """Command line entry point; returns the output folder."""
-    args = _parser().parse_args(argv)
-    try:
-        out = export(args.adapter, args.out, model=args.model, merge=args.merge, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"klal.export: {e}") from e
-    kind = "merged model" if args.merge else "adapter"
+    out = run(export, argv, prog or "python -m klal.export")
+    with open(os.path.join(out, EXPORT_INFO)) as f:
+        kind = "merged model" if json.load(f)["kind"] == "merged" else "adapter"
     print(f"wrote {kind} to {out}", file=sys.stderr)
     return out
 

@@ -24,15 +24,24 @@ from klal.checkpoint import (
     base_fingerprint,
     check_compatible,
     check_trainable_keys,
+    flush_csv_metrics,
     gather_rng_states,
     lora_fingerprint,
     restore_rng_states,
     save_adapter,
 )
+from klal.data.collate import KLALBatch
+from klal.fsdp import adapter_state_dict, strip_wrapper_prefixes
+from klal.global_batch import global_share
 from klal.loss import KLALResult, klal_loss
-from klal.models.loader import ModelConfig, load_model_and_processor, load_processor
+from klal.models.loader import (
+    ModelConfig,
+    load_model_and_processor,
+    load_processor,
+    text_config,
+    with_saved_pixel_bounds,
+)
 from klal.models.lora import LoraSettings, apply_lora
-from klal.strategies import adapter_state_dict, global_share, resolve_attn_implementation, strip_wrapper_prefixes
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -66,8 +75,6 @@ class KLALModule(L.LightningModule):
         klal_image_mode: several images per sample: ``joint`` or ``per_image`` (see :mod:`klal.loss`).
         measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``target_mass``.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
-        attn_implementation: kernel for the text backbone output (``sdpa`` or ``flash_attention_2``, which falls back
-            to sdpa where flash-attn cannot run).
         optim: optimizer and schedule.
         adapter_dir: where the final peft adapter is written (default: ``<log_dir>/adapter``).
     """
@@ -83,14 +90,16 @@ class KLALModule(L.LightningModule):
         klal_image_mode: Literal["joint", "per_image"] = "joint",
         measure_attention_when_unweighted: bool = True,
         gradient_checkpointing: bool = False,
-        attn_implementation: str = "sdpa",
         optim: OptimSettings = OptimSettings(),  # noqa: B008
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
         if klal_weight < 0 or not math.isfinite(klal_weight):
             raise ValueError(f"klal_weight must be a finite number >= 0, got {klal_weight}")
-        self.backbone = backbone or ModelConfig()
+        # A folder klal exported keeps its saved pixel bounds (unless set here), in the processor and in the record.
+        self.backbone = (
+            with_saved_pixel_bounds(backbone) if backbone and not backbone.is_tiny else backbone or ModelConfig()
+        )
         self.lora = lora or LoraSettings()
         self.klal_weight = float(klal_weight)
         self.klal_query: QueryMode = klal_query
@@ -99,7 +108,6 @@ class KLALModule(L.LightningModule):
         self.klal_image_mode = klal_image_mode
         self.measure_attention = measure_attention_when_unweighted
         self.gradient_checkpointing = gradient_checkpointing
-        self.attn_implementation = attn_implementation
         self.optim = optim or OptimSettings()
         self.adapter_dir = adapter_dir
         self.save_hyperparameters()
@@ -117,12 +125,16 @@ class KLALModule(L.LightningModule):
             return
         cfg = self.backbone
         model, _ = load_model_and_processor(cfg, processor=self.processor)
-        enable_capture(model, base=resolve_attn_implementation(self.attn_implementation))
+        # Capture computes the supervised attention rows itself and hands the output to the kernel the backbone was
+        # loaded with (backbone.attn_implementation, the one place that chooses it; flash-attn falls back to sdpa).
+        enable_capture(model)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             # LoRA-only training has no trainable input embedding; checkpointed layers still need grad-enabled inputs.
             model.enable_input_require_grads()
+        # Recorded now, while every weight is whole on this process (FSDP shards them later).
+        self._base_identity = base_fingerprint(self.backbone, model)
         self.model = apply_lora(model, self.lora)
         self.model.train()
         n_layers = self.text_config.num_hidden_layers
@@ -130,9 +142,8 @@ class KLALModule(L.LightningModule):
 
     @property
     def text_config(self):
-        """The language model's config."""
-        cfg = self.model.config if self.model is not None else None
-        return getattr(cfg, "text_config", cfg)
+        """The language model's config (None before :meth:`configure_model`)."""
+        return text_config(self.model) if self.model is not None else None
 
     @property
     def image_token_id(self) -> int:
@@ -140,7 +151,7 @@ class KLALModule(L.LightningModule):
         return int(self.processor.image_token_id)
 
     # -- forward ----------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any], capture: bool = True, query_mode: QueryMode | None = None):
+    def forward(self, batch: KLALBatch, capture: bool = True, query_mode: QueryMode | None = None):
         """Run the model on a collated batch; returns ``(outputs, CaptureRequest | None)``."""
         inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
         request = None
@@ -152,7 +163,7 @@ class KLALModule(L.LightningModule):
         out = self.model(**inputs, use_cache=False)
         return out, request
 
-    def klal_result(self, request: CaptureRequest, batch: dict[str, Any]) -> KLALResult:
+    def klal_result(self, request: CaptureRequest, batch: KLALBatch) -> KLALResult:
         """KLAL and target mass of the maps a forward pass captured into ``request`` (the maps are released)."""
         log_q = request.stacked()  # (L, B, A, V)
         request.clear()
@@ -167,11 +178,11 @@ class KLALModule(L.LightningModule):
             image_mode=self.klal_image_mode,
         )
 
-    def compute_losses(self, batch: dict[str, Any], across_ranks: bool = False) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: KLALBatch, across_ranks: bool = False) -> dict[str, torch.Tensor]:
         """Loss parts of one batch: ``loss``, ``ntp``, ``klal``, ``target_mass``, ``maps`` (samples with a map).
 
         With ``across_ranks`` (the training and validation steps, which every rank runs) NTP, KLAL and target mass
-        become this rank's share of their means over the whole global batch (:func:`klal.strategies.global_share`),
+        become this rank's share of their means over the whole global batch (:func:`klal.global_batch.global_share`),
         so data-parallel gradient averaging gives the update of one process on the same global batch. A collective
         when a process group is up; without one it changes nothing.
         """
@@ -195,7 +206,7 @@ class KLALModule(L.LightningModule):
             parts["loss"] = ntp
         return parts
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: KLALBatch, stage: str) -> torch.Tensor:
         parts = self.compute_losses(batch, across_ranks=True)
         loss = parts["loss"]
         bad_here = not bool(torch.isfinite(loss))
@@ -237,10 +248,15 @@ class KLALModule(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The previous step's CSV row goes to disk now, so a killed run keeps every row up to its last checkpoint.
+        if self._trainer is not None:
+            flush_csv_metrics(self.trainer)
+
+    def training_step(self, batch: KLALBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: KLALBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
     # -- optimisation -----------------------------------------------------------------------------------------------
@@ -279,7 +295,7 @@ class KLALModule(L.LightningModule):
         if self.model is None:
             self.configure_model()
         return {
-            "base": base_fingerprint(self.backbone, self.text_config),
+            "base": self._base_identity,
             "lora": lora_fingerprint(self.lora, self.text_config.num_hidden_layers),
         }
 

@@ -1,9 +1,10 @@
 """Evidence geometry -> target probability map over Qwen2.5-VL's visual-token grid.
 
-Geometry. The processor resizes every image with ``smart_resize`` (sides rounded to multiples of 28, total pixels
-kept within ``[min_pixels, max_pixels]``) to ``(ph, pw)``; one LLM visual token covers a 28 x 28 px cell of the resized
-image, so the token grid is ``(ph / 28, pw / 28)``, row-major. Evidence is stored in original-image pixels and is
-mapped to token units by ``x_tok = x * (pw / W) / 28`` and ``y_tok = y * (ph / H) / 28`` (the resize scale per axis).
+Geometry (:mod:`klal.geometry`). The processor resizes every image with ``smart_resize`` (sides rounded to multiples
+of 28, total pixels kept within ``[min_pixels, max_pixels]``) to ``(ph, pw)``; one LLM visual token covers a 28 x 28 px
+cell of the resized image, so the token grid is ``(ph / 28, pw / 28)``, row-major. Evidence is stored in
+original-image pixels and is mapped to token units by ``x_tok = x * (pw / W) / 28`` and ``y_tok = y * (ph / H) / 28``
+(the resize scale per axis).
 Cell ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]`` in token units; its centre is ``(j + 0.5, i + 0.5)``.
 
 Per evidence element (all sizes in token units):
@@ -54,21 +55,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 
-from klal.data.schema import Evidence
-
-TOKEN_PX = 28
-"""Side in resized-image pixels of one LLM visual token (14-px patches merged 2 x 2)."""
-DEFAULT_MIN_PIXELS = 56 * 56
-"""transformers' default ``min_pixels`` of the Qwen2-VL image processor."""
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
-"""transformers' default ``max_pixels`` of the Qwen2-VL image processor (a checkpoint's preprocessor config may set a
-different value: pass the processor's own values)."""
+from klal.data.schema import Evidence, parse_box, parse_point
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PX, smart_resize_hw
 
 NO_MAP_EMPTY = "empty evidence"
 NO_MAP_OUTSIDE = "evidence entirely outside the image"
@@ -88,66 +82,6 @@ _ZERO = "zero"
 
 class TargetMapError(ValueError):
     """Malformed evidence or geometry; the message says which element is wrong and how."""
-
-
-# -- resize geometry ---------------------------------------------------------------------------------------------------
-
-
-def _round_to_factor(value: float, factor: int) -> int:
-    # Python's round() is round-half-to-even, which is what the processor uses: 42 px -> 56, 70 px -> 56.
-    return round(value / factor) * factor
-
-
-def smart_resize_hw(
-    height: int,
-    width: int,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    factor: int = TOKEN_PX,
-) -> tuple[int, int]:
-    """The ``(height, width)`` the Qwen2-VL / Qwen2.5-VL image processor resizes an image to.
-
-    Both sides become multiples of ``factor`` close to the original (same aspect ratio as nearly as possible) and the
-    area is brought inside ``[min_pixels, max_pixels]``; gives the same numbers as transformers' ``smart_resize``.
-
-    Args:
-        height: original image height in pixels.
-        width: original image width in pixels.
-        min_pixels: lower bound on the resized area.
-        max_pixels: upper bound on the resized area.
-        factor: both resized sides are multiples of this (patch 14 x merge 2 = 28).
-
-    Raises:
-        ValueError: non-positive sizes or an aspect ratio above 200 (the processor refuses those too).
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"smart_resize_hw: image size must be positive, got height={height}, width={width}")
-    if factor <= 0:
-        raise ValueError(f"smart_resize_hw: factor must be positive, got {factor}")
-    aspect = max(height, width) / min(height, width)
-    if aspect > 200:
-        raise ValueError(f"smart_resize_hw: aspect ratio must be at most 200, got {aspect} for {height}x{width}")
-    h = _round_to_factor(height, factor)
-    w = _round_to_factor(width, factor)
-    if h * w > max_pixels:
-        # Shrink both sides by the same factor, rounding down so the area stays under the cap.
-        shrink = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / shrink / factor) * factor)
-        w = max(factor, math.floor(width / shrink / factor) * factor)
-    elif h * w < min_pixels:
-        # Grow both sides by the same factor, rounding up so the area reaches the floor.
-        grow = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * grow / factor) * factor
-        w = math.ceil(width * grow / factor) * factor
-    return h, w
-
-
-def token_grid_hw(
-    height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[int, int]:
-    """Rows and columns of LLM visual tokens for an image of this original size: ``smart_resize_hw // 28``."""
-    ph, pw = smart_resize_hw(height, width, min_pixels, max_pixels)
-    return ph // TOKEN_PX, pw // TOKEN_PX
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------
@@ -259,32 +193,6 @@ def _as_array(value: Any, where: str) -> np.ndarray:
     return arr
 
 
-def _check_finite(arr: np.ndarray, where: str) -> None:
-    if not np.all(np.isfinite(arr)):
-        raise TargetMapError(f"{where}: contains NaN or inf ({arr.tolist()})")
-
-
-def _parse_box(value: Any, where: str) -> np.ndarray:
-    arr = _as_array(value, where)
-    if arr.ndim != 1 or arr.size != 4:
-        raise TargetMapError(f"{where}: a box needs 4 coordinates [x0, y0, x1, y1], got {np.shape(value)} ({value!r})")
-    _check_finite(arr, where)
-    x0, y0, x1, y1 = arr
-    if x1 < x0:
-        raise TargetMapError(f"{where}: x1 < x0 in {arr.tolist()} (boxes are [x0, y0, x1, y1], not x/y/width/height)")
-    if y1 < y0:
-        raise TargetMapError(f"{where}: y1 < y0 in {arr.tolist()} (boxes are [x0, y0, x1, y1], not x/y/width/height)")
-    return arr
-
-
-def _parse_point(value: Any, where: str) -> np.ndarray:
-    arr = _as_array(value, where)
-    if arr.ndim != 1 or arr.size != 2:
-        raise TargetMapError(f"{where}: a point needs 2 coordinates [x, y], got {np.shape(value)} ({value!r})")
-    _check_finite(arr, where)
-    return arr
-
-
 def _parse_polyline(value: Any, where: str) -> np.ndarray:
     try:
         n = len(value)
@@ -292,7 +200,7 @@ def _parse_polyline(value: Any, where: str) -> np.ndarray:
         raise TargetMapError(f"{where}: a polyline is a list of [x, y] vertices, got {value!r}") from e
     if n < 2:
         raise TargetMapError(f"{where}: a polyline needs at least 2 vertices, got {n}")
-    verts = [_parse_point(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    verts = [parse_point(v, f"{where}[{k}]", TargetMapError) for k, v in enumerate(value)]
     return np.stack(verts)
 
 
@@ -324,7 +232,13 @@ def _elements(value: Any, key: str) -> list[Any]:
     return list(value)
 
 
-def _evidence_parts(evidence: Evidence | Mapping[str, Any] | None) -> dict[str, list[Any]]:
+def evidence_parts(evidence: Evidence | Mapping[str, Any] | None) -> dict[str, list[Any]]:
+    """The one parser of the schema's ``evidence`` field: its elements by kind (``boxes``, ``points``, ``polylines``,
+    ``masks``), each a list (None values, as HF datasets give for absent kinds, read as empty).
+
+    Raises:
+        TargetMapError: an unknown key, or a kind that is not a list.
+    """
     if evidence is None:
         return {k: [] for k in _EVIDENCE_KEYS}
     if isinstance(evidence, Evidence):
@@ -337,10 +251,78 @@ def _evidence_parts(evidence: Evidence | Mapping[str, Any] | None) -> dict[str, 
     return {k: _elements(evidence.get(k), k) for k in _EVIDENCE_KEYS}
 
 
+# -- evidence cells (the grounding metrics' "where is the evidence") ------------------------------------------------
+
+_LINE_THICKNESS = 1e-6
+"""Brush side (tokens) for rasterising evidence polylines into cells: thin enough that only the cells the line runs
+through get mass (a line exactly on a cell border marks both neighbours)."""
+_LINE_MIN_LENGTH = 1e-3
+"""A polyline marks a cell when it runs at least this far (tokens) inside it, so a line through a cell corner does
+not mark the cells it only touches (those get mass of order thickness squared)."""
+
+
+def processed_grid(processed_hw: Sequence[int]) -> tuple[int, int]:
+    """The token grid ``(gh, gw)`` of an image resized to ``processed_hw``.
+
+    Raises:
+        TargetMapError: ``processed_hw`` is not two positive multiples of 28.
+    """
+    g = _make_grid((1.0, 1.0), processed_hw)
+    return g.gh, g.gw
+
+
+def evidence_cells(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    processed_hw: tuple[int, int],
+) -> np.ndarray | None:
+    """Token cells that hold evidence, on the grid of an image resized to ``processed_hw``.
+
+    Built with the target-map rasterisers below, so the geometry (resize scale per axis, cell ``(i, j)`` covering
+    ``[j, j + 1] x [i, i + 1]`` in token units) is the training target's:
+
+    * box: every cell the box overlaps with positive area (``area`` box mode > 0); a box edge lying exactly on a cell
+      border does not mark the next cell, and a zero-area box marks nothing (as it gives no target mass);
+    * point: the cell containing it (``nearest`` point mode; a point on the right/bottom border belongs to the last
+      cell);
+    * polyline: the cells the line runs through, at least 1e-3 token widths inside the cell (a polyline drawn with a
+      1e-6-token brush); a line exactly on a cell border marks both neighbours, a line through a cell corner does not
+      mark the cells it only touches;
+    * mask (``masks`` key, not in the stored schema): the cells the mask covers with positive weight.
+
+    Args:
+        evidence: an :class:`~klal.data.schema.Evidence` or an ``evidence`` column dict, in original pixels.
+        orig_hw: original image ``(height, width)``.
+        processed_hw: resized image ``(height, width)``, multiples of 28.
+
+    Returns:
+        ``(gh, gw)`` bool array, or None when the evidence marks no cell (empty, outside the image or zero area).
+
+    Raises:
+        TargetMapError: malformed evidence or sizes (the message names the element).
+    """
+    parts = evidence_parts(evidence)
+    cells = np.zeros(processed_grid(processed_hw), dtype=bool)
+    if parts["boxes"]:
+        cells |= box_map(parts["boxes"], orig_hw, processed_hw, mode="area") > 0
+    if parts["points"]:
+        cells |= point_map(parts["points"], orig_hw, processed_hw, mode="nearest") > 0
+    if parts["polylines"]:
+        mass = polyline_map(parts["polylines"], orig_hw, processed_hw, thickness=_LINE_THICKNESS)
+        # Mass in a cell = line length inside it x thickness (token units).
+        cells |= mass >= _LINE_MIN_LENGTH * _LINE_THICKNESS
+    for k, mask in enumerate(parts["masks"]):
+        arr = np.asarray(mask, dtype=np.float64)
+        if arr.ndim == 2 and arr.shape != (int(orig_hw[0]), int(orig_hw[1])):
+            raise TargetMapError(f"masks[{k}]: shape {arr.shape} does not match the image size {tuple(orig_hw)}")
+        cells |= mask_map(arr, processed_hw) > 0
+    return cells if cells.any() else None
+
+
 # -- per-element rasterisers (each returns (map, None) or (None, why-no-mass)) ----------------------------------------
 
 
-def _clip_box_tokens(box: np.ndarray, g: _Grid) -> tuple[float, float, float, float] | str:
+def _clip_box_tokens(box: tuple[float, float, float, float], g: _Grid) -> tuple[float, float, float, float] | str:
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
         return _ZERO
@@ -352,7 +334,7 @@ def _clip_box_tokens(box: np.ndarray, g: _Grid) -> tuple[float, float, float, fl
 
 
 def _box_element(
-    box: np.ndarray, g: _Grid, mode: str, sigma_scale: float, band: float
+    box: tuple[float, float, float, float], g: _Grid, mode: str, sigma_scale: float, band: float
 ) -> tuple[np.ndarray | None, str]:
     clipped = _clip_box_tokens(box, g)
     if isinstance(clipped, str):
@@ -372,7 +354,7 @@ def _box_element(
     raise TargetMapError(f"box mode must be one of {list(get_args(BoxMode))}, got {mode!r}")
 
 
-def _point_element(point: np.ndarray, g: _Grid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
+def _point_element(point: tuple[float, float], g: _Grid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
     x, y = point
     if x < 0 or y < 0 or x > g.w or y > g.h:
         return None, _OUTSIDE
@@ -476,6 +458,15 @@ def _mask_element(mask: np.ndarray, gh: int, gw: int) -> tuple[np.ndarray | None
 # -- public rasterisers ------------------------------------------------------------------------------------------------
 
 
+def _summed(g: _Grid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.ndarray:
+    """``(gh, gw)`` sum of the element masses (elements that leave none add nothing), evaluated one by one."""
+    out = np.zeros((g.gh, g.gw))
+    for m, _ in masses:
+        if m is not None:
+            out += m
+    return out
+
+
 def box_map(
     boxes: Sequence[Sequence[float]] | np.ndarray,
     orig_hw: tuple[float, float],
@@ -498,12 +489,13 @@ def box_map(
         ``(gh, gw)`` float64; each box contributes its clipped area in token cells (zeros if none is in the image).
     """
     g = _make_grid(orig_hw, processed_hw)
-    out = np.zeros((g.gh, g.gw))
-    for k, b in enumerate(_elements(boxes, "boxes")):
-        m, _ = _box_element(_parse_box(b, f"boxes[{k}]"), g, mode, sigma_scale, centerline_thickness)
-        if m is not None:
-            out += m
-    return out
+    return _summed(
+        g,
+        (
+            _box_element(parse_box(b, f"boxes[{k}]", TargetMapError), g, mode, sigma_scale, centerline_thickness)
+            for k, b in enumerate(_elements(boxes, "boxes"))
+        ),
+    )
 
 
 def point_map(
@@ -525,12 +517,13 @@ def point_map(
     if not (math.isfinite(sigma) and sigma > 0):
         raise TargetMapError(f"point sigma must be > 0, got {sigma}")
     g = _make_grid(orig_hw, processed_hw)
-    out = np.zeros((g.gh, g.gw))
-    for k, p in enumerate(_elements(points, "points")):
-        m, _ = _point_element(_parse_point(p, f"points[{k}]"), g, mode, sigma)
-        if m is not None:
-            out += m
-    return out
+    return _summed(
+        g,
+        (
+            _point_element(parse_point(p, f"points[{k}]", TargetMapError), g, mode, sigma)
+            for k, p in enumerate(_elements(points, "points"))
+        ),
+    )
 
 
 def polyline_map(
@@ -550,12 +543,13 @@ def polyline_map(
     if not (math.isfinite(thickness) and thickness > 0):
         raise TargetMapError(f"polyline thickness must be > 0, got {thickness}")
     g = _make_grid(orig_hw, processed_hw)
-    out = np.zeros((g.gh, g.gw))
-    for k, line in enumerate(_elements(polylines, "polylines")):
-        m, _ = _polyline_element(_parse_polyline(line, f"polylines[{k}]"), g, thickness)
-        if m is not None:
-            out += m
-    return out
+    return _summed(
+        g,
+        (
+            _polyline_element(_parse_polyline(line, f"polylines[{k}]"), g, thickness)
+            for k, line in enumerate(_elements(polylines, "polylines"))
+        ),
+    )
 
 
 def mask_map(mask: np.ndarray, processed_hw: tuple[int, int]) -> np.ndarray:
@@ -612,7 +606,7 @@ def build_target_map_with_reason(
     """
     spec = spec or TargetSpec()
     g = _make_grid(orig_hw, processed_hw)
-    parts = _evidence_parts(evidence)
+    parts = evidence_parts(evidence)
     per_kind: dict[str, list[np.ndarray]] = {k: [] for k in _EVIDENCE_KEYS}
     drops: list[str] = []
 
@@ -624,8 +618,8 @@ def build_target_map_with_reason(
             per_kind[kind].append(m)
 
     # Parse everything first so a malformed element raises even when another one would leave no mass.
-    boxes = [_parse_box(b, f"boxes[{k}]") for k, b in enumerate(parts["boxes"])]
-    points = [_parse_point(p, f"points[{k}]") for k, p in enumerate(parts["points"])]
+    boxes = [parse_box(b, f"boxes[{k}]", TargetMapError) for k, b in enumerate(parts["boxes"])]
+    points = [parse_point(p, f"points[{k}]", TargetMapError) for k, p in enumerate(parts["points"])]
     lines = [_parse_polyline(v, f"polylines[{k}]") for k, v in enumerate(parts["polylines"])]
     masks = [_parse_mask(m, f"masks[{k}]", (g.h, g.w)) for k, m in enumerate(parts["masks"])]
     for b in boxes:

@@ -168,3 +168,24 @@ def test_image_field_errors_name_the_sample(tiny_processor):
         collator([make_row(4, 56, 56, None), with_box])
     # Errors are raised before anything is counted as a skip.
     assert collator.no_map.total == 0
+
+
+def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mixed_rows):
+    from klal.data.collate import KLALBatch
+
+    required, optional = KLALBatch.__required_keys__, KLALBatch.__optional_keys__
+    assert optional == {"pixel_values", "image_grid_thw"} and len(required | optional) == 13
+    batch = KLALCollator(tiny_processor)(mixed_rows)
+    assert set(batch) == required | optional
+    b, s = batch["input_ids"].shape
+    for key in ("attention_mask", "labels", "answer_mask", "mm_token_type_ids"):
+        assert batch[key].shape == (b, s), key
+    # Grids 8x8, 4x6 and one more image: V is the largest visual-token count; patches 4 per token, 1176 values each.
+    n_tokens = [sum(h * w for h, w in g) for g in batch["grids"]]
+    assert batch["target"].shape == batch["key_image"].shape == (b, max(n_tokens))
+    assert batch["has_target"].shape == (b,) and len(batch["ids"]) == len(batch["no_map_reason"]) == b
+    thw = batch["image_grid_thw"]
+    assert thw.shape == (len(mixed_rows), 3) and batch["pixel_values"].shape == (int(thw.prod(1).sum()), 1176)
+    assert int(thw.prod(1).sum()) == 4 * sum(n_tokens)
+    text_only = KLALCollator(tiny_processor)([make_text_row(0)])
+    assert set(text_only) == required

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_gen.cli import CLIError, main, parse_overrides, parse_value
+from data_gen.cli import main, parse_generate
 from data_gen.tasks import TASKS, TaskUnavailableError, build_task, get_task_class, task_names
 from data_gen.tasks.grid_patch import GridPatchConfig, GridPatchTask
 from data_gen.writer import MANIFEST_NAME, DatasetWriteError, generate_dataset, split_sizes
+from klal.cli import expand_key_values
 
 SMALL = {"image_size": 64, "rows": (2, 4), "cols": (2, 4), "num_distractors": 2, "line_width": 1}
 
@@ -120,36 +120,76 @@ def test_overwrite_refuses_non_dataset_dir(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ value parsing
-def test_parse_value_types() -> None:
-    assert parse_value("4,8", tuple[int, int]) == (4, 8)
-    assert parse_value("[4, 8]", tuple[int, int]) == (4, 8)
-    assert parse_value("(4, 8)", tuple[int, int]) == (4, 8)
-    assert parse_value("circle, star", tuple[str, ...]) == ("circle", "star")
-    assert parse_value("0.5,1.5", tuple[float, ...]) == (0.5, 1.5)
-    assert parse_value("1,2", list[int]) == [1, 2]
-    assert parse_value("false", bool) is False and parse_value("Yes", bool) is True
-    assert parse_value("none", int | None) is None and parse_value("3", int | None) == 3
-    assert parse_value("b", Literal["a", "b"]) == "b"
-    for text, tp in [
-        ("4", tuple[int, int]),
-        ("x,y", tuple[int, int]),
-        ("maybe", bool),
-        ("1.5", int),
-        ("c", Literal["a"]),
-    ]:
-        with pytest.raises(ValueError):
-            parse_value(text, tp)
+def parsed(args: list[str], task: str = "grid_patch") -> dict:
+    """The typed config values that a command line gives (jsonargparse, with the comma-list convenience)."""
+    return parse_generate(task, ["--num", "3", "--out", "unused", *args])[1]
 
 
-def test_parse_overrides_typed_and_named_errors() -> None:
-    got = parse_overrides(GridPatchConfig, ["rows=3,5", "shape_scale=0.5", "state_grid_size=true"], "task 'grid_patch'")
-    assert got == {"rows": (3, 5), "shape_scale": 0.5, "state_grid_size": True}
-    with pytest.raises(CLIError, match="bogus"):
-        parse_overrides(GridPatchConfig, ["bogus=1"], "task 'grid_patch'")
-    with pytest.raises(CLIError, match="KEY=VALUE"):
-        parse_overrides(GridPatchConfig, ["rows"], "task 'grid_patch'")
-    with pytest.raises(CLIError, match="twice"):
-        parse_overrides(GridPatchConfig, ["rows=1,2", "rows=2,3"], "task 'grid_patch'")
+def parse_fails(capsys: pytest.CaptureFixture[str], args: list[str], task: str = "grid_patch") -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse_generate(task, ["--num", "3", "--out", "unused", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("data_gen: error: "), err
+    return err[0]
+
+
+def test_option_values_are_typed_by_the_config_dataclass() -> None:
+    assert parsed(["--rows", "4,8"])["rows"] == (4, 8)
+    assert parsed(["--rows", "[4, 8]"])["rows"] == (4, 8)
+    assert parsed(["--rows", "(4, 8)"])["rows"] == (4, 8)
+    assert parsed(["--rows=4,8"])["rows"] == (4, 8)
+    assert parsed(["--shapes", "circle, star"])["shapes"] == ("circle", "star")
+    assert parsed(["--curve-length", "0.5,1.5"], "line_intersection")["curve_length"] == (0.5, 1.5)
+    assert parsed(["--state_grid_size", "false"])["state_grid_size"] is False
+    assert parsed(["--state-grid-size", "Yes"])["state_grid_size"] is True
+    assert parsed(["--state_grid_size"])["state_grid_size"] is True  # a bare flag is true
+    assert parsed(["--image-size", "96"])["image_size"] == 96
+    cfg = parsed([])
+    assert cfg == {f: getattr(GridPatchConfig(), f) for f in cfg}  # the defaults are the dataclass's
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rows", "4"], "--rows"),
+        (["--rows", "x,y"], "--rows"),
+        (["--state_grid_size", "maybe"], "--state_grid_size"),
+        (["--num_distractors", "1.5"], "--num_distractors"),
+        (["--bogus", "1"], "--bogus"),
+    ],
+)
+def test_bad_option_values_name_the_option(capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    assert needle in parse_fails(capsys, args)
+
+
+def test_set_items_are_options_applied_last(capsys: pytest.CaptureFixture[str]) -> None:
+    got = parsed(["--set", "rows=3,5", "shape_scale=0.5", "state_grid_size=true", "--rows", "1,2"])
+    assert (got["rows"], got["shape_scale"], got["state_grid_size"]) == ((3, 5), 0.5, True)
+    assert parsed(["--set=rows=2,6"])["rows"] == (2, 6)
+    with pytest.raises(ValueError, match="bogus"):
+        expand_key_values(["--set", "bogus=1"], "--set", "", ["rows"], "task 'grid_patch'")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        expand_key_values(["--set", "rows"], "--set", "", ["rows"], "task 'grid_patch'")
+    with pytest.raises(ValueError, match="twice"):
+        expand_key_values(["--set", "rows=1,2", "rows=2,3"], "--set", "", ["rows"], "task 'grid_patch'")
+
+
+def test_preset_is_applied_before_the_options() -> None:
+    easy = GridPatchTask.presets["easy"]
+    got = parsed(["--preset", "easy", "--rows", "2,3"])
+    assert got["rows"] == (2, 3) and got["cols"] == easy["cols"] and got["num_distractors"] == easy["num_distractors"]
+    # line_tracing's easy preset sets line_width 4; the flag beats it.
+    assert parsed(["--preset", "easy", "--line-width", "3"], "line_tracing")["line_width"] == 3
+    assert parsed(["--preset", "easy"], "line_tracing")["line_width"] == 4
+
+
+def test_task_help_lists_typed_options_defaults_and_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["grid_patch", "--help"]) == 0
+    out = capsys.readouterr().out
+    for needle in ["--num", "--rows", "tuple[int, int]", "default: (4, 12)", "--image_size", "presets", "easy:"]:
+        assert needle in out, needle
+    assert "Inclusive range the number of grid rows" in out  # the attribute docstring
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -253,3 +293,46 @@ def test_missing_task_module_breaks_only_that_task(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ghost" in err[0] and "unavailable" in err[0]
     assert main(["grid_patch", "--num", "3", "--out", str(tmp_path / "ok"), "--preset", "easy", "--quiet"]) == 0
+
+
+def test_interrupt_exits_130_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import data_gen.writer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_gen.writer, "generate_dataset", interrupted)
+    assert main(["grid_patch", "--num", "3", "--out", str(tmp_path / "x"), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["data_gen: interrupted"]
+    assert leftovers(tmp_path, set()) == []
+
+
+def test_klal_generate_is_the_same_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from klal.__main__ import main as klal_main
+
+    out = tmp_path / "ds"
+    assert klal_main(["generate", "grid_patch", "--num", "3", "--out", str(out), "--preset", "easy", "--quiet"]) == 0
+    assert json.loads((out / MANIFEST_NAME).read_text())["config"]["rows"] == [3, 5]
+    assert klal_main(["generate", "grid_patch", "--num", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("klal generate: error: --num")
+
+
+def test_a_config_field_may_not_shadow_a_writer_option() -> None:
+    from dataclasses import dataclass
+
+    from data_gen.base import GenerationError
+    from data_gen.cli import task_parser
+
+    @dataclass
+    class SeededConfig(GridPatchConfig):
+        seed: int = 3
+
+    class SeededTask(GridPatchTask):
+        name = "seeded"
+        config_cls = SeededConfig
+
+    with pytest.raises(GenerationError, match=r"task 'seeded': config field\(s\) \['seed'\] clash"):
+        task_parser(SeededTask, "data_gen seeded")

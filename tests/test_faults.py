@@ -183,14 +183,18 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_matches_uninterrupted_run(tmp_pat
     assert "dataloader is not resumable" not in resumed_log
 
     expected = _step_losses(ref_root / "klal" / "version_0" / "metrics.csv")
-    got = _step_losses(run_root / "klal" / "version_1" / "metrics.csv")
+    # The resumed run continues the killed run's own folder and metrics.csv: one curve, each step once.
+    assert sorted(p.name for p in (run_root / "klal").iterdir()) == ["version_0"]
+    metrics = run_root / "klal" / "version_0" / "metrics.csv"
+    got = _step_losses(metrics)
+    logged = [int(r["step"]) for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("train/loss_step")]
     assert sorted(expected) == list(range(steps))
-    assert sorted(got) == list(range(6, steps)), "the resumed run trains exactly the steps after the checkpoint"
+    assert logged == list(range(steps)), "steps 0-5 from the killed run, then exactly the steps after the checkpoint"
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     # Same final weights as the uninterrupted run.
     a = _adapter_tensors(ref_root / "klal" / "version_0" / "adapter")
-    b = _adapter_tensors(run_root / "klal" / "version_1" / "adapter")
+    b = _adapter_tensors(run_root / "klal" / "version_0" / "adapter")
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
@@ -507,7 +511,7 @@ def test_checkpoint_of_another_base_model_is_refused(saved_checkpoint):
 
 
 # -- export ----------------------------------------------------------------------------------------------------------
-def test_export_adapter_and_merged_model_reproduce_training_logits(tmp_path, rows):
+def test_export_adapter_and_merged_model_reproduce_training_logits(tmp_path, rows, capsys):
     from peft import PeftModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -556,10 +560,92 @@ def test_export_adapter_and_merged_model_reproduce_training_logits(tmp_path, row
     data = json.loads(info_file.read_text())
     data["fingerprint"]["base"]["architecture"]["hidden_size"] = 128
     info_file.write_text(json.dumps(data))
-    with pytest.raises(SystemExit, match="another base model"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         export.main(["--adapter", str(adapter), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no adapter_config.json"):
+    assert e.value.code == 2 and "another base model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         export.main(["--adapter", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "no adapter_config.json" in capsys.readouterr().err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    """Issue 14: ``--out RUN`` with the adapter at ``RUN/klal/version_0/adapter`` used to delete the whole run."""
+    from klal import export
+    from klal.export import EXPORT_INFO
+
+    m = _module()
+    run_dir = tmp_path / "RUN"
+    adapter = run_dir / "klal" / "version_0" / "adapter"
+    save_adapter(m.model, str(adapter), m.backbone, m.lora, m.checkpoint_fingerprint(), processor=m.processor)
+    (run_dir / "klal" / "version_0" / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    (run_dir / "notes.txt").write_text("mine")
+    before = _tree(run_dir)
+
+    def refused(out: Path, *extra: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            export.main(["--adapter", str(adapter), "--out", str(out), *extra])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    for extra in ((), ("--overwrite",)):
+        assert "a folder containing the adapter" in refused(run_dir, *extra)
+        assert "a folder containing the adapter" in refused(run_dir / "klal", *extra)
+        assert "the adapter folder itself" in refused(adapter, *extra)
+        assert "inside the adapter folder" in refused(adapter / "sub", *extra)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    assert "non-empty folder that klal did not export" in refused(other, "--overwrite")
+    assert (other / "keep.txt").read_text() == "keep"
+    assert "is a file" in refused(other / "keep.txt")
+    assert _tree(run_dir) == before, "nothing of the run may change"
+
+    out = tmp_path / "exported"
+    (out).mkdir()  # an empty folder is fine
+    export.main(["--adapter", str(adapter), "--out", str(out)])
+    assert json.loads((out / EXPORT_INFO).read_text())["kind"] == "adapter"
+    assert "holds a previous export; pass --overwrite" in refused(out, "--merge")
+    export.main(["--adapter", str(adapter), "--out", str(out), "--merge", "--overwrite"])
+    assert json.loads((out / EXPORT_INFO).read_text())["kind"] == "merged"
+    assert _tree(run_dir) == before
+    # The processor in the stock layout (what AutoProcessor and vLLM read), with the adapter's pixel bounds.
+    names = {"processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"}
+    assert names | {"chat_template.jinja", "tokenizer_config.json"} <= set(os.listdir(out))
+    config = json.loads((out / "processor_config.json").read_text())
+    assert config["processor_class"] == "Qwen2_5_VLProcessor"
+    assert config["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert config["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert config["image_processor"]["size"] == {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    flat = json.loads((out / "preprocessor_config.json").read_text())
+    assert (flat["min_pixels"], flat["max_pixels"]) == (56 * 56, 112 * 112)
+    assert json.loads((out / "tokenizer_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+
+
+def test_adapter_loading_uses_the_saved_pixel_bounds_unless_told_otherwise(tmp_path):
+    """evaluate.py and every GroundingModel.load caller: an adapter trained at 112^2 is evaluated at 112^2, not at the
+    default bound, unless the caller sets a bound of its own."""
+    from klal.grounding.base import GroundingModel
+    from klal.models.loader import with_saved_pixel_bounds
+
+    m = _module()
+    adapter = tmp_path / "adapter"
+    save_adapter(m.model, str(adapter), m.backbone, m.lora, m.checkpoint_fingerprint(), processor=m.processor)
+    default = ModelConfig()
+    assert default.max_pixels != 112 * 112
+    gm = GroundingModel.load(default, str(adapter))
+    assert gm.processor.image_processor.size == {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    chosen = ModelConfig(max_pixels=224 * 224)
+    assert with_saved_pixel_bounds(chosen, adapter).max_pixels == 224 * 224
+    assert GroundingModel.load(chosen, str(adapter)).processor.image_processor.size["longest_edge"] == 224 * 224
+    # An adapter of another tiny seed is refused by content (its recorded name is still "tiny").
+    with pytest.raises(ValueError, match=r"another base model \(weights differ\)"):
+        GroundingModel.load(ModelConfig(tiny_seed=3), str(adapter))
 
 
 # -- NaN / inf -------------------------------------------------------------------------------------------------------

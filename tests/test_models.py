@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -496,3 +497,81 @@ def test_saved_adapter_reproduces_logits(tmp_path, processor):
     reloaded = PeftModel.from_pretrained(build_tiny_model(seed=5), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, adapted, atol=1e-6, rtol=0)
+
+
+# -- base parts trained in full next to LoRA (train_extra) ------------------------------------------------------------
+def _tied_tiny(tied: bool):
+    cfg = tiny_config()
+    cfg.tie_word_embeddings = tied
+    model = build_tiny_model(cfg)
+    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == tied
+    return apply_lora(model, LoraSettings(r=2, alpha=4))
+
+
+@pytest.mark.parametrize("parts", [["lm_head"], ["merger", "lm_head"]], ids=["lm_head", "merger+lm_head"])
+def test_train_extra_lm_head_with_tied_embeddings_trains_the_shared_matrix(parts):
+    from klal.models.lora import train_base_parts
+
+    model = _tied_tiny(True)
+    base = model.get_base_model()
+    shared = base.lm_head.weight
+    with pytest.warns(UserWarning, match="ties lm_head to embed_tokens"):
+        n = train_base_parts(model, parts)
+    merger = sum(p.numel() for p in base.model.visual.merger.parameters()) if "merger" in parts else 0
+    assert shared.requires_grad and n == shared.numel() + merger
+    # The head really trains: its gradient is the sum of the output-head and the input-embedding gradients.
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert shared.grad is not None and shared.grad[ids[0]].abs().sum() > 0
+
+
+def test_train_extra_lm_head_untied_trains_only_the_head():
+    from klal.models.lora import train_base_parts
+
+    model = _tied_tiny(False)
+    base = model.get_base_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n = train_base_parts(model, ["merger", "lm_head"])
+    merger = sum(p.numel() for p in base.model.visual.merger.parameters())
+    assert n == base.lm_head.weight.numel() + merger
+    assert base.lm_head.weight.requires_grad and not base.model.language_model.embed_tokens.weight.requires_grad
+    with pytest.raises(ValueError, match=r"train_extra \['visual'\] unknown"):
+        train_base_parts(model, ["visual"])
+
+
+# -- base-model identity (klal.models.identity) ------------------------------------------------------------------------
+def test_model_names_that_may_be_one_model():
+    from klal.models.identity import hub_id_of, same_name
+
+    snapshot = "/home/u/.cache/huggingface/hub/models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/0123abcd"
+    assert hub_id_of(snapshot) == "Qwen/Qwen2.5-VL-3B-Instruct" and hub_id_of("Qwen/X") == "Qwen/X"
+    assert same_name("Qwen/Qwen2.5-VL-3B-Instruct", snapshot)
+    assert same_name("Qwen/Qwen2.5-VL-3B-Instruct", "/models/Qwen2.5-VL-3B-Instruct")  # a copy under its own name
+    assert not same_name("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert not same_name("Qwen/Qwen2.5-VL-7B-Instruct", snapshot)
+    assert not same_name("tiny", "/somewhere/tiny") and same_name("tiny", "tiny")
+
+
+def test_identity_by_content_ignores_dtype_and_name_and_sees_other_weights():
+    from klal.checkpoint import base_fingerprint
+    from klal.models.identity import base_identity, identity_mismatch
+
+    fp32 = build_tiny_model(seed=0)
+    bf16 = build_tiny_model(seed=0, dtype=torch.bfloat16)
+    other = build_tiny_model(seed=1)
+    a, b = base_identity(fp32, "/copy/one"), base_identity(bf16, "/copy/two")
+    assert len(a["weights"]) == 32 and a["architecture"]["hidden_size"] == 64
+    assert a["architecture"]["vision_depth"] == 2 and a["architecture"]["model_type"] == "qwen2_5_vl"
+    assert identity_mismatch(a, b) == [], "a bfloat16 load of the same weights is the same model"
+    assert identity_mismatch(a, base_identity(other, "/copy/one")) == ["weights"]
+    # LoRA leaves the sampled weights alone: the wrapped model has the identity of its base.
+    wrapped = apply_lora(build_tiny_model(seed=0), LoraSettings(r=2, alpha=4, targets="attention_mlp"))
+    assert identity_mismatch(a, base_identity(wrapped, "x")) == []
+    # The tiny model's settings are compared too (and named first); tiny never matches a hub model.
+    seed0 = base_fingerprint(ModelConfig(tiny_seed=0), fp32)
+    seed1 = base_fingerprint(ModelConfig(tiny_seed=1), other)
+    assert identity_mismatch(seed0, seed1) == ["tiny_seed"]
+    assert identity_mismatch(seed0, {**a, "name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct"}) == ["name_or_path"]
+    deeper = build_tiny_model(tiny_config(num_hidden_layers=2))
+    assert identity_mismatch(a, base_identity(deeper, "/copy/one")) == ["architecture"]

@@ -93,6 +93,6 @@ def test_quiet_drops_only_the_named_noise(monkeypatch, caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet()  # re-install the filters after simplefilter reset them
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("something the user should see", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated.", FutureWarning, stacklevel=1)
+        warnings.warn("something the user should see", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something the user should see"]

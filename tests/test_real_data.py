@@ -17,7 +17,8 @@ from klal.data.io import RecordError, load_source
 from klal.data.pixmo import convert_pixmo_points, load_pixmo_points, url_hash
 from klal.data.refcoco import classic_refcoco_rows, convert_refcoco, load_refcoco
 from klal.data.schema import REQUIRED_COLUMNS, Evidence
-from klal.targets import build_target_map, smart_resize_hw
+from klal.geometry import DEFAULT_MAX_PIXELS, smart_resize_hw
+from klal.targets import build_target_map
 
 
 def save_image(path, w: int, h: int, fmt: str | None = None, seed: int = 0) -> bytes:
@@ -408,3 +409,59 @@ def test_refcoco_cli_saves_the_dataset(classic, tmp_path, capsys):
     assert "kept 2" in capsys.readouterr().out
     ds = datasets.load_from_disk(str(tmp_path / "cli_out"))
     assert list(ds.keys()) == ["train"] and ds["train"][1]["question"].startswith("Where is left guy?")
+
+
+def test_refcoco_cli_resized_answers_use_its_pixel_bounds(classic, tmp_path, capsys):
+    from klal.data.refcoco import main
+
+    # 100 x 80 with max_pixels 56 * 56: shrink sqrt(8000 / 3136) = 1.597 -> floor to 28 px multiples: 28 x 56 (scales
+    # 0.35 in y, 0.56 in x); the box [10, 20, 40, 60] -> [6, 7, 22, 21]. Dashed and underscore flags both work.
+    argv = [str(classic), "--out", str(tmp_path / "o"), "--splits", "train", "--answer-coords", "resized"]
+    main([*argv, "--max-pixels", str(56 * 56), "--min_pixels", str(28 * 28)])
+    capsys.readouterr()
+    assert smart_resize_hw(80, 100, 28 * 28, 56 * 56) == (28, 56)
+    row = datasets.load_from_disk(str(tmp_path / "o"))["train"][0]
+    assert row["answer"] == "[6, 7, 22, 21]"
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "needle"),
+    [
+        ("refcoco", ["--answer-coords", "both"], "answer_coords"),
+        ("refcoco", ["--max-pixels", "0"], "max_pixels"),
+        ("refcoco", ["--no-such-flag", "1"], "no_such_flag"),
+        ("refcoco", ["--split-by", "google"], "refs(google).p"),
+        ("pixmo", ["--mode", "where"], "mode"),
+        ("pixmo", ["--val-fraction", "1.5"], "val_fraction"),
+    ],
+)
+def test_converter_cli_bad_input_is_one_line_exit_2(classic, tmp_path, capsys, module, args, needle):
+    import importlib
+
+    main = importlib.import_module(f"klal.data.{module}").main
+    source = classic
+    if module == "pixmo":
+        source = tmp_path / "points.jsonl"
+        source.write_text(json.dumps({"image_url": "http://x/a.jpg", "label": "dog", "points": [[1, 2]]}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        main([str(source), "--out", str(tmp_path / "o"), *args], prog=f"klal convert-{module}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"klal convert-{module}: error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_converter_help_and_klal_dispatch(classic, tmp_path, capsys):
+    from klal.__main__ import main as klal_main
+
+    for name, flag in (("convert-refcoco", "--max_pixels MAX_PIXELS"), ("convert-pixmo", "--point_units")):
+        with pytest.raises(SystemExit) as exc:
+            klal_main([name, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: klal {name}") and "--out OUT" in out and "--image_dir" in out and flag in out
+        if name == "convert-refcoco":
+            assert f"default: {DEFAULT_MAX_PIXELS}" in " ".join(out.split())  # the project's one default
+    klal_main(["convert-refcoco", str(classic), "--out", str(tmp_path / "k"), "--splits", "train,validation"])
+    assert "kept 3" in capsys.readouterr().out
+    assert list(datasets.load_from_disk(str(tmp_path / "k"))) == ["train", "validation"]

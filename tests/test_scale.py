@@ -22,15 +22,9 @@ from klal.checkpoint import safe_load
 from klal.data.collate import NO_IMAGE_REASON, KLALCollator, PromptSettings
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths, padding_fraction
 from klal.data.schema import FEATURES
-from klal.strategies import (
-    KLALFSDPStrategy,
-    flash_attention_available,
-    global_share,
-    mixed_dtype_units,
-    qwen_wrap_modules,
-    resolve_attn_implementation,
-    strip_wrapper_prefixes,
-)
+from klal.fsdp import KLALFSDPStrategy, mixed_dtype_units, qwen_wrap_modules, strip_wrapper_prefixes
+from klal.global_batch import global_share
+from klal.kernels import flash_attention_available, resolve_attn_implementation
 from tests.conftest import make_row, make_text_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +258,7 @@ def test_global_share_is_one_without_a_process_group():
 
 
 def test_flash_attention_falls_back_to_sdpa_only_when_unavailable(monkeypatch):
-    import klal.strategies as st
+    import klal.kernels as st
 
     monkeypatch.setattr(st, "flash_attention_available", lambda: False)
     assert resolve_attn_implementation("flash_attention_2") == "sdpa"
@@ -280,7 +274,7 @@ def test_module_with_flash_attention_config_runs_on_sdpa_here(tiny_processor, mi
     from klal.module import KLALModule
 
     cfg = ModelConfig(attn_implementation="flash_attention_2", **DEMO_PIXELS)
-    m = KLALModule(backbone=cfg, lora=LoraSettings(r=2, alpha=4), attn_implementation="flash_attention_2")
+    m = KLALModule(backbone=cfg, lora=LoraSettings(r=2, alpha=4))
     m.configure_model()
     assert m.text_config._attn_implementation == "klal_sdpa"
     assert torch.isfinite(m.compute_losses(KLALCollator(tiny_processor)(mixed_rows))["loss"])
@@ -381,7 +375,7 @@ def test_one_and_two_process_ddp_give_the_same_loss_curve(tmp_path):
     The rows are arranged so that at step 0 rank 0's two samples have one-token answers and no target map while
     rank 1's have long answers and maps. Averaging per-rank means (plain DDP) then weights rank 0's few answer tokens
     as much as rank 1's many and halves KLAL (0 maps vs 2): without cross-rank normalisation the losses differ by
-    about 10% and the test fails (checked by disabling :func:`klal.strategies.global_share`).
+    about 10% and the test fails (checked by disabling :func:`klal.global_batch.global_share`).
     """
     import train
 
@@ -533,7 +527,7 @@ def test_multi_node_launchers_give_each_process_its_rank(tmp_path, launcher):
 # -- GPU ---------------------------------------------------------------------------------------------------------------
 SHARDED = {
     # A class path given as a plain string is read as a strategy name; the dict form selects the class.
-    "fsdp": '{"class_path": "klal.strategies.KLALFSDPStrategy"}',
+    "fsdp": '{"class_path": "klal.fsdp.KLALFSDPStrategy"}',
     "deepspeed": '{"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", '
     '"init_args": {"stage": 2, "exclude_frozen_parameters": true}}',
 }
@@ -572,18 +566,20 @@ def test_sharded_strategy_fit_checkpoint_resume_on_one_gpu(tmp_path, strategy):
     assert weights and all("lora_" in k for k in weights), sorted(weights)[:5]
 
     assert run(4, "--ckpt_path", "last").trainer.global_step == 4
-    metrics = tmp_path / "klal" / "version_1" / "metrics.csv"
+    # The resumed run continues its own version folder and metrics.csv (docs/checkpoints.md).
+    assert sorted(p.name for p in (tmp_path / "klal").iterdir()) == ["version_0"]
+    metrics = tmp_path / "klal" / "version_0" / "metrics.csv"
     steps = [int(r["step"]) for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("train/loss_step")]
-    assert steps == [2, 3], "the resumed run trains only the steps after the checkpoint"
+    assert steps == [0, 1, 2, 3], "steps 0-1 from the first run, then only the steps after the checkpoint"
 
     from peft import PeftModel
 
     from klal.models.loader import ModelConfig, load_model_and_processor
 
     # The final adapter holds the weights of the final checkpoint (both written after step 4).
-    final = {k.removeprefix("model."): v.float() for k, v in checkpoint_weights(1).items()}
+    final = {k.removeprefix("model."): v.float() for k, v in checkpoint_weights(0).items()}
     base, _ = load_model_and_processor(ModelConfig(**DEMO_PIXELS))
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "klal" / "version_1" / "adapter"))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "klal" / "version_0" / "adapter"))
     lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert lora.keys() == final.keys()
     for name, p in lora.items():
@@ -616,5 +612,64 @@ def test_throughput_flop_count_matches_torch_flop_counter(tiny_processor):
     parts = step_flops(m.model, tokens, seq, 2, batch["pixel_values"].shape[0])
     with FlopCounterMode(display=False) as counter:
         m.compute_losses(batch)["loss"].backward()
-    # The counter sees the linear layers (sdpa is not counted on CPU); the first layer's q/k/v need no input gradient.
-    assert counter.get_total_flops() == pytest.approx(parts["text_linear"] + parts["vision_linear"], rel=0.05)
+    # Per operator: the linear layers (matmuls and the patch-embedding convolution) against the estimate's linear
+    # part. Attention kernels are left out: torch's counter skipped sdpa on CPU up to 2.13 and counts it from 2.15
+    # (562.8 M vs 331.0 M in total), and its attention FLOPs are not the estimate's causal-halved ones. The first
+    # layer's q/k/v need no input gradient.
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    linear_ops = {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution", "aten.convolution_backward"}
+    attention_ops = {op for op in by_op if "attention" in op}
+    assert set(by_op) - linear_ops - attention_ops == set(), f"an operator the estimate does not model: {by_op}"
+    linear = sum(n for op, n in by_op.items() if op in linear_ops)
+    assert by_op["aten.mm"] > 0 and by_op["aten.convolution"] > 0
+    assert linear == pytest.approx(parts["text_linear"] + parts["vision_linear"], rel=0.05)
+
+
+def test_gpu_suite_dry_run_plans_commands_the_benches_accept(capsys, monkeypatch, tmp_path):
+    """``python -m bench.gpu_suite --dry_run`` on CPU: the planned bench commands parse with each bench's own current
+    CLI into the intended settings (3B and 7B, 1024 visual tokens, bf16, both gradient-checkpointing settings)."""
+    import functools
+    import importlib
+
+    from bench import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "missing_packages", lambda: ["datasets", "wandb"])
+    steps = gpu_suite.main(["--dry-run", "--wheels", str(tmp_path / "wheels")])
+    printed = capsys.readouterr().out
+    assert [s.name for s in steps] == [
+        "install",
+        "gpu tests",
+        "step 3b ckpt=false",
+        "step 3b ckpt=true",
+        "step 7b ckpt=false",
+        "step 7b ckpt=true",
+        "throughput 3b",
+        "throughput 7b",
+        "probes 3b",
+    ]
+    assert all(" ".join(s.argv) in printed for s in steps)
+    assert steps[0].argv[1:] == ["-m", "pip", "install", "--no-index", "--find-links", str(tmp_path / "wheels")] + [
+        "datasets",
+        "wandb",
+    ]
+    assert steps[1].argv[1:5] == ["-m", "pytest", "-q", "-m"] and steps[1].argv[5] == "gpu"
+    seen = []
+    for step in steps[2:]:
+        module = importlib.import_module(step.argv[2])
+        original = module.benchmark
+
+        @functools.wraps(original)
+        def record(*args, **kwargs):
+            seen.append(kwargs or vars(args[0]))
+
+        monkeypatch.setattr(module, "benchmark", record)
+        module.main(step.argv[3:])
+    for got, arch in zip(seen, ["3b", "3b", "7b", "7b", "3b", "7b", "3b"]):
+        assert (got["arch"], got["device"], got["dtype"]) == (arch, "cuda", "bfloat16")
+    assert [s["visual_tokens"] for s in seen[:6]] == [1024] * 6
+    assert [s["gradient_checkpointing"] for s in seen[:6]] == [False, True, False, True, "both", "both"]
+    assert seen[6]["methods"] == ["attention_probe"]
+    # Without --dry_run the missing packages need the wheels folder: one clear line.
+    with pytest.raises(SystemExit) as e:
+        gpu_suite.main(["--wheels", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "is not a folder, and datasets, wandb must be installed" in capsys.readouterr().err

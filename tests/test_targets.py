@@ -1,4 +1,4 @@
-"""Target-map converters: hand-worked maps, the no-map / error rule, and smart_resize parity with transformers."""
+"""Target-map converters: hand-worked maps and the no-map / error rule (geometry: tests/test_geometry.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from klal.data.schema import Evidence
+from klal.geometry import TOKEN_PX, smart_resize_hw, token_grid
 from klal.targets import (
     NO_MAP_EMPTY,
     NO_MAP_OUTSIDE,
     NO_MAP_OUTSIDE_OR_ZERO,
     NO_MAP_REASONS,
     NO_MAP_ZERO_AREA,
-    TOKEN_PX,
     TargetMapError,
     TargetSpec,
     box_map,
@@ -25,9 +25,7 @@ from klal.targets import (
     mask_map,
     point_map,
     polyline_map,
-    smart_resize_hw,
     target_map_for_image,
-    token_grid_hw,
 )
 
 SQ = (224, 224)  # 224 x 224 is its own processed size with the default pixel bounds: an 8 x 8 grid
@@ -46,66 +44,6 @@ def gauss_grid(cx: float, cy: float, sigma: float, gh: int, gw: int) -> np.ndarr
         for j in range(gw):
             out[i, j] = math.exp(-((j + 0.5 - cx) ** 2 + (i + 0.5 - cy) ** 2) / (2 * sigma**2))
     return out / out.sum()
-
-
-# -- geometry ----------------------------------------------------------------------------------------------------------
-
-
-def test_processed_size_of_224_is_itself():
-    assert smart_resize_hw(224, 224) == SQ
-    assert token_grid_hw(224, 224) == (8, 8)
-    assert token_grid_hw(448, 448) == (16, 16)
-
-
-def test_smart_resize_matches_transformers_over_a_sweep():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    sides = [1, 5, 13, 14, 15, 27, 28, 29, 41, 42, 43, 56, 69, 70, 71, 98, 100, 127, 224, 333, 448, 500, 640, 1000]
-    sides += [1023, 1080, 1920, 2001, 3024, 4032]
-    bounds = [
-        (56 * 56, 28 * 28 * 1280),
-        (3136, 12845056),
-        (256 * 28 * 28, 1280 * 28 * 28),
-        (4 * 28 * 28, 64 * 28 * 28),
-        (28 * 28, 28 * 28),
-        (200_000, 400_000),
-    ]
-    checked = 0
-    for (h, w), (lo, hi) in itertools.product(itertools.product(sides, sides), bounds):
-        if max(h, w) / min(h, w) > 200:
-            with pytest.raises(ValueError):
-                smart_resize(h, w, min_pixels=lo, max_pixels=hi)
-            with pytest.raises(ValueError, match="aspect ratio"):
-                smart_resize_hw(h, w, lo, hi)
-            continue
-        assert smart_resize_hw(h, w, lo, hi) == tuple(smart_resize(h, w, min_pixels=lo, max_pixels=hi)), (h, w, lo, hi)
-        checked += 1
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        h, w = (int(v) for v in rng.integers(10, 5000, size=2))
-        if max(h, w) / min(h, w) > 200:
-            continue
-        lo = int(rng.integers(28 * 28, 300 * 28 * 28))
-        hi = int(rng.integers(lo, 2000 * 28 * 28))
-        assert smart_resize_hw(h, w, lo, hi) == tuple(smart_resize(h, w, min_pixels=lo, max_pixels=hi)), (h, w, lo, hi)
-        checked += 1
-    assert checked > 5000
-
-
-def test_processor_grid_matches_token_grid(tiny_processor):
-    from PIL import Image
-
-    for h, w in [(100, 300), (37, 41), (500, 90), (224, 224), (13, 200), (70, 42)]:
-        thw = tiny_processor.image_processor(images=[Image.new("RGB", (w, h))], return_tensors="np")["image_grid_thw"]
-        _, gh14, gw14 = (int(v) for v in thw[0])
-        assert (gh14 * 14, gw14 * 14) == smart_resize_hw(h, w, 56 * 56, 224 * 224), (h, w)
-        assert (gh14 // 2, gw14 // 2) == token_grid_hw(h, w, 56 * 56, 224 * 224)
-
-
-def test_smart_resize_rounds_half_to_even():
-    # 42 / 28 = 1.5 -> 2 and 70 / 28 = 2.5 -> 2 (Python's round, as the processor uses): both give 56 px.
-    assert smart_resize_hw(42, 2000, min_pixels=28 * 28, max_pixels=10**8)[0] == 56
-    assert smart_resize_hw(70, 2000, min_pixels=28 * 28, max_pixels=10**8)[0] == 56
 
 
 # -- boxes -------------------------------------------------------------------------------------------------------------
@@ -396,7 +334,7 @@ def test_maps_are_distributions_on_the_token_grid():
 
 def test_target_map_for_image_uses_the_processor_grid():
     m = target_map_for_image({"boxes": [[0, 0, 10, 10]]}, (1000, 500))
-    assert m.shape == token_grid_hw(1000, 500)
+    assert m.shape == token_grid(1000, 500)
 
 
 # -- no map and errors -------------------------------------------------------------------------------------------------

@@ -138,8 +138,8 @@ def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny
 
     import datasets
 
+    from klal.eval.metrics import GroundingMetrics
     from klal.grounding import GroundingModel, build_method
-    from klal.metrics import GroundingMetrics
     from klal.models.loader import ModelConfig
 
     n = 3  # rank 0 probes rows 0 and 2, rank 1 row 1: uneven shares, so a mean of rank means would differ
@@ -187,3 +187,43 @@ def test_grounding_probes_under_two_process_ddp_equal_one_process(tmp_path, tiny
             assert (synced["count"], synced["skipped"]) == (s["count"], s["skipped"]), (task, name)
             assert synced["value"] == pytest.approx(s["value"], rel=1e-5, abs=1e-6), (task, name)
     assert scores["answer attention"]["grid_patch"]["evidence_mass"]["count"] == n
+
+
+def _versions(root: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (root / name).iterdir() if p.is_dir())
+
+
+def test_resume_last_continues_its_own_run_and_refuses_other_settings(tmp_path, tiny_dataset):
+    """``--ckpt_path last`` resumes the run's own logger version (not a newer run under the same root), appends to its
+    metrics.csv, and refuses changed hyperparameters or model options unless allowed."""
+    root = tmp_path / "runs"
+
+    def fit(name: str, steps: int, *extra: str):
+        flags = _flags(root, tiny_dataset, steps=steps)
+        return train.main(["fit", *flags, "--trainer.logger.init_args.name", name, *extra])
+
+    fit("klal", 2)
+    fit("ntp", 2, "--model.klal_weight", "0")  # newer, same root: "last" used to pick this one
+    cli = fit("klal", 4, "--ckpt_path", "last")
+    assert cli.trainer.global_step == 4
+    assert Path(cli.trainer.log_dir) == root / "klal" / "version_0" and _versions(root, "klal") == ["version_0"]
+    rows = list(csv.DictReader((root / "klal" / "version_0" / "metrics.csv").read_text().splitlines()))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert steps == [0, 1, 2, 3], "one curve in one file, each step once"
+
+    with pytest.raises(
+        ValueError,
+        match=r"resuming checkpoint .*klal_weight 1.0 in the checkpoint vs 0.5 now.*"
+        r"--allow_changed_hparams",
+    ):
+        fit("klal", 6, "--ckpt_path", "last", "--model.klal_weight", "0.5")
+    with pytest.raises(ValueError, match=r"optim .*'lr': 0.002.* in the checkpoint vs .*'lr': 0.001"):
+        fit("klal", 6, "--ckpt_path", "last", "--model.optim.lr", "1e-3")
+    with pytest.raises(ValueError, match=r"data.batch_size 2 in the checkpoint vs 4 now"):
+        fit("klal", 6, "--ckpt_path", "last", "--data.batch_size", "4")
+    # Model options are never replaced silently by the checkpoint's, nor accepted when they differ.
+    with pytest.raises(ValueError, match=r"backbone .*'max_pixels': 50176.* vs .*'max_pixels': 12544"):
+        fit("klal", 6, "--ckpt_path", "last", "--model.backbone.max_pixels", "12544", "--allow_changed_hparams", "true")
+    cli = fit("klal", 6, "--ckpt_path", "last", "--model.klal_weight", "0.5", "--allow_changed_hparams", "true")
+    assert cli.trainer.global_step == 6 and cli.model.klal_weight == 0.5
+    assert _versions(root, "klal") == ["version_0"]

@@ -28,18 +28,60 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
 from PIL import Image
 
 from klal.data.schema import Evidence, is_text_only
+from klal.geometry import MERGE, PATCH_PX
 from klal.targets import TargetMapError, TargetSpec, build_target_map_with_reason
 
 IGNORE_INDEX = -100
 NO_IMAGE_REASON = "no image"
 """The :class:`NoMapCounter` reason of text-only samples."""
+
+
+class _BatchTensors(TypedDict):
+    input_ids: torch.Tensor
+    """(B, S) long: chat-formatted prompt (with ``<|image_pad|>`` expanded to the image's tokens), answer and
+    end-of-turn token ids; padded with the pad id on the right (training) or left (generation)."""
+    attention_mask: torch.Tensor
+    """(B, S) long: 1 for real tokens, 0 for padding."""
+    labels: torch.Tensor
+    """(B, S) long: the answer and end-of-turn token ids, :data:`IGNORE_INDEX` (-100) everywhere else (NTP targets;
+    the model shifts them)."""
+    answer_mask: torch.Tensor
+    """(B, S) bool: the answer's content tokens (not the end-of-turn token): where the KLAL queries are chosen."""
+    mm_token_type_ids: torch.Tensor
+    """(B, S) long: 0 text, 1 image token; the model derives its 3-D mrope positions from it."""
+    target: torch.Tensor
+    """(B, V) float32: each sample's target distribution over its visual tokens in sequence order (images in order,
+    row-major per image), summing to 1 where ``has_target``; V is the batch's largest visual-token count (at least 1),
+    zero beyond a sample's own tokens."""
+    has_target: torch.Tensor
+    """(B,) bool: the sample has a target map (False: text-only, or no evidence mass; see ``no_map_reason``)."""
+    key_image: torch.Tensor
+    """(B, V) long: index (within the sample) of the image each visual-token slot belongs to, -1 for padding slots."""
+    grids: list[list[tuple[int, int]]]
+    """Per sample, per image: the visual-token grid ``(gh, gw)`` (``image_grid_thw`` h / 2, w / 2)."""
+    no_map_reason: list[str | None]
+    """Per sample: why it has no target map (one of :data:`klal.targets.NO_MAP_REASONS`, ``no image``, ...), or None."""
+    ids: list[str]
+    """Per sample: the row's ``id`` (named in errors), else its position in the batch."""
+
+
+class KLALBatch(_BatchTensors, total=False):
+    """What :class:`KLALCollator` returns: the model inputs, the NTP labels and the KLAL targets of B samples padded
+    to S tokens. The two image keys are present only when the batch holds at least one image (the model runs its
+    vision tower only when ``pixel_values`` is given)."""
+
+    pixel_values: torch.Tensor
+    """(P, 1176) float32: the processor's patches of every image of the batch, images in order (P = sum of t*h*w of
+    ``image_grid_thw``; 1176 = 3 channels x 2 frames x 14 x 14 px)."""
+    image_grid_thw: torch.Tensor
+    """(N, 3) long: per image, its patch grid (t, h, w) in 14-px patches; visual tokens = t*h*w / 4."""
 
 
 @dataclass
@@ -98,8 +140,8 @@ class KLALCollator:
         self.padding_side = padding_side
         self.max_length = max_length
         self.image_token_id = int(processor.image_token_id)
-        self.merge = int(getattr(processor.image_processor, "merge_size", 2))
-        self.patch = int(getattr(processor.image_processor, "patch_size", 14))
+        self.merge = int(getattr(processor.image_processor, "merge_size", MERGE))
+        self.patch = int(getattr(processor.image_processor, "patch_size", PATCH_PX))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.no_map = NoMapCounter()
@@ -122,7 +164,7 @@ class KLALCollator:
         return list(content) + list(end), len(content)
 
     # -- main entry -----------------------------------------------------------------------------------------------
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: list[dict[str, Any]]) -> KLALBatch:
         images_per_row = [
             [_to_rgb(im, _sample_id(r, i)) for im in _row_images(r, _sample_id(r, i))] for i, r in enumerate(rows)
         ]

@@ -1,4 +1,5 @@
-"""Shared helpers of the real-data loaders: reading a source, finding images, counting skipped records, writing rows.
+"""Reading and writing klal data: the one split loader (:func:`load_split`) and the real-data converters' helpers
+(reading a source, finding images, counting skipped records, writing rows).
 
 A *source* is one of (checked in this order):
 
@@ -13,7 +14,14 @@ reference image files by path (or carry the source's image bytes); ``save_to_dis
 dataset is self-contained (one copy per row: several questions on one image store it several times).
 
 Skipped records are never silent: every skip is counted by reason in a :class:`ConversionReport`, whose one-line
-summary is logged; in strict mode the first skip raises :class:`RecordError` naming the record.
+summary is logged; in strict mode the first skip raises :class:`RecordError` naming the record. A conversion that
+keeps no record at all writes nothing and is an error.
+
+Damaged data names itself. A saved split whose Arrow file cannot be read (truncated by an interrupted copy, say) is a
+:class:`DataReadError` naming the file; an image that cannot be decoded is an :class:`ImageDecodeError` naming the
+dataset, split, sample id and row (:func:`read_row`, which the loaders use). Images over PIL's decompression-bomb
+limit (about 179 M pixels) are refused the same way, with the size; the environment variable
+``KLAL_MAX_IMAGE_PIXELS`` (a pixel count, or ``none`` for no limit) raises the limit for every klal command.
 """
 
 from __future__ import annotations
@@ -29,9 +37,36 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from klal.data.schema import FEATURES, SPLITS
+from klal.data.schema import FEATURES, SPLITS, check_columns
 
 logger = logging.getLogger("klal.data")
+
+MAX_IMAGE_PIXELS_ENV = "KLAL_MAX_IMAGE_PIXELS"
+"""Environment variable that sets the largest image (in pixels) klal decodes: an integer, or ``none`` for no limit."""
+
+
+def apply_image_pixel_limit() -> None:
+    """Set PIL's decompression-bomb limit from :data:`MAX_IMAGE_PIXELS_ENV` (nothing when it is unset).
+
+    PIL warns above ``Image.MAX_IMAGE_PIXELS`` and refuses twice that; klal sets the warning limit to half the value
+    asked for, so an image of up to that many pixels decodes.
+    """
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not value:
+        return
+    if value.lower() == "none":
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive pixel count or 'none', got {value!r}")
+    Image.MAX_IMAGE_PIXELS = max(1, limit // 2)
+
+
+apply_image_pixel_limit()
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -50,6 +85,14 @@ _MAX_EXAMPLES = 3
 
 class RecordError(ValueError):
     """A source record that cannot be converted (raised in strict mode); the message names the record."""
+
+
+class DataReadError(ValueError):
+    """A saved dataset whose files cannot be read; the message names the file."""
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded; the message names the dataset, split, sample id and row."""
 
 
 class SkipRecord(Exception):
@@ -135,6 +178,16 @@ class Conversion:
     dataset: datasets.DatasetDict
     report: ConversionReport
 
+    def save(self, out: str | os.PathLike) -> None:
+        """``save_to_disk`` the dataset at ``out`` (what the converters' ``--out`` does).
+
+        Raises:
+            ValueError: no record was kept; nothing is written (the message is the report's summary).
+        """
+        if self.report.total_kept == 0:
+            raise ValueError(f"{self.report.summary()}; nothing written to {os.fspath(out)}")
+        self.dataset.save_to_disk(os.fspath(out))
+
 
 def canonical_split(name: str) -> str:
     """Output split name for an upstream split name (see :data:`SPLIT_ALIASES`)."""
@@ -201,6 +254,141 @@ def source_dir(source: str) -> str | None:
     if os.path.isfile(path):
         return os.path.dirname(os.path.abspath(path))
     return None
+
+
+# -- klal datasets on disk ---------------------------------------------------------------------------------------------
+
+
+def check_max_samples(max_samples: int | None, option: str = "max_samples") -> None:
+    """Raise a ValueError naming ``option`` unless ``max_samples`` is None (all rows) or an integer >= 1."""
+    if max_samples is None:
+        return
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"{option} must be an integer >= 1 (or None for every row), got {max_samples!r}")
+
+
+def load_split(path: str | os.PathLike, split: str, max_samples: int | None = None) -> datasets.Dataset:
+    """One split of a klal dataset saved with ``save_to_disk``, checked for the schema's columns.
+
+    The one split loader of klal (evaluation, head discovery, the study, preview). A saved ``DatasetDict`` is read
+    by split name; a saved single ``Dataset`` counts as the ``train`` split, as the training data module reads it.
+
+    Args:
+        path: the dataset directory.
+        split: split name (``train``, ``validation``, ``test``, ...).
+        max_samples: keep the first this many rows (None: all of them).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or holds no saved dataset.
+        ValueError: ``max_samples`` < 1, a missing split (the message lists the available ones) or a missing schema
+            column; every message names the path.
+    """
+    check_max_samples(max_samples)
+    where = os.fspath(path)
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"dataset directory not found: {where}")
+    if not any(os.path.isfile(os.path.join(where, f)) for f in ("dataset_dict.json", "state.json")):
+        raise FileNotFoundError(
+            f"{where} is not a dataset saved with save_to_disk (no dataset_dict.json or state.json in it)"
+        )
+    loaded = read_saved(where)
+    if split not in loaded:
+        raise ValueError(f"{where} has no split {split!r}; its splits: {', '.join(loaded) or 'none'}")
+    ds = loaded[split]
+    check_columns(ds, f"{where} [{split}]")
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return ds
+
+
+def read_saved(path: str | os.PathLike) -> datasets.DatasetDict:
+    """``datasets.load_from_disk(path)`` as a ``DatasetDict`` (a saved single ``Dataset`` is its ``train`` split).
+
+    Raises:
+        DataReadError: a file of the dataset cannot be read (truncated or damaged); the message names the file.
+    """
+    where = os.fspath(path)
+    try:
+        loaded = datasets.load_from_disk(where)
+    except (OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataReadError(f"{where}: cannot read {_damaged_file(where) or 'the saved dataset'}: {e}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _damaged_file(where: str) -> str | None:
+    """The first Arrow file under ``where`` that pyarrow cannot read to its end ("... is truncated or damaged")."""
+    import pyarrow as pa
+
+    for root, _, files in sorted(os.walk(where)):
+        for name in sorted(f for f in files if f.endswith(".arrow")):
+            file = os.path.join(root, name)
+            try:
+                with pa.memory_map(file) as source:
+                    pa.ipc.open_stream(source).read_all()
+            except (OSError, pa.ArrowException):
+                return f"{file} (truncated or damaged)"
+    return None
+
+
+# PIL raises OSError (UnidentifiedImageError, "image file is truncated"), SyntaxError (broken PNG chunks) or
+# DecompressionBombError on data it cannot decode.
+_DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_row(ds: datasets.Dataset, index: int, where: str) -> dict[str, Any]:
+    """``ds[index]``, with an image that cannot be decoded reported as :class:`ImageDecodeError`.
+
+    Args:
+        ds: a split in the klal schema (or a list of rows, returned as they are).
+        index: row position.
+        where: the dataset for messages, ``PATH`` or ``PATH [SPLIT]`` (the split is added from ``ds`` when it knows it).
+    """
+    if not isinstance(ds, datasets.Dataset):  # rows already in memory (a list of dicts) are decoded
+        return ds[index]
+    try:
+        return ds[int(index)]
+    except _DECODE_ERRORS as e:
+        raise image_decode_error(ds, int(index), where, e) from None
+
+
+def image_decode_error(ds: datasets.Dataset, index: int, where: str, error: BaseException) -> ImageDecodeError:
+    """The :class:`ImageDecodeError` for row ``index`` of ``ds``, whose decoding raised ``error``."""
+    split = getattr(ds, "split", None)
+    if split is not None and f"[{split}]" not in where:
+        where = f"{where} [{split}]"
+    raw = ds.with_format("arrow")[index]  # the same row, nothing decoded
+    sample = raw.column("id")[0].as_py() if "id" in raw.column_names else None
+    head = f"{where}: sample {sample!r} (row {index})"
+    if isinstance(error, Image.DecompressionBombError):
+        size = _image_size(raw.column("image")[0].as_py() if "image" in raw.column_names else None)
+        dims = f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels" if size else str(error).split(",")[0]
+        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        return ImageDecodeError(
+            f"{head}: its image is {dims}, over the {limit} the decoder accepts (a guard against decompression "
+            f"bombs); to read it anyway set {MAX_IMAGE_PIXELS_ENV}={size[0] * size[1] if size else 'N'} (or none), "
+            "or store a smaller image"
+        )
+    return ImageDecodeError(f"{head}: cannot decode its image: {type(error).__name__}: {error}")
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """(width, height) from the header of a stored image ``{"bytes", "path"}``, without the pixel limit."""
+    if not isinstance(value, dict):
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # only the header is read
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        with Image.open(source) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - the size only improves a message that is raised anyway
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 # -- images ------------------------------------------------------------------------------------------------------------
@@ -345,3 +533,11 @@ def build_dataset_dict(rows_by_split: Mapping[str, list[dict[str, Any]]]) -> dat
     return datasets.DatasetDict(
         {s: datasets.Dataset.from_list(rows_by_split[s], features=FEATURES) for s in split_order(rows_by_split)}
     )
+
+
+def split_list(splits: str | Sequence[str] | None) -> list[str] | None:
+    """A ``--splits`` value as a list: ``"train,test"`` and ``["train", "test"]`` give the same (None stays None)."""
+    if splits is None:
+        return None
+    items = splits.split(",") if isinstance(splits, str) else list(splits)
+    return [str(s).strip() for s in items if str(s).strip()]

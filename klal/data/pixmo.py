@@ -28,10 +28,8 @@ Skipped (counted, reported; raised in strict mode): missing or unreadable image,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +37,7 @@ from typing import Any, Literal
 
 import datasets
 
+from klal.cli import run
 from klal.data.io import (
     Conversion,
     ConversionReport,
@@ -51,7 +50,7 @@ from klal.data.io import (
     load_source,
     source_dir,
 )
-from klal.data.schema import Evidence, make_record
+from klal.data.schema import Evidence, make_record, parse_point
 
 DEFAULT_QUESTIONS = {"count": "How many {label} are there?", "point": "Point to the {label}."}
 DEFAULT_ANSWERS = {"count": "{count}", "point": "{points}"}
@@ -101,13 +100,9 @@ def _parse_points(value: Any, units: str, w: int, h: int) -> list[list[float]]:
     pts = []
     for k, p in enumerate(value):
         try:
-            x, y = (float(p["x"]), float(p["y"])) if isinstance(p, Mapping) else (float(p[0]), float(p[1]))
-            if not isinstance(p, Mapping) and len(p) != 2:
-                raise ValueError("expected [x, y]")
-        except (TypeError, ValueError, KeyError, IndexError) as e:
-            raise SkipRecord("malformed points", f"points[{k}] = {p!r}: {e}") from e
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise SkipRecord("malformed points", f"points[{k}] = {p!r} is NaN/inf")
+            x, y = parse_point((p["x"], p["y"]) if isinstance(p, Mapping) else p, f"points[{k}] = {p!r}")
+        except (TypeError, ValueError, KeyError) as e:
+            raise SkipRecord("malformed points", str(e)) from e
         if units == "percent":
             if not (0 <= x <= 100 and 0 <= y <= 100):
                 raise SkipRecord("malformed points", f"points[{k}] = {p!r} outside 0-100 %")
@@ -116,6 +111,14 @@ def _parse_points(value: Any, units: str, w: int, h: int) -> list[list[float]]:
             raise SkipRecord("malformed points", f"points[{k}] = {p!r} outside the {w}x{h} image")
         pts.append([x, y])
     return pts
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
 
 
 def convert_pixmo_rows(
@@ -157,11 +160,7 @@ def convert_pixmo_rows(
         raise ValueError(f"mode must be one of {list(DEFAULT_QUESTIONS)}, got {mode!r}")
     if point_units not in ("percent", "pixels"):
         raise ValueError(f"point_units must be 'percent' or 'pixels', got {point_units!r}")
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    _check_fractions(val_fraction, test_fraction)
     question = question if question is not None else DEFAULT_QUESTIONS[mode]
     answer = answer if answer is not None else DEFAULT_ANSWERS[mode]
     check_template(question, "question", TEMPLATE_FIELDS)
@@ -233,18 +232,38 @@ def convert_pixmo_rows(
     return Conversion(build_dataset_dict(out), report)
 
 
-def convert_pixmo_points(source: str, *, image_dir: str | None = None, **kwargs: Any) -> Conversion:
+def convert_pixmo_points(
+    source: str,
+    *,
+    image_dir: str | None = None,
+    out: str | None = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    **kwargs: Any,
+) -> Conversion:
     """Convert PixMo-Points records from a saved dataset, parquet/jsonl file or directory, or hub name.
 
     Args:
         source: where the records are (:func:`klal.data.io.load_source`).
         image_dir: directory of the downloaded images (see the module docstring for the file names looked up).
-        **kwargs: options of :func:`convert_pixmo_rows` (``mode``, templates, ``point_units``, split fractions,
-            ``strict``, ...).
+        out: also save the converted dataset in this directory (``save_to_disk``; None: only return it).
+        val_fraction: share of training images moved to ``validation``.
+        test_fraction: share of training images moved to ``test``.
+        **kwargs: the other options of :func:`convert_pixmo_rows` (``mode``, templates, ``point_units``, ``strict``,
+            ...).
     """
-    return convert_pixmo_rows(
-        load_source(source), source_name=source, image_dirs=[image_dir, source_dir(source)], **kwargs
+    _check_fractions(val_fraction, test_fraction)  # before the source is read, so a bad value fails at once
+    conversion = convert_pixmo_rows(
+        load_source(source),
+        source_name=source,
+        image_dirs=[image_dir, source_dir(source)],
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        **kwargs,
     )
+    if out is not None:
+        conversion.save(out)
+    return conversion
 
 
 def load_pixmo_points(source: str, **kwargs: Any) -> datasets.DatasetDict:
@@ -252,35 +271,12 @@ def load_pixmo_points(source: str, **kwargs: Any) -> datasets.DatasetDict:
     return convert_pixmo_points(source, **kwargs).dataset
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m klal.data.pixmo SOURCE --image-dir DIR --out DIR``: convert and ``save_to_disk``."""
-    p = argparse.ArgumentParser(prog="python -m klal.data.pixmo", description=__doc__.split("\n")[0])
-    p.add_argument("source", help="saved dataset, parquet/jsonl file or directory, or hub name")
-    p.add_argument("--out", required=True, help="output directory (datasets.save_to_disk)")
-    p.add_argument("--image-dir", default=None, help="directory of the downloaded images")
-    p.add_argument("--mode", choices=["count", "point"], default="count")
-    p.add_argument("--question", default=None, help="question template (default per mode)")
-    p.add_argument("--answer", default=None, help="answer template (default per mode)")
-    p.add_argument("--point-units", choices=["percent", "pixels"], default="percent")
-    p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--test-fraction", type=float, default=0.0)
-    p.add_argument("--verify-sha256", action="store_true", help="check image files against image_sha256")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad record")
-    a = p.parse_args(argv)
-    conv = convert_pixmo_points(
-        a.source,
-        image_dir=a.image_dir,
-        mode=a.mode,
-        question=a.question,
-        answer=a.answer,
-        point_units=a.point_units,
-        val_fraction=a.val_fraction,
-        test_fraction=a.test_fraction,
-        verify_sha256=a.verify_sha256,
-        strict=a.strict,
-    )
-    conv.dataset.save_to_disk(a.out)
-    print(conv.report.summary())
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """``python -m klal.data.pixmo SOURCE --image-dir DIR --out DIR`` (or ``klal convert-pixmo``).
+
+    :func:`convert_pixmo_points` with its options (and those it passes on) as flags; prints the report's summary line.
+    """
+    print(run(convert_pixmo_points, argv, prog or "python -m klal.data.pixmo").report.summary())
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ outside the image are clipped (counted as a note).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
-import math
 import os
 import pickle
 import re
@@ -45,6 +43,7 @@ from typing import Any, Literal
 
 import datasets
 
+from klal.cli import run
 from klal.data.io import (
     Conversion,
     ConversionReport,
@@ -56,9 +55,10 @@ from klal.data.io import (
     check_template,
     load_source,
     source_dir,
+    split_list,
 )
-from klal.data.schema import Evidence, make_record
-from klal.targets import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize_hw
+from klal.data.schema import Evidence, make_record, parse_box
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize_hw
 
 DEFAULT_QUESTION = "Where is {expression}? Answer with the bounding box."
 DEFAULT_ANSWER = "[{x0}, {y0}, {x1}, {y1}]"
@@ -201,24 +201,30 @@ def _expressions(row: Mapping[str, Any], sentence_field: str) -> list[tuple[str,
     return []
 
 
+def xywh_to_xyxy(value: Any, where: str) -> list[float]:
+    """COCO's ``[x, y, w, h]`` as ``[x0, y0, x1, y1]`` (the numbers are checked by :func:`parse_box` afterwards)."""
+    try:
+        x, y, w, h = (float(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: expected 4 numbers [x, y, w, h], got {value!r}") from e
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{where}: non-positive width/height in [x, y, w, h] = {[x, y, w, h]}")
+    return [x, y, x + w, y + h]
+
+
 def _parse_bbox(value: Any, fmt: str) -> list[float]:
+    """A row's box as ``[x0, y0, x1, y1]`` with positive width and height, or :class:`SkipRecord`."""
     if value is None:
         raise SkipRecord("missing box")
+    where = f"bbox ({fmt})"
     try:
-        vals = [float(v) for v in value]
-    except (TypeError, ValueError) as e:
-        raise SkipRecord("malformed box", f"not numbers: {value!r}") from e
-    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise SkipRecord("malformed box", f"expected 4 finite numbers, got {value!r}")
-    if fmt == "xywh":
-        x, y, w, h = vals
-        if w <= 0 or h <= 0:
-            raise SkipRecord("malformed box", f"non-positive width/height in [x, y, w, h] = {vals}")
-        return [x, y, x + w, y + h]
-    x0, y0, x1, y1 = vals
+        box = parse_box(xywh_to_xyxy(value, where) if fmt == "xywh" else value, where)
+    except ValueError as e:
+        raise SkipRecord("malformed box", str(e)) from e
+    x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
-        raise SkipRecord("malformed box", f"need x0 < x1 and y0 < y1 in [x0, y0, x1, y1] = {vals}")
-    return vals
+        raise SkipRecord("malformed box", f"{where}: need x0 < x1 and y0 < y1 in [x0, y0, x1, y1] = {list(box)}")
+    return list(box)
 
 
 def _image_for_row(row: Mapping[str, Any], resolver: ImageResolver) -> ImageRef:
@@ -253,7 +259,7 @@ def convert_refcoco_rows(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     sentence_field: str = "sent",
     bbox_format: Literal["xywh", "xyxy"] = "xywh",
-    splits: Sequence[str] | None = None,
+    splits: Sequence[str] | str | None = None,
     verify_images: bool = False,
     strict: bool = False,
     task: str = "refcoco",
@@ -271,7 +277,7 @@ def convert_refcoco_rows(
         max_pixels: processor ``max_pixels`` (for ``resized``).
         sentence_field: key of the expression in sentence dicts (``sent`` or ``raw``; falls back to the other).
         bbox_format: ``xywh`` (COCO) or ``xyxy``.
-        splits: keep only these output splits (None: all).
+        splits: keep only these output splits, a list or comma-separated (None: all).
         verify_images: fully decode-check every image.
         strict: raise :class:`~klal.data.io.RecordError` on the first bad record instead of skipping it.
         task: value of the ``task`` column and id prefix.
@@ -280,11 +286,13 @@ def convert_refcoco_rows(
         raise ValueError(f"answer_coords must be 'original' or 'resized', got {answer_coords!r}")
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
+    if not 1 <= min_pixels <= max_pixels:
+        raise ValueError(f"need 1 <= min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
     check_template(question, "question", TEMPLATE_FIELDS)
     check_template(answer, "answer", TEMPLATE_FIELDS)
     report = ConversionReport(source_name, strict=strict)
     resolver = ImageResolver(image_dirs, verify=verify_images)
-    keep_splits = None if splits is None else {canonical_split(s) for s in splits}
+    keep_splits = None if splits is None else {canonical_split(s) for s in split_list(splits)}
     out: dict[str, list[dict[str, Any]]] = {}
     for source_split, rows in rows_by_split.items():
         for idx, row in enumerate(rows):
@@ -370,6 +378,8 @@ def convert_refcoco(
     image_dir: str | None = None,
     split_by: str | None = None,
     instances_file: str | None = None,
+    out: str | None = None,
+    bbox_format: Literal["xywh", "xyxy"] = "xywh",
     **kwargs: Any,
 ) -> Conversion:
     """Convert RefCOCO from the classic layout or flat records (module docstring) into the klal schema.
@@ -382,21 +392,31 @@ def convert_refcoco(
         split_by: which ``refs(<split_by>).p`` to read when a classic directory has several (``unc``, ``google``,
             ``umd``).
         instances_file: COCO ``instances.json`` (classic; default: next to the refs file).
-        **kwargs: options of :func:`convert_refcoco_rows` (templates, ``answer_coords``, ``bbox_format``, ``splits``,
+        out: also save the converted dataset in this directory (``save_to_disk``; None: only return it).
+        bbox_format: flat records' box format: ``xywh`` (COCO) or ``xyxy``; the classic layout is always ``xywh``.
+        **kwargs: the other options of :func:`convert_refcoco_rows` (templates, ``answer_coords``, ``splits``,
             ``strict``, ...).
     """
     classic = _classic_files(source, split_by, instances_file)
     if classic is not None:
         refs, instances = classic
-        if kwargs.get("bbox_format", "xywh") != "xywh":
+        if bbox_format != "xywh":
             raise ValueError("bbox_format: the classic refs layout has COCO [x, y, w, h] boxes; leave it 'xywh'")
         rows = classic_refcoco_rows(refs, instances)
-        return convert_refcoco_rows(
-            rows, source_name=source, image_dirs=[_classic_image_dir(refs, image_dir)], **kwargs
+        conversion = convert_refcoco_rows(
+            rows, source_name=source, image_dirs=[_classic_image_dir(refs, image_dir)], bbox_format="xywh", **kwargs
         )
-    return convert_refcoco_rows(
-        load_source(source), source_name=source, image_dirs=[image_dir, source_dir(source)], **kwargs
-    )
+    else:
+        conversion = convert_refcoco_rows(
+            load_source(source),
+            source_name=source,
+            image_dirs=[image_dir, source_dir(source)],
+            bbox_format=bbox_format,
+            **kwargs,
+        )
+    if out is not None:
+        conversion.save(out)
+    return conversion
 
 
 def load_refcoco(source: str, **kwargs: Any) -> datasets.DatasetDict:
@@ -404,35 +424,12 @@ def load_refcoco(source: str, **kwargs: Any) -> datasets.DatasetDict:
     return convert_refcoco(source, **kwargs).dataset
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m klal.data.refcoco SOURCE --out DIR``: convert and ``save_to_disk``."""
-    p = argparse.ArgumentParser(prog="python -m klal.data.refcoco", description=__doc__.split("\n")[0])
-    p.add_argument("source", help="classic refcoco directory / refs pickle, saved dataset, parquet/jsonl, or hub name")
-    p.add_argument("--out", required=True, help="output directory (datasets.save_to_disk)")
-    p.add_argument("--image-dir", default=None, help="image directory (classic: COCO train2014)")
-    p.add_argument("--split-by", default=None, help="refs(<split_by>).p to use: unc, google, umd")
-    p.add_argument("--instances-file", default=None, help="COCO instances.json (classic layout)")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="question template")
-    p.add_argument("--answer", default=DEFAULT_ANSWER, help="answer template")
-    p.add_argument("--answer-coords", choices=["original", "resized"], default="original")
-    p.add_argument("--bbox-format", choices=["xywh", "xyxy"], default="xywh", help="flat records' bbox format")
-    p.add_argument("--splits", nargs="*", default=None, help="output splits to keep")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad record")
-    a = p.parse_args(argv)
-    conv = convert_refcoco(
-        a.source,
-        image_dir=a.image_dir,
-        split_by=a.split_by,
-        instances_file=a.instances_file,
-        question=a.question,
-        answer=a.answer,
-        answer_coords=a.answer_coords,
-        bbox_format=a.bbox_format,
-        splits=a.splits,
-        strict=a.strict,
-    )
-    conv.dataset.save_to_disk(a.out)
-    print(conv.report.summary())
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """``python -m klal.data.refcoco SOURCE --out DIR`` (or ``klal convert-refcoco``).
+
+    :func:`convert_refcoco` with its options (and those it passes on) as flags; prints the report's summary line.
+    """
+    print(run(convert_refcoco, argv, prog or "python -m klal.data.refcoco").report.summary())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from klal.data.collate import KLALCollator, PromptSettings
-from klal.targets import token_grid_hw
+from klal.geometry import token_grid
 
 __all__ = ["LengthGroupedSampler", "TokenBudgetBatchSampler", "estimate_lengths", "padding_fraction"]
 
@@ -89,7 +89,7 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
             lengths.append(overhead_text + n_question[i] + n_answer[i])
             continue
         try:
-            gh, gw = token_grid_hw(int(h or 0), int(w or 0), min_pixels, max_pixels)
+            gh, gw = token_grid(int(h or 0), int(w or 0), min_pixels, max_pixels)
         except ValueError as e:
             raise ValueError(f"estimate_lengths: sample {i}: {e}") from e
         lengths.append(overhead + gh * gw + n_question[i] + n_answer[i])

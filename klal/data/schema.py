@@ -15,34 +15,53 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+import numpy as np
 
-EVIDENCE_FEATURE = {
-    # [[x0, y0, x1, y1], ...]
-    "boxes": datasets.List(datasets.List(datasets.Value("float32"))),
-    # [[x, y], ...]
-    "points": datasets.List(datasets.List(datasets.Value("float32"))),
-    # [[[x, y], ...], ...]
-    "polylines": datasets.List(datasets.List(datasets.List(datasets.Value("float32")))),
-}
+if TYPE_CHECKING:
+    import datasets
 
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "task": datasets.Value("string"),
-        "image": datasets.Image(),
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "evidence": EVIDENCE_FEATURE,
-        "meta": datasets.Value("string"),
+REQUIRED_COLUMNS = ("id", "task", "image", "question", "answer", "width", "height", "evidence", "meta")
+"""The columns of :data:`FEATURES`, in order."""
+
+
+def _features() -> dict[str, Any]:
+    import datasets
+
+    evidence = {
+        # [[x0, y0, x1, y1], ...]
+        "boxes": datasets.List(datasets.List(datasets.Value("float32"))),
+        # [[x, y], ...]
+        "points": datasets.List(datasets.List(datasets.Value("float32"))),
+        # [[[x, y], ...], ...]
+        "polylines": datasets.List(datasets.List(datasets.List(datasets.Value("float32")))),
     }
-)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "task": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "evidence": evidence,
+            "meta": datasets.Value("string"),
+        }
+    )
+    return {"EVIDENCE_FEATURE": evidence, "FEATURES": features}
 
-REQUIRED_COLUMNS = tuple(FEATURES.keys())
+
+def __getattr__(name: str) -> Any:
+    # FEATURES / EVIDENCE_FEATURE are built on first use: importing ``datasets`` takes seconds, and the schema's other
+    # names (Evidence, parse_box, ...) are needed by commands that never touch a dataset (``--help`` among them).
+    if name in ("FEATURES", "EVIDENCE_FEATURE"):
+        globals().update(_features())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -81,6 +100,51 @@ class Evidence:
             points=[list(p) for p in (d.get("points") or [])],
             polylines=[[list(p) for p in line] for line in (d.get("polylines") or [])],
         )
+
+
+def _coords(value: Any, n: int, where: str, layout: str, error: type[ValueError]) -> tuple[float, ...]:
+    """``n`` finite numbers from ``value`` (a list, tuple or array), or ``error`` naming ``where``."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise error(f"{where}: not a list of numbers ({value!r})") from e
+    if arr.shape != (n,):
+        raise error(f"{where}: needs {n} coordinates {layout}, got shape {arr.shape} ({value!r})")
+    if not np.all(np.isfinite(arr)):
+        raise error(f"{where}: contains NaN or inf ({arr.tolist()})")
+    return tuple(float(v) for v in arr)
+
+
+def parse_box(value: Any, where: str, error: type[ValueError] = ValueError) -> tuple[float, float, float, float]:
+    """The one box parser: ``value`` as ``(x0, y0, x1, y1)`` floats, checked.
+
+    A box is 4 finite numbers with ``x0 <= x1`` and ``y0 <= y1`` (a zero-width or zero-height box is well-formed; what
+    it means is up to the caller). Formats other than ``[x0, y0, x1, y1]`` (COCO's ``[x, y, w, h]``) are converted by
+    their reader before this check.
+
+    Args:
+        value: a sequence or array of 4 numbers.
+        where: what the box is, for the message (e.g. ``"sample 'q2' boxes[0]"``).
+        error: the exception class raised (a ValueError subclass such as :class:`klal.targets.TargetMapError`).
+
+    Raises:
+        ValueError: (or ``error``) not 4 numbers, NaN or inf, or ``x1 < x0`` / ``y1 < y0``; the message starts with
+            ``where``.
+    """
+    x0, y0, x1, y1 = _coords(value, 4, where, "[x0, y0, x1, y1]", error)
+    for lo, hi, name in ((x0, x1, "x"), (y0, y1, "y")):
+        if hi < lo:
+            raise error(
+                f"{where}: {name}1 < {name}0 in {[x0, y0, x1, y1]} (a box is [x0, y0, x1, y1] with x0 <= x1 and "
+                "y0 <= y1, not x/y/width/height)"
+            )
+    return x0, y0, x1, y1
+
+
+def parse_point(value: Any, where: str, error: type[ValueError] = ValueError) -> tuple[float, float]:
+    """``value`` as an ``(x, y)`` pair of finite floats (see :func:`parse_box` for ``where`` and ``error``)."""
+    x, y = _coords(value, 2, where, "[x, y]", error)
+    return x, y
 
 
 def is_text_only(image: Any) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from klal.data.io import load_split
+from klal.data.io import load_split, read_row
 from klal.eval.config import EvalConfig, MethodSpec
 from klal.eval.metrics import GroundingMetrics
 from klal.eval.report import json_default, markdown_table, save_gallery, slug
@@ -99,13 +99,13 @@ def run_method(
     """
     out = MethodRun(label)
     # A method that never predicts boxes (the teacher-forced attention) is skipped by the box metrics, not scored 0.
-    boxes = getattr(method, "predicts_boxes", True)
+    boxes = method.predicts_boxes
     method.prepare(gm, list(prepare_rows))
     bar = tqdm(total=sum(len(rows) for rows in datasets.values()), desc=label, disable=not progress, leave=False)
     try:
         for name, rows in datasets.items():
             for start in range(0, len(rows), batch_size):
-                chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+                chunk = [read_row(rows, i, name) for i in range(start, min(start + batch_size, len(rows)))]
                 try:
                     results = method.run_batch(gm, chunk) if batch_size > 1 else [method.run(gm, r) for r in chunk]
                 except GroundingError as e:

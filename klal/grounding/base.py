@@ -78,6 +78,8 @@ class GroundingMethod:
         name: the registered name (also in every message).
         answers: whether :attr:`GroundingResult.answer` is filled in.
         batched: whether :meth:`run_batch` runs :meth:`ground_batch` (else :meth:`run` per row).
+        predicts_boxes: whether :attr:`GroundingResult.boxes` is the method's prediction (False: the box metrics
+            skip the method instead of scoring its empty list as IoU 0).
         Options: the frozen dataclass of the method's options, with their defaults.
         options: this instance's options.
     """
@@ -85,6 +87,7 @@ class GroundingMethod:
     name: ClassVar[str] = ""
     answers: ClassVar[bool] = False
     batched: ClassVar[bool] = False
+    predicts_boxes: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:

@@ -1,4 +1,8 @@
-"""Model loading: the embedded ``tiny`` Qwen2.5-VL, the loader for real checkpoints, and language-model-only LoRA."""
+"""Model loading: the embedded ``tiny`` Qwen2.5-VL, the loader for real checkpoints, and language-model-only LoRA.
+
+Also here: :mod:`klal.models.identity` (which base model is this, by content) and :mod:`klal.models.replica` (a
+Qwen2.5-VL-3B-Instruct replica with the real tokenizer and hub layout, for tests and benches).
+"""
 
 from klal.models.loader import (
     ModelConfig,
@@ -6,8 +10,16 @@ from klal.models.loader import (
     load_processor,
     resolve_dtype,
     set_text_attn_implementation,
+    text_config,
+    with_saved_pixel_bounds,
 )
-from klal.models.lora import LoraSettings, apply_lora, language_lora_regex, trainable_parameter_summary
+from klal.models.lora import (
+    LoraSettings,
+    apply_lora,
+    language_lora_regex,
+    train_base_parts,
+    trainable_parameter_summary,
+)
 from klal.models.tiny import (
     ImageTextQwen2_5_VLProcessor,
     build_tiny_model,
@@ -29,6 +41,9 @@ __all__ = [
     "load_processor",
     "resolve_dtype",
     "set_text_attn_implementation",
+    "text_config",
     "tiny_config",
+    "train_base_parts",
     "trainable_parameter_summary",
+    "with_saved_pixel_bounds",
 ]

@@ -13,6 +13,8 @@ slightly from the torchvision resize.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from klal.models.tiny import (
     ImageTextQwen2_5_VLProcessor,
     _check_pixels,
@@ -43,6 +46,8 @@ __all__ = [
     "load_processor",
     "resolve_dtype",
     "set_text_attn_implementation",
+    "text_config",
+    "with_saved_pixel_bounds",
 ]
 
 TINY = "tiny"
@@ -68,9 +73,9 @@ class ModelConfig:
     dtype: str = "auto"
     """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny), ``float32``, ``bfloat16`` or
     ``float16``."""
-    min_pixels: int = 56 * 56
+    min_pixels: int = DEFAULT_MIN_PIXELS
     """Lower bound on each resized image's area (processor ``smart_resize``)."""
-    max_pixels: int = 448 * 448
+    max_pixels: int = DEFAULT_MAX_PIXELS
     """Upper bound on each resized image's area. 448*448 (at most 256 visual tokens) suits the tiny model and CPU runs;
     real runs typically use e.g. 1024*28*28 (at most 1024 visual tokens per image)."""
     attn_implementation: str = "sdpa"
@@ -86,6 +91,12 @@ class ModelConfig:
     def is_tiny(self) -> bool:
         """Whether this names the embedded tiny model."""
         return self.name_or_path == TINY
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The language model's config of a Qwen2.5-VL model (bare or peft-wrapped) or config; a text-only config as is."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return getattr(cfg, "text_config", cfg)
 
 
 def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -128,8 +139,42 @@ def _check_model_type(source: str) -> None:
         )
 
 
+# Files klal writes beside what it saves (training's adapter folder, an export), holding the backbone settings.
+_KLAL_RECORDS = ("klal_export.json", "klal_adapter.json")
+
+
+def with_saved_pixel_bounds(cfg: ModelConfig, folder: str | os.PathLike | None = None) -> ModelConfig:
+    """``cfg`` with the pixel bounds klal saved in ``folder`` (default: ``cfg.name_or_path``), for each bound that
+    ``cfg`` leaves at its default; a bound set to another value is the caller's choice and is kept.
+
+    ``folder`` is an adapter folder (``klal_adapter.json``) or an export (``klal_export.json``); other folders (a hub
+    checkpoint, whose preprocessor config allows up to 12.8 M pixels) and hub ids leave ``cfg`` as it is.
+    """
+    folder = os.fspath(folder if folder is not None else cfg.name_or_path)
+    saved: dict[str, Any] = {}
+    for name in _KLAL_RECORDS:
+        path = os.path.join(os.path.expanduser(folder), name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f).get("backbone") or {}
+            break
+    defaults = ModelConfig()
+    changes = {
+        key: int(saved[key])
+        for key in ("min_pixels", "max_pixels")
+        if saved.get(key) is not None and getattr(cfg, key) == getattr(defaults, key)
+    }
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def load_processor(cfg: ModelConfig) -> Qwen2_5_VLProcessor:
-    """The processor of ``cfg``'s checkpoint with ``cfg``'s pixel bounds (no model weights are read)."""
+    """The processor of ``cfg``'s checkpoint with ``cfg``'s pixel bounds (no model weights are read).
+
+    A folder klal exported keeps the bounds it was trained with unless ``cfg`` sets others
+    (:func:`with_saved_pixel_bounds`).
+    """
+    if not cfg.is_tiny:
+        cfg = with_saved_pixel_bounds(cfg)
     _check_pixels(cfg.min_pixels, cfg.max_pixels)
     if cfg.is_tiny:
         return build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
@@ -182,7 +227,7 @@ def load_model_and_processor(
         FileNotFoundError: ``name_or_path`` is neither ``tiny``, an existing checkpoint folder, nor a hub id.
         ValueError: a checkpoint of another architecture, or a bad dtype/attention/pixel option.
     """
-    from klal.strategies import resolve_attn_implementation
+    from klal.kernels import resolve_attn_implementation
 
     dtype = resolve_dtype(cfg)
     # flash_attention_2 falls back to sdpa where flash-attn cannot run, so one config serves every machine.

@@ -9,6 +9,7 @@ names would also wrap the vision blocks (peft issue 2615). klal instead passes p
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,14 +17,18 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from klal.models.loader import text_config
+
 __all__ = [
     "ATTENTION_TARGETS",
+    "BASE_PARTS",
     "MLP_TARGETS",
     "LoraSettings",
     "apply_lora",
     "language_lora_regex",
     "lora_module_names",
     "resolve_targets",
+    "train_base_parts",
     "trainable_parameter_summary",
 ]
 
@@ -37,7 +42,8 @@ _PRESETS: dict[str, tuple[str, ...]] = {
 }
 _BY_SHORT_NAME = {t.split(".")[1]: t for t in ATTENTION_TARGETS + MLP_TARGETS}
 
-TargetSpec = Literal["attention", "attention_mlp", "all_linear"] | list[str]
+LoraTargets = Literal["attention", "attention_mlp", "all_linear"] | list[str]
+"""Which decoder-layer projections get LoRA: a preset name or a list of projection names (see :class:`LoraSettings`)."""
 
 
 @dataclass
@@ -57,7 +63,7 @@ class LoraSettings:
     """Language-model layer indices to adapt (negative counts from the end); None adapts every layer."""
 
 
-def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
+def resolve_targets(targets: LoraTargets) -> tuple[str, ...]:
     """The decoder-layer module paths (e.g. ``self_attn.q_proj``) that ``targets`` names, in a fixed order.
 
     Raises:
@@ -99,7 +105,7 @@ def _resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def language_lora_regex(targets: TargetSpec, layers: list[int] | None, num_layers: int) -> str:
+def language_lora_regex(targets: LoraTargets, layers: list[int] | None, num_layers: int) -> str:
     """A regular expression (for peft's full-match ``target_modules``) naming the chosen projections of the chosen
     decoder layers of the language model, and nothing in the vision tower.
 
@@ -117,11 +123,6 @@ def language_lora_regex(targets: TargetSpec, layers: list[int] | None, num_layer
     return rf"(?:.*\.)?language_model\.layers\.(?:{layer_alt})\.(?:{target_alt})"
 
 
-def _text_config(model: torch.nn.Module):
-    cfg = model.config
-    return getattr(cfg, "text_config", cfg)
-
-
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     """Wrap ``model`` with LoRA on the language model only; all base weights are frozen.
 
@@ -135,7 +136,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
         raise ValueError(f"lora alpha must be > 0, got {settings.alpha}")
     if not 0.0 <= settings.dropout < 1.0:
         raise ValueError(f"lora dropout must be in [0, 1), got {settings.dropout}")
-    num_layers = _text_config(model).num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     regex = language_lora_regex(settings.targets, settings.layers, num_layers)
     expected = {
         f"layers.{i}.{p}"
@@ -184,3 +185,54 @@ def trainable_parameter_summary(model: torch.nn.Module) -> str:
         f"trainable parameters: {trainable:,} / {total:,} ({share:.3f}%) in {tensors} tensors; "
         f"{n_lora} modules with LoRA"
     )
+
+
+BASE_PARTS: dict[str, str] = {
+    "merger": ".visual.merger.",
+    "vision": ".visual.",
+    "embed_tokens": ".embed_tokens.",
+    "lm_head": ".lm_head.",
+}
+"""Base-model parts that can train in full next to LoRA, and the name component that finds each (whatever prefix
+peft adds): ``merger`` (the vision patch merger), ``vision`` (the whole vision tower, merger included),
+``embed_tokens``, ``lm_head``."""
+
+
+def train_base_parts(model: torch.nn.Module, parts: list[str]) -> int:
+    """Make whole base-model parts (:data:`BASE_PARTS`) trainable next to LoRA; returns the parameters switched on.
+
+    With tied embeddings (``tie_word_embeddings``, e.g. Qwen2.5-VL-3B) ``lm_head`` and ``embed_tokens`` are one
+    matrix: asking for either trains that shared matrix, which changes both the output head and the input
+    embeddings, and a warning says so (there is no separate head to train).
+
+    Raises:
+        ValueError: an unknown part, or a part that matches no parameter of ``model``.
+    """
+    unknown = [p for p in parts if p not in BASE_PARTS]
+    if unknown:
+        raise ValueError(f"train_extra {unknown} unknown; choose from {list(BASE_PARTS)}")
+    n = 0
+    matched: dict[str, int] = {part: 0 for part in parts}
+    seen: set[int] = set()
+    # remove_duplicate=False: a tied lm_head.weight is listed under its own name too, not only as embed_tokens.
+    for name, p in model.named_parameters(remove_duplicate=False):
+        full = "." + name
+        hits = [part for part in parts if BASE_PARTS[part] in full]
+        for part in hits:
+            matched[part] += 1
+        if hits and id(p) not in seen:
+            seen.add(id(p))
+            if not p.requires_grad:
+                p.requires_grad_(True)
+                n += p.numel()
+    empty = [part for part, count in matched.items() if count == 0]
+    if empty:
+        raise ValueError(f"train_extra {empty} matched no parameters of the model")
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if tied and {"lm_head", "embed_tokens"} & set(parts):
+        warnings.warn(
+            "train_extra: this model ties lm_head to embed_tokens (tie_word_embeddings), so the shared matrix trains: "
+            "the output head and the input embeddings change together",
+            stacklevel=2,
+        )
+    return n

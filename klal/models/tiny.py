@@ -37,6 +37,8 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTe
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
@@ -307,7 +309,9 @@ class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         return out
 
 
-def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 448 * 448) -> Qwen2_5_VLProcessor:
+def build_tiny_processor(
+    min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Qwen2_5_VLProcessor:
     """The tiny model's processor: PIL Qwen2-VL image processor + tiny tokenizer + Qwen2.5-VL chat template.
 
     Args:

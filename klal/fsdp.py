@@ -1,22 +1,15 @@
-"""Pieces for multi-GPU and multi-node training: loss normalisation across ranks, FSDP wrapping of Qwen2.5-VL with
-LoRA, gathering the adapter from a sharded model, and the flash-attention fallback.
+"""FSDP for Qwen2.5-VL with LoRA, and gathering the adapter from a sharded model.
 
-Loss normalisation. Data parallelism (DDP, FSDP, DeepSpeed) averages gradients over ranks. A rank's loss that is a
-mean over its own items (answer tokens for NTP, samples with a map for KLAL) therefore weights ranks equally, not
-items: with 10 answer tokens on one rank and 2 on the other, each of the 2 counts five times as much as each of the
-10. :func:`global_share` gives the factor ``world_size x local_count / global_count`` that turns a rank's local mean
-into its share of the mean over the whole global batch, so after gradient averaging the update is the one a single
-process would compute on the same global batch.
-
-FSDP. :class:`KLALFSDPStrategy` wraps each language decoder layer (and each vision block) as one FSDP unit, with
+:class:`KLALFSDPStrategy` wraps each language decoder layer (and each vision block) as one FSDP unit, with
 ``use_orig_params=True`` so frozen base weights and trainable LoRA weights can share a unit. FSDP flattens each unit
 into one tensor of one dtype: load the backbone in float32 (``model.backbone.dtype: float32``) and let
 ``precision: bf16-mixed`` compute in bfloat16; the strategy refuses a unit with mixed dtypes and says so.
+:func:`adapter_state_dict` gathers the peft model's weights from whatever strategy holds them (a collective under
+FSDP); :func:`strip_wrapper_prefixes` names parameters as the gathered state dict does.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -26,72 +19,15 @@ __all__ = [
     "FSDP_WRAPPER_PREFIXES",
     "KLALFSDPStrategy",
     "adapter_state_dict",
-    "flash_attention_available",
-    "global_share",
     "mixed_dtype_units",
     "qwen_wrap_modules",
-    "resolve_attn_implementation",
     "strip_wrapper_prefixes",
 ]
 
-log = logging.getLogger(__name__)
-
-FLASH = "flash_attention_2"
 # Inserted into parameter names by FSDP wrapping and by torch activation-checkpoint wrappers.
 FSDP_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-# -- attention kernel --------------------------------------------------------------------------------------------------
-def flash_attention_available() -> bool:
-    """Whether transformers can run ``flash_attention_2`` here (the ``flash_attn`` package and a CUDA device)."""
-    from transformers.utils import is_flash_attn_2_available
-
-    return bool(is_flash_attn_2_available())
-
-
-def resolve_attn_implementation(name: str) -> str:
-    """``name``, except that ``flash_attention_2`` becomes ``sdpa`` (with a warning) where flash-attn cannot run.
-
-    Configs can then ask for flash-attention-2 everywhere: machines with ``flash_attn`` installed use it, others
-    (CPU, or no ``pip install flash-attn``) run the same config on sdpa, which gives the same results up to kernel
-    rounding.
-    """
-    if name == FLASH and not flash_attention_available():
-        log.warning(
-            "attn_implementation=flash_attention_2, but flash-attn cannot run here (not installed or no CUDA): "
-            "using sdpa"
-        )
-        return "sdpa"
-    return name
-
-
-# -- cross-rank loss normalisation -------------------------------------------------------------------------------------
-def _process_group_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def global_share(local_counts: torch.Tensor) -> torch.Tensor:
-    """``world_size x local / sum_over_ranks(local)`` for each entry of ``local_counts`` (ones without a process group).
-
-    Multiply a rank's mean over its own items by the matching entry and data-parallel gradient averaging gives the
-    mean over all items of the global batch; the ranks' logged values then average to that global mean too. An entry
-    whose global count is 0 gives 0. A collective: every rank must call it the same number of times.
-
-    Args:
-        local_counts: ``(K,)`` item counts of this rank (e.g. supervised tokens, samples with a map).
-    """
-    world = _process_group_size()
-    if world == 1:
-        return torch.ones_like(local_counts, dtype=torch.float32)
-    local = local_counts.detach().to(torch.float32)
-    total = local.clone()
-    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-    return world * local / total.clamp_min(1.0)
-
-
-# -- FSDP --------------------------------------------------------------------------------------------------------------
 def qwen_wrap_modules(vision_blocks: bool = True) -> set[type[torch.nn.Module]]:
     """The Qwen2.5-VL module classes that become FSDP units: the language decoder layers (and the vision blocks)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
@@ -170,7 +106,6 @@ class KLALFSDPStrategy(FSDPStrategy):
         return super()._setup_model(model)
 
 
-# -- adapter from a sharded model --------------------------------------------------------------------------------------
 def strip_wrapper_prefixes(name: str) -> str:
     """A parameter name without FSDP / activation-checkpoint wrapper segments (as in the gathered state dict)."""
     for prefix in FSDP_WRAPPER_PREFIXES:
