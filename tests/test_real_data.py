@@ -14,8 +14,8 @@ from PIL import Image
 
 from klal.data import io as kio
 from klal.data.io import RecordError, load_source
-from klal.data.pixmo import convert_pixmo_points, load_pixmo_points, url_hash
-from klal.data.refcoco import classic_refcoco_rows, convert_refcoco, load_refcoco
+from klal.data.pixmo import convert_pixmo_points, url_hash
+from klal.data.refcoco import classic_refcoco_rows, convert_refcoco
 from klal.data.schema import REQUIRED_COLUMNS, Evidence
 from klal.geometry import DEFAULT_MAX_PIXELS, smart_resize_hw
 from klal.targets import build_target_map
@@ -111,7 +111,7 @@ def test_classic_refcoco_strict_names_the_record(classic):
 
 
 def test_classic_refcoco_raw_sentences_and_split_filter(classic):
-    ds = load_refcoco(str(classic), sentence_field="raw", splits=["train"])
+    ds = convert_refcoco(str(classic), sentence_field="raw", splits=["train"]).dataset
     assert list(ds.keys()) == ["train"]
     assert ds["train"][0]["question"] == "Where is Man in red? Answer with the bounding box."
 
@@ -141,7 +141,7 @@ def test_classic_refcoco_missing_image_dir_is_named(classic, tmp_path):
 
 
 def test_saved_refcoco_round_trips_to_a_target_map(classic, tmp_path):
-    load_refcoco(str(classic)).save_to_disk(str(tmp_path / "out"))
+    convert_refcoco(str(classic)).dataset.save_to_disk(str(tmp_path / "out"))
     row = datasets.load_from_disk(str(tmp_path / "out"))["train"][0]
     assert row["image"].size == (100, 80)  # image bytes were embedded on save
     processed = smart_resize_hw(row["height"], row["width"])
@@ -230,7 +230,7 @@ def test_flat_refcoco_saved_dataset_dict(flat_images, tmp_path):
         }
     )
     dd.save_to_disk(str(tmp_path / "saved"))
-    ds = load_refcoco(str(tmp_path / "saved"), image_dir=str(flat_images))
+    ds = convert_refcoco(str(tmp_path / "saved"), image_dir=str(flat_images)).dataset
     assert list(ds.keys()) == ["validation", "testA"]
     assert ds["testA"][0]["evidence"]["boxes"] == [[1.0, 2.0, 4.0, 6.0]]
 
@@ -298,11 +298,13 @@ def test_pixmo_count_mode_percent_to_pixels(pixmo):
 
 def test_pixmo_point_mode_answer_and_templates(pixmo):
     src, imgs = pixmo
-    ds = load_pixmo_points(str(src), image_dir=str(imgs), mode="point")
+    ds = convert_pixmo_points(str(src), image_dir=str(imgs), mode="point").dataset
     r = ds["train"][0]
     assert r["question"] == "Point to the cat."
     assert json.loads(r["answer"]) == [[100, 25], [20, 90]]
-    ds = load_pixmo_points(str(src), image_dir=str(imgs), question="Count: {label}", answer="{count} {label}")
+    ds = convert_pixmo_points(
+        str(src), image_dir=str(imgs), question="Count: {label}", answer="{count} {label}"
+    ).dataset
     assert ds["train"][0]["question"] == "Count: cat" and ds["train"][0]["answer"] == "2 cat"
 
 
@@ -321,7 +323,7 @@ def test_pixmo_pixel_units(pixmo, tmp_path):
     src = tmp_path / "px.jsonl"
     url = "https://example.org/pics/b.png?size=large"
     src.write_text(json.dumps({"image_url": url, "label": "dog", "points": [[10, 20], [50, 40]]}))
-    ds = load_pixmo_points(str(src), image_dir=str(imgs), point_units="pixels")
+    ds = convert_pixmo_points(str(src), image_dir=str(imgs), point_units="pixels").dataset
     assert ds["train"][0]["evidence"]["points"] == [[10.0, 20.0], [50.0, 40.0]]
     assert ds["train"][0]["answer"] == "2"
     src.write_text(json.dumps({"image_url": url, "label": "dog", "points": [[51, 20]]}))
@@ -366,7 +368,7 @@ def test_pixmo_inline_image_column(tmp_path):
         [{"image": str(path), "label": "dot", "points": [{"x": 50.0, "y": 50.0}]}], features=feats
     ).save_to_disk(str(tmp_path / "saved"))
     os.remove(path)
-    ds = load_pixmo_points(str(tmp_path / "saved"))
+    ds = convert_pixmo_points(str(tmp_path / "saved")).dataset
     assert ds["train"][0]["evidence"]["points"] == [[10.0, 5.0]] and ds["train"][0]["image"].size == (20, 10)
 
 

@@ -30,7 +30,7 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +187,12 @@ class Conversion:
         if self.report.total_kept == 0:
             raise ValueError(f"{self.report.summary()}; nothing written to {os.fspath(out)}")
         self.dataset.save_to_disk(os.fspath(out))
+
+    def written(self, out: str | os.PathLike | None) -> Conversion:
+        """:meth:`save` at ``out`` when it is given (a converter's ``out`` option); returns this conversion."""
+        if out is not None:
+            self.save(out)
+        return self
 
 
 def canonical_split(name: str) -> str:
@@ -541,3 +547,21 @@ def split_list(splits: str | Sequence[str] | None) -> list[str] | None:
         return None
     items = splits.split(",") if isinstance(splits, str) else list(splits)
     return [str(s).strip() for s in items if str(s).strip()]
+
+
+def converter_main(convert: Callable[..., Conversion], default_prog: str) -> Callable[..., Conversion]:
+    """The ``main(argv=None, prog=None)`` of a converter module (``convert_refcoco``, ``convert_pixmo_points``).
+
+    It runs the converter as a command (its parameters and the options it passes on become flags,
+    :func:`klal.cli.run`; without ``--out`` nothing is written) and prints the report's summary line.
+    """
+
+    def main(argv: Sequence[str] | None = None, prog: str | None = None) -> Conversion:
+        from klal.cli import run
+
+        conversion = run(convert, argv, prog or default_prog)
+        print(conversion.report.summary())
+        return conversion
+
+    main.__doc__ = f"``{default_prog}`` (or ``klal``'s subcommand): :func:`{convert.__name__}` as a command."
+    return main

@@ -35,9 +35,6 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import datasets
-
-from klal.cli import run
 from klal.data.io import (
     Conversion,
     ConversionReport,
@@ -47,6 +44,7 @@ from klal.data.io import (
     build_dataset_dict,
     canonical_split,
     check_template,
+    converter_main,
     load_source,
     source_dir,
 )
@@ -253,31 +251,19 @@ def convert_pixmo_points(
             ...).
     """
     _check_fractions(val_fraction, test_fraction)  # before the source is read, so a bad value fails at once
-    conversion = convert_pixmo_rows(
+    # The call is spelled out (not through a shared helper) so that jsonargparse follows **kwargs into
+    # convert_pixmo_rows and lists its options as flags.
+    return convert_pixmo_rows(
         load_source(source),
         source_name=source,
         image_dirs=[image_dir, source_dir(source)],
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         **kwargs,
-    )
-    if out is not None:
-        conversion.save(out)
-    return conversion
+    ).written(out)
 
 
-def load_pixmo_points(source: str, **kwargs: Any) -> datasets.DatasetDict:
-    """:func:`convert_pixmo_points` returning only the dataset (the report is logged)."""
-    return convert_pixmo_points(source, **kwargs).dataset
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """``python -m klal.data.pixmo SOURCE --image-dir DIR --out DIR`` (or ``klal convert-pixmo``).
-
-    :func:`convert_pixmo_points` with its options (and those it passes on) as flags; prints the report's summary line.
-    """
-    print(run(convert_pixmo_points, argv, prog or "python -m klal.data.pixmo").report.summary())
-
+main = converter_main(convert_pixmo_points, "python -m klal.data.pixmo")
 
 if __name__ == "__main__":
     main()

@@ -41,9 +41,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import datasets
-
-from klal.cli import run
 from klal.data.io import (
     Conversion,
     ConversionReport,
@@ -53,6 +50,7 @@ from klal.data.io import (
     build_dataset_dict,
     canonical_split,
     check_template,
+    converter_main,
     load_source,
     source_dir,
     split_list,
@@ -414,23 +412,10 @@ def convert_refcoco(
             bbox_format=bbox_format,
             **kwargs,
         )
-    if out is not None:
-        conversion.save(out)
-    return conversion
+    return conversion.written(out)
 
 
-def load_refcoco(source: str, **kwargs: Any) -> datasets.DatasetDict:
-    """:func:`convert_refcoco` returning only the dataset (the report is logged)."""
-    return convert_refcoco(source, **kwargs).dataset
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """``python -m klal.data.refcoco SOURCE --out DIR`` (or ``klal convert-refcoco``).
-
-    :func:`convert_refcoco` with its options (and those it passes on) as flags; prints the report's summary line.
-    """
-    print(run(convert_refcoco, argv, prog or "python -m klal.data.refcoco").report.summary())
-
+main = converter_main(convert_refcoco, "python -m klal.data.refcoco")
 
 if __name__ == "__main__":
     main()
