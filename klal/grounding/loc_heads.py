@@ -80,7 +80,6 @@ from klal.models.identity import model_name, same_name
 
 Head = tuple[int, int]
 FORMAT = "klal.localization_heads/1"
-TINY_NAME = "tiny"
 
 
 # ------------------------------------------------------------------------------------------------- head selection
