@@ -79,6 +79,10 @@ ADAPTER_INFO = "klal_adapter.json"
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated by a full disk or an interrupted copy); names the file."""
+
+
 class UnsafeCheckpointError(ValueError):
     """A checkpoint holds objects that weights-only loading does not rebuild."""
 
@@ -218,8 +222,16 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    with safe_globals(_allowed_globals(path)):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with safe_globals(_allowed_globals(path)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        # torch's reader says "failed finding central directory" (a cut zip) or "unexpected EOF" here.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpointError(
+            f"checkpoint {path} cannot be read ({detail.split('. ')[0]}): the file is truncated or damaged, e.g. by "
+            "a full disk or an interrupted copy; resume from another checkpoint or start the run afresh"
+        ) from None
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -659,16 +671,33 @@ def save_adapter(
     info = {"backbone": _as_dict(backbone), "lora": _as_dict(lora), "fingerprint": fingerprint}
 
     def write(tmp: str) -> None:
+        embeddings = embedding_layers_trained(model)
         if state_dict is not None:
-            model.save_pretrained(tmp, state_dict=state_dict)
+            model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=embeddings)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, save_embedding_layers=embeddings)
         if processor is not None:
             processor.save_pretrained(tmp)
         with open(os.path.join(tmp, ADAPTER_INFO), "w") as f:
             json.dump(info, f, indent=2, default=list)
 
     atomic_save_dir(write, path)
+
+
+def embedding_layers_trained(model: Any) -> bool:
+    """Whether ``model`` trains an embedding matrix (``embed_tokens`` / ``lm_head``, LoRA's ``train_extra``) in full:
+    peft's ``save_pretrained(save_embedding_layers=...)``.
+
+    Passed explicitly on every save: peft's default (``"auto"``) looks the base model's ``config.json`` up on the Hub to
+    see whether the vocabulary was resized (klal never resizes it), a network request on every adapter save that, for
+    the tiny model or a local folder, fails with two warnings.
+    """
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    return any(
+        p.requires_grad and "lora_" not in name and any(f".{e}." in f".{name}" for e in EMBEDDING_LAYER_NAMES)
+        for name, p in model.named_parameters()
+    )
 
 
 def read_adapter_info(path: str) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from klal.data.collate import KLALCollator, PromptSettings
+from klal.data.io import read_row, read_saved
 from klal.data.resumable import ResumableDataLoader
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths
 from klal.data.schema import check_columns
@@ -50,6 +51,21 @@ class GenerateSettings:
     """Cache directory; reused when it already exists."""
     workers: int = 1
     """Generator processes."""
+
+
+class NamedRows(Dataset):
+    """A split whose rows are read with :func:`klal.data.io.read_row`: an image that cannot be decoded is an error
+    naming the dataset, split and sample (in the DataLoader worker that reads it)."""
+
+    def __init__(self, dataset: Any, where: str) -> None:
+        self.dataset = dataset
+        self.where = where
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return read_row(self.dataset, index, self.where)
 
 
 class RowBatches(Dataset):
@@ -212,9 +228,7 @@ class KLALDataModule(L.LightningDataModule):
     def _load(path: str) -> datasets.DatasetDict:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"dataset directory not found: {path}")
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.Dataset):
-            ds = datasets.DatasetDict({"train": ds})
+        ds = read_saved(path)
         for name, split in ds.items():
             check_columns(split, f"{path} [{name}]")
         return ds
@@ -226,7 +240,7 @@ class KLALDataModule(L.LightningDataModule):
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         self._check_split(key)
         return DataLoader(
-            self.splits[key],
+            self.named_rows(key),
             batch_size=self.batch_size if key == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -237,6 +251,11 @@ class KLALDataModule(L.LightningDataModule):
             # validation run at a checkpointed step would shift the dropout masks of a resumed run.
             generator=torch.Generator().manual_seed(0),
         )
+
+    def named_rows(self, key: str) -> NamedRows:
+        """The split ``key`` (``train``, ``val``, ``test``) for a loader: rows whose decoding errors name the sample."""
+        paths = self.paths or ([self.generate.out] if self.generate is not None else [])
+        return NamedRows(self.splits[key], f"{', '.join(paths)} [{self.split_names[key]}]")
 
     def world(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
@@ -274,7 +293,7 @@ class KLALDataModule(L.LightningDataModule):
         by_budget = isinstance(sampler, TokenBudgetBatchSampler)
         # Resumable: Lightning saves its position in checkpoints, so `--ckpt_path last` continues mid-epoch.
         return ResumableDataLoader(
-            RowBatches(self.splits["train"]) if by_budget else self.splits["train"],
+            RowBatches(self.named_rows("train")) if by_budget else self.named_rows("train"),
             # The token-budget sampler yields whole batches, so the loader must not batch again.
             batch_size=None if by_budget else self.batch_size,
             sampler=sampler,

@@ -35,7 +35,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from klal.checkpoint import ADAPTER_INFO, atomic_save_dir, check_adapter_base, read_adapter_info
+from klal.checkpoint import (
+    ADAPTER_INFO,
+    atomic_save_dir,
+    check_adapter_base,
+    embedding_layers_trained,
+    read_adapter_info,
+)
 from klal.models.loader import DTYPES, ModelConfig, load_model_and_processor
 
 __all__ = ["EXPORT_INFO", "check_out_dir", "export", "main", "resolve_base", "save_stock_processor"]
@@ -232,7 +238,7 @@ def export(
             merged.save_pretrained(tmp)
         else:
             peft_model.peft_config["default"].base_model_name_or_path = cfg.name_or_path
-            peft_model.save_pretrained(tmp)
+            peft_model.save_pretrained(tmp, save_embedding_layers=embedding_layers_trained(peft_model))
             if info is not None:
                 shutil.copy(os.path.join(adapter, ADAPTER_INFO), os.path.join(tmp, ADAPTER_INFO))
         save_stock_processor(processor, tmp)

@@ -83,7 +83,7 @@ class StepProgressBar(ProgressBar):
         done = step - self._first_step
         head = f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"
         timing = f"{elapsed:.0f} s"
-        if total and done > 0:
+        if total and done > 0 and step < total:
             timing += f", ~{elapsed / done * (total - step):.0f} s left"
         body = " ".join(p for p in (self.describe(trainer) if train else "", extra) if p)
         return f"{head} {body} | {timing}" if body else f"{head} | {timing}"

@@ -8,15 +8,32 @@ this run's own folder (the logger version being resumed, never another run under
 writes into that version (its ``metrics.csv`` continues), and the command line must agree with the checkpoint:
 other model options are refused, other run hyperparameters (KLAL weight and layers, LoRA, optimizer, data) are
 refused unless ``--allow_changed_hparams true`` (see ``docs/checkpoints.md``).
+
+Every run also gets :class:`klal.progress.StepProgressBar` (unless the config brings a progress bar or turns it off),
+:class:`klal.guards.TargetMapGuard` (stops a KLAL run whose data gives no target map, reports the share of samples
+without one) and :class:`klal.guards.SigtermCheckpoint` (SIGTERM saves ``last.ckpt`` and exits with status 143);
+third-party console noise is silenced (:mod:`klal.noise`).
+
+Errors. A mistake on the command line or in a config file (an unknown key, a bad value) is one line,
+``train.py: error: MESSAGE``, exit status 2, with the closest valid key for a misspelt one; so are the data and config
+errors raised while building or running (a missing dataset, a damaged checkpoint, evidence that gives no target map).
+``KLAL_DEBUG=1`` shows jsonargparse's usage text and the full traceback instead (:mod:`klal.cli`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
 import os
+import re
 import sys
+from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from klal.checkpoint import (
     check_resume_hparams,
@@ -25,8 +42,12 @@ from klal.checkpoint import (
     resolve_ckpt_path,
     use_atomic_checkpoint_io,
 )
+from klal.cli import debug_enabled, fail, user_errors
 from klal.datamodule import KLALDataModule
+from klal.guards import EXIT_SIGTERM, SigtermCheckpoint, TargetMapGuard
 from klal.module import KLALModule
+from klal.noise import quiet
+from klal.progress import StepProgressBar
 
 
 class KLALCLI(LightningCLI):
@@ -46,6 +67,57 @@ class KLALCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
         return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
+        # klal's step-counted progress display (unless the config brings a progress bar or turns it off), the target
+        # map guard and the SIGTERM checkpoint, each unless the config already has one.
+        given = [*(config.get("callbacks") or []), *callbacks]
+        extra: list[Any] = []
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(StepProgressBar())
+        for kind in (TargetMapGuard, SigtermCheckpoint):
+            if not any(isinstance(c, kind) for c in given):
+                extra.append(kind())
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
+
+    def parse_arguments(self, parser, args) -> None:
+        # jsonargparse prints its whole usage (~100 lines) before the one line that matters; keep that line, and
+        # name the closest valid key when the mistake is an unknown one.
+        if debug_enabled():
+            return super().parse_arguments(parser, args)
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                super().parse_arguments(parser, args)
+        except SystemExit as e:
+            if e.code in (None, 0):  # --help, --print_config
+                sys.stderr.write(captured.getvalue())
+                raise
+            fail(parser.prog.replace(" [options]", ""), self._parse_error(captured.getvalue(), args))
+        sys.stderr.write(captured.getvalue())
+
+    def _parse_error(self, text: str, args: Any) -> str:
+        """jsonargparse's error message (after its usage text) as one line, with ``did you mean`` for an unknown key."""
+        lines = text.strip().splitlines()
+        start = next((i for i, ln in enumerate(lines) if ln.startswith("error: ")), None)
+        if start is None:
+            return " ".join(ln.strip() for ln in lines if ln.strip()) or "invalid arguments"
+        message = " ".join(ln.strip() for ln in [lines[start][len("error: ") :], *lines[start + 1 :]] if ln.strip())
+        message = re.sub(r'Parser key "([\w.]+)"', r"\1", message)
+        words = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        sub = next((w for w in words if w in self.subcommands()), None)
+        parser = getattr(self, "_subcommand_parsers", {}).get(sub) if sub else None
+        unknown = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --?([\w.]+)", message)
+        if unknown:
+            key = unknown.group(1) or unknown.group(2)
+            keys = sorted({a.dest for a in (parser or self.parser)._actions if a.dest and a.dest != "help"})
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        elif sub is None and not any(w in self.subcommands() for w in words):
+            close = difflib.get_close_matches(words[0] if words else "", list(self.subcommands()), n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+        return message
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace the command line's model options with the checkpoint's, silently; klal compares
@@ -81,11 +153,19 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
     if argv is not None:
         # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
         sys.argv = sys.argv[:1]
-    return KLALCLI(
-        KLALModule,
-        KLALDataModule,
-        args=argv,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": prog} if prog else None,
-    )
+    quiet()
+    name = prog or os.path.basename(sys.argv[0]) or "train.py"
+    try:
+        with user_errors(name):
+            return KLALCLI(
+                KLALModule,
+                KLALDataModule,
+                args=argv,
+                run=run,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": name},
+            )
+    except SIGTERMException:
+        # Lightning ends a SIGTERM-ed run with SystemExit(0); a scheduler's stop is not a success (the checkpoint was
+        # saved by SigtermCheckpoint, which said where).
+        raise SystemExit(EXIT_SIGTERM) from None

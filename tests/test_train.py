@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,7 +194,7 @@ def _versions(root: Path, name: str) -> list[str]:
     return sorted(p.name for p in (root / name).iterdir() if p.is_dir())
 
 
-def test_resume_last_continues_its_own_run_and_refuses_other_settings(tmp_path, tiny_dataset):
+def test_resume_last_continues_its_own_run_and_refuses_other_settings(tmp_path, tiny_dataset, capsys):
     """``--ckpt_path last`` resumes the run's own logger version (not a newer run under the same root), appends to its
     metrics.csv, and refuses changed hyperparameters or model options unless allowed."""
     root = tmp_path / "runs"
@@ -211,19 +212,25 @@ def test_resume_last_continues_its_own_run_and_refuses_other_settings(tmp_path, 
     steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
     assert steps == [0, 1, 2, 3], "one curve in one file, each step once"
 
-    with pytest.raises(
-        ValueError,
-        match=r"resuming checkpoint .*klal_weight 1.0 in the checkpoint vs 0.5 now.*"
-        r"--allow_changed_hparams",
-    ):
-        fit("klal", 6, "--ckpt_path", "last", "--model.klal_weight", "0.5")
-    with pytest.raises(ValueError, match=r"optim .*'lr': 0.002.* in the checkpoint vs .*'lr': 0.001"):
-        fit("klal", 6, "--ckpt_path", "last", "--model.optim.lr", "1e-3")
-    with pytest.raises(ValueError, match=r"data.batch_size 2 in the checkpoint vs 4 now"):
-        fit("klal", 6, "--ckpt_path", "last", "--data.batch_size", "4")
+    def refused(match: str, *extra: str) -> None:
+        # A refused resume is a user mistake: one line "PROG: error: ..." and exit status 2 (klal.cli).
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            fit("klal", 6, "--ckpt_path", "last", *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(match, err) and "Traceback" not in err, err[-3000:]
+
+    refused(
+        r"resuming checkpoint .*klal_weight 1.0 in the checkpoint vs 0.5 now.*--allow_changed_hparams",
+        *("--model.klal_weight", "0.5"),
+    )
+    refused(r"optim .*'lr': 0.002.* in the checkpoint vs .*'lr': 0.001", "--model.optim.lr", "1e-3")
+    refused(r"data.batch_size 2 in the checkpoint vs 4 now", "--data.batch_size", "4")
     # Model options are never replaced silently by the checkpoint's, nor accepted when they differ.
-    with pytest.raises(ValueError, match=r"backbone .*'max_pixels': 50176.* vs .*'max_pixels': 12544"):
-        fit("klal", 6, "--ckpt_path", "last", "--model.backbone.max_pixels", "12544", "--allow_changed_hparams", "true")
+    refused(
+        r"backbone .*'max_pixels': 50176.* vs .*'max_pixels': 12544",
+        *("--model.backbone.max_pixels", "12544", "--allow_changed_hparams", "true"),
+    )
     cli = fit("klal", 6, "--ckpt_path", "last", "--model.klal_weight", "0.5", "--allow_changed_hparams", "true")
     assert cli.trainer.global_step == 6 and cli.model.klal_weight == 0.5
     assert _versions(root, "klal") == ["version_0"]
