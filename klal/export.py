@@ -35,14 +35,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from klal.checkpoint import (
-    ADAPTER_INFO,
-    atomic_save_dir,
-    check_adapter_base,
-    embedding_layers_trained,
-    read_adapter_info,
-)
-from klal.models.loader import DTYPES, ModelConfig, load_model_and_processor
+from klal.models.config import ModelConfig
+
+# klal.checkpoint and klal.models.loader (torch, transformers) are imported where they are used, so that
+# ``klal export --help`` answers without loading them.
 
 __all__ = ["EXPORT_INFO", "check_out_dir", "export", "main", "resolve_base", "save_stock_processor"]
 
@@ -90,6 +86,9 @@ def resolve_base(adapter: str, model: str | None = None, dtype: str = "auto") ->
         ValueError: no base model is recorded and ``model`` is not given, or a bad dtype.
     """
     _check_adapter_dir(adapter)
+    from klal.checkpoint import read_adapter_info
+    from klal.models.loader import DTYPES
+
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
     info = read_adapter_info(adapter)
@@ -217,6 +216,15 @@ def export(
         ValueError: the adapter was trained on another base model, or ``out`` may not be written.
     """
     from peft import PeftModel
+
+    from klal.checkpoint import (
+        ADAPTER_INFO,
+        atomic_save_dir,
+        check_adapter_base,
+        embedding_layers_trained,
+        read_adapter_info,
+    )
+    from klal.models.loader import load_model_and_processor
 
     cfg = resolve_base(adapter, model, dtype)
     check_out_dir(out, adapter, overwrite)

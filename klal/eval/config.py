@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from klal.models.loader import ModelConfig
+from klal.models.config import ModelConfig
 from klal.targets import TargetSpec
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from klal.models.config import TINY, ModelConfig
 from klal.models.tiny import (
     ImageTextQwen2_5_VLProcessor,
     _check_pixels,
@@ -50,7 +49,6 @@ __all__ = [
     "with_saved_pixel_bounds",
 ]
 
-TINY = "tiny"
 QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -62,35 +60,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 # owner/name, as the hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class ModelConfig:
-    """Which Qwen2.5-VL to load and how."""
-
-    name_or_path: str = TINY
-    """``tiny`` (embedded random test model), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder."""
-    dtype: str = "auto"
-    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny), ``float32``, ``bfloat16`` or
-    ``float16``."""
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    """Lower bound on each resized image's area (processor ``smart_resize``)."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Upper bound on each resized image's area. 448*448 (at most 256 visual tokens) suits the tiny model and CPU runs;
-    real runs typically use e.g. 1024*28*28 (at most 1024 visual tokens per image)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel of the text backbone (``sdpa``, ``eager``, ``flash_attention_2``); the vision tower always uses
-    sdpa. ``flash_attention_2`` falls back to sdpa, with a warning, where flash-attn cannot run."""
-    tiny_seed: int = 0
-    """Weight-initialisation seed of the tiny model."""
-    tiny_overrides: dict | None = None
-    """Size overrides for the tiny model, passed to :func:`klal.models.tiny.tiny_config` (e.g.
-    ``{"num_hidden_layers": 2, "vision_depth": 1}``)."""
-
-    @property
-    def is_tiny(self) -> bool:
-        """Whether this names the embedded tiny model."""
-        return self.name_or_path == TINY
 
 
 def text_config(model_or_config: Any) -> Any:

@@ -1,0 +1,43 @@
+"""Which Qwen2.5-VL to load and how: :class:`ModelConfig`, with no torch or transformers import.
+
+Kept apart from :mod:`klal.models.loader` so that the commands whose options include a model (``evaluate.py``,
+``klal export``, ``klal discover-heads``) can build their ``--help`` without importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+TINY = "tiny"
+"""The name of the embedded random test model (:mod:`klal.models.tiny`)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which Qwen2.5-VL to load and how."""
+
+    name_or_path: str = TINY
+    """``tiny`` (embedded random test model), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder."""
+    dtype: str = "auto"
+    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny), ``float32``, ``bfloat16`` or
+    ``float16``."""
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    """Lower bound on each resized image's area (processor ``smart_resize``)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Upper bound on each resized image's area. 448*448 (at most 256 visual tokens) suits the tiny model and CPU runs;
+    real runs typically use e.g. 1024*28*28 (at most 1024 visual tokens per image)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the text backbone (``sdpa``, ``eager``, ``flash_attention_2``); the vision tower always uses
+    sdpa. ``flash_attention_2`` falls back to sdpa, with a warning, where flash-attn cannot run."""
+    tiny_seed: int = 0
+    """Weight-initialisation seed of the tiny model."""
+    tiny_overrides: dict | None = None
+    """Size overrides for the tiny model, passed to :func:`klal.models.tiny.tiny_config` (e.g.
+    ``{"num_hidden_layers": 2, "vision_depth": 1}``)."""
+
+    @property
+    def is_tiny(self) -> bool:
+        """Whether this names the embedded tiny model."""
+        return self.name_or_path == TINY
