@@ -383,6 +383,7 @@ def test_damaged_data_names_the_sample_in_evaluate_and_train(faulty, work, fault
     out = work / f"eval_{fault}"
     proc = run_cmd(["evaluate.py", "--data", str(faulty[fault]), "--split", "validation", "--out", str(out)])
     error_line(proc, "evaluate.py", str(faulty[fault]), needle)
+    assert not out.exists()  # a failed evaluation leaves no (empty) --out folder behind
     if fault != "bomb":  # training decodes a huge image where it decodes the corrupt one (klal.data.io.read_row)
         proc = run_cmd(train_args(faulty[fault], work / f"train_{fault}"))
         error_line(proc, "train.py", str(faulty[fault]), needle)

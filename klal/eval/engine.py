@@ -275,21 +275,29 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
     prep = prepare_rows(cfg)
     metrics = GroundingMetrics(spec=cfg.target)
     out = Path(cfg.out)
+    # Made before the (long) run so that an unwritable --out fails at once; removed again if the run fails before
+    # writing anything into it, so a failed evaluation leaves nothing behind.
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, MethodRun] = {}
-    for spec, method in zip(plan.specs, plan.methods):
-        with adapter_weights(gm, spec.weights):
-            runs[spec.row] = run_method(
-                gm,
-                spec.row,
-                method,
-                plan.datasets,
-                metrics,
-                prepare_rows=prep,
-                batch_size=cfg.batch_size,
-                gallery_size=cfg.gallery_size,
-                progress=cfg.progress,
-            )
+    try:
+        for spec, method in zip(plan.specs, plan.methods):
+            with adapter_weights(gm, spec.weights):
+                runs[spec.row] = run_method(
+                    gm,
+                    spec.row,
+                    method,
+                    plan.datasets,
+                    metrics,
+                    prepare_rows=prep,
+                    batch_size=cfg.batch_size,
+                    gallery_size=cfg.gallery_size,
+                    progress=cfg.progress,
+                )
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     scores = metrics.compute()
     cost = {row: run.cost for row, run in runs.items()}
     results = {
