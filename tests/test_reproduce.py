@@ -1,17 +1,15 @@
-"""The small-scale reproduction study (bench/reproduce.py, klal/repro.py): its metrics on hand-worked inputs, its run
-bookkeeping, and the whole pipeline (data, train, eval, report) at a toy size."""
+"""The small-scale reproduction study (studies/reproduce): its run bookkeeping and the whole pipeline (data, train,
+eval, report) at a toy size. Its metrics are the evaluation engine's (tests/test_eval_*.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from klal.data.collate import IGNORE_INDEX
 from studies.reproduce import pipeline as repro
 
 TOY = {
@@ -35,84 +33,6 @@ TOY = {
     "probe_methods": [],
     "probe_seeds": [0],
 }
-
-
-def test_teacher_forced_exact_hand_worked():
-    # Vocabulary of 4; labels supervise positions 2 and 3 (predicted from logits at 1 and 2).
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 1], [IGNORE_INDEX, IGNORE_INDEX, 3, 1]])
-    logits = torch.zeros(2, 4, 4)
-    logits[:, 1, 3] = 5.0  # both samples predict token 3 after position 1
-    logits[0, 2, 1] = 5.0  # sample 0 then predicts 1 (right) ...
-    logits[1, 2, 2] = 5.0  # ... sample 1 predicts 2 (wrong at the last supervised position)
-    logits[:, 0, 0] = 9.0  # a wrong argmax on an unsupervised position must not count
-    assert repro.teacher_forced_exact(logits, labels).tolist() == [True, False]
-    # A sample with no supervised token is never counted as right.
-    none = torch.full((1, 4), IGNORE_INDEX)
-    assert repro.teacher_forced_exact(torch.zeros(1, 4, 4), none).tolist() == [False]
-
-
-def test_teacher_forced_exact_matches_greedy_decoding(tiny_processor):
-    """The one-pass rule agrees with an explicit greedy loop on the (random) tiny model."""
-    from PIL import Image
-
-    from klal.data.collate import KLALCollator
-    from klal.models.loader import ModelConfig, load_model_and_processor
-
-    model, proc = load_model_and_processor(ModelConfig(max_pixels=112 * 112), processor=tiny_processor)
-    col = KLALCollator(proc)
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
-    row = {
-        "id": "x",
-        "image": img,
-        "question": "Where?",
-        "answer": "(1, 2)",
-        "width": 112,
-        "height": 112,
-        "evidence": {"boxes": [], "points": [], "polylines": []},
-    }
-    batch = col([row])
-    n_prompt = int((batch["labels"][0] == IGNORE_INDEX).sum())
-    ids = batch["input_ids"][:, :n_prompt]
-    extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
-    mm = batch["mm_token_type_ids"][:, :n_prompt]
-    greedy = []
-    with torch.no_grad():
-        for _ in range(3):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
-            greedy.append(int(logits[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], 1)
-            mm = torch.cat([mm, torch.zeros(1, 1, dtype=mm.dtype)], 1)
-        # Teacher-force the greedy tokens themselves: every supervised label is the argmax, so exact must be True.
-        seq = torch.cat([batch["input_ids"][:, :n_prompt], torch.tensor([greedy])], 1)
-        mm_full = torch.cat([batch["mm_token_type_ids"][:, :n_prompt], torch.zeros(1, 3, dtype=mm.dtype)], 1)
-        labels = torch.full_like(seq, IGNORE_INDEX)
-        labels[0, n_prompt:] = seq[0, n_prompt:]
-        out = model(input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=mm_full, **extra).logits
-        assert repro.teacher_forced_exact(out, labels).tolist() == [True]
-        # Changing the last greedy token to anything else makes it wrong.
-        labels[0, -1] = (greedy[-1] + 1) % out.shape[-1]
-        assert repro.teacher_forced_exact(out, labels).tolist() == [False]
-
-
-def test_pointing_and_mass_hand_worked():
-    att = np.array([[0.1, 0.5], [0.3, 0.1]])
-    cells = np.array([[False, True], [False, False]])
-    assert repro.pointing_and_mass(att, cells) == pytest.approx((1.0, 0.5))
-    # Scale-free; the peak (0.5) is outside these cells, 0.1 + 0.3 of the mass inside.
-    assert repro.pointing_and_mass(att * 4, np.array([[True, False], [True, False]])) == pytest.approx((0.0, 0.4))
-    # Two tied peaks, one inside: the expected hit under random tie-breaking.
-    assert repro.pointing_and_mass(np.array([[1.0, 1.0], [0.0, 0.0]]), cells)[0] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="do not match"):
-        repro.pointing_and_mass(att, np.ones((3, 3), bool))
-
-
-def test_evidence_cells_on_the_study_grid():
-    # 112 px image on a 112 px grid: 4 x 4 cells of 28 px; a box over columns 1-2 of row 0, a point in cell (1, 3).
-    ev = {"boxes": [[30.0, 2.0, 60.0, 20.0]], "points": [[85.0, 29.0]], "polylines": []}
-    want = np.zeros((4, 4), bool)
-    want[0, 1:3] = True
-    want[1, 3] = True
-    assert (repro.evidence_cells(ev, (112, 112), (112, 112)) == want).all()
 
 
 def test_run_bookkeeping_dedupes_sweep_and_main():

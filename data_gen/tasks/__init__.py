@@ -11,19 +11,19 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
-import inspect
-import textwrap
 from typing import Any
 
-from data_gen.base import GenerationError, Task, TaskConfig
+from data_gen.base import GenerationError, Task
 
 TASKS: dict[str, tuple[str, str]] = {
     "line_intersection": ("data_gen.tasks.line_intersection", "LineIntersectionTask"),
     "line_tracing": ("data_gen.tasks.line_tracing", "LineTracingTask"),
     "grid_patch": ("data_gen.tasks.grid_patch", "GridPatchTask"),
+    "shape_lookup": ("data_gen.tasks.lookup", "ShapeLookupTask"),
+    "colour_lookup": ("data_gen.tasks.lookup", "ColourLookupTask"),
+    "neighbour_lookup": ("data_gen.tasks.lookup", "NeighbourLookupTask"),
 }
 """Task name -> (module, class name)."""
 
@@ -58,36 +58,16 @@ def get_task_class(name: str) -> type[Task]:
     return cls
 
 
-def config_fields(config_cls: type[TaskConfig]) -> dict[str, dataclasses.Field]:
-    """The dataclass fields of a task config, by name."""
-    return {f.name: f for f in dataclasses.fields(config_cls)}
+def preset_values(cls: type[Task], preset: str) -> dict[str, Any]:
+    """The config values of ``preset`` of task class ``cls``.
 
-
-def field_docs(config_cls: type[TaskConfig]) -> dict[str, str]:
-    """Attribute docstrings (the string literal under each field) of a config class and its bases.
-
-    Subclasses win over their bases, so a field redeclared with a new docstring shows that one. Classes whose
-    source is unavailable contribute nothing.
+    Raises:
+        GenerationError: the task has no such preset (the message lists its presets).
     """
-    docs: dict[str, str] = {}
-    for klass in reversed(config_cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for stmt, nxt in zip(body, body[1:]):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    if preset not in cls.presets:
+        choices = ", ".join(cls.presets) or "none"
+        raise GenerationError(f"task {cls.name!r} has no preset {preset!r}; presets: {choices}")
+    return dict(cls.presets[preset])
 
 
 def build_task(name: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Task:
@@ -103,13 +83,8 @@ def build_task(name: str, preset: str | None = None, overrides: dict[str, Any] |
             names the option at fault.
     """
     cls = get_task_class(name)
-    values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in cls.presets:
-            choices = ", ".join(cls.presets) or "none"
-            raise GenerationError(f"task {name!r} has no preset {preset!r}; presets: {choices}")
-        values.update(cls.presets[preset])
-    fields = config_fields(cls.config_cls)
+    values = preset_values(cls, preset) if preset is not None else {}
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
     unknown = [k for k in (overrides or {}) if k not in fields]
     if unknown:
         raise GenerationError(

@@ -16,12 +16,9 @@ pipeline at a toy size:
 ``python -m studies.reproduce`` (:mod:`studies.reproduce.run`) strings these into stages (data, train, eval,
 probes, report) and writes the report.
 
-Exact match in one teacher-forced pass: greedy decoding produces the gold answer token sequence followed by
-``<|im_end|>`` exactly when, with the gold prefix fed in, every gold answer token and the closing ``<|im_end|>`` is
-the argmax at its position (each greedy step then reproduces the next gold token, and the first wrong argmax is where
-greedy decoding would leave the gold sequence). So one forward pass over prompt + gold answer gives greedy exact match
-for a whole batch, which is what the learning curves use. It is token-exact (a different tokenisation of the same
-string counts as wrong), so the final table also reports real greedy generation scored by the normalised match.
+Exact match in one teacher-forced pass (:func:`klal.eval.attention.teacher_forced_exact`) equals greedy exact match on
+the token sequence, so one forward pass over prompt + gold answer scores a whole batch, which is what the learning
+curves use. It is token-exact, so the final table also reports real greedy generation scored by the normalised match.
 """
 
 from __future__ import annotations
@@ -31,18 +28,23 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import lightning as L
 import numpy as np
 import torch
 
-from klal.data.collate import IGNORE_INDEX
+from klal.geometry import DEFAULT_MIN_PIXELS
+from klal.models.lora import BASE_PARTS, LoraSettings
+from klal.targets import TargetSpec
 
-TASKS = ("grid_patch", "line_intersection", "line_tracing")
-TRAIN_EXTRA_CHOICES = ("merger", "vision", "embed_tokens", "lm_head")
+TASKS = ("grid_patch", "line_intersection", "line_tracing", "shape_lookup", "colour_lookup", "neighbour_lookup")
+T = TypeVar("T")
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------
@@ -60,6 +62,26 @@ class TaskSettings:
     """Generator config overrides (``python -m data_gen TASK --help`` lists them)."""
     seed: int = 0
     """Dataset seed (the same data for every run)."""
+
+
+@dataclass
+class ExtraRun:
+    """One investigation run of ``extra_runs``: a KLAL run that differs from the main arm in one choice."""
+
+    task: str | None = None
+    """Task (None: the sweep task)."""
+    klal_weight: float = 1.0
+    """KLAL loss weight (lambda)."""
+    klal_query: str = "last"
+    """Supervised query token."""
+    klal_layers: str | None = None
+    """Supervised language layers (``klal.capture.parse_layers`` syntax; None: the study's ``klal_layers``)."""
+    seed: int = 0
+    """Training seed."""
+
+
+def _default_lora() -> LoraSettings:
+    return LoraSettings(r=16, alpha=32, dropout=0.0, targets="attention")
 
 
 @dataclass
@@ -84,18 +106,20 @@ class StudyConfig:
     adapter_pattern: str | None = None
     """With a real backbone: where each run's peft adapter is, e.g. ``runs/paper/{task}/{arm}_s{seed}/adapter``."""
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
-    """Size of the tiny Qwen2.5-VL (:func:`klal.models.tiny.tiny_config` overrides)."""
+    """Size of the tiny Qwen2.5-VL (:func:`klal.models.tiny.tiny_config` keyword overrides, checked there; a mapping
+    like ``klal.models.loader.ModelConfig.tiny_overrides``)."""
     tiny_seed: int = 0
     """Initialisation seed of the tiny model: the fixed "pretrained" base every run starts from."""
-    lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "attention"})
-    """:class:`klal.models.lora.LoraSettings` fields."""
+    lora: LoraSettings = field(default_factory=_default_lora)
+    """LoRA of every run (default: rank 16, alpha 32, no dropout, attention projections; a mapping that gives only
+    some keys keeps these defaults for the others)."""
     train_extra: list[str] = field(default_factory=list)
     """Base-model parts trained in full besides LoRA: ``merger``, ``vision``, ``embed_tokens``, ``lm_head``."""
     klal_layers: str | list[int] = "all"
     """Supervised language layers (``klal.capture.parse_layers`` syntax)."""
-    target: dict[str, Any] = field(default_factory=dict)
-    """:class:`klal.targets.TargetSpec` fields of the KLAL target maps (empty: the defaults: box area, point Gaussian
-    of sigma 1 token, polyline band of 1 token)."""
+    target: TargetSpec = field(default_factory=TargetSpec)
+    """How evidence becomes the KLAL target maps (default: box area, point Gaussian of sigma 1 token, polyline band of
+    1 token)."""
     steps: int = 300
     """Optimizer steps per run."""
     batch_size: int = 8
@@ -130,9 +154,8 @@ class StudyConfig:
     """Query-token choices of the sweep."""
     sweep_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the sweep."""
-    extra_runs: list[dict[str, Any]] = field(default_factory=list)
-    """Investigation runs: each a mapping of ``task`` (default: the sweep task), ``klal_weight``, ``klal_query``,
-    ``klal_layers`` (default: the study's) and ``seed``; reported in their own table."""
+    extra_runs: list[ExtraRun] = field(default_factory=list)
+    """Investigation runs, reported in their own table."""
     probe_methods: list[str | dict[str, Any]] | None = None
     """Training-free methods of :mod:`klal.grounding`: names, or mappings of ``name``, ``options`` and ``label``
     (None: every registered method with its defaults)."""
@@ -146,13 +169,17 @@ class StudyConfig:
     """Seeds of the trained runs the probes are run on."""
 
     def __post_init__(self) -> None:
-        self.tasks = {k: v if isinstance(v, TaskSettings) else _task_settings(k, v) for k, v in self.tasks.items()}
+        # Mappings (a config built in Python) are typed like the YAML file: by jsonargparse (:func:`typed`).
+        self.tasks = {k: typed(TaskSettings, v, f"repro config: tasks.{k}") for k, v in self.tasks.items()}
+        self.lora = typed(LoraSettings, self.lora, "repro config: lora", base=_default_lora())
+        self.target = typed(TargetSpec, self.target, "repro config: target")
+        self.extra_runs = [typed(ExtraRun, e, f"repro config: extra_runs[{k}]") for k, e in enumerate(self.extra_runs)]
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"repro config: unknown task(s) {bad}; choose from {list(TASKS)}")
-        bad = [p for p in self.train_extra if p not in TRAIN_EXTRA_CHOICES]
+        bad = [p for p in self.train_extra if p not in BASE_PARTS]
         if bad:
-            raise ValueError(f"repro config: train_extra {bad} unknown; choose from {list(TRAIN_EXTRA_CHOICES)}")
+            raise ValueError(f"repro config: train_extra {bad} unknown; choose from {list(BASE_PARTS)}")
         for name, arm in self.arms.items():
             unknown = set(arm) - {"klal_weight", "klal_query"}
             if unknown or "klal_weight" not in arm:
@@ -171,26 +198,50 @@ class StudyConfig:
             )
 
 
-def _task_settings(name: str, value: Any) -> TaskSettings:
+def typed(cls: type[T], value: Any, where: str, base: T | None = None) -> T:
+    """``value`` as a ``cls`` dataclass: an instance is kept, None gives ``base`` (default: the class defaults), and a
+    mapping is typed and checked by jsonargparse, as every klal command's options are (unknown keys and values of the
+    wrong type fail); the keys it leaves out keep ``base``'s values, as in a YAML file read by jsonargparse.
+
+    Raises:
+        ValueError: the message starts with ``where`` and names the key at fault.
+    """
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    if isinstance(value, cls):
+        return value
     if value is None:
-        return TaskSettings()
-    if not isinstance(value, dict):
-        raise ValueError(f"repro config: tasks.{name} must be a mapping of TaskSettings fields, got {value!r}")
-    known = {f.name for f in dataclasses.fields(TaskSettings)}
-    unknown = set(value) - known
-    if unknown:
-        raise ValueError(f"repro config: tasks.{name} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    v = dict(value)
-    if "splits" in v:
-        v["splits"] = tuple(float(x) for x in v["splits"])
-    return TaskSettings(**v)
+        return copy.deepcopy(base) if base is not None else cls()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {value!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "value")
+    try:
+        given = {**(dataclasses.asdict(base) if base is not None else {}), **value}
+        return parser.instantiate(parser.parse_object({"value": given})).value
+    except ArgumentError as e:
+        text = " ".join(str(e).split())
+        text = re.sub(r"Group 'value' does not accept (?:nested key|option) '([^']+)'", r"unknown key '\1'", text)
+        text = re.sub(r'Parser key "value\.([^"]+)"', r"\1", text)
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"{where}: {text}" + (f"; known keys: {known}" if "unknown key" in text else "")) from None
+
+
+def non_default_fields(obj: Any) -> dict[str, Any]:
+    """The fields of dataclass ``obj`` whose values differ from the class defaults (for reports and fingerprints)."""
+    default = type(obj)()
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if getattr(obj, f.name) != getattr(default, f.name)
+    }
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read a study YAML; ``overrides`` (top-level keys) win over the file.
+    """Read a study YAML; ``overrides`` (top-level keys) win over the file. Typed by :func:`typed`.
 
     Raises:
-        ValueError: unknown keys (named) or bad values.
+        ValueError: unknown keys or bad values (the message names the file and the key).
     """
     import yaml
 
@@ -199,11 +250,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     raw.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return StudyConfig(**raw)
+    return typed(StudyConfig, raw, str(path))
 
 
 # -- runs --------------------------------------------------------------------------------------------------------------
@@ -259,14 +306,10 @@ def extra_runs(cfg: StudyConfig) -> list[RunSpec]:
     """The investigation runs listed under ``extra_runs``."""
     out = []
     for k, e in enumerate(cfg.extra_runs):
-        task = e.get("task", cfg.sweep_task)
+        task = e.task if e.task is not None else cfg.sweep_task
         if task not in cfg.tasks:
             raise ValueError(f"repro config: extra_runs[{k}] task {task!r} is not one of {list(cfg.tasks)}")
-        out.append(
-            _canonical(
-                task, e.get("klal_weight", 1.0), e.get("klal_query", "last"), e.get("seed", 0), e.get("klal_layers")
-            )
-        )
+        out.append(_canonical(task, e.klal_weight, e.klal_query, e.seed, e.klal_layers))
     return out
 
 
@@ -291,7 +334,7 @@ def data_path(cfg: StudyConfig, task: str) -> Path:
 # -- data --------------------------------------------------------------------------------------------------------------
 def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dict[str, Path]:
     """Generate each task's dataset unless it is already on disk; returns task -> directory."""
-    from data_gen.tasks import build_task
+    from data_gen.tasks import build_task, get_task_class, preset_values
     from data_gen.writer import generate_dataset
 
     out = {}
@@ -299,8 +342,12 @@ def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dic
         path = data_path(cfg, task)
         if not (path / "dataset_dict.json").is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            overrides = {"image_size": cfg.image_size, **_typed_overrides(ts.overrides)}
-            gen = build_task(task, preset=ts.preset, overrides=overrides)
+            # The generator config, typed by jsonargparse like the study file (YAML lists become the tuples of
+            # ranges such as num_nodes; an unknown or mistyped key names itself).
+            cls = get_task_class(task)
+            preset = preset_values(cls, ts.preset) if ts.preset is not None else {}
+            config = typed(cls.config_cls, {**preset, "image_size": cfg.image_size, **ts.overrides}, f"tasks.{task}")
+            gen = build_task(task, overrides=dataclasses.asdict(config))
             generate_dataset(
                 gen,
                 num=ts.num,
@@ -315,19 +362,11 @@ def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dic
     return out
 
 
-def _typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    # YAML gives lists where the generator configs hold tuples (ranges such as num_nodes).
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+def task_split(cfg: StudyConfig, task: str, split: str, limit: int | None = None):
+    """One split of a task's dataset (the first ``limit`` rows), read by :func:`klal.data.io.load_split`."""
+    from klal.data.io import load_split
 
-
-def load_split(cfg: StudyConfig, task: str, split: str, limit: int | None = None):
-    """One split of a task's dataset (the first ``limit`` rows)."""
-    import datasets
-
-    ds = datasets.load_from_disk(str(data_path(cfg, task)))[split]
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    return load_split(data_path(cfg, task), split, limit)
 
 
 # -- model -------------------------------------------------------------------------------------------------------------
@@ -339,10 +378,7 @@ def build_module(
     ``klal_layers`` (None: the study's) selects the supervised layers; the learning curves and the evaluation read the
     attention of every layer regardless (see :func:`evaluate_model`).
     """
-    import lightning as L
-
     from klal.models.loader import ModelConfig
-    from klal.models.lora import LoraSettings
     from klal.module import KLALModule, OptimSettings
 
     L.seed_everything(seed, verbose=False)
@@ -350,14 +386,14 @@ def build_module(
     backbone = ModelConfig(
         name_or_path=cfg.backbone,
         dtype=cfg.dtype,
-        min_pixels=56 * 56,
+        min_pixels=DEFAULT_MIN_PIXELS,
         max_pixels=cfg.image_size * cfg.image_size,
         tiny_seed=cfg.tiny_seed,
         tiny_overrides=(copy.deepcopy(cfg.tiny_overrides) or None) if tiny else None,
     )
     module = KLALModule(
         backbone=backbone,
-        lora=LoraSettings(**cfg.lora),
+        lora=copy.deepcopy(cfg.lora),
         klal_weight=klal_weight,
         klal_query=klal_query,
         klal_layers=cfg.klal_layers if klal_layers is None else klal_layers,
@@ -378,23 +414,10 @@ def unfreeze(model: torch.nn.Module, parts: list[str]) -> int:
         parts: ``merger`` (the vision patch merger), ``vision`` (the whole vision tower, merger included),
             ``embed_tokens``, ``lm_head``.
     """
-    # Matched on name components, so "visual.merger" in the vision tower and "lm_head" at the top are found whatever
-    # prefix peft adds.
-    patterns = {
-        "merger": ".visual.merger.",
-        "vision": ".visual.",
-        "embed_tokens": ".embed_tokens.",
-        "lm_head": ".lm_head.",
-    }
-    n = 0
-    for name, p in model.named_parameters():
-        full = "." + name
-        if any(patterns[part] in full for part in parts) and not p.requires_grad:
-            p.requires_grad_(True)
-            n += p.numel()
-    if parts and n == 0:
-        raise RuntimeError(f"train_extra {parts} matched no parameters of the model")
-    return n
+    from klal.models.lora import train_base_parts
+
+    # Tied embeddings (the 3B model): lm_head trains the shared matrix, with a warning (see train_base_parts).
+    return train_base_parts(model, parts)
 
 
 def adapter_path(cfg: StudyConfig, spec: RunSpec) -> Path:
@@ -440,66 +463,11 @@ def load_trained(cfg: StudyConfig, spec: RunSpec):
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------------
-def evidence_cells(
-    evidence: dict[str, Any], orig_hw: tuple[int, int], processed_hw: tuple[int, int]
-) -> np.ndarray | None:
-    """Token-grid cells holding the evidence (:func:`klal.metrics.evidence_cells`, the evaluation's definition)."""
-    from klal.metrics import evidence_cells as shared
-
-    return shared(evidence, orig_hw, processed_hw)
-
-
 def evidence_cells_source() -> str:
-    """Which evidence-cell rule :func:`evidence_cells` uses (recorded with every evaluation)."""
-    return "klal.metrics.evidence_cells"
+    """Which evidence-cell rule the grounding metrics use (recorded with every evaluation)."""
+    return "klal.targets.evidence_cells"
 
 
-def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: every supervised label (answer tokens and ``<|im_end|>``) is the argmax at its position.
-
-    Equals greedy-decoding exact match on the token sequence (see the module docstring).
-    """
-    pred = logits[:, :-1].argmax(-1)
-    lab = labels[:, 1:]
-    mask = lab != IGNORE_INDEX
-    ok = (pred == lab) | ~mask
-    return ok.all(-1) & mask.any(-1)
-
-
-def pointing_and_mass(att: np.ndarray, cells: np.ndarray) -> tuple[float, float]:
-    """Pointing-game score (1 when the map's peak cell is an evidence cell; ties share the score) and the share of the
-    map's mass on evidence cells, as :mod:`klal.metrics` defines them.
-
-    Args:
-        att: ``(gh, gw)`` non-negative attention over one image (any scale).
-        cells: ``(gh, gw)`` bool evidence cells.
-    """
-    from klal.metrics import evidence_mass, pointing_score
-
-    return pointing_score(att, cells), evidence_mass(att, cells)
-
-
-def _device(module) -> torch.device:
-    return next(module.model.parameters()).device
-
-
-def _to_device(batch: dict[str, Any], module) -> dict[str, Any]:
-    dev = _device(module)
-    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def _attention_and_logits(module, batch: dict[str, Any], query: str) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits and the ``(B, V)`` attention of the query over visual tokens (mean over queries and captured layers)."""
-    out, request = module(batch, capture=True, query_mode=query)
-    q = request.stacked().exp()  # (L, B, A, V)
-    qv = request.query_valid.to(q.dtype)
-    q = (q * qv[None, :, :, None]).sum(2) / qv.sum(-1).clamp_min(1)[None, :, None]
-    request.clear()
-    return out.logits, q.mean(0).cpu().numpy()
-
-
-@torch.no_grad()
 def evaluate_model(
     module,
     rows,
@@ -508,110 +476,68 @@ def evaluate_model(
     generate: bool = False,
     max_new_tokens: int = 10,
 ) -> dict[str, Any]:
-    """Test metrics of a module on dataset rows.
+    """Test metrics of a module on dataset rows, through the evaluation engine (:func:`klal.eval.engine.run_method`
+    running :class:`klal.eval.attention.TeacherForcedAttention` once per query choice).
+
+    Every layer is measured whatever a run supervised, so runs that supervise different layers stay comparable.
 
     Returns:
-        ``{"n", "exact_tf", "answer_acc_gen" (if generate), "<query>/pointing", "<query>/evidence_mass",
-        "<query>/n_evidence"}`` (sample means; grounding means over samples with evidence cells), plus
-        ``"per_sample"`` lists for spread/diagnostics.
+        ``{"n", "exact_tf", "answer_acc_gen" and "generations" (if generate), "<query>/pointing",
+        "<query>/evidence_mass", "<query>/n_evidence"}``: sample means (grounding means over the samples with evidence
+        cells; NaN without any).
     """
-    from klal.data.collate import KLALCollator
+    from klal.eval.attention import TeacherForcedAttention
+    from klal.eval.engine import run_method
+    from klal.eval.metrics import GroundingMetrics, pooled
+    from klal.grounding import GroundingModel
 
-    module.eval()
-    collator = KLALCollator(module.processor)
-    # Measure every layer whatever a run supervised, so runs that supervise different layers stay comparable.
-    supervised = module.layers
-    module.layers = list(range(module.text_config.num_hidden_layers))
-    try:
-        out = _evaluate(module, collator, rows, batch_size, queries)
-    finally:
-        module.layers = supervised
-    if generate:
-        preds = generate_answers(module, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        from klal.metrics import answer_correct
-
-        correct = [bool(answer_correct(p, str(r["answer"]))) for p, r in zip(preds, rows)]
-        out["answer_acc_gen"] = float(np.mean(correct)) if correct else float("nan")
-        out["generations"] = preds[:20]
-    return out
-
-
-def _evaluate(module, collator, rows, batch_size: int, queries: tuple[str, ...]) -> dict[str, Any]:
-    sums: dict[str, list] = {"exact_tf": []}
-    for q in queries:
-        sums[f"{q}/pointing"] = []
-        sums[f"{q}/evidence_mass"] = []
-    n = len(rows)
-    for start in range(0, n, batch_size):
-        chunk = [rows[i] for i in range(start, min(start + batch_size, n))]
-        batch = _to_device(collator(chunk), module)
+    gm = GroundingModel(module.model, module.processor)
+    metrics = GroundingMetrics()
+    out: dict[str, Any] = {"n": len(rows)}
+    with gm.borrowed():
         for qi, q in enumerate(queries):
-            logits, att = _attention_and_logits(module, batch, q)
+            answer = generate and qi == 0  # greedy answers do not depend on the query: decode once
+            method = TeacherForcedAttention(query=q, layers="all", max_new_tokens=max_new_tokens if answer else 0)
+            run = run_method(gm, q, method, {"rows": rows}, metrics, batch_size=batch_size, keep_results=qi == 0)
             if qi == 0:
-                sums["exact_tf"] += teacher_forced_exact(logits.float(), batch["labels"]).tolist()
-            for b, row in enumerate(chunk):
-                gh, gw = batch["grids"][b][0]
-                cells = evidence_cells(row["evidence"], (row["height"], row["width"]), (gh * 28, gw * 28))
-                if cells is None or not cells.any():
-                    continue
-                hit, mass = pointing_and_mass(att[b, : gh * gw].reshape(gh, gw), cells)
-                sums[f"{q}/pointing"].append(hit)
-                sums[f"{q}/evidence_mass"].append(mass)
-    out: dict[str, Any] = {"n": n}
-    for k, v in sums.items():
-        out[k] = float(np.mean(v)) if v else float("nan")
+                exact = [r.extras["exact_tf"] for r in run.results]
+                out["exact_tf"] = float(np.mean(exact)) if exact else float("nan")
+            if answer:
+                acc = pooled(metrics.compute(), q, "answer_accuracy")
+                out["answer_acc_gen"] = acc["value"] if acc["count"] else float("nan")
+                out["generations"] = [s["answer"] for s in run.samples[:20]]
+    scores = metrics.compute()
     for q in queries:
-        out[f"{q}/n_evidence"] = len(sums[f"{q}/pointing"])
-    return out
-
-
-@torch.no_grad()
-def generate_answers(module, rows, batch_size: int = 16, max_new_tokens: int = 10) -> list[str]:
-    """Greedy answers to each row's question (left-padded batches, prompt as the collator renders it)."""
-    from klal.data.collate import KLALCollator
-
-    proc = module.processor
-    tok = proc.tokenizer
-    collator = KLALCollator(proc)
-    model = module.model
-    out: list[str] = []
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            prompts = [collator.prompt_text(r["question"], 1) for r in chunk]
-            images = [r["image"].convert("RGB") for r in chunk]
-            enc = proc(text=prompts, images=images, padding=True, return_tensors="pt").to(_device(module))
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            new = gen[:, enc["input_ids"].shape[1] :]
-            out += tok.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tok.padding_side = old_side
+        point, mass = pooled(scores, q, "pointing_game"), pooled(scores, q, "evidence_mass")
+        out[f"{q}/pointing"] = point["value"] if point["count"] else float("nan")
+        out[f"{q}/evidence_mass"] = mass["value"] if mass["count"] else float("nan")
+        out[f"{q}/n_evidence"] = point["count"]
     return out
 
 
 # -- training ----------------------------------------------------------------------------------------------------------
-class _CurveCallback:
-    """Lightning callback: learning-curve points on a fixed validation subset (step 0 and every ``every`` steps)."""
+class CurveCallback(L.Callback):
+    """Learning-curve points on a fixed validation subset: step 0 and every ``every`` optimizer steps.
+
+    Args:
+        rows: the validation rows of every point.
+        every: steps between points (the last step is always measured).
+        batch_size: evaluation batch size.
+    """
 
     def __init__(self, rows, every: int, batch_size: int) -> None:
-        import lightning as L
-
-        # Built as a subclass at runtime so this module imports without Lightning.
-        self.cb = type(
-            "CurveCallback",
-            (L.Callback,),
-            {
-                "on_train_start": lambda _s, trainer, pl_module: self._point(trainer, pl_module),
-                "on_train_batch_end": lambda _s, trainer, pl_module, *a: self._maybe(trainer, pl_module),
-            },
-        )()
+        super().__init__()
         self.rows = rows
         self.every = every
         self.batch_size = batch_size
         self.points: list[dict[str, Any]] = []
         self.train_losses: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._point(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self._maybe(trainer, pl_module)
 
     def _maybe(self, trainer, module) -> None:
         step = trainer.global_step
@@ -646,10 +572,7 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
     Raises:
         ValueError: a real backbone (those runs are trained with ``train.py`` and ``configs/repro/*.yaml``).
     """
-    import lightning as L
-
     from klal.datamodule import KLALDataModule
-    from klal.targets import TargetSpec
 
     if cfg.backbone != "tiny":
         raise ValueError(
@@ -673,12 +596,12 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
         paths=[str(data_path(cfg, spec.task))],
         batch_size=cfg.batch_size,
         num_workers=0,
-        target=TargetSpec(**cfg.target),
+        target=copy.deepcopy(cfg.target),
     )
     dm.processor = module.processor
     dm.setup("fit")
-    curve = _CurveCallback(
-        load_split(cfg, spec.task, "validation", cfg.curve_samples), cfg.eval_every, cfg.eval_batch_size
+    curve = CurveCallback(
+        task_split(cfg, spec.task, "validation", cfg.curve_samples), cfg.eval_every, cfg.eval_batch_size
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -690,7 +613,7 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[curve.cb],
+        callbacks=[curve],
         deterministic=False,
     )
     # Data order follows the run seed (seed_everything in build_module seeded the LoRA init; reseed for the sampler).
@@ -731,8 +654,12 @@ def _fingerprint(cfg: StudyConfig, spec: RunSpec) -> str:
         "curve_samples",
     )
     d = {k: getattr(cfg, k) for k in keys}
-    if cfg.target:  # the default target spec adds no key, so fingerprints of default runs do not depend on it
-        d["target"] = cfg.target
+    # Settings as the YAML wrote them before they were typed: LoRA without an unset ``layers``, the target spec's
+    # non-default fields only (the default adds no key), so the fingerprints of earlier runs still match.
+    d["lora"] = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
+    target = non_default_fields(cfg.target)
+    if target:
+        d["target"] = target
     d["task"] = dataclasses.asdict(cfg.tasks[spec.task])
     d["spec"] = dataclasses.asdict(spec)
     return json.dumps(d, sort_keys=True, default=str)

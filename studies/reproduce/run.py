@@ -24,7 +24,7 @@ job; run a stage on all shards before the next stage starts).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -32,14 +32,19 @@ import platform
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 
+from klal.cli import bare_bool_flags, expand_key_values, normalise_flags, parse_or_fail, user_errors
+from klal.geometry import TOKEN_PX
 from studies.reproduce import pipeline as repro
 from studies.reproduce.pipeline import RunSpec, StudyConfig
+from studies.reproduce.stats import paired_comparisons, render_paired
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,9 +73,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--shard must look like 0/2, got {text!r}") from e
+        raise ValueError(f"--shard must look like 0/2, got {text!r}") from e
     if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= index < count")
+        raise ValueError(f"--shard {text!r}: need 0 <= index < count")
     return i, n
 
 
@@ -106,7 +111,7 @@ def _evaluate_to(cfg: StudyConfig, module, task: str, path: Path, generate: bool
         old = json.loads(path.read_text())
         if old.get("fingerprint") == fp:
             return old
-    rows = repro.load_split(cfg, task, "test", cfg.test_samples)
+    rows = repro.task_split(cfg, task, "test", cfg.test_samples)
     t0 = time.perf_counter()
     m = repro.evaluate_model(
         module,
@@ -127,9 +132,9 @@ def _can_generate(cfg: StudyConfig) -> bool:
     if not cfg.generate:
         return False
     try:
-        from klal.metrics import answer_correct  # noqa: F401
+        from klal.eval.answers import answer_correct  # noqa: F401
     except ImportError:
-        _log("klal.metrics.answer_correct is not available: generation accuracy skipped (rerun --stages eval later)")
+        _log("klal.eval.answers is not available: generation accuracy skipped (rerun --stages eval later)")
         return False
     return True
 
@@ -199,59 +204,47 @@ def stage_probes(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
     except ImportError as e:
         _log(f"probes skipped: klal.grounding is not importable ({e})")
         return
-    from klal.metrics import answer_correct
+    from klal.eval.engine import run_method
+    from klal.eval.metrics import GroundingMetrics, pooled
 
     specs = _probe_specs(cfg, available_methods())
     for task, label, spec in _shard(_probe_models(cfg), shard):
         path = (repro.run_path(cfg, spec) if spec is not None else Path(cfg.run_dir) / task / "base") / "probes.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         done = json.loads(path.read_text()) if path.is_file() and not force else {}
-        rows = repro.load_split(cfg, task, "test", cfg.probe_samples)
-        prep_rows = [dict(r) for r in repro.load_split(cfg, task, "train", cfg.probe_prepare_samples)]
-        cells = [repro.evidence_cells(r["evidence"], (r["height"], r["width"]), _grid_px(r, cfg)) for r in rows]
+        rows = repro.task_split(cfg, task, "test", cfg.probe_samples)
+        prep_rows = [dict(r) for r in repro.task_split(cfg, task, "train", cfg.probe_prepare_samples)]
         module = repro.load_trained(cfg, spec) if spec is not None else repro.build_module(cfg)
         gm = GroundingModel(module.model, module.processor)
         for row_label, name, opts in specs:
             if row_label in done and done[row_label].get("n") == len(rows) and not done[row_label].get("error"):
                 continue
-            points, masses, correct, secs = [], [], [], []
+            # The evaluation engine's loop: prepared once on training images (localization-head discovery), as
+            # evaluate.py does, then scored by the same metrics.
+            metrics = GroundingMetrics()
+            secs: list[float] = []
             err = None
             try:
-                method = build_method(name, **opts)
-                prepare = getattr(method, "prepare", None)
-                if callable(prepare):  # e.g. localization-head discovery, on training images as evaluate.py does
-                    prepare(gm, prep_rows)
-                for r, c in zip(rows, cells):
-                    res = method.run(gm, dict(r))
-                    secs.append(res.seconds)
-                    if c is not None and c.any():
-                        pt, mass = repro.pointing_and_mass(
-                            np.clip(np.asarray(res.maps[0], dtype=np.float64), 0, None), c
-                        )
-                        points.append(pt)
-                        masses.append(mass)
-                    if res.answer is not None:
-                        correct.append(bool(answer_correct(res.answer, str(r["answer"]))))
+                run = run_method(gm, row_label, build_method(name, **opts), {task: rows}, metrics, prep_rows)
+                secs = [s["seconds"] for s in run.samples]
             except Exception as e:  # one failing method must not hide the others' results; the error is reported
                 err = f"{type(e).__name__}: {e}"
+            scores = metrics.compute()
+            point, mass, answer = (
+                pooled(scores, row_label, m) for m in ("pointing_game", "evidence_mass", "answer_accuracy")
+            )
             done[row_label] = {
                 "method": name,
                 "options": opts,
                 "n": len(rows),
-                "pointing": float(np.mean(points)) if points else float("nan"),
-                "evidence_mass": float(np.mean(masses)) if masses else float("nan"),
-                "answer_acc": float(np.mean(correct)) if correct else None,
+                "pointing": point["value"] if point["count"] else float("nan"),
+                "evidence_mass": mass["value"] if mass["count"] else float("nan"),
+                "answer_acc": answer["value"] if answer["count"] else None,
                 "s_per_sample": float(np.mean(secs)) if secs else float("nan"),
                 "error": err,
             }
             _log(f"probe {task}/{label} {row_label}: {done[row_label]}")
             path.write_text(json.dumps(done, indent=1))
-
-
-def _grid_px(row: dict[str, Any], cfg: StudyConfig) -> tuple[int, int]:
-    from klal.targets import smart_resize_hw
-
-    return smart_resize_hw(int(row["height"]), int(row["width"]), 56 * 56, cfg.image_size * cfg.image_size)
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
@@ -341,8 +334,8 @@ def majority_baseline(cfg: StudyConfig, task: str) -> dict[str, Any] | None:
     from collections import Counter
 
     try:
-        train = repro.load_split(cfg, task, "train")["answer"]
-        test = repro.load_split(cfg, task, "test", cfg.test_samples)["answer"]
+        train = repro.task_split(cfg, task, "train")["answer"]
+        test = repro.task_split(cfg, task, "test", cfg.test_samples)["answer"]
     except (FileNotFoundError, KeyError):
         return None
     answer, _ = Counter(train).most_common(1)[0]
@@ -363,15 +356,17 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
         model = f"tiny random Qwen2.5-VL, tiny_seed {cfg.tiny_seed}, overrides {cfg.tiny_overrides or 'none'}"
     else:
         model = f"{cfg.backbone}, adapters {cfg.adapter_pattern} trained with train.py"
+    lora = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
+    target = repro.non_default_fields(cfg.target) or "default"
     lines = [
         f"# KLAL reproduction: Base vs NTP vs NTP + KLAL ({model})",
         "",
         f"Produced by: `{study_command}` (all stages; `--jobs 2` runs them in two processes). This report: "
         f"`{command}`.  ",
         f"Seeds: {cfg.seeds} (training: LoRA init and data order; the base model and the data are fixed). "
-        f"{cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr:g}, LoRA {cfg.lora}, also trained: "
-        f"{cfg.train_extra or 'nothing'}; KLAL layers {cfg.klal_layers}, target maps {cfg.target or 'default'}. "
-        f"Images {cfg.image_size} px ({(cfg.image_size // 28) ** 2} visual tokens).",
+        f"{cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr:g}, LoRA {lora}, also trained: "
+        f"{cfg.train_extra or 'nothing'}; KLAL layers {cfg.klal_layers}, target maps {target}. "
+        f"Images {cfg.image_size} px ({(cfg.image_size // TOKEN_PX) ** 2} visual tokens).",
         f"Evidence cells: {res['evidence_cells']}.",
         "",
         "Mean ± sample std over seeds, in %. *Exact (TF)*: greedy exact match computed teacher-forced (one pass); "
@@ -456,6 +451,7 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
                     f"| {task} | {label} | {name}{err} | {repro.fmt(m['pointing'])} | {repro.fmt(m['evidence_mass'])} "
                     f"| {acc} | {m['s_per_sample']:.2f} |"
                 )
+    lines += render_paired(cfg, res.get("paired") or {})
     lines += ["## Training-free probes", ""]
     if probe_lines:
         lines += [
@@ -558,6 +554,7 @@ def stage_report(cfg: StudyConfig, command: str, study_command: str | None = Non
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = collect(cfg)
+    res["paired"] = paired_comparisons(cfg)
     res["command"] = command
     res["study_command"] = study_command or command
     res["config"] = _jsonable(cfg)
@@ -597,12 +594,12 @@ def _nan_safe(o: Any) -> Any:
     return str(o)
 
 
-def _fan_out(stage: str, args: argparse.Namespace, argv: list[str]) -> None:
+def _fan_out(stage: str, args: StudyRun, argv: list[str]) -> None:
     """Run one stage in ``args.jobs`` child processes (``--shard i/N``) and wait for all of them."""
     import subprocess
 
-    if args.shard != (0, 1):
-        raise SystemExit("--jobs and --shard cannot be combined")
+    if args.shard != "0/1":
+        raise ValueError("--jobs and --shard cannot be combined")
     base = []
     skip = False
     for a in argv:  # drop the options the children get their own values of
@@ -637,53 +634,88 @@ def _fan_out(stage: str, args: argparse.Namespace, argv: list[str]) -> None:
 
 
 # -- entry point -------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> Path | None:
-    """Run the chosen stages; returns the table path when the report stage ran."""
-    p = argparse.ArgumentParser(prog="python -m studies.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "repro" / "small.yaml"), help="study YAML")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--shard", type=_parse_shard, default=(0, 1), help="I/N: this process takes every N-th job")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
-    p.add_argument(
-        "--jobs", type=int, default=1, help="run the train/eval/probes stages in this many processes (shards)"
-    )
-    p.add_argument("--force", action="store_true", help="redo runs/evaluations that are already on disk")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=YAML", help="override top-level config keys")
-    args = p.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        p.error(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
-    overrides = {}
-    import yaml
+DEFAULT_CONFIG = str(REPO / "configs" / "repro" / "small.yaml")
 
-    for item in args.set:
-        if "=" not in item:
-            p.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    cfg = repro.load_config(args.config, overrides)
+
+@dataclass
+class StudyRun:
+    """Which stages to run and how; the study itself is the ``--config`` YAML (:class:`StudyConfig`)."""
+
+    stages: str = ",".join(STAGES)
+    """Comma-separated subset of data, train, eval, probes, report (they run in that order)."""
+    shard: str = "0/1"
+    """I/N: this process takes every N-th job of the train, eval and probes stages."""
+    threads: PositiveInt = 1
+    """Torch CPU threads per process."""
+    workers: PositiveInt = 1
+    """Data-generation processes."""
+    jobs: PositiveInt = 1
+    """Run the train, eval and probes stages in this many processes (shards)."""
+    force: bool = False
+    """Redo runs and evaluations that are already on disk."""
+
+
+def study_parser(prog: str) -> Any:
+    """The command line: the :class:`StudyRun` options plus every :class:`StudyConfig` key as an option, so
+    ``--config FILE.yaml`` is the study file and ``--steps 10`` (or ``--set steps=10``) overrides one of its keys."""
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser.add_argument("--config", action="config", help=f"the study YAML (default {DEFAULT_CONFIG})")
+    parser.add_class_arguments(StudyRun, nested_key=None, as_group=True)
+    parser.add_class_arguments(StudyConfig, nested_key=None, as_group=True)
+    bare_bool_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path | None:
+    """Run the chosen stages; returns the table path when the report stage ran."""
+    prog = prog or "python -m studies.reproduce"
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = normalise_flags(given)
+    if not any(a == "--config" or a.startswith("--config=") for a in args) and not {"-h", "--help"} & set(args):
+        args = ["--config", DEFAULT_CONFIG, *args]
+    with user_errors(prog):
+        keys = [f.name for f in dataclasses.fields(StudyConfig)]
+        parser = study_parser(prog)
+        ns = parser.instantiate(
+            parse_or_fail(parser, expand_key_values(args, "--set", "", keys, "the study config"), prog)
+        )
+        run = StudyRun(**{f.name: ns[f.name] for f in dataclasses.fields(StudyRun)})
+        cfg = StudyConfig(**{k: ns[k] for k in keys})
+        stages = [s.strip() for s in run.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
+        shard = _parse_shard(run.shard)
+        config_path = next((str(c) for c in ns.get("config") or [] if c), DEFAULT_CONFIG)
+        return _run_stages(cfg, run, stages, shard, given, config_path)
+
+
+def _run_stages(
+    cfg: StudyConfig, run: StudyRun, stages: list[str], shard: tuple[int, int], argv: list[str], config_path: str
+) -> Path | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(max(1, args.threads))
-    command = "python -m studies.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    torch.set_num_threads(max(1, run.threads))
+    command = "python -m studies.reproduce " + " ".join(argv)
     table = None
     for stage in STAGES:
         if stage not in stages:
             continue
         t0 = time.perf_counter()
         if stage == "data":
-            repro.make_data(cfg, workers=args.workers)
-        elif stage in ("train", "eval", "probes") and args.jobs > 1:
-            _fan_out(stage, args, argv if argv is not None else sys.argv[1:])
+            repro.make_data(cfg, workers=run.workers)
+        elif stage in ("train", "eval", "probes") and run.jobs > 1:
+            _fan_out(stage, run, argv)
         elif stage == "train":
-            stage_train(cfg, args.shard, args.force)
+            stage_train(cfg, shard, run.force)
         elif stage == "eval":
-            stage_eval(cfg, args.shard, args.force)
+            stage_eval(cfg, shard, run.force)
         elif stage == "probes":
-            stage_probes(cfg, args.shard, args.force)
+            stage_probes(cfg, shard, run.force)
         elif stage == "report":
-            table = stage_report(cfg, command, f"python -m studies.reproduce --config {args.config}")
+            table = stage_report(cfg, command, f"python -m studies.reproduce --config {config_path}")
         _log(f"stage {stage} done in {time.perf_counter() - t0:.0f} s")
     return table
 

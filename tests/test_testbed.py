@@ -1,0 +1,107 @@
+"""The lookup testbed (configs/testbed/): the paired statistics on hand-worked numbers, and the testbed config run
+through the whole study pipeline at a toy size (its arms, sweep, per-seed table and paired tests in the report)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studies.reproduce import pipeline as repro
+from studies.reproduce import stats
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED = REPO / "configs" / "testbed" / "lookup.yaml"
+
+
+def test_sign_flip_hand_worked() -> None:
+    # d = 1, 2, 3: of the 8 sign assignments only +++ and --- have |mean| >= 2.
+    assert stats.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
+    # Five positive differences: the smallest two-sided p of 5 pairs, 2 / 32.
+    assert stats.sign_flip_p([0.1, 0.2, 0.15, 0.05, 0.12]) == pytest.approx(2 / 32)
+    # d = 1, -1, 2: |mean| = 2/3; assignments reaching it: (+,-,+), (-,+,+) and mirrors, and (+,+,+)/(-,-,-): 6 / 8.
+    assert stats.sign_flip_p([1.0, -1.0, 2.0]) == pytest.approx(6 / 8)
+
+
+def test_paired_t_hand_worked() -> None:
+    # d = 1, 2, 3: mean 2, std 1, t = 2 sqrt(3); with 2 degrees of freedom the t tail has the closed form
+    # P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2, so the two-sided p is 1 - t / sqrt(t^2 + 2).
+    t = 2 * math.sqrt(3)
+    assert stats.paired_t_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert stats.paired_t_p([0.5, 0.5]) == 0.0 and stats.paired_t_p([0.0, 0.0]) == 1.0
+
+
+def test_sign_test_and_compare_hand_worked() -> None:
+    # 3 wins, 1 loss, 1 tie: two-sided binomial p = 2 * P(X >= 3 | n=4) = 2 * 5 / 16.
+    assert stats.sign_test_p([1.0, 2.0, 3.0, 0.0, -1.0]) == pytest.approx(10 / 16)
+    c = stats.compare([0.1, 0.2, 0.3], [0.2, 0.4, 0.6])
+    assert c["diffs"] == pytest.approx([0.1, 0.2, 0.3]) and c["mean_diff"] == pytest.approx(0.2)
+    assert (c["wins"], c["losses"], c["ties"]) == (3, 0, 0) and c["std_diff"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.compare([0.1], [0.2, 0.3])
+
+
+def test_testbed_config_fixes_design() -> None:
+    """The design is fixed in the file: >= 5 seeds, an NTP arm, the four query tokens, a lambda sweep."""
+    cfg = repro.load_config(TESTBED)
+    assert len(cfg.seeds) >= 5
+    arms = [a for a in cfg.arms.values() if a["klal_weight"] > 0]
+    queries = {a.get("klal_query", "last") for a in arms} | {s.klal_query for s in repro.extra_runs(cfg)}
+    assert queries == {"last", "all", "first", "prompt_last"}
+    assert any(a["klal_weight"] == 0 for a in cfg.arms.values())
+    assert cfg.sweep_task in cfg.tasks and len({w for w in cfg.sweep_lambdas if w > 0}) >= 3
+    assert set(cfg.tasks) <= {"shape_lookup", "colour_lookup", "neighbour_lookup"}
+
+
+def test_testbed_pipeline_toy(tmp_path: Path) -> None:
+    """The testbed config, shrunk to a toy size, through data -> train -> eval -> report."""
+    from studies.reproduce import run as reproduce
+
+    raw = yaml.safe_load(TESTBED.read_text())
+    task = raw["sweep_task"]
+    toy = {
+        "data_dir": str(tmp_path / "data"),
+        "run_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "image_size": 112,
+        "tasks": {task: {**raw["tasks"][task], "num": 16, "splits": [0.5, 0.25, 0.25]}},
+        "tiny_overrides": {"num_hidden_layers": 2, "vision_depth": 1, "vision_fullatt_block_indexes": [0]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "attention"},
+        "train_extra": ["merger"],
+        "steps": 2,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "seeds": [0, 1],
+        "eval_every": 2,
+        "curve_samples": 2,
+        "test_samples": 4,
+        "eval_batch_size": 4,
+        "generate": False,
+        "sweep_lambdas": [0.0, 1.0],  # both are main runs: no extra training
+        "sweep_seeds": [0],
+    }
+    cfg_p = tmp_path / "toy.yaml"
+    cfg_p.write_text(yaml.safe_dump({**raw, **toy}))
+    table = reproduce.main(["--config", str(cfg_p), "--stages", "data,train,eval,report"])
+    res = json.loads((tmp_path / "results" / "results.json").read_text())
+    arms = set(raw["arms"])
+    paired = res["paired"][task]
+    assert set(paired["per_seed"]) == arms and set(paired["vs"]) == arms - {paired["reference"]}
+    for arm, v in paired["vs"].items():
+        assert v["seeds"] == [0, 1]
+        c = v["exact_tf"]
+        assert c["n"] == 2 and 0.0 <= c["p_sign_flip"] <= 1.0 and c["wins"] + c["losses"] + c["ties"] == 2
+        # The reported difference is the arm's per-seed values minus the reference's.
+        ours = [paired["per_seed"][arm][str(s)]["exact_tf"] for s in (0, 1)]
+        ref = [paired["per_seed"][paired["reference"]][str(s)]["exact_tf"] for s in (0, 1)]
+        assert c["diffs"] == pytest.approx([o - r for o, r in zip(ours, ref)])
+    t = res["tasks"][task]
+    assert set(t["curves"]) == arms and all(len(c) == 2 for c in t["curves"].values())
+    assert {v["lambda"] for v in res["sweep"].values()} == {0.0, 1.0}
+    assert {v["query"] for v in res["extra"]} == {s.klal_query for s in repro.extra_runs(repro.load_config(TESTBED))}
+    md = table.read_text()
+    assert "Every seed, and paired tests" in md and "p (sign-flip)" in md and "| seed 1 |" in md
+    assert (tmp_path / "results" / "curves.png").stat().st_size > 0
