@@ -44,25 +44,12 @@ cap of 15)."""
 def make_rows(samples: int, image_size: int) -> list[dict]:
     """``samples`` rows of each synthetic task, drawn in memory (no dataset on disk needed)."""
     from data_gen.tasks import build_task
+    from data_gen.writer import sample_row
 
     rows = []
     for name, (preset, over) in TASKS.items():
         task = build_task(name, preset=preset, overrides={**over, "image_size": image_size})
-        for i in range(samples):
-            s = task.sample(123, i)
-            rows.append(
-                {
-                    "id": f"{name}-{i}",
-                    "task": name,
-                    "image": s.image,
-                    "question": s.question,
-                    "answer": s.answer,
-                    "width": s.image.width,
-                    "height": s.image.height,
-                    "evidence": s.evidence.to_dict(),
-                    "meta": "{}",
-                }
-            )
+        rows += [sample_row(task, 123, i) for i in range(samples)]
     return rows
 
 

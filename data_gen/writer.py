@@ -89,13 +89,13 @@ def split_sizes(num: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[
     return dict(zip(SPLITS, sizes))
 
 
-def sample_record(task: Task, seed: int, index: int) -> dict[str, Any]:
-    """Row ``index`` of the dataset: ``task.sample(seed, index)`` in the schema, image encoded as PNG bytes."""
+def sample_row(task: Task, seed: int, index: int) -> dict[str, Any]:
+    """Row ``index`` of the dataset: ``task.sample(seed, index)`` in the schema, the image as a PIL image."""
     try:
         s = task.sample(seed, index)
     except GenerationError as e:
         raise GenerationError(f"task {task.name!r}, seed {seed}, sample {index}: {e}") from e
-    rec = make_record(
+    return make_record(
         id=f"{task.name}-{seed}-{index:06d}",
         task=task.name,
         image=s.image,
@@ -104,10 +104,16 @@ def sample_record(task: Task, seed: int, index: int) -> dict[str, Any]:
         evidence=s.evidence,
         meta=s.meta,
     )
+
+
+def sample_record(task: Task, seed: int, index: int) -> dict[str, Any]:
+    """:func:`sample_row` with the image encoded as PNG bytes, as the dataset stores it."""
+    rec = sample_row(task, seed, index)
+    image = rec["image"]
     # Encode here (in the worker when there are several) so PNG compression runs in parallel and only bytes are
     # sent back; PIL's encoder is deterministic, so the bytes do not depend on the process.
     buf = io.BytesIO()
-    s.image.convert("RGB").save(buf, format="PNG")
+    image.convert("RGB").save(buf, format="PNG")
     rec["image"] = {"bytes": buf.getvalue(), "path": None}
     return rec
 

@@ -111,6 +111,18 @@ def _check_range(name: str, value: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def _check_names(shapes: Any, colours: Any) -> None:
+    """Raise GenerationError unless ``shapes`` and ``colours`` are non-empty lists of known, distinct names."""
+    for opt, names, known in (("shapes", shapes, SHAPES), ("colours", colours, tuple(COLOURS))):
+        if isinstance(names, str) or not names:
+            raise GenerationError(f"{opt} must be a non-empty list of names from {list(known)}, got {names!r}")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise GenerationError(f"{opt}: unknown name(s) {unknown}; choose from {list(known)}")
+        if len(set(names)) != len(names):
+            raise GenerationError(f"{opt} lists a name twice: {list(names)}")
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
     """Draw ``shape`` of radius ``r`` (half its extent) centred on ``(cx, cy)``, without anti-aliasing."""
     if shape == "circle":
@@ -174,14 +186,7 @@ class GridPatchTask(Task):
                 f"image_size={c.image_size} is too small for up to {rows[1]} rows / {cols[1]} cols with "
                 f"line_width={c.line_width}: cells would have {smallest} px free, need >= {MIN_CELL_PX}"
             )
-        for opt, names, known in (("shapes", c.shapes, SHAPES), ("colours", c.colours, tuple(COLOURS))):
-            if isinstance(names, str) or not names:
-                raise GenerationError(f"{opt} must be a non-empty list of names from {list(known)}, got {names!r}")
-            unknown = [n for n in names if n not in known]
-            if unknown:
-                raise GenerationError(f"{opt}: unknown name(s) {unknown}; choose from {list(known)}")
-            if len(set(names)) != len(names):
-                raise GenerationError(f"{opt} lists a name twice: {list(names)}")
+        _check_names(c.shapes, c.colours)
         if c.num_distractors < 0:
             raise GenerationError(f"num_distractors={c.num_distractors} must be >= 0")
         if c.num_distractors > rows[0] * cols[0] - 1:

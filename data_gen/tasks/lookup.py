@@ -42,6 +42,7 @@ from data_gen.tasks.grid_patch import (
     COLOURS,
     GRID_COLOUR,
     SHAPES,
+    _check_names,
     _check_range,
     _draw_shape,
     _edges,
@@ -132,14 +133,7 @@ class _LookupTask(Task):
         rows = _check_range("rows", c.rows)
         cols = _check_range("cols", c.cols)
         lo, hi = _check_range("num_objects", c.num_objects)
-        for opt, names, known in (("shapes", c.shapes, SHAPES), ("colours", c.colours, tuple(COLOURS))):
-            if isinstance(names, str) or not names:
-                raise GenerationError(f"{opt} must be a non-empty list of names from {list(known)}, got {names!r}")
-            unknown = [n for n in names if n not in known]
-            if unknown:
-                raise GenerationError(f"{opt}: unknown name(s) {unknown}; choose from {list(known)}")
-            if len(set(names)) != len(names):
-                raise GenerationError(f"{opt} lists a name twice: {list(names)}")
+        _check_names(c.shapes, c.colours)
         if hi > rows[0] * cols[0]:
             raise GenerationError(
                 f"num_objects={c.num_objects!r} does not fit the smallest grid rows={rows[0]} x cols={cols[0]}"
