@@ -178,6 +178,23 @@ def test_a_subclass_writes_only_ground(gm, row):
     assert "uniform_test" not in available_methods()  # no name= in the class statement: not registered
 
 
+def test_a_method_must_write_ground_and_batched_ones_ground_batch():
+    """Both omissions are caught when the class is made, before any row is run."""
+
+    class NoGround(GroundingMethod):
+        pass
+
+    with pytest.raises(TypeError, match="abstract method ground"):
+        NoGround()
+    with pytest.raises(TypeError, match="Half sets batched = True but does not implement ground_batch"):
+
+        class Half(GroundingMethod):
+            batched = True
+
+            def ground(self, gm, sample, images):
+                raise AssertionError("never run")
+
+
 # ------------------------------------------------------------------------------------------------ append_tokens
 
 

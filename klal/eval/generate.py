@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from klal.eval.decode import greedy_generate
 from klal.grounding.base import GroundingModel, sample_images
 
 
@@ -29,21 +28,14 @@ def prompt_batch(gm: GroundingModel, rows: Sequence[dict[str, Any]]) -> dict[str
     return out
 
 
-def stop_tokens(gm: GroundingModel) -> list[int]:
-    """Tokens that end an answer: ``<|im_end|>`` and the tokenizer's eos."""
-    tok = gm.processor.tokenizer
-    return sorted({i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if isinstance(i, int)})
-
-
 def greedy_answers(gm: GroundingModel, rows: Sequence[dict[str, Any]], max_new_tokens: int) -> list[str]:
     """Greedy answer text to each row's question, decoded in one batch (special tokens dropped, whitespace
     stripped). Counts ``max_new_tokens`` forward passes at most (one per decoding step) in ``gm.passes``."""
     if not rows:
         return []
-    ids = greedy_generate(gm.model, prompt_batch(gm, rows), max_new_tokens, stop_tokens(gm))
-    gm.passes["forward"] += min(max_new_tokens, max(len(t) for t in ids) + 1)
+    ids = gm.decode_ids(prompt_batch(gm, rows), max_new_tokens)
     tok = gm.processor.tokenizer
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 
-__all__ = ["greedy_answers", "prompt_batch", "stop_tokens"]
+__all__ = ["greedy_answers", "prompt_batch"]

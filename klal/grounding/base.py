@@ -11,6 +11,7 @@ All attention comes from :mod:`klal.capture` (the same code path as training), n
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +61,7 @@ class GroundingResult:
     seconds: float = 0.0
 
 
-class GroundingMethod:
+class GroundingMethod(abc.ABC):
     """Base class of every training-free grounding method.
 
     The base does what every method shares: options (a frozen ``Options`` dataclass, checked once by
@@ -92,6 +93,9 @@ class GroundingMethod:
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.batched and cls.ground_batch is GroundingMethod.ground_batch:
+            # Caught when the class is defined, not at its first batch.
+            raise TypeError(f"{cls.__name__} sets batched = True but does not implement ground_batch()")
         # A module run with ``python -m`` is a second copy of itself (``__main__``): registering its classes too
         # would clash with the importable module's.
         if name is not None and cls.__module__ != "__main__":
@@ -132,7 +136,7 @@ class GroundingMethod:
                     f"min_crop={m:g} px on at least one axis; lower min_crop or leave the sample out"
                 )
 
-    def prepare(self, gm: GroundingModel, rows: Any) -> None:
+    def prepare(self, gm: GroundingModel, rows: Any) -> None:  # noqa: B027 - an optional hook, not abstract
         """Get ready to run on ``gm`` (e.g. discover heads on ``rows``: a ``datasets.Dataset`` or a list of rows).
 
         The default does nothing; the engine calls it once per method and model before the first row.
@@ -167,13 +171,13 @@ class GroundingMethod:
 
         return _costed(gm, batch)
 
+    @abc.abstractmethod
     def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
         """The method itself on one row whose ``images`` (RGB, at least one) passed the checks."""
-        raise NotImplementedError(f"{type(self).__name__} must implement ground()")
 
-    def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
-        """The method on several checked rows at once (methods with ``batched = True``)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement ground_batch() when batched")
+    def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:  # noqa: B027
+        """The method on several checked rows at once; every class with ``batched = True`` overrides it (checked
+        when the class is defined), and :meth:`run_batch` calls it only for those."""
 
     def _checked_images(self, sample: dict[str, Any]) -> list[Image.Image]:
         images = sample_images(sample)
@@ -595,19 +599,28 @@ class GroundingModel:
         Returns:
             The answer text; each decoding step counts as one forward pass.
         """
-        from klal.eval.decode import greedy_generate
-
         hook = None
         if logits_fn is not None:
 
             def hook(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
                 return logits_fn(logits[0], generated[0])[None]  # one prompt: (1, vocab)
 
-        kw = self._model_kwargs(inputs)
-        new = greedy_generate(self.model, kw, max_new_tokens, self.stop_ids, hook)[0]
-        # One forward pass per token produced, the stop token included.
-        self.passes["forward"] += min(len(new) + 1, max_new_tokens)
+        new = self.decode_ids(self._model_kwargs(inputs), max_new_tokens, hook)[0]
         return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def decode_ids(
+        self,
+        model_inputs: dict[str, Any],
+        max_new_tokens: int,
+        logits_hook: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None,
+    ) -> list[list[int]]:
+        """:func:`klal.eval.decode.greedy_generate` on a (left-padded) batch of prompts, stopping at
+        :attr:`stop_ids`; counts one forward pass per decoding step, the stop token's included."""
+        from klal.eval.decode import greedy_generate
+
+        ids = greedy_generate(self.model, model_inputs, max_new_tokens, self.stop_ids, logits_hook)
+        self.passes["forward"] += min(max_new_tokens, max((len(t) for t in ids), default=0) + 1)
+        return ids
 
     # -- grids ------------------------------------------------------------------------------------------------------
     @staticmethod
