@@ -222,8 +222,8 @@ def load_source(source: str) -> dict[str, datasets.Dataset]:
     """
     path = os.path.expanduser(source)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
-            loaded = datasets.load_from_disk(path)
+        if is_saved_dataset(path):
+            loaded = read_saved(path)
         else:
             builders = {
                 _DATA_EXTENSIONS[os.path.splitext(f)[1].lower()]
@@ -273,6 +273,11 @@ def check_max_samples(max_samples: int | None, option: str = "max_samples") -> N
         raise ValueError(f"{option} must be an integer >= 1 (or None for every row), got {max_samples!r}")
 
 
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether directory ``path`` holds a dataset written by ``save_to_disk`` (a ``DatasetDict`` or a ``Dataset``)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
 def load_split(path: str | os.PathLike, split: str, max_samples: int | None = None) -> datasets.Dataset:
     """One split of a klal dataset saved with ``save_to_disk``, checked for the schema's columns.
 
@@ -293,7 +298,7 @@ def load_split(path: str | os.PathLike, split: str, max_samples: int | None = No
     where = os.fspath(path)
     if not os.path.isdir(where):
         raise FileNotFoundError(f"dataset directory not found: {where}")
-    if not any(os.path.isfile(os.path.join(where, f)) for f in ("dataset_dict.json", "state.json")):
+    if not is_saved_dataset(where):
         raise FileNotFoundError(
             f"{where} is not a dataset saved with save_to_disk (no dataset_dict.json or state.json in it)"
         )
