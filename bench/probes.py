@@ -110,15 +110,11 @@ def benchmark(args: ProbesOptions) -> list[dict]:
     results = []
     for name in names:
         method = build_method(name, **METHOD_OPTIONS.get(name, {}))
-        prepare = getattr(method, "prepare", None)
-        t_prep = 0.0
-        if callable(prepare):
-            t0 = time.perf_counter()
-            prepare(gm, rows)
-            t_prep = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        method.prepare(gm, rows)  # a no-op except for methods with a setup pass (localization-head discovery)
+        t_prep = time.perf_counter() - t0
         # Only methods that share passes between samples (``batched``) get a batched row.
-        batched = getattr(method, "batched", False)
-        batch_sizes = [1] + ([args.batch_size] if args.batch_size > 1 and batched else [])
+        batch_sizes = [1] + ([args.batch_size] if args.batch_size > 1 and method.batched else [])
         for bs in batch_sizes:
             fwd = bwd = secs = 0.0
             for start in range(0, len(rows), bs):
