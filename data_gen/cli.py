@@ -21,7 +21,7 @@ Draw a few samples of a written dataset with their evidence and target maps::
     python -m data_gen preview DIR --out preview.png [--split train] [--num 8] [--min-pixels PX] [--max-pixels PX]
         [--spec.box_mode gaussian ...] [--spec KEY=VALUE ...]
 
-``--spec`` sets fields of :class:`klal.targets.TargetSpec` (how evidence becomes the target map).
+``--spec`` sets fields of :class:`klal.data.targets.TargetSpec` (how evidence becomes the target map).
 
 Small CPU example (a few seconds)::
 
@@ -57,7 +57,7 @@ from klal.cli import (
     sequence_options,
     user_errors,
 )
-from klal.targets import TargetSpec
+from klal.data.targets import TargetSpec
 
 PROG = "data_gen"
 
@@ -210,7 +210,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 print(usage(prog))
             elif command == "preview":
                 fields = [f.name for f in dataclasses.fields(TargetSpec)]
-                rest = expand_key_values(normalise_flags(rest), "--spec", "spec.", fields, "klal.targets.TargetSpec")
+                rest = expand_key_values(
+                    normalise_flags(rest), "--spec", "spec.", fields, "klal.data.targets.TargetSpec"
+                )
                 run(preview, rest, f"{prog} preview")
             else:
                 generate(command, rest, prog)

@@ -3,7 +3,7 @@
 Each panel shows the original image with
 
 * the evidence: boxes as green rectangles, points as green crosses, polylines as green lines;
-* the target map the trainer would use (:func:`klal.targets.build_target_map`), computed on the token grid of the
+* the target map the trainer would use (:func:`klal.data.targets.build_target_map`), computed on the token grid of the
   image as the processor resizes it (``smart_resize`` with ``min_pixels``/``max_pixels``, 28 px per token) and
   stretched back over the original image as a semi-transparent heat map, with the token grid as faint dotted lines;
 * the question (wrapped) above and the answer, row id and token-grid size below.
@@ -24,8 +24,8 @@ import numpy as np
 
 from klal.data.io import load_split, read_row
 from klal.data.schema import Evidence
+from klal.data.targets import TargetSpec
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PX, smart_resize_hw
-from klal.targets import TargetSpec
 
 EVIDENCE_COLOUR = "#00e000"
 
@@ -53,7 +53,7 @@ def _target_map(
     evidence: Evidence, h: int, w: int, min_pixels: int, max_pixels: int, spec: Any
 ) -> tuple[np.ndarray | None, tuple[int, int], str]:
     """(map or None, processed (h, w), note) for one image."""
-    from klal.targets import TargetMapError, build_target_map_with_reason
+    from klal.data.targets import TargetMapError, build_target_map_with_reason
 
     ph, pw = smart_resize_hw(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
     try:

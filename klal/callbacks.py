@@ -49,7 +49,7 @@ from klal.eval.engine import run_method
 from klal.eval.metrics import GroundingMetrics
 from klal.eval.report import save_gallery, slug
 from klal.grounding import GroundingModel, build_method
-from klal.grounding.base import image_rows
+from klal.session import image_rows
 
 
 class GroundingProbes(Callback):

@@ -30,7 +30,7 @@ from klal.data.io import read_row, read_saved
 from klal.data.resumable import ResumableDataLoader
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths
 from klal.data.schema import check_columns
-from klal.targets import TargetSpec
+from klal.data.targets import TargetSpec
 
 
 @dataclass

@@ -123,7 +123,7 @@ MAX_NEW_TOKENS = 12
 
 def validation_rows(dm) -> list[dict]:
     """The validation rows that have an image (the ones attention can be measured on), decoded once."""
-    from klal.grounding.base import image_rows
+    from klal.session import image_rows
 
     kept, _ = image_rows(dm.splits["val"])
     return list(kept)
@@ -169,7 +169,7 @@ def measure(module, rows: list[dict], batch_size: int, target) -> tuple[dict[str
 def save_before_after(rows: list[dict], before, after, png: Path, target=None) -> None:
     """One row of panels per sample: the target map, the attention before and after training (each with the greedy
     answer it gave), the question and gold answer above, and the colour scale of the maps. ``target``: the
-    :class:`~klal.targets.TargetSpec` of the target maps (default: the defaults)."""
+    :class:`~klal.data.targets.TargetSpec` of the target maps (default: the defaults)."""
     import textwrap
 
     import matplotlib
@@ -179,11 +179,11 @@ def save_before_after(rows: list[dict], before, after, png: Path, target=None) -
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
+    from klal.data.targets import build_target_map, evidence_cells
     from klal.eval.report import clip_text
     from klal.eval.scores import evidence_mass
     from klal.geometry import TOKEN_PX
-    from klal.grounding.base import sample_images
-    from klal.targets import build_target_map, evidence_cells
+    from klal.session import sample_images
     from klal.viz import overlay
 
     n = len(rows)

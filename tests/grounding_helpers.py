@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from klal.grounding.base import GroundingModel
+from klal.session import GroundingModel
 
 
 @functools.cache

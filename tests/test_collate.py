@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from klal.data.collate import IGNORE_INDEX, NO_IMAGE_REASON, KLALCollator
-from klal.targets import TargetMapError
+from klal.data.targets import TargetMapError
 from tests.conftest import make_row, make_text_row
 
 

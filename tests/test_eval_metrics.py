@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from klal.data.targets import TargetMapError, build_target_map
 from klal.eval.metrics import (
     METRIC_NAMES,
     METRIC_RANGES,
@@ -23,7 +24,6 @@ from klal.eval.metrics import (
     PointingGame,
     TargetKL,
 )
-from klal.targets import TargetMapError, build_target_map
 from tests.eval_samples import BOX_CELLS, GRID4, HW, MAP_A, ev, kl_by_hand, record
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from klal.data.targets import build_target_map
 from klal.eval.scores import best_box_iou, box_iou, evidence_mass, pointing_score, target_kl
-from klal.targets import build_target_map
 from tests.eval_samples import BOX_CELLS, GRID4, HW, MAP_A, ev, kl_by_hand
 
 

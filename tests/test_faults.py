@@ -630,8 +630,8 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
 def test_adapter_loading_uses_the_saved_pixel_bounds_unless_told_otherwise(tmp_path):
     """evaluate.py and every GroundingModel.load caller: an adapter trained at 112^2 is evaluated at 112^2, not at the
     default bound, unless the caller sets a bound of its own."""
-    from klal.grounding.base import GroundingModel
     from klal.models.loader import with_saved_pixel_bounds
+    from klal.session import GroundingModel
 
     m = _module()
     adapter = tmp_path / "adapter"

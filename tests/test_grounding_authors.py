@@ -387,8 +387,8 @@ def test_crop_box_matches_a_loop_reference(grid, size):
 
 @pytest.fixture(scope="module")
 def gm():
-    from klal.grounding.base import GroundingModel
     from klal.models.loader import ModelConfig, load_model_and_processor
+    from klal.session import GroundingModel
 
     return GroundingModel(*load_model_and_processor(ModelConfig(max_pixels=224 * 224)))
 
@@ -410,8 +410,8 @@ def test_a_zoomed_crop_gets_the_original_token_budget(gm):
 
 
 def test_egg_end_to_end_follows_the_authors_loop(gm, monkeypatch):
-    from klal.grounding.base import build_method
     from klal.grounding.crop import whole_pixel_box
+    from klal.grounding.registry import build_method
 
     row = {"id": "egg-1", "image": _noise(224, 168, 1), "question": "Which cell contains the red star?"}
     token_counts: list[list[int]] = []
@@ -451,7 +451,8 @@ def test_egg_end_to_end_follows_the_authors_loop(gm, monkeypatch):
 
 
 def test_vicrop_rel_att_uses_raw_attention_and_the_answer_suffix(gm, monkeypatch):
-    from klal.grounding.base import GENERIC_PROMPT, build_method
+    from klal.grounding.base import GENERIC_PROMPT
+    from klal.grounding.registry import build_method
 
     image = _noise(224, 168, 2)
     row = {"id": "vicrop-1", "image": image, "question": "Which cell contains the red star?"}

@@ -10,21 +10,25 @@ import pytest
 import torch
 
 import klal.grounding.loc_heads as lh
-from klal.grounding.base import _REGISTRY, GroundingError, GroundingMethod, available_methods, build_method
+from klal.grounding.base import GroundingMethod
+from klal.grounding.registry import available_methods, build_method, method_class
+from klal.session import GroundingError
 from tests.grounding_helpers import text_row
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm, row and rows fixtures
 
-CROPPERS = {n for n, cls in _REGISTRY.items() if "min_crop" in {f.name for f in dataclasses.fields(cls.Options)}}
+CROPPERS = {
+    n for n in available_methods() if "min_crop" in {f.name for f in dataclasses.fields(method_class(n).Options)}
+}
 """Methods that crop image 0 with a minimum side (option ``min_crop``)."""
 
 
 # ----------------------------------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+@pytest.mark.parametrize("name", available_methods())
 def test_every_method_subclasses_the_base_and_declares_frozen_options(name):
-    cls = _REGISTRY[name]
+    cls = method_class(name)
     assert issubclass(cls, GroundingMethod) and cls.name == name
     method = build_method(name)
     assert dataclasses.is_dataclass(method.options) and method.options == cls.Options()
@@ -33,19 +37,19 @@ def test_every_method_subclasses_the_base_and_declares_frozen_options(name):
         setattr(method.options, field, None)
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+@pytest.mark.parametrize("name", available_methods())
 def test_unknown_option_is_named_with_the_valid_ones(name):
-    valid = [f.name for f in dataclasses.fields(_REGISTRY[name].Options)]
+    valid = [f.name for f in dataclasses.fields(method_class(name).Options)]
     with pytest.raises(GroundingError, match=rf"^{name}: unknown option 'bogus'; valid options: ") as err:
         build_method(name, bogus=1)
     assert str(err.value).endswith(", ".join(valid))
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+@pytest.mark.parametrize("name", available_methods())
 def test_bad_option_values_are_named(name):
     """Every bounded numeric option refuses a value below its bound and a value of the wrong type, naming both."""
     checked = 0
-    for f in dataclasses.fields(_REGISTRY[name].Options):
+    for f in dataclasses.fields(method_class(name).Options):
         bounds = f.metadata.get("bounds", {})
         low = bounds.get("ge", bounds.get("gt"))
         if low is None:
@@ -97,7 +101,7 @@ def test_registered_and_bad_options():
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+@pytest.mark.parametrize("name", available_methods())
 def test_check_sizes_refuses_small_images_for_croppers_only(name):
     sizes = [("big", 500, 400), ("narrow", 100, 300), ("empty", 0, 0)]
     if name in CROPPERS:
@@ -124,7 +128,7 @@ def test_the_croppers_are_the_methods_with_a_min_crop_option():
     )
 
 
-@pytest.mark.parametrize("name", sorted(_REGISTRY))
+@pytest.mark.parametrize("name", available_methods())
 def test_text_only_rows_get_the_same_error_from_every_method(gm, name):
     method = build_method(name)
     before = dict(gm.passes)
@@ -259,7 +263,7 @@ def test_image_rows_pass_over_text_only_rows(rows):
     import datasets
 
     from klal.data.schema import FEATURES
-    from klal.grounding.base import image_rows, text_only_mask
+    from klal.session import image_rows, text_only_mask
 
     mixed = [text_row(0), rows[0], text_row(1), text_row(2), rows[1], text_row(3)]
     assert text_only_mask(mixed) == [True, False, True, True, False, True]

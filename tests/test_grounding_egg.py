@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import klal.grounding.egg as egg
-from klal.grounding.base import GroundingError, GroundingModel, build_method
+from klal.grounding.registry import build_method
+from klal.session import GroundingError, GroundingModel
 from tests.grounding_helpers import inside, tiny_model
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm and rows fixtures

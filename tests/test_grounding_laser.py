@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from klal.grounding import laser
-from klal.grounding.base import GENERIC_PROMPT, build_method
+from klal.grounding.base import GENERIC_PROMPT
 from klal.grounding.crop import crop_image
+from klal.grounding.registry import build_method
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm and row fixtures
 

@@ -13,7 +13,8 @@ from scipy import ndimage
 
 import klal.grounding.loc_heads as lh
 from klal.capture import CaptureRequest
-from klal.grounding.base import GroundingError, build_method
+from klal.grounding.registry import build_method
+from klal.session import GroundingError
 from tests.grounding_helpers import inside, text_row
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm and rows fixtures

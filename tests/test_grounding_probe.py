@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from klal.grounding.base import GroundingError, build_method
 from klal.grounding.probe import append_answer
+from klal.grounding.registry import build_method
+from klal.session import GroundingError
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm and row fixtures
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from klal.grounding import vicrop
-from klal.grounding.base import GroundingError, build_method
+from klal.grounding.registry import build_method
+from klal.session import GroundingError
 from tests.conftest import make_row
 
 pytest_plugins = ["tests.grounding_helpers"]  # the gm and row fixtures

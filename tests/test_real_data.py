@@ -17,8 +17,8 @@ from klal.data.io import RecordError, load_source
 from klal.data.pixmo import convert_pixmo_points, url_hash
 from klal.data.refcoco import classic_refcoco_rows, convert_refcoco
 from klal.data.schema import REQUIRED_COLUMNS, Evidence
+from klal.data.targets import build_target_map
 from klal.geometry import DEFAULT_MAX_PIXELS, smart_resize_hw
-from klal.targets import build_target_map
 
 
 def save_image(path, w: int, h: int, fmt: str | None = None, seed: int = 0) -> bytes:

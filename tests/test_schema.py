@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from klal.data.schema import parse_box, parse_point
-from klal.targets import TargetMapError
+from klal.data.targets import TargetMapError
 
 
 def test_required_columns_are_the_features():

@@ -10,8 +10,8 @@ import json
 import pytest
 import yaml
 
+from klal.data.targets import TargetSpec
 from klal.models.lora import LoraSettings
-from klal.targets import TargetSpec
 from studies.reproduce import pipeline as repro
 from studies.reproduce.run import main
 

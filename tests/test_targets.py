@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from klal.data.schema import Evidence
-from klal.geometry import TOKEN_PX, smart_resize_hw, token_grid
-from klal.targets import (
+from klal.data.targets import (
     NO_MAP_EMPTY,
     NO_MAP_OUTSIDE,
     NO_MAP_OUTSIDE_OR_ZERO,
@@ -27,6 +26,7 @@ from klal.targets import (
     polyline_map,
     target_map_for_image,
 )
+from klal.geometry import TOKEN_PX, smart_resize_hw, token_grid
 
 SQ = (224, 224)  # 224 x 224 is its own processed size with the default pixel bounds: an 8 x 8 grid
 

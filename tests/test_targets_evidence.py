@@ -1,4 +1,4 @@
-"""klal.targets.evidence_cells: the token cells that hold evidence, on hand-worked grids (the grounding metrics'
+"""klal.data.targets.evidence_cells: the token cells that hold evidence, on hand-worked grids (the grounding metrics'
 definition of "inside the evidence")."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from klal.data.schema import Evidence
-from klal.targets import TargetMapError, evidence_cells
+from klal.data.targets import TargetMapError, evidence_cells
 from tests.eval_samples import GRID4, HW, cells_of, ev
 
 

@@ -32,11 +32,11 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
 
+from klal.data.images import to_rgb
 from klal.data.schema import Evidence, is_text_only
+from klal.data.targets import TargetMapError, TargetSpec, build_target_map_with_reason
 from klal.geometry import MERGE, PATCH_PX
-from klal.targets import TargetMapError, TargetSpec, build_target_map_with_reason
 
 IGNORE_INDEX = -100
 NO_IMAGE_REASON = "no image"
@@ -67,7 +67,8 @@ class _BatchTensors(TypedDict):
     grids: list[list[tuple[int, int]]]
     """Per sample, per image: the visual-token grid ``(gh, gw)`` (``image_grid_thw`` h / 2, w / 2)."""
     no_map_reason: list[str | None]
-    """Per sample: why it has no target map (one of :data:`klal.targets.NO_MAP_REASONS`, ``no image``, ...), or None."""
+    """Per sample: why it has no target map (one of :data:`klal.data.targets.NO_MAP_REASONS`, ``no image``, ...),
+    or None."""
     ids: list[str]
     """Per sample: the row's ``id`` (named in errors), else its position in the batch."""
 
@@ -166,7 +167,7 @@ class KLALCollator:
     # -- main entry -----------------------------------------------------------------------------------------------
     def __call__(self, rows: list[dict[str, Any]]) -> KLALBatch:
         images_per_row = [
-            [_to_rgb(im, _sample_id(r, i)) for im in _row_images(r, _sample_id(r, i))] for i, r in enumerate(rows)
+            [to_rgb(im, _sample_id(r, i)) for im in _row_images(r, _sample_id(r, i))] for i, r in enumerate(rows)
         ]
         images = [im for ims in images_per_row for im in ims]
         prompts = [self.prompt_text(r["question"], len(ims)) for r, ims in zip(rows, images_per_row)]
@@ -327,13 +328,3 @@ def _check_no_evidence(evidence: Any, sample_id: str) -> None:
             raise TypeError(f"sample {sample_id!r}: evidence must be a dict, got {type(ev).__name__}")
         if not (ev if isinstance(ev, Evidence) else Evidence.from_dict(ev)).is_empty():
             raise ValueError(f"sample {sample_id!r}: has evidence but no image; a text-only sample has empty evidence")
-
-
-def _to_rgb(im: Any, sample_id: str) -> Image.Image:
-    if isinstance(im, dict) and ("bytes" in im or "path" in im):
-        import io
-
-        im = Image.open(io.BytesIO(im["bytes"])) if im.get("bytes") else Image.open(im["path"])
-    if not isinstance(im, Image.Image):
-        raise TypeError(f"sample {sample_id!r}: image must be a PIL image (datasets Image column), got {type(im)}")
-    return im.convert("RGB") if im.mode != "RGB" else im

@@ -125,7 +125,7 @@ def parse_box(value: Any, where: str, error: type[ValueError] = ValueError) -> t
     Args:
         value: a sequence or array of 4 numbers.
         where: what the box is, for the message (e.g. ``"sample 'q2' boxes[0]"``).
-        error: the exception class raised (a ValueError subclass such as :class:`klal.targets.TargetMapError`).
+        error: the exception class raised (a ValueError subclass such as :class:`klal.data.targets.TargetMapError`).
 
     Raises:
         ValueError: (or ``error``) not 4 numbers, NaN or inf, or ``x1 < x0`` / ``y1 < y0``; the message starts with

@@ -6,7 +6,7 @@
 :mod:`klal.eval.cli`       ``evaluate.py`` / ``klal evaluate``
 :mod:`klal.eval.attention` per-sample attention grids of captured query tokens, teacher-forced answer scores, and the
                            teacher-forced attention as a method (what the study and the demo measure)
-:mod:`klal.eval.generate`  greedy answers to dataset rows, with the one decoder (:mod:`klal.eval.decode`)
+:mod:`klal.eval.generate`  greedy answers to dataset rows, with the one decoder (:mod:`klal.decode`)
 :mod:`klal.eval.answers`   answer normalisation and :func:`~klal.eval.answers.answer_correct`
 :mod:`klal.eval.scores`    per-sample scores: pointing game, evidence mass, target KL, box IoU
 :mod:`klal.eval.metrics`   the torchmetrics classes and :class:`~klal.eval.metrics.GroundingMetrics` (DDP-synced sums)
@@ -15,6 +15,6 @@
 
 Callers: ``evaluate.py`` (:func:`~klal.eval.engine.evaluate`), the :class:`~klal.callbacks.GroundingProbes`
 callback, the reproduction study (``studies/reproduce``) and the demo (``studies/demo.py``) all run
-:func:`~klal.eval.engine.run_method`. Evidence cells come from :func:`klal.targets.evidence_cells`, beside the
+:func:`~klal.eval.engine.run_method`. Evidence cells come from :func:`klal.data.targets.evidence_cells`, beside the
 training target maps. Submodules are imported on use, so ``import klal.eval`` loads nothing heavy.
 """

@@ -29,7 +29,8 @@ import torch
 
 from klal.capture import CaptureRequest, QueryMode, parse_layers, select_queries
 from klal.data.collate import IGNORE_INDEX
-from klal.grounding.base import GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.base import GroundingMethod, GroundingResult
+from klal.session import GroundingModel
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 

@@ -27,11 +27,10 @@ class EvalCommand(EvalConfig):
 
 def print_methods() -> None:
     """One line per registered grounding method: its name and the first line of its docstring."""
-    from klal.grounding import available_methods
-    from klal.grounding.base import _REGISTRY
+    from klal.grounding import available_methods, method_class
 
     for name in available_methods():
-        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
+        doc = (method_class(name).__doc__ or "").strip().splitlines()[0]
         print(f"{name:20s} {doc}")
 
 

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from klal.data.targets import TargetSpec
 from klal.models.config import ModelConfig
-from klal.targets import TargetSpec
 
 
 @dataclass

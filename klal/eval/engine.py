@@ -38,7 +38,8 @@ from klal.eval.config import EvalConfig, MethodSpec
 from klal.eval.metrics import GroundingMetrics
 from klal.eval.report import json_default, markdown_table, save_gallery, slug
 from klal.grounding import GroundingError, GroundingModel, build_method
-from klal.grounding.base import GroundingMethod, image_rows
+from klal.grounding.base import GroundingMethod
+from klal.session import image_rows
 
 logger = logging.getLogger(__name__)
 

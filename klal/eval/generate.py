@@ -1,5 +1,5 @@
 """Greedy answers to dataset rows: the prompt as training renders it, left-padded into one batch, decoded with the
-one greedy decoder (:func:`klal.eval.decode.greedy_generate`, truly greedy whatever the checkpoint's generation
+one greedy decoder (:func:`klal.decode.greedy_generate`, truly greedy whatever the checkpoint's generation
 config says)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from klal.grounding.base import GroundingModel, sample_images
+from klal.session import GroundingModel, sample_images
 
 
 def prompt_batch(gm: GroundingModel, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

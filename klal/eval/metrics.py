@@ -26,7 +26,8 @@ Metrics (names as in :data:`METRIC_RANGES` and :meth:`GroundingMetrics.compute`)
   under random tie-breaking; a flat map therefore scores the evidence's share of the grid (the chance level), not 1.
 * ``evidence_mass`` (:class:`EvidenceMass`): share of the normalised map inside the evidence cells.
 * ``target_kl`` (:class:`TargetKL`): ``KL(P_eps || Q_eps)`` with ``P`` the klal target map of the evidence
-  (:func:`klal.targets.build_target_map`, default :class:`~klal.targets.TargetSpec` unless another is given) and ``Q``
+  (:func:`klal.data.targets.build_target_map`, default :class:`~klal.data.targets.TargetSpec` unless another is
+  given) and ``Q``
   the normalised map, both smoothed like the training loss smooths ``P`` (:mod:`klal.loss`):
   ``X_eps = (1 - eps) * X + eps / V`` over the ``V`` cells of the grid. Smoothing ``Q`` too keeps the KL finite for
   maps with exact zeros (ReLU'd relevance); for a softmax attention map it changes the value by ``O(eps)``.
@@ -49,10 +50,10 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from klal.data.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts, processed_grid
 from klal.eval.answers import answer_correct
 from klal.eval.scores import as_grid, best_box_iou, evidence_mass, pointing_score, sample_prefix, target_kl
 from klal.geometry import TOKEN_PX
-from klal.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts, processed_grid
 
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "pointing_game": (0.0, 1.0),
@@ -172,7 +173,7 @@ class TargetKL(_MeanMetric):
 
         Args:
             relevance: ``(gh, gw)`` non-negative map, or None (skipped).
-            target: ``(gh, gw)`` target distribution (:func:`klal.targets.build_target_map`), or None when the
+            target: ``(gh, gw)`` target distribution (:func:`klal.data.targets.build_target_map`), or None when the
                 evidence gives no map (skipped).
             sample_id: named in error messages.
         """
@@ -286,7 +287,7 @@ class GroundingMetrics:
     same metrics in the same order) and then syncs each metric's sum states.
 
     Args:
-        spec: target-map settings for ``target_kl`` (default :class:`~klal.targets.TargetSpec`).
+        spec: target-map settings for ``target_kl`` (default :class:`~klal.data.targets.TargetSpec`).
         epsilon: smoothing of ``target_kl``.
         iou_threshold: IoU for ``box_accuracy``.
         device: where the metric states live (e.g. the CUDA device for an NCCL sync); default CPU.
@@ -358,7 +359,7 @@ class GroundingMetrics:
 
         Raises:
             ValueError: a record missing a key, a map that does not match ``processed_hw``, malformed evidence, boxes
-                or maps (:class:`~klal.targets.TargetMapError` is a ValueError); messages name the sample id.
+                or maps (:class:`~klal.data.targets.TargetMapError` is a ValueError); messages name the sample id.
         """
         missing = [k for k in ("id", "answer", "width", "height", "evidence") if k not in record]
         if missing:

@@ -96,7 +96,7 @@ def save_gallery(items: Sequence[tuple[dict[str, Any], Any]], path: Path, title:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from klal.grounding.base import sample_images
+    from klal.session import sample_images
     from klal.viz import overlay
 
     n = len(items)

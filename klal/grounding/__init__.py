@@ -27,17 +27,9 @@ crop-size check are the base's. A new method registers itself with ``class MyMet
 
 # Importing the method modules registers them.
 from klal.grounding import egg, laser, loc_heads, probe, vicrop  # noqa: F401
-from klal.grounding.base import (
-    GENERIC_PROMPT,
-    GroundingError,
-    GroundingMethod,
-    GroundingModel,
-    GroundingResult,
-    available_methods,
-    build_method,
-    load_adapter,
-    register_method,
-)
+from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
+from klal.grounding.registry import available_methods, build_method, method_class, register_method
+from klal.session import GroundingError, GroundingModel, load_adapter
 
 __all__ = [
     "GENERIC_PROMPT",
@@ -48,5 +40,6 @@ __all__ = [
     "available_methods",
     "build_method",
     "load_adapter",
+    "method_class",
     "register_method",
 ]

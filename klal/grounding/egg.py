@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from klal.grounding.base import GroundingError, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.ops import (
     CropTooSmallError,
@@ -56,6 +56,7 @@ from klal.grounding.ops import (
     spatial_entropy,
 )
 from klal.grounding.options import option
+from klal.session import GroundingError, GroundingModel
 
 
 def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -60,10 +60,11 @@ import torch
 from PIL import Image
 
 from klal.grounding import ops
-from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.options import option
 from klal.grounding.vicrop import select_crop
+from klal.session import GroundingModel
 
 GREY = (128, 128, 128)
 

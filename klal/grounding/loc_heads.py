@@ -57,14 +57,7 @@ import numpy as np
 import torch
 
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from klal.grounding.base import (
-    GroundingError,
-    GroundingMethod,
-    GroundingModel,
-    GroundingResult,
-    image_rows,
-    sample_images,
-)
+from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.ops import (
     cells_to_pixels,
     connected_components,
@@ -77,6 +70,7 @@ from klal.grounding.ops import (
 )
 from klal.grounding.options import option
 from klal.models.identity import model_name, same_name
+from klal.session import GroundingError, GroundingModel, image_rows, sample_images
 
 Head = tuple[int, int]
 FORMAT = "klal.localization_heads/1"

@@ -59,7 +59,7 @@ def parse_options(method: str, cls: type, given: Mapping[str, Any]) -> Any:
         GroundingError: an unknown option (listing the valid ones), a bad value (naming the option and what it must
             be), or a rule between options that fails.
     """
-    from klal.grounding.base import GroundingError
+    from klal.session import GroundingError
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = ", ".join(fields) or "(none)"

@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from klal.capture import parse_layers
-from klal.grounding.base import GroundingError, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.ops import cells_to_pixels, extract_regions
 from klal.grounding.options import option
+from klal.session import GroundingError, GroundingModel
 
 ProbeQuery = Literal["prompt_last", "answer_last", "generated_last"]
 

@@ -47,9 +47,10 @@ import torch
 from PIL import Image
 
 from klal.grounding import ops
-from klal.grounding.base import GENERIC_PROMPT, GroundingError, GroundingMethod, GroundingModel, GroundingResult
+from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.options import option
+from klal.session import GroundingError, GroundingModel
 
 DEFAULT_RELATIVE_DEPTH = 22 / 36
 """Default layer as a fraction of the depth: Qwen2.5-VL-3B's ViCrop layer 22 of 36."""

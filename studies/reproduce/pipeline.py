@@ -39,9 +39,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from klal.data.targets import TargetSpec
 from klal.geometry import DEFAULT_MIN_PIXELS
 from klal.models.lora import BASE_PARTS, LoraSettings
-from klal.targets import TargetSpec
 
 TASKS = ("grid_patch", "line_intersection", "line_tracing", "shape_lookup", "colour_lookup", "neighbour_lookup")
 T = TypeVar("T")
@@ -465,7 +465,7 @@ def load_trained(cfg: StudyConfig, spec: RunSpec):
 # -- evaluation --------------------------------------------------------------------------------------------------------
 def evidence_cells_source() -> str:
     """Which evidence-cell rule the grounding metrics use (recorded with every evaluation)."""
-    return "klal.targets.evidence_cells"
+    return "klal.data.targets.evidence_cells"
 
 
 def evaluate_model(

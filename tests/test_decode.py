@@ -10,8 +10,8 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from klal.data.collate import KLALCollator
-from klal.eval.decode import greedy_generate
-from klal.grounding.base import GroundingModel
+from klal.decode import greedy_generate
+from klal.session import GroundingModel
 from tests.conftest import make_row
 from tests.grounding_helpers import tiny_model
 
