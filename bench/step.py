@@ -28,7 +28,7 @@ from klal.cli import run as run_command
 from klal.loss import klal_loss
 from klal.models.loader import set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora
-from klal.models.tiny import build_tiny_model, tiny_config
+from klal.models.qwen2_5_vl.tiny import build_tiny_model, tiny_config
 
 ARCH = {
     # Published Qwen2.5-VL sizes; weights are random (no checkpoint can be downloaded here).

@@ -48,10 +48,11 @@ from klal.data.sampler import (
     estimate_lengths,
     padding_fraction,
 )
-from klal.geometry import DEFAULT_MIN_PIXELS, TOKEN_PX
+from klal.geometry import DEFAULT_MIN_PIXELS
 from klal.models.loader import ModelConfig
 from klal.models.lora import LoraSettings
-from klal.models.tiny import build_tiny_processor
+from klal.models.qwen2_5_vl.tiny import build_tiny_processor
+from klal.models.qwen2_vl.geometry import TOKEN_PX
 from klal.module import KLALModule
 
 # Published vocabulary sizes (lm_head and the loss over it are a real part of the step's cost).

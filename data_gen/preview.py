@@ -4,7 +4,8 @@ Each panel shows the original image with
 
 * the evidence: boxes as green rectangles, points as green crosses, polylines as green lines;
 * the target map the trainer would use (:func:`klal.data.targets.build_target_map`), computed on the token grid of the
-  image as the processor resizes it (``smart_resize`` with ``min_pixels``/``max_pixels``, 28 px per token) and
+  image as the model family's processor resizes it (``smart_resize`` with ``min_pixels``/``max_pixels``, 28 px per
+  token on Qwen2.5-VL) and
   stretched back over the original image as a semi-transparent heat map, with the token grid as faint dotted lines;
 * the question (wrapped) above and the answer, row id and token-grid size below.
 
@@ -25,7 +26,8 @@ import numpy as np
 from klal.data.io import load_split, read_row
 from klal.data.schema import Evidence
 from klal.data.targets import TargetSpec
-from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PX, smart_resize_hw
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from klal.models.family import family_for_type
 
 EVIDENCE_COLOUR = "#00e000"
 
@@ -49,20 +51,17 @@ def _draw_evidence(ax: Any, evidence: Evidence) -> None:
         ax.plot(p[:, 0], p[:, 1], color=EVIDENCE_COLOUR, linewidth=1.5)
 
 
-def _target_map(
-    evidence: Evidence, h: int, w: int, min_pixels: int, max_pixels: int, spec: Any
-) -> tuple[np.ndarray | None, tuple[int, int], str]:
-    """(map or None, processed (h, w), note) for one image."""
+def _target_map(evidence: Evidence, h: int, w: int, grid: tuple[int, int], spec: Any) -> tuple[np.ndarray | None, str]:
+    """(map or None, note) for one image on its token ``grid``."""
     from klal.data.targets import TargetMapError, build_target_map_with_reason
 
-    ph, pw = smart_resize_hw(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
     try:
-        m, reason = build_target_map_with_reason(evidence, orig_hw=(h, w), processed_hw=(ph, pw), spec=spec)
+        m, reason = build_target_map_with_reason(evidence, orig_hw=(h, w), grid=grid, spec=spec)
     except TargetMapError as e:
-        return None, (ph, pw), f"bad evidence: {e}"
+        return None, f"bad evidence: {e}"
     if m is None:
-        return None, (ph, pw), f"no map: {reason}"
-    return np.asarray(m, dtype=float), (ph, pw), f"map {m.shape[0]}x{m.shape[1]} tokens"
+        return None, f"no map: {reason}"
+    return np.asarray(m, dtype=float), f"map {m.shape[0]}x{m.shape[1]} tokens"
 
 
 def render_preview(
@@ -74,6 +73,7 @@ def render_preview(
     cols: int = 4,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    model_type: str = "qwen2_5_vl",
     spec: TargetSpec | None = None,
     alpha: float = 0.4,
 ) -> Path:
@@ -88,6 +88,8 @@ def render_preview(
         cols: panels per row of the figure.
         min_pixels: ``min_pixels`` of the processor resize the target map is computed for.
         max_pixels: ``max_pixels`` of that resize.
+        model_type: the model family whose token grid the map is drawn on (``qwen2_5_vl``: 28-px tokens; ``qwen3_vl``:
+            32 px; :data:`klal.models.family.FAMILY_MODULES` lists them).
         spec: how evidence becomes the target map (None: the defaults).
         alpha: opacity of the target-map heat map where the map is at its maximum (it fades to 0 with the value).
 
@@ -105,6 +107,10 @@ def render_preview(
         raise PreviewError(f"need num >= 1, cols >= 1, start >= 0; got num={num}, cols={cols}, start={start}")
     if min_pixels < 1 or min_pixels > max_pixels:
         raise PreviewError(f"need 1 <= min_pixels <= max_pixels; got min_pixels={min_pixels}, max_pixels={max_pixels}")
+    try:
+        family = family_for_type(model_type)
+    except ValueError as e:
+        raise PreviewError(str(e)) from None
     ds = load_split(dataset, split)
     if start >= len(ds):
         raise PreviewError(f"start={start} is past the end of split {split!r} ({len(ds)} rows)")
@@ -124,11 +130,11 @@ def render_preview(
         w, h = image.size
         evidence = Evidence.from_dict(row["evidence"])
         ax.imshow(image)
-        m, (ph, pw), note = _target_map(evidence, h, w, min_pixels, max_pixels, spec)
-        gh, gw = ph // TOKEN_PX, pw // TOKEN_PX
+        gh, gw = family.grids_for_size(h, w, min_pixels, max_pixels)[0]
+        m, note = _target_map(evidence, h, w, (gh, gw), spec)
         if m is not None:
             # Opacity grows with the map value, so cells without mass leave the image untouched; the processor keeps
-            # the aspect ratio up to rounding to 28 px, so stretching the token grid over the original image puts
+            # the aspect ratio up to rounding to whole tokens, so stretching the token grid over the original image puts
             # each cell over the pixels it was made from.
             norm = m / max(float(m.max()), 1e-12)
             rgba = cmap(norm)

@@ -410,16 +410,24 @@ def _write_error(out: Path, e: OSError) -> DatasetWriteError:
     )
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``klal_dataset.json`` of a generated dataset directory.
+def generate_for_klal(settings: Any) -> None:
+    """Write the dataset a ``KLALDataModule``'s ``data.generate`` asks for (klal finds this function through the
+    ``klal.generators`` entry point, so the library never imports ``data_gen``).
 
-    Raises:
-        DatasetWriteError: the file is missing or not valid JSON.
+    Nodes that share a file system may generate the same folder at the same time. The writer renames a complete
+    dataset into place, and the same settings give the same dataset, so a process that loses the race uses the
+    winner's copy instead of failing.
+
+    Args:
+        settings: a :class:`klal.datamodule.GenerateSettings` (task, num, seed, image_size, preset, out, workers).
     """
-    f = Path(path) / MANIFEST_NAME
+    from data_gen.tasks import build_task
+
+    os.makedirs(os.path.dirname(os.path.abspath(settings.out)), exist_ok=True)
+    task = build_task(settings.task, preset=settings.preset, overrides={"image_size": settings.image_size})
     try:
-        return json.loads(f.read_text())
-    except FileNotFoundError:
-        raise DatasetWriteError(f"{str(f)!r} not found: {str(path)!r} is not a generated klal dataset") from None
-    except json.JSONDecodeError as e:
-        raise DatasetWriteError(f"{str(f)!r} is not valid JSON: {e}") from None
+        generate_dataset(task, num=settings.num, seed=settings.seed, out=settings.out, workers=settings.workers)
+    except (DatasetWriteError, OSError):
+        # Another process finished the same dataset first (its manifest is written before the rename).
+        if not os.path.isfile(os.path.join(settings.out, MANIFEST_NAME)):
+            raise

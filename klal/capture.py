@@ -30,9 +30,9 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AttentionInterface
@@ -229,11 +229,15 @@ def _route_rows(
     return attn_out
 
 
-def register_capture_attention(base: str = "sdpa") -> str:
+def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] | None = None) -> str:
     """Register ``klal_<base>`` (attention + mask function) with transformers and return the name.
 
     Args:
         base: the kernel that computes the layer output: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        eager_fn: for ``eager``, the model family's eager attention function
+            (:meth:`klal.models.family.VLMFamily.eager_attention`). The families' functions compute the same thing
+            (repeat the KV heads, softmax of ``q k^T * scale + mask``, dropout, times ``v``), so the last one
+            registered serves every model in the process.
     """
     if base.startswith(CAPTURE_PREFIX):
         return base
@@ -241,9 +245,9 @@ def register_capture_attention(base: str = "sdpa") -> str:
         raise ValueError(f"attention implementation {base!r} is not available; choose sdpa, eager or flash_attention_2")
     name = f"{CAPTURE_PREFIX}{base}"
     if base == "eager":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
-
-        AttentionInterface.register("eager_fn_for_klal", eager_attention_forward)
+        if eager_fn is None:
+            raise ValueError("register_capture_attention('eager') needs the model family's eager_fn")
+        AttentionInterface.register("eager_fn_for_klal", eager_fn)
         base_key = "eager_fn_for_klal"
     else:
         base_key = base
@@ -255,14 +259,24 @@ def register_capture_attention(base: str = "sdpa") -> str:
 
 def enable_capture(model: torch.nn.Module, base: str | None = None) -> str:
     """Switch the language model of ``model`` to the capture attention (vision tower untouched); returns the name."""
+    from klal.models.family import family_of
     from klal.models.loader import set_text_attn_implementation, text_config
 
     text_cfg = text_config(model)
     current = text_cfg._attn_implementation or "sdpa"
     base = base or (current[len(CAPTURE_PREFIX) :] if current.startswith(CAPTURE_PREFIX) else current)
-    name = register_capture_attention(base)
+    name = register_capture_attention(base, family_of(model).eager_attention() if base == "eager" else None)
     set_text_attn_implementation(model, name)
     return name
+
+
+def attention_layer_ids(spec: str | list[int] | None, attention_layers: list[int]) -> list[int]:
+    """The decoder-layer indices ``spec`` picks when only the full-attention layers ``attention_layers`` count.
+
+    On a model whose layers all have softmax attention this is :func:`parse_layers`; on a hybrid model (Qwen3.5)
+    ``"-2:"`` picks the last two full-attention layers, whatever linear-attention layers lie between them.
+    """
+    return [attention_layers[i] for i in parse_layers(spec, len(attention_layers))]
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:

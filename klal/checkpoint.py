@@ -37,8 +37,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
+from klal.models.family import TINY_ALIASES
 from klal.models.identity import TEXT_KEYS, base_identity, check_same_base, same_name
-from klal.models.loader import TINY
 from klal.models.lora import resolve_targets
 
 __all__ = [
@@ -287,7 +287,7 @@ def base_fingerprint(backbone: Any, model: torch.nn.Module) -> dict[str, Any]:
         model: the loaded base model (bare or peft-wrapped), its weights not yet sharded.
     """
     tiny = None
-    if backbone.name_or_path == TINY:
+    if backbone.is_tiny:
         overrides = {str(k): v for k, v in sorted((backbone.tiny_overrides or {}).items())}
         tiny = {"tiny_seed": int(backbone.tiny_seed), "tiny_overrides": overrides}
     return base_identity(model, str(backbone.name_or_path), tiny)
@@ -337,7 +337,9 @@ def check_compatible(
     fp = checkpoint.get("klal_fingerprint") or {}
     saved_base = fp.get("base")
     here_name = str(base["name_or_path"])
-    named_other = saved_name is not None and (saved_base is None or (str(saved_name) == TINY) != (here_name == TINY))
+    named_other = saved_name is not None and (
+        saved_base is None or (str(saved_name) in TINY_ALIASES) != (here_name in TINY_ALIASES)
+    )
     if named_other and not same_name(str(saved_name), here_name):
         raise ValueError(f"{source} was trained on base model {saved_name!r}, but this run uses {here_name!r}")
     if saved_base is not None:
@@ -732,7 +734,7 @@ def check_adapter_base(model: Any, adapter: str, name: str, error: type[Exceptio
     recorded = _peft_base_name(adapter)
     saved = ((read_adapter_info(adapter) or {}).get("fingerprint") or {}).get("base")
     name = str(name)
-    by_name = saved is None or (str(recorded) == TINY) != (name == TINY)
+    by_name = saved is None or (str(recorded) in TINY_ALIASES) != (name in TINY_ALIASES)
     if recorded and name and by_name and not same_name(str(recorded), name):
         raise error(f"adapter {adapter!r} was trained on base model {recorded!r}, but the model given is {name!r}")
     if saved is not None:

@@ -17,6 +17,7 @@ collator, that is in the DataLoader worker processes (``num_workers``), never in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,24 @@ class GenerateSettings:
     """Cache directory; reused when it already exists."""
     workers: int = 1
     """Generator processes."""
+
+
+def synthetic_generator() -> Callable[[GenerateSettings], None]:
+    """The function that writes a ``data.generate`` dataset: the ``synthetic`` entry point of group
+    ``klal.generators``.
+
+    Raises:
+        RuntimeError: no such entry point (klal installed without its metadata: reinstall with ``pip install -e .``).
+    """
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="klal.generators") if ep.name == "synthetic"]
+    if not found:
+        raise RuntimeError(
+            "data.generate needs the synthetic-data generator (entry point klal.generators:synthetic), which is not "
+            "installed; reinstall klal (pip install -e .) or give data.paths"
+        )
+    return found[0].load()
 
 
 class NamedRows(Dataset):
@@ -178,24 +197,13 @@ class KLALDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the synthetic dataset once (Lightning calls this on local rank 0 of every node).
 
-        Nodes that share a file system may generate the same folder at the same time. The writer renames a complete
-        dataset into place, and the same settings give the same dataset, so a process that loses the race uses the
-        winner's copy instead of failing.
+        The generator is the ``klal.generators`` entry point named ``synthetic`` (``data_gen``'s, installed with klal),
+        so the library does not import the generator package; a process that loses a race to write the same folder
+        uses the winner's copy.
         """
         g = self.generate
         if g is not None and not os.path.isdir(g.out):
-            from data_gen.tasks import build_task
-            from data_gen.writer import MANIFEST_NAME, DatasetWriteError, generate_dataset
-
-            overrides: dict[str, Any] = {"image_size": g.image_size}
-            os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
-            task = build_task(g.task, preset=g.preset, overrides=overrides)
-            try:
-                generate_dataset(task, num=g.num, seed=g.seed, out=g.out, workers=g.workers)
-            except (DatasetWriteError, OSError):
-                # Another process finished the same dataset first (its manifest is written before the rename).
-                if not os.path.isfile(os.path.join(g.out, MANIFEST_NAME)):
-                    raise
+            synthetic_generator()(g)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:

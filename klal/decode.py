@@ -14,10 +14,11 @@ the one the caller asks for with ``logits_hook`` (LASER's contrastive decoding, 
 
 **Batches and positions.** Rows are left-padded (``attention_mask`` 0 on the padding, as
 :class:`klal.data.collate.KLALCollator` pads with ``padding_side="left"``), so every row's next token is at the last
-column. Qwen2.5-VL numbers positions in 3-D (mrope) from ``mm_token_type_ids`` and ``image_grid_thw``; the prompt's
-positions are computed once with the model's own ``get_rope_index`` (padding excluded, so a padded row gets the
-positions it gets alone), and each generated token takes the row's next text position (all three axes equal),
-passed explicitly at every step. The model's stateful ``rope_deltas`` are thus never read.
+column. The prompt's positions come once from the model family (:meth:`klal.models.family.VLMFamily.prompt_positions`:
+on the Qwen families the model's own ``get_rope_index``, 3-D mrope from ``mm_token_type_ids`` and ``image_grid_thw``,
+padding excluded, so a padded row gets the positions it gets alone), and each generated token takes the row's next
+text position (:meth:`~klal.models.family.VLMFamily.step_positions`), passed explicitly at every step. Stateful
+position caches such as Qwen's ``rope_deltas`` are thus never read.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any
 
 import torch
 
+from klal.models.family import family_of
+
 LogitsHook = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
 """``(logits (B, vocab) float32, tokens generated so far per row) -> logits (B, vocab)``; it may run its own passes."""
-
-_PROMPT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def greedy_generate(
@@ -44,10 +45,10 @@ def greedy_generate(
     """Greedy (argmax) decoding of a batch of prompts, ignoring the checkpoint's generation config.
 
     Args:
-        model: a Qwen2.5-VL for conditional generation (plain or peft-wrapped).
+        model: a VLM for conditional generation of a supported family (plain or peft-wrapped).
         inputs: the prompts as model inputs: ``input_ids`` ``(B, S)`` (left-padded), ``attention_mask`` (default all
-            ones), and ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids`` for prompts with images. Other
-            keys are ignored.
+            ones), and the family's image inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` on the
+            Qwen families) for prompts with images. Keys the family does not read are ignored.
         max_new_tokens: most tokens generated per row (>= 1).
         eos_token_ids: tokens that end a row's answer (e.g. ``<|im_end|>`` and the tokenizer's eos).
         logits_hook: optional change of each step's logits before the argmax (see :data:`LogitsHook`).
@@ -67,11 +68,12 @@ def greedy_generate(
     b = ids.shape[0]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
-    positions = prompt_positions(model, inputs, mask)  # (3, B, S)
-    next_pos = positions.amax(dim=(0, 2)) + 1  # (B,): padding sits at position 0, so it never wins the max
+    family = family_of(model)
+    positions = family.prompt_positions(model, inputs, mask)  # (3, B, S) on the Qwen families
+    next_pos = family.next_positions(positions)  # (B,)
     cache_kw = _cache_kwarg(model)
 
-    step_kw = {k: inputs[k] for k in _PROMPT_KEYS if k in inputs}
+    step_kw = {k: inputs[k] for k in family.input_keys if k in inputs and k not in ("input_ids", "attention_mask")}
     step_kw.update(input_ids=ids, attention_mask=mask, position_ids=positions)
     generated: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)
@@ -100,48 +102,22 @@ def greedy_generate(
             step_kw = {
                 "input_ids": nxt[:, None].to(ids.dtype),
                 "attention_mask": mask,
-                "position_ids": next_pos.view(1, b, 1).expand(3, b, 1).clone(),
+                "position_ids": family.step_positions(next_pos),
             }
             next_pos = next_pos + 1
     return generated
 
 
-def prompt_positions(model: torch.nn.Module, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-    """The ``(3, B, S)`` mrope positions of left-padded prompts, as the model computes them (padding at 0).
-
-    With ``mm_token_type_ids`` the model's own ``get_rope_index`` gives them (3-D positions for image tokens, padding
-    excluded); without (a text-only model input) they are the running count of real tokens, on all three axes.
-    """
-    ids = inputs["input_ids"]
-    if "mm_token_type_ids" in inputs:
-        rope = _rope_owner(model)
-        pos, _ = rope.get_rope_index(
-            ids,
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs.get("image_grid_thw"),
-            attention_mask=mask,
-        )
-        return pos
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return pos[None].expand(3, -1, -1).clone()
-
-
-def _rope_owner(model: torch.nn.Module) -> torch.nn.Module:
-    """The submodule that has ``get_rope_index`` (the Qwen2.5-VL model under a peft or generation wrapper)."""
-    for mod in model.modules():
-        if callable(getattr(mod, "get_rope_index", None)):
-            return mod
-    raise RuntimeError("the model has no get_rope_index: greedy_generate needs a Qwen2.5-VL model")
-
-
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The name the installed transformers gives the KV cache argument and output (``cache``, or the older
     ``past_key_values``)."""
-    for mod in model.modules():
-        if hasattr(mod, "get_rope_index"):
-            params = inspect.signature(type(mod).forward).parameters
-            return "cache" if "cache" in params else "past_key_values"
-    return "past_key_values"
+    params = inspect.signature(type(_unwrapped(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
-__all__ = ["LogitsHook", "greedy_generate", "prompt_positions"]
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+__all__ = ["LogitsHook", "greedy_generate"]

@@ -5,7 +5,7 @@ Examples::
     # adapter folder (+ processor) that PeftModel.from_pretrained(base, OUT) loads
     python -m klal.export --adapter runs/demo/klal/version_0/adapter --out exports/demo-adapter
     # LoRA merged into the base weights, loadable without klal:
-    #   AutoProcessor.from_pretrained(OUT); Qwen2_5_VLForConditionalGeneration.from_pretrained(OUT)
+    #   AutoProcessor.from_pretrained(OUT); AutoModelForImageTextToText.from_pretrained(OUT)
     python -m klal.export --adapter runs/demo/klal/version_0/adapter --merge --out exports/demo-merged
 
 The base model is the one the adapter was trained on, read from the adapter's ``klal_adapter.json`` (written by
@@ -14,10 +14,11 @@ training; it also holds the ``tiny`` model's seed and sizes and the processor's 
 snapshot folder, a copy). An adapter of another base model is refused, by content (architecture and frozen
 weights, :mod:`klal.models.identity`).
 
-The processor is written in the stock layout (:func:`save_stock_processor`): the class names of transformers'
-``Qwen2_5_VLProcessor``, ``processor_config.json`` with the image and video processors, ``preprocessor_config.json``
-and ``video_preprocessor_config.json`` as older transformers and vLLM read them, the chat template, and the pixel
-bounds the adapter was trained with.
+The processor is written in the stock layout of the model's family
+(:meth:`klal.models.family.VLMFamily.save_stock_processor`): the class names of transformers' stock processor,
+``processor_config.json`` with the image and video processors (and, on the Qwen families, the flat
+``preprocessor_config.json`` and ``video_preprocessor_config.json`` that older transformers and vLLM read), the chat
+template, and the pixel bounds the adapter was trained with.
 
 Nothing that export did not write is ever deleted: ``--out`` must be new, empty, or a previous export (it carries
 :data:`EXPORT_INFO`), and a previous export is replaced only with ``--overwrite``. ``--out`` may not be the adapter
@@ -40,30 +41,11 @@ from klal.models.config import ModelConfig
 # klal.checkpoint and klal.models.loader (torch, transformers) are imported where they are used, so that
 # ``klal export --help`` answers without loading them.
 
-__all__ = ["EXPORT_INFO", "check_out_dir", "export", "main", "resolve_base", "save_stock_processor"]
+__all__ = ["EXPORT_INFO", "check_out_dir", "export", "main", "resolve_base"]
 
 EXPORT_INFO = "klal_export.json"
 """File every export writes: what it holds (``adapter`` or ``merged``), its source adapter and the backbone settings
 (pixel bounds included). It marks the folder as klal's own, so a later ``--overwrite`` may replace it."""
-
-STOCK_PROCESSOR = "Qwen2_5_VLProcessor"
-STOCK_IMAGE_PROCESSOR = "Qwen2VLImageProcessor"
-STOCK_VIDEO_PROCESSOR = "Qwen2VLVideoProcessor"
-# Image-processor fields the video processor shares (it reads frames with the same patch geometry).
-_VIDEO_FIELDS = (
-    "size",
-    "patch_size",
-    "temporal_patch_size",
-    "merge_size",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-    "do_normalize",
-    "do_rescale",
-    "do_resize",
-    "rescale_factor",
-    "resample",
-)
 
 
 def _check_adapter_dir(adapter: str) -> None:
@@ -146,47 +128,6 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def save_stock_processor(processor: Any, out: str) -> None:
-    """Write ``processor`` (klal's image-only Qwen2.5-VL processor) as transformers' stock one would be written.
-
-    Files: the tokenizer's (``processor_class`` set to the stock class), ``processor_config.json`` with the
-    ``image_processor`` and ``video_processor`` entries, the flat ``preprocessor_config.json`` and
-    ``video_preprocessor_config.json`` (with ``min_pixels`` / ``max_pixels``) that older transformers and vLLM read,
-    and the chat template (``chat_template.jinja``). The video processor's entries are the image processor's
-    geometry; its class (``Qwen2VLVideoProcessor``) needs torchvision only when it is built, i.e. when loading.
-    """
-    processor.save_pretrained(out)
-    image = processor.image_processor.to_dict()
-    image = {k: v for k, v in image.items() if not k.startswith("_")}
-    image["image_processor_type"] = STOCK_IMAGE_PROCESSOR
-    image.pop("processor_class", None)
-    size = image.get("size") or {}
-    bounds = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
-    video = {k: image[k] for k in _VIDEO_FIELDS if k in image}
-    video["video_processor_type"] = STOCK_VIDEO_PROCESSOR
-    path = os.path.join(out, "processor_config.json")
-    config = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
-    config.update(image_processor=image, video_processor=video, processor_class=STOCK_PROCESSOR)
-    _write_json(path, config)
-    _write_json(os.path.join(out, "preprocessor_config.json"), {**image, **bounds, "processor_class": STOCK_PROCESSOR})
-    _write_json(
-        os.path.join(out, "video_preprocessor_config.json"), {**video, **bounds, "processor_class": STOCK_PROCESSOR}
-    )
-    tok_path = os.path.join(out, "tokenizer_config.json")
-    if os.path.isfile(tok_path):
-        with open(tok_path) as f:
-            tok = json.load(f)
-        tok["processor_class"] = STOCK_PROCESSOR
-        _write_json(tok_path, tok)
-    template = processor.chat_template
-    if template and not os.path.isfile(os.path.join(out, "chat_template.jinja")):
-        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
-            f.write(template)
-
-
 def export(
     *,
     adapter: str,
@@ -224,6 +165,7 @@ def export(
         embedding_layers_trained,
         read_adapter_info,
     )
+    from klal.models.family import family_of
     from klal.models.loader import load_model_and_processor
 
     cfg = resolve_base(adapter, model, dtype)
@@ -249,7 +191,7 @@ def export(
             peft_model.save_pretrained(tmp, save_embedding_layers=embedding_layers_trained(peft_model))
             if info is not None:
                 shutil.copy(os.path.join(adapter, ADAPTER_INFO), os.path.join(tmp, ADAPTER_INFO))
-        save_stock_processor(processor, tmp)
+        family_of(base).save_stock_processor(processor, tmp)
         _write_json(os.path.join(tmp, EXPORT_INFO), record)
 
     atomic_save_dir(write, out)

@@ -1,4 +1,4 @@
-"""FSDP for Qwen2.5-VL with LoRA, and gathering the adapter from a sharded model.
+"""FSDP for any supported VLM family with LoRA, and gathering the adapter from a sharded model.
 
 :class:`KLALFSDPStrategy` wraps each language decoder layer (and each vision block) as one FSDP unit, with
 ``use_orig_params=True`` so frozen base weights and trainable LoRA weights can share a unit. FSDP flattens each unit
@@ -20,19 +20,11 @@ __all__ = [
     "KLALFSDPStrategy",
     "adapter_state_dict",
     "mixed_dtype_units",
-    "qwen_wrap_modules",
     "strip_wrapper_prefixes",
 ]
 
 # Inserted into parameter names by FSDP wrapping and by torch activation-checkpoint wrappers.
 FSDP_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def qwen_wrap_modules(vision_blocks: bool = True) -> set[type[torch.nn.Module]]:
-    """The Qwen2.5-VL module classes that become FSDP units: the language decoder layers (and the vision blocks)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-
-    return {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock} if vision_blocks else {Qwen2_5_VLDecoderLayer}
 
 
 def mixed_dtype_units(model: torch.nn.Module, unit_classes: set[type[torch.nn.Module]]) -> dict[str, list[str]]:
@@ -55,7 +47,11 @@ def mixed_dtype_units(model: torch.nn.Module, unit_classes: set[type[torch.nn.Mo
 
 
 class KLALFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP with the Qwen2.5-VL wrapping policy and ``use_orig_params=True`` (frozen + LoRA weights).
+    """Lightning's FSDP with the model family's wrapping policy and ``use_orig_params=True`` (frozen + LoRA weights).
+
+    The units are the family's decoder layers (and vision blocks,
+    :meth:`klal.models.family.VLMFamily.fsdp_wrap_classes`), chosen when the model is set up, so one strategy config
+    serves every family.
 
     Args:
         wrap_vision_blocks: make each vision block an FSDP unit too (else the vision tower joins the root unit).
@@ -83,18 +79,23 @@ class KLALFSDPStrategy(FSDPStrategy):
         if not kwargs["use_orig_params"]:
             raise ValueError("KLALFSDPStrategy needs use_orig_params=True: frozen and LoRA weights share FSDP units")
         super().__init__(
-            auto_wrap_policy=qwen_wrap_modules(wrap_vision_blocks),
             sharding_strategy=sharding_strategy,
             state_dict_type=state_dict_type,
             cpu_offload=cpu_offload,
             limit_all_gathers=limit_all_gathers,
             **kwargs,
         )
-        self.unit_classes = qwen_wrap_modules(wrap_vision_blocks)
+        self.wrap_vision_blocks = wrap_vision_blocks
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from klal.models.family import family_of
+
         if self.root_device.type != "cuda":
             raise ValueError(f"KLALFSDPStrategy needs CUDA devices (trainer.accelerator: gpu), got {self.root_device}")
+        self.unit_classes = family_of(_vlm(model)).fsdp_wrap_classes(self.wrap_vision_blocks)
+        self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(self.unit_classes)
         mixed = mixed_dtype_units(model, self.unit_classes)
         if mixed:
             name, dtypes = next(iter(mixed.items()))
@@ -104,6 +105,12 @@ class KLALFSDPStrategy(FSDPStrategy):
                 "trainer.precision: bf16-mixed, which computes in bfloat16."
             )
         return super()._setup_model(model)
+
+
+def _vlm(module: torch.nn.Module) -> torch.nn.Module:
+    """The VLM inside the LightningModule (its ``model``: peft-wrapped, whose ``config`` names the model type)."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
 
 
 def strip_wrapper_prefixes(name: str) -> str:

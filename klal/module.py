@@ -19,7 +19,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from klal.capture import CaptureRequest, QueryMode, enable_capture, parse_layers, select_queries
+from klal.capture import CaptureRequest, QueryMode, attention_layer_ids, enable_capture, select_queries
 from klal.checkpoint import (
     base_fingerprint,
     check_compatible,
@@ -30,20 +30,20 @@ from klal.checkpoint import (
     restore_rng_states,
     save_adapter,
 )
-from klal.data.collate import KLALBatch
+from klal.data.collate import IGNORE_INDEX, KLALBatch
 from klal.fsdp import adapter_state_dict, strip_wrapper_prefixes
 from klal.global_batch import global_share
 from klal.loss import KLALResult, klal_loss
+from klal.models.family import nest_grids
 from klal.models.loader import (
     ModelConfig,
     load_model_and_processor,
     load_processor,
+    model_family,
     text_config,
     with_saved_pixel_bounds,
 )
 from klal.models.lora import LoraSettings, apply_lora
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 @dataclass
@@ -66,11 +66,12 @@ class KLALModule(L.LightningModule):
     """LoRA fine-tuning with next-token loss plus the KL attention loss.
 
     Args:
-        backbone: which Qwen2.5-VL to load and how (``tiny`` builds the embedded random test model).
+        backbone: which VLM to load and how (``tiny`` builds the embedded random test model; any supported family).
         lora: LoRA rank/alpha/dropout, targets and layers.
         klal_weight: lambda in ``ntp + lambda * klal``; 0 trains NTP only (attention is still measured).
         klal_query: which query tokens' attention is supervised (``last`` answer token as in the paper).
-        klal_layers: supervised language layers: ``all``, ``"4-11"``, ``"-8:"`` or a list.
+        klal_layers: supervised language layers: ``all``, ``"4-11"``, ``"-8:"`` or a list, counting the
+            full-attention layers only (every layer except on hybrid models such as Qwen3.5).
         klal_epsilon: smoothing weight of the target map (keeps KL finite).
         klal_image_mode: several images per sample: ``joint`` or ``per_image`` (see :mod:`klal.loss`).
         measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``target_mass``.
@@ -113,6 +114,7 @@ class KLALModule(L.LightningModule):
         self.save_hyperparameters()
         # Checkpoints hold only trainable weights, so loading must not demand the frozen base.
         self.strict_loading = False
+        self.family = model_family(self.backbone)
         self.processor = load_processor(self.backbone)
         self.model: torch.nn.Module | None = None
         self.layers: list[int] = []
@@ -137,8 +139,7 @@ class KLALModule(L.LightningModule):
         self._base_identity = base_fingerprint(self.backbone, model)
         self.model = apply_lora(model, self.lora)
         self.model.train()
-        n_layers = self.text_config.num_hidden_layers
-        self.layers = parse_layers(self.klal_layers_spec, n_layers)
+        self.layers = attention_layer_ids(self.klal_layers_spec, self.family.attention_layers(self.text_config))
 
     @property
     def text_config(self):
@@ -147,16 +148,17 @@ class KLALModule(L.LightningModule):
 
     @property
     def image_token_id(self) -> int:
-        """Id of ``<|image_pad|>``."""
+        """Id of the image token (``<|image_pad|>`` on the Qwen families)."""
         return int(self.processor.image_token_id)
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, batch: KLALBatch, capture: bool = True, query_mode: QueryMode | None = None):
         """Run the model on a collated batch; returns ``(outputs, CaptureRequest | None)``."""
-        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+        inputs = {k: batch[k] for k in (*self.family.input_keys, "labels") if k in batch}
         request = None
         if capture:
-            visual = batch["input_ids"] == self.image_token_id
+            grids = nest_grids(batch["grids"], batch["grid_image"])
+            visual = self.family.visual_token_mask(batch["input_ids"], self.image_token_id, grids)
             query = select_queries(batch["answer_mask"], query_mode or self.klal_query)
             request = CaptureRequest.from_masks(query, visual, self.layers)
             inputs["klal_capture"] = request
@@ -193,7 +195,7 @@ class KLALModule(L.LightningModule):
         share = torch.ones(2, device=ntp.device)
         if across_ranks:
             # NTP is a mean over supervised next-token labels (shifted by one), KLAL a mean over samples with a map.
-            n_tok = (batch["labels"][:, 1:] != -100).sum()
+            n_tok = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             n_map = res.has_map.sum() if res is not None else torch.zeros_like(n_tok)
             share = global_share(torch.stack([n_tok, n_map.to(n_tok.device)]))
             ntp = ntp * share[0]

@@ -25,10 +25,8 @@ from klal.capture import CaptureRequest, enable_capture, select_queries
 from klal.data.collate import KLALCollator, PromptSettings
 from klal.data.images import to_rgb
 from klal.data.schema import is_text_only
+from klal.models.family import family_of, nest_grids, split_grids
 from klal.models.loader import text_config
-
-_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-"""Model inputs of a prompt (single sample or collated batch)."""
 
 
 class GroundingError(ValueError):
@@ -111,10 +109,14 @@ def image_rows(rows: Any, limit: int | None = None) -> tuple[Any, int]:
 
 
 class GroundingModel:
-    """A Qwen2.5-VL (optionally with a LoRA adapter) prepared for grounding probes.
+    """A VLM of a supported family (optionally with a LoRA adapter) prepared for grounding probes.
+
+    Layers are counted the way klal's layer specs count them: :attr:`num_layers` is the number of full-attention layers
+    (every layer except on hybrid models such as Qwen3.5), and a method's layer ``l`` is the ``l``-th of them
+    (:attr:`attention_layers` holds their decoder-layer indices).
 
     Args:
-        model: a ``Qwen2_5_VLForConditionalGeneration`` or a peft model around one.
+        model: a ``...ForConditionalGeneration`` of a supported family, or a peft model around one.
         processor: its processor.
         prompt: chat rendering (same as training, so probes see the prompts the model was tuned on).
     """
@@ -123,13 +125,13 @@ class GroundingModel:
         enable_capture(model)
         self.model = model
         self.processor = processor
-        self.collator = KLALCollator(processor, prompt=prompt)
+        self.family = family_of(model)
+        self.collator = KLALCollator(processor, prompt=prompt, family=self.family)
         self.image_token_id = int(processor.image_token_id)
         self.text_config = text_config(model)
-        self.num_layers = int(self.text_config.num_hidden_layers)
+        self.attention_layers = self.family.attention_layers(self.text_config)
+        self.num_layers = len(self.attention_layers)
         self.num_heads = int(self.text_config.num_attention_heads)
-        self.merge = self.collator.merge
-        self.patch = self.collator.patch
         self.passes = {"forward": 0, "backward": 0}
 
     @classmethod
@@ -183,23 +185,30 @@ class GroundingModel:
         """Chat prompt (ending with the assistant header) for ``images`` + ``question`` as model tensors.
 
         Returns:
-            ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` on the
-            model device, plus ``grids`` (``[(gh, gw)]`` per image), ``image_sizes`` (``[(w, h)]``) and
-            ``visual_mask`` ``(1, S)``.
+            The family's model inputs (:attr:`klal.models.family.VLMFamily.input_keys`) on the model device, plus
+            ``layout`` (per image, its visual-token grids ``(rows, cols)`` in sequence order: one on the Qwen
+            families), ``grids`` (per image, the grid its relevance map is on: :meth:`split_grid` gives maps on
+            them), ``image_wh`` (``[(w, h)]`` per image; not ``image_sizes``, which is a LLaVA model input) and
+            ``visual_mask`` ``(1, S)`` (the grid cells' positions).
         """
         text = self.collator.prompt_text(question, len(images))
         enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
         out: dict[str, Any] = {k: v.to(self.device) for k, v in enc.items() if torch.is_tensor(v)}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
-        thw = out.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
-        out["grids"] = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in thw.tolist()]
-        out["image_sizes"] = [(im.width, im.height) for im in images]
-        out["visual_mask"] = out["input_ids"] == self.image_token_id
+        per_image = self.family.image_grids(self.processor, enc, len(images))
+        out["layout"] = per_image
+        out["grids"] = [self.family.map_grid(grids) for grids in per_image]
+        out["image_wh"] = [(im.width, im.height) for im in images]
+        out["visual_mask"] = self.family.visual_token_mask(out["input_ids"], self.image_token_id, [per_image])
         return out
 
     def _model_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {k: inputs[k] for k in _INPUT_KEYS if k in inputs}
+        return {k: inputs[k] for k in self.family.input_keys if k in inputs}
+
+    def layer_ids(self, layers: Iterable[int] | None) -> list[int] | None:
+        """Decoder-layer indices of the attention layers numbered ``layers`` (None: all of them)."""
+        return None if layers is None else [self.attention_layers[i] for i in layers]
 
     def forward(self, inputs: dict[str, Any], request: CaptureRequest | None = None) -> torch.Tensor:
         """One forward pass; returns the logits ``(1, S, vocab)``."""
@@ -228,7 +237,7 @@ class GroundingModel:
         pos = [s - 1] if query_pos is None else ([query_pos] if isinstance(query_pos, int) else list(query_pos))
         qmask = torch.zeros((1, s), dtype=torch.bool, device=self.device)
         qmask[0, [p % s for p in pos]] = True
-        req = CaptureRequest.from_masks(qmask, inputs["visual_mask"], layers)
+        req = CaptureRequest.from_masks(qmask, inputs["visual_mask"], self.layer_ids(layers))
         req.per_head = per_head
         req.differentiable_rows = differentiable_rows
         return req
@@ -275,8 +284,8 @@ class GroundingModel:
             per_head: keep heads (``(L, H, V_i)``) instead of the head mean (``(L, V_i)``).
 
         Returns:
-            Per sample: the maps (probabilities over its ``V_i`` visual tokens, renormalised per head), its grids
-            ``[(gh, gw)]`` per image and its image sizes ``[(w, h)]``.
+            Per sample: the maps (probabilities over its ``V_i`` visual tokens, renormalised per head), its layout
+            (per image, its grids: :meth:`split_grid` takes it) and its image sizes ``[(w, h)]``.
 
         Raises:
             GroundingError: unknown ``query``, or a sample with an empty answer (naming it).
@@ -299,10 +308,13 @@ class GroundingModel:
             batch = self.collator(rows)
         except ValueError as e:
             raise GroundingError(str(e)) from e
-        kw = {k: batch[k].to(self.device) for k in _INPUT_KEYS if k in batch}
+        kw = {k: batch[k].to(self.device) for k in self.family.input_keys if k in batch}
         kw["pixel_values"] = kw["pixel_values"].to(self.model.dtype)
         qmask = select_queries(batch["answer_mask"].to(self.device), "last" if query == "answer_last" else query)
-        req = CaptureRequest.from_masks(qmask, kw["input_ids"] == self.image_token_id, layers)
+        visual = self.family.visual_token_mask(
+            kw["input_ids"], self.image_token_id, nest_grids(batch["grids"], batch["grid_image"])
+        )
+        req = CaptureRequest.from_masks(qmask, visual, self.layer_ids(layers))
         req.per_head = per_head
         self.passes["forward"] += 1
         with torch.no_grad():
@@ -313,7 +325,8 @@ class GroundingModel:
         out = []
         for i, row in enumerate(rows):
             m = maps[:, i, :, 0, : n_keys[i]] if per_head else maps[:, i, 0, : n_keys[i]]
-            out.append((m, list(batch["grids"][i]), [(im.width, im.height) for im in row["image"]]))
+            layout = nest_grids([batch["grids"][i]], [batch["grid_image"][i]])[0]
+            out.append((m, layout, [(im.width, im.height) for im in row["image"]]))
         return out
 
     def visual_embeds_grad(
@@ -321,13 +334,13 @@ class GroundingModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 norm of the gradient of ``objective(logits)`` with respect to each visual token's input embedding.
 
-        The visual token embeddings are the merger outputs the model scatters into ``<|image_pad|>`` positions, i.e.
-        the language model's ``inputs_embeds`` at those positions.
+        The visual token embeddings are the vision features the model scatters into its image-token positions, i.e.
+        the language model's ``inputs_embeds`` at the grid cells' positions.
 
         Returns:
             ``(V,)`` gradient norms (visual tokens in sequence order) and the objective's value.
         """
-        lm = _language_model(self.model)
+        lm = self.family.language_model(self.model)
         holder: dict[str, torch.Tensor] = {}
 
         def pre_hook(_module, args, kwargs):
@@ -356,8 +369,8 @@ class GroundingModel:
     def append_tokens(self, inputs: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
         """``inputs`` (one prompt, from :meth:`inputs`) with the token ``ids`` appended, as the model reads them.
 
-        The attention mask grows with ones and ``mm_token_type_ids`` with zeros (the new tokens are text), so the
-        model gives the appended tokens the positions they get when they are part of the encoded text; the other
+        The attention mask grows with ones and ``mm_token_type_ids`` (Qwen) with zeros (the new tokens are text), so
+        the model gives the appended tokens the positions they get when they are part of the encoded text; the other
         keys (images, grids, sizes) are kept and ``visual_mask`` is recomputed.
         """
         ids_t = inputs["input_ids"]
@@ -368,14 +381,19 @@ class GroundingModel:
         out["attention_mask"] = torch.cat([mask, torch.ones_like(extra, dtype=mask.dtype)], dim=1)
         if "mm_token_type_ids" in inputs:
             out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra.shape[1]))
-        out["visual_mask"] = out["input_ids"] == self.image_token_id
+        out["visual_mask"] = self.family.visual_token_mask(out["input_ids"], self.image_token_id, [inputs["layout"]])
         return out
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an answer: ``<|im_end|>`` and the tokenizer's eos."""
+        """Tokens that end an answer: ``<|im_end|>``, the tokenizer's eos, and the image placeholder token.
+
+        The placeholder is no text: fed back with the prompt's images (LASER's negative view, EGG's rounds) the model
+        would count one image token more than its images fill and refuse the input. Only an untrained model emits it.
+        """
         tok = self.processor.tokenizer
-        return sorted({i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if isinstance(i, int)})
+        ends = (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, self.image_token_id)
+        return sorted({i for i in ends if isinstance(i, int)})
 
     def generate(
         self,
@@ -419,18 +437,20 @@ class GroundingModel:
         return ids
 
     # -- grids ------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def split_grid(vec: torch.Tensor | np.ndarray, grids: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Cut a ``(V,)`` per-visual-token vector into one ``(gh, gw)`` grid per image."""
+    def split_grid(
+        self, vec: torch.Tensor | np.ndarray, layout: Sequence[Sequence[tuple[int, int]]]
+    ) -> list[np.ndarray]:
+        """Cut a ``(..., V)`` per-visual-token array into one ``(..., rows, cols)`` map per image.
+
+        Args:
+            vec: values over the visual tokens in sequence order.
+            layout: per image, its grids (``inputs["layout"]``, or a :meth:`batch_attention` sample's); an image with
+                several grids gets one map on its map grid (:meth:`klal.models.family.VLMFamily.merge_grids`).
+        """
         arr = vec.detach().float().cpu().numpy() if torch.is_tensor(vec) else np.asarray(vec, dtype=np.float64)
-        total = sum(h * w for h, w in grids)
-        if arr.shape[-1] != total:
-            raise ValueError(f"vector of {arr.shape[-1]} visual tokens does not match grids {list(grids)} ({total})")
-        out, off = [], 0
-        for h, w in grids:
-            out.append(arr[..., off : off + h * w].reshape(*arr.shape[:-1], h, w))
-            off += h * w
-        return out
+        flat = [tuple(g) for grids in layout for g in grids]
+        maps = iter(split_grids(arr, flat))
+        return [self.family.merge_grids([next(maps) for _ in grids]) for grids in layout]
 
 
 def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.nn.Module:
@@ -450,11 +470,3 @@ def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.
     # By content (architecture + frozen weights), so the hub id, its snapshot path and a copy are all accepted.
     check_adapter_base(model, adapter, base_name, error=GroundingError)
     return PeftModel.from_pretrained(model, adapter)
-
-
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The text decoder module (``...model.language_model``) of a plain or peft-wrapped Qwen2.5-VL."""
-    for name, mod in model.named_modules():
-        if name.endswith("language_model") and hasattr(mod, "layers"):
-            return mod
-    raise RuntimeError("could not find the language model (a module named '*language_model' with .layers)")

@@ -182,7 +182,6 @@ def save_before_after(rows: list[dict], before, after, png: Path, target=None) -
     from klal.data.targets import build_target_map, evidence_cells
     from klal.eval.report import clip_text
     from klal.eval.scores import evidence_mass
-    from klal.geometry import TOKEN_PX
     from klal.session import sample_images
     from klal.viz import overlay
 
@@ -190,11 +189,10 @@ def save_before_after(rows: list[dict], before, after, png: Path, target=None) -
     fig, axes = plt.subplots(n, 3, figsize=(11, 3.8 * n), squeeze=False)
     for i, row in enumerate(rows):
         img = sample_images(row)[0]
-        grid = before.results[i].maps[0]
-        processed = (grid.shape[0] * TOKEN_PX, grid.shape[1] * TOKEN_PX)
+        grid = before.results[i].maps[0].shape
         orig = (row["height"], row["width"])
-        target_map = build_target_map(row["evidence"], orig, processed, target)
-        cells = evidence_cells(row["evidence"], orig, processed)
+        target_map = build_target_map(row["evidence"], orig, grid, target)
+        cells = evidence_cells(row["evidence"], orig, grid)
         question = textwrap.shorten(row["question"], 70, placeholder="...")
         overlay(axes[i, 0], img, target_map, "\n".join(["target map", *textwrap.wrap(question, 36)]))
         for j, (name, run) in enumerate((("before", before), ("after", after)), start=1):

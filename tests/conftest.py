@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def tiny_processor():
-    from klal.models.tiny import build_tiny_processor
+    from klal.models.qwen2_5_vl.tiny import build_tiny_processor
 
     return build_tiny_processor(min_pixels=56 * 56, max_pixels=224 * 224)
 

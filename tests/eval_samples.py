@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 
-# A 112 x 112 image is its own processed size only with small min_pixels; here the geometry is given explicitly:
-# processed (112, 112) is a 4 x 4 token grid, one token = 28 px of the original when the original is 112 x 112 too.
+# The geometry is given explicitly: a 112 x 112 image under a 4 x 4 token grid,
+# one token = 28 px of the original.
 HW = (112, 112)
-GRID4 = (112, 112)
+GRID4 = (4, 4)
 
 
 def cells_of(*ij: tuple[int, int], shape: tuple[int, int] = (4, 4)) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from klal.capture import CaptureRequest, register_capture_attention, select_queries
 from klal.data.collate import KLALCollator
 from klal.loss import klal_loss
-from klal.models.tiny import build_tiny_model
+from klal.models.qwen2_5_vl.tiny import build_tiny_model
 from tests.conftest import make_text_row
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")

@@ -174,9 +174,11 @@ def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mix
     from klal.data.collate import KLALBatch
 
     required, optional = KLALBatch.__required_keys__, KLALBatch.__optional_keys__
-    assert optional == {"pixel_values", "image_grid_thw"} and len(required | optional) == 13
+    assert optional == {"pixel_values", "image_grid_thw", "image_sizes"} and len(required | optional) == 15
     batch = KLALCollator(tiny_processor)(mixed_rows)
-    assert set(batch) == required | optional
+    # The Qwen families' image inputs; image_sizes is LLaVA-OneVision's.
+    assert set(batch) == required | {"pixel_values", "image_grid_thw"}
+    assert batch["grid_image"] == [list(range(len(g))) for g in batch["grids"]]  # one grid per image
     b, s = batch["input_ids"].shape
     for key in ("attention_mask", "labels", "answer_mask", "mm_token_type_ids"):
         assert batch[key].shape == (b, s), key

@@ -72,7 +72,7 @@ def test_grounding_metrics_end_to_end_hand_worked():
     other[0, 0] = 1.0  # image 1's map: would miss the evidence, but only map 0 is used
     gm.update("m", "t", [MAP_A, other], [[28, 28, 84, 56]], "three", rec)
     rec2 = record("b", ev(points=[[100, 100]]), answer="Yes")  # no gt box; target = point Gaussian
-    gm.update("m", "t", [MAP_A], [[0, 0, 10, 10]], "no", rec2, processed_hw=GRID4)
+    gm.update("m", "t", [MAP_A], [[0, 0, 10, 10]], "no", rec2)
     out = gm.compute()
     r = out["m"]["t"]
     assert list(r) == list(METRIC_NAMES)
@@ -120,8 +120,6 @@ def test_update_result_and_methods_without_boxes():
 
 def test_grounding_metrics_errors_name_the_sample():
     gm = GroundingMetrics()
-    with pytest.raises(ValueError, match=r"sample 'q1'.*grid \(4, 4\).*\(5, 4\)"):
-        gm.update("m", "t", [MAP_A], None, None, record("q1", ev(boxes=[[0, 0, 28, 28]])), processed_hw=(140, 112))
     with pytest.raises(TargetMapError, match=r"sample 'q2'.*boxes\[0\]"):
         gm.update("m", "t", [MAP_A], None, None, record("q2", ev(boxes=[[0, 0, -5, 28]])))
     with pytest.raises(ValueError, match=r"'q3' lacks key\(s\) \['evidence'\]"):

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL token geometry (klal.geometry): constants and smart_resize parity with transformers' own function."""
+"""Qwen2.5-VL token geometry (klal.models.qwen2_vl.geometry and the family's grids): constants and smart_resize
+parity with transformers' own function."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import itertools
 import numpy as np
 import pytest
 
-from klal.geometry import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
-    MERGE,
-    PATCH_PX,
-    TOKEN_PX,
-    smart_resize_hw,
-    token_grid,
-)
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from klal.models.qwen2_5_vl import FAMILY
+from klal.models.qwen2_vl.geometry import MERGE, PATCH_PX, TOKEN_PX, smart_resize_hw
+
+
+def token_grid(h: int, w: int, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The Qwen2.5-VL family's one grid for an image of this size."""
+    (grid,) = FAMILY.grids_for_size(h, w, min_pixels, max_pixels)
+    return grid
+
 
 SQ = (224, 224)
 

@@ -218,7 +218,7 @@ def test_append_tokens_matches_the_processor_encoding_of_prompt_and_answer(gm, r
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         assert torch.equal(ext[key].cpu(), ref[key]), key
     assert torch.equal(ext["visual_mask"].cpu(), ref["input_ids"] == gm.image_token_id)
-    assert ext["grids"] == inputs["grids"] and ext["image_sizes"] == inputs["image_sizes"]
+    assert ext["grids"] == inputs["grids"] and ext["image_wh"] == inputs["image_wh"]
     with torch.no_grad():
         ref_logits = gm.model(**{k: v.to(gm.device) for k, v in ref.items()}, use_cache=False).logits
     torch.testing.assert_close(gm.forward(ext), ref_logits, rtol=1e-5, atol=1e-5)

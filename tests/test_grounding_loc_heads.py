@@ -14,6 +14,7 @@ from scipy import ndimage
 import klal.grounding.loc_heads as lh
 from klal.capture import CaptureRequest
 from klal.grounding.registry import build_method
+from klal.models.family import split_grids
 from klal.session import GroundingError
 from tests.grounding_helpers import inside, text_row
 
@@ -33,6 +34,7 @@ class FakeGM:
     def __init__(self, s_img: list[np.ndarray], maps: list[np.ndarray], name: str = "fake/model", layers: int = L):
         self.s_img, self.maps = s_img, maps
         self.num_layers, self.num_heads = layers, H
+        self.attention_layers = list(range(layers))
         self.model = type("M", (), {"config": type("C", (), {"_name_or_path": name})()})()
         self.passes = {"forward": 0, "backward": 0}
         self.calls = 0
@@ -42,7 +44,17 @@ class FakeGM:
         ids = torch.zeros(1, N_TEXT_BEFORE + v + N_TEXT_AFTER, dtype=torch.long)
         vis = torch.zeros_like(ids, dtype=torch.bool)
         vis[0, N_TEXT_BEFORE : N_TEXT_BEFORE + v] = True
-        return {"input_ids": ids, "visual_mask": vis, "grids": [(GH, GW)], "image_sizes": [images[0].size]}
+        return {
+            "input_ids": ids,
+            "visual_mask": vis,
+            "grids": [(GH, GW)],
+            "layout": [[(GH, GW)]],
+            "image_wh": [images[0].size],
+        }
+
+    @staticmethod
+    def split_grid(vec, layout):
+        return split_grids(np.asarray(vec), [g for grids in layout for g in grids])
 
     def request(self, inputs, query_pos=None, layers=None, per_head=True, differentiable_rows=False):
         s = inputs["input_ids"].shape[1]

@@ -18,7 +18,8 @@ from klal.data.pixmo import convert_pixmo_points, url_hash
 from klal.data.refcoco import classic_refcoco_rows, convert_refcoco
 from klal.data.schema import REQUIRED_COLUMNS, Evidence
 from klal.data.targets import build_target_map
-from klal.geometry import DEFAULT_MAX_PIXELS, smart_resize_hw
+from klal.geometry import DEFAULT_MAX_PIXELS
+from klal.models.qwen2_vl.geometry import smart_resize_hw
 
 
 def save_image(path, w: int, h: int, fmt: str | None = None, seed: int = 0) -> bytes:
@@ -145,8 +146,9 @@ def test_saved_refcoco_round_trips_to_a_target_map(classic, tmp_path):
     row = datasets.load_from_disk(str(tmp_path / "out"))["train"][0]
     assert row["image"].size == (100, 80)  # image bytes were embedded on save
     processed = smart_resize_hw(row["height"], row["width"])
-    m = build_target_map(Evidence.from_dict(row["evidence"]), (row["height"], row["width"]), processed)
-    assert m is not None and m.shape == (processed[0] // 28, processed[1] // 28)
+    grid = (processed[0] // 28, processed[1] // 28)
+    m = build_target_map(Evidence.from_dict(row["evidence"]), (row["height"], row["width"]), grid)
+    assert m is not None and m.shape == grid
 
 
 # -- RefCOCO, flat records ---------------------------------------------------------------------------------------------

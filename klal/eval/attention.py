@@ -30,17 +30,20 @@ import torch
 from klal.capture import CaptureRequest, QueryMode, parse_layers, select_queries
 from klal.data.collate import IGNORE_INDEX
 from klal.grounding.base import GroundingMethod, GroundingResult
+from klal.models.family import nest_grids
 from klal.session import GroundingModel
 
-_MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
-
-def query_grids(request: CaptureRequest, grids: list[list[tuple[int, int]]]) -> list[list[np.ndarray]]:
+def query_grids(
+    gm: GroundingModel, request: CaptureRequest, grids: list[list[tuple[int, int]]], grid_image: list[list[int]]
+) -> list[list[np.ndarray]]:
     """Captured attention per sample and image, on each image's token grid.
 
     Args:
         request: a request a forward pass filled (head-mean maps, ``per_head`` off).
-        grids: per sample, ``(gh, gw)`` of each of its images (the collator's ``grids``).
+        gm: the model session (its family merges an image's grids into one map).
+        grids: per sample, its visual-token grids (the collator's ``grids``).
+        grid_image: per sample, the image of each grid (the collator's ``grid_image``).
 
     Returns:
         ``maps[b][j]``: ``(gh, gw)`` float64 attention of sample ``b`` over image ``j``: the mean over the captured
@@ -51,9 +54,9 @@ def query_grids(request: CaptureRequest, grids: list[list[tuple[int, int]]]) -> 
     q = (q * qv[None, :, :, None]).sum(2) / qv.sum(-1).clamp_min(1)[None, :, None]  # (L, B, V)
     q = q.mean(0).double().cpu()  # (B, V)
     out = []
-    for b, g in enumerate(grids):
-        n = sum(h * w for h, w in g)
-        out.append(GroundingModel.split_grid(q[b, :n], g))
+    for b, layout in enumerate(nest_grids(grids, grid_image)):
+        n = sum(h * w for g in layout for h, w in g)
+        out.append(gm.split_grid(q[b, :n], layout))
     return out
 
 
@@ -118,16 +121,19 @@ class TeacherForcedAttention(GroundingMethod):
 
     def ground_batch(self, gm: GroundingModel, samples: list[dict[str, Any]]) -> list[GroundingResult]:
         opts = self.options
-        layers = parse_layers(opts.layers, gm.num_layers)
+        layers = gm.layer_ids(parse_layers(opts.layers, gm.num_layers))
         batch = gm.collator(samples)
-        kw = {k: batch[k].to(gm.device) for k in _MODEL_KEYS if k in batch}
+        kw = {k: batch[k].to(gm.device) for k in gm.family.input_keys if k in batch}
         kw["pixel_values"] = kw["pixel_values"].to(gm.model.dtype)
         queries = select_queries(batch["answer_mask"].to(gm.device), opts.query)
-        req = CaptureRequest.from_masks(queries, kw["input_ids"] == gm.image_token_id, layers)
+        visual = gm.family.visual_token_mask(
+            kw["input_ids"], gm.image_token_id, nest_grids(batch["grids"], batch["grid_image"])
+        )
+        req = CaptureRequest.from_masks(queries, visual, layers)
         gm.passes["forward"] += 1
         with torch.no_grad():
             logits = gm.model(**kw, klal_capture=req, use_cache=False).logits
-        maps = query_grids(req, batch["grids"])
+        maps = query_grids(gm, req, batch["grids"], batch["grid_image"])
         req.clear()
         labels = batch["labels"]
         exact = teacher_forced_exact(logits, labels).tolist()

@@ -50,10 +50,9 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from klal.data.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts, processed_grid
+from klal.data.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts
 from klal.eval.answers import answer_correct
 from klal.eval.scores import as_grid, best_box_iou, evidence_mass, pointing_score, sample_prefix, target_kl
-from klal.geometry import TOKEN_PX
 
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "pointing_game": (0.0, 1.0),
@@ -341,7 +340,6 @@ class GroundingMetrics:
         boxes: Sequence[Sequence[float]] | None,
         answer: str | None,
         record: Mapping[str, Any],
-        processed_hw: tuple[int, int] | None = None,
     ) -> None:
         """Score one sample with every metric of ``(method, task)``.
 
@@ -353,12 +351,11 @@ class GroundingMetrics:
             boxes: predicted boxes in original pixels of image 0, best first; None when the method predicts no boxes
                 (box metrics skip), ``[]`` when it predicted none for this sample (IoU 0).
             answer: predicted answer, or None when the method does not answer.
-            record: the dataset row (needs ``id``, ``answer``, ``width``, ``height``, ``evidence``).
-            processed_hw: resized size ``(height, width)`` of image 0; default: map 0's grid x 28. When given it must
-                agree with map 0's grid.
+            record: the dataset row (needs ``id``, ``answer``, ``width``, ``height``, ``evidence``). The evidence
+                is laid on map 0's grid, which covers the whole of image 0 (:class:`klal.geometry.ImageGrid`).
 
         Raises:
-            ValueError: a record missing a key, a map that does not match ``processed_hw``, malformed evidence, boxes
+            ValueError: a record missing a key, malformed evidence, boxes
                 or maps (:class:`~klal.data.targets.TargetMapError` is a ValueError); messages name the sample id.
         """
         missing = [k for k in ("id", "answer", "width", "height", "evidence") if k not in record]
@@ -369,17 +366,9 @@ class GroundingMetrics:
         grid = as_grid(maps[0], sid) if maps is not None and len(maps) > 0 else None
         cells = target = None
         if grid is not None:
-            if processed_hw is None:
-                processed_hw = (grid.shape[0] * TOKEN_PX, grid.shape[1] * TOKEN_PX)
             try:
-                expect = processed_grid(processed_hw)
-                if grid.shape != expect:
-                    raise ValueError(
-                        f"map 0 has grid {grid.shape} but processed_hw {tuple(processed_hw)} gives {expect} "
-                        f"({TOKEN_PX} px per token)"
-                    )
-                cells = evidence_cells(record["evidence"], orig_hw, processed_hw)
-                target = build_target_map(record["evidence"], orig_hw, processed_hw, self.spec)
+                cells = evidence_cells(record["evidence"], orig_hw, grid.shape)
+                target = build_target_map(record["evidence"], orig_hw, grid.shape, self.spec)
             except ValueError as e:
                 raise type(e)(f"{sample_prefix(sid)}{e}") from e
         ms = self.metrics(method, task)
@@ -396,7 +385,6 @@ class GroundingMetrics:
         method: str,
         result: Any,
         record: Mapping[str, Any],
-        processed_hw: tuple[int, int] | None = None,
         predicts_boxes: bool = True,
     ) -> None:
         """:meth:`update` from a ``GroundingResult``-like object (``.maps``, ``.boxes``, ``.answer``), task from
@@ -406,12 +394,11 @@ class GroundingMetrics:
             method: grounding method name.
             result: the method's result for this sample.
             record: the dataset row.
-            processed_hw: as for :meth:`update`.
             predicts_boxes: False for a method that never predicts boxes: its (empty) ``boxes`` are then passed as
                 None, so the box metrics skip its samples instead of scoring them IoU 0.
         """
         boxes = result.boxes if predicts_boxes else None
-        self.update(method, str(record["task"]), result.maps, boxes, result.answer, record, processed_hw)
+        self.update(method, str(record["task"]), result.maps, boxes, result.answer, record)
 
     def compute(self) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
         """``{method: {task: {metric: {"value", "count", "skipped"[, "no_prediction"]}}}}`` over all ranks.

@@ -70,7 +70,7 @@ def _check_cells(grid: np.ndarray, cells: Any, sample_id: str | None) -> np.ndar
     if mask.shape != grid.shape:
         raise ValueError(
             f"{sample_prefix(sample_id)}evidence cells {mask.shape} do not match the relevance map's grid {grid.shape} "
-            "(is processed_hw the size of image 0?)"
+            "(were they laid on the grid of image 0?)"
         )
     return mask
 

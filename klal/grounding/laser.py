@@ -198,7 +198,7 @@ class Laser(GroundingMethod, name="laser"):
         if fallback:
             rel = a_with[layer].mean(dim=0)
         grids = inputs["grids"]
-        maps = gm.split_grid(rel, grids)
+        maps = gm.split_grid(rel, inputs["layout"])
 
         # 3: Con-ViCrop.
         gh, gw = maps[0].shape
@@ -208,8 +208,10 @@ class Laser(GroundingMethod, name="laser"):
         crop = crop_image(images[0], crop_box, opts.zoom)
 
         # 4: negative views and VAT-gated counterfactual decoding.
-        k = max(1, round(opts.grey_fraction * rel.numel()))
-        chosen = top_cells(rel, k)
+        # Cells of the images' maps, in order (on single-grid families exactly the visual tokens of ``rel``).
+        cells_vec = np.concatenate([m.ravel() for m in maps])
+        k = max(1, round(opts.grey_fraction * cells_vec.size))
+        chosen = top_cells(cells_vec, k)
         negatives, offset, greyed = [], 0, []
         for im, (h, w) in zip(images, grids):
             cells = [(i - offset) for i in chosen if offset <= i < offset + h * w]

@@ -226,21 +226,19 @@ def head_statistics(gm: GroundingModel, sample: dict[str, Any]) -> tuple[np.ndar
     with torch.no_grad():
         gm.forward(inputs, request)
     layers = sorted(request.full_probs)
-    if layers != list(range(gm.num_layers)):
+    if layers != list(gm.attention_layers):
         raise GroundingError(
-            f"sample {sample.get('id')!r}: attention rows were captured for layers {layers}, expected all "
-            f"{gm.num_layers}"
+            f"sample {sample.get('id')!r}: attention rows were captured for layers {layers}, expected the "
+            f"{gm.num_layers} attention layers {gm.attention_layers}"
         )
     full = torch.stack([request.full_probs[layer][0, :, 0] for layer in layers]).float()  # (L, H, S)
     request.clear()
     visual = inputs["visual_mask"][0].to(full.device)
     on_image = full[..., visual]  # (L, H, V)
     s_img = on_image.sum(-1)
-    gh, gw = inputs["grids"][0]
-    n_layers, n_heads = s_img.shape
-    return s_img.cpu().numpy().astype(np.float64), on_image.cpu().numpy().astype(np.float64).reshape(
-        n_layers, n_heads, gh, gw
-    )
+    # Image 0's map (on a family with several grids per image, merged onto its map grid).
+    grid_maps = gm.split_grid(on_image.double(), inputs["layout"])[0]  # (L, H, gh, gw)
+    return s_img.cpu().numpy().astype(np.float64), grid_maps.astype(np.float64)
 
 
 def select_heads_for_sample(
@@ -467,8 +465,8 @@ class LocalizationHeads(GroundingMethod, name="localization_heads"):
         """Map several rows from one padded forward pass (:meth:`GroundingModel.batch_attention`)."""
         sel, layers = self._ready(gm, samples)
         return [
-            self._result(gm, sel, layers, att, grids, sizes)
-            for att, grids, sizes in gm.batch_attention(samples, "prompt_last", layers, per_head=True)
+            self._result(gm, sel, layers, att, layout, sizes)
+            for att, layout, sizes in gm.batch_attention(samples, "prompt_last", layers, per_head=True)
         ]
 
     def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Any]) -> GroundingResult:
@@ -476,7 +474,7 @@ class LocalizationHeads(GroundingMethod, name="localization_heads"):
         sel, layers = self._ready(gm, [sample])
         inputs = gm.inputs(images, sample["question"])
         att = gm.attention(inputs, layers=layers, per_head=True)  # (len(layers), H, V)
-        return self._result(gm, sel, layers, att, inputs["grids"], inputs["image_sizes"])
+        return self._result(gm, sel, layers, att, inputs["layout"], inputs["image_wh"])
 
     def _result(
         self,
@@ -484,12 +482,12 @@ class LocalizationHeads(GroundingMethod, name="localization_heads"):
         sel: HeadSelection,
         layers: list[int],
         att: torch.Tensor,
-        grids: list[tuple[int, int]],
+        layout: list[list[tuple[int, int]]],
         sizes: list[tuple[int, int]],
     ) -> GroundingResult:
         """Map, mask and boxes from the heads' attention ``att`` ``(len(layers), H, V)`` of one sample."""
         rows = torch.stack([att[layers.index(layer), head] for layer, head in sel.heads])  # (K, V)
-        per_image = gm.split_grid(rows, grids)  # [(K, gh, gw)]
+        per_image = gm.split_grid(rows, layout)  # [(K, gh, gw)]
         maps = [heads_map(g, self.options.sigma) for g in per_image]
         mask, ranked = map_boxes(maps[0])
         gh, gw = maps[0].shape

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from klal.geometry import ImageGrid
+
 CellBox = tuple[int, int, int, int]
 PixelBox = tuple[float, float, float, float]
 
@@ -466,7 +468,7 @@ def best_window(grid: np.ndarray, sizes: Iterable[tuple[int, int]]) -> tuple[Cel
 def cells_to_pixels(box: Sequence[int], grid_hw: Sequence[int], image_wh: Sequence[float]) -> PixelBox:
     """Cell box ``(r0, c0, r1, c1)`` -> pixel box ``(x0, y0, x1, y1)`` in the original image.
 
-    A cell is ``W / gw`` px wide and ``H / gh`` px tall (the resize is proportional per axis).
+    A cell is ``W / gw`` px wide and ``H / gh`` px tall (:class:`klal.geometry.ImageGrid`, the target maps' geometry).
 
     Args:
         box: cell box, end-exclusive, inside the grid.
@@ -475,9 +477,7 @@ def cells_to_pixels(box: Sequence[int], grid_hw: Sequence[int], image_wh: Sequen
     """
     gh, gw = _check_grid_hw(grid_hw)
     width, height = _check_image_wh(image_wh)
-    r0, c0, r1, c1 = _check_cell_box(box, (gh, gw))
-    sx, sy = width / gw, height / gh
-    return c0 * sx, r0 * sy, c1 * sx, r1 * sy
+    return ImageGrid(height, width, gh, gw).cells_to_pixels(_check_cell_box(box, (gh, gw)))
 
 
 def pixels_to_cells(box_px: Sequence[float], grid_hw: Sequence[int], image_wh: Sequence[float]) -> CellBox:

@@ -205,7 +205,7 @@ def raw_attention(gm: GroundingModel, inputs: dict[str, Any], layer: int) -> tor
     try:
         with torch.no_grad():
             gm.forward(inputs, req)
-        probs = req.full_probs[layer]  # (1, H, 1, S)
+        probs = req.full_probs[gm.attention_layers[layer]]  # (1, H, 1, S)
         vis = inputs["visual_mask"][0].nonzero().squeeze(-1).to(probs.device)
         return probs[0, :, 0][:, vis].float().mean(dim=0)  # (V,)
     finally:
@@ -270,7 +270,7 @@ class _ViCrop(GroundingMethod):
         question = sample["question"] + opts.prompt_suffix
         inputs = gm.inputs(images, question)
         rel = self.relevance(gm, images, inputs, layer)
-        maps = gm.split_grid(rel, inputs["grids"])
+        maps = gm.split_grid(rel, inputs["layout"])
         if opts.crop == "adaptive":
             box_px = ops.expand_box(crop_box(maps[0], images[0].size, opts.box_size), opts.min_crop, images[0].size)
             cell_box = ops.pixels_to_cells(box_px, maps[0].shape, images[0].size)
@@ -328,7 +328,7 @@ class ViCropGradAtt(_ViCrop, name="vicrop_grad_att"):
                 logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
                 top = int(logp.argmax())
                 gm.backward(logp[top])
-            probs = req.full_probs[layer]  # (1, H, 1, S)
+            probs = req.full_probs[gm.attention_layers[layer]]  # (1, H, 1, S)
             if probs.grad is None:
                 raise RuntimeError(f"no gradient reached the attention of layer {layer} (differentiable_rows path)")
             vis = inputs["visual_mask"][0].nonzero().squeeze(-1)

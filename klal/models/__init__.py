@@ -1,7 +1,10 @@
-"""Model loading: the embedded ``tiny`` Qwen2.5-VL, the loader for real checkpoints, and language-model-only LoRA.
+"""Models: the model-family seam (:mod:`klal.models.family`), one folder per family (``qwen2_5_vl/``, ``qwen2_vl/``,
+``qwen3_vl/``, ``qwen3_5/``, ``llava_onevision/``), the loader for tiny models and real checkpoints, and
+language-model-only LoRA.
 
-Also here: :mod:`klal.models.identity` (which base model is this, by content) and :mod:`klal.models.replica` (a
-Qwen2.5-VL-3B-Instruct replica with the real tokenizer and hub layout, for tests and benches).
+Also here: :mod:`klal.models.identity` (which base model is this, by content); the Qwen2.5-VL folder holds the
+embedded ``tiny`` model and :mod:`klal.models.qwen2_5_vl.replica` (a Qwen2.5-VL-3B-Instruct replica with the real
+tokenizer and hub layout, for tests and benches).
 
 The names below are imported on first use (PEP 562), so that ``from klal.models.config import ModelConfig`` does not
 pull in torch and transformers through this package.
@@ -23,11 +26,10 @@ _WHERE = {
     "language_lora_regex": "klal.models.lora",
     "train_base_parts": "klal.models.lora",
     "trainable_parameter_summary": "klal.models.lora",
-    "ImageTextQwen2_5_VLProcessor": "klal.models.tiny",
-    "build_tiny_model": "klal.models.tiny",
-    "build_tiny_processor": "klal.models.tiny",
-    "build_tiny_tokenizer": "klal.models.tiny",
-    "tiny_config": "klal.models.tiny",
+    "VLMFamily": "klal.models.family",
+    "family_for_name": "klal.models.family",
+    "family_of": "klal.models.family",
+    "model_family": "klal.models.loader",
 }
 
 __all__ = sorted(_WHERE)

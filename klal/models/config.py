@@ -1,4 +1,4 @@
-"""Which Qwen2.5-VL to load and how: :class:`ModelConfig`, with no torch or transformers import.
+"""Which VLM to load and how: :class:`ModelConfig`, with no torch or transformers import.
 
 Kept apart from :mod:`klal.models.loader` so that the commands whose options include a model (``evaluate.py``,
 ``klal export``, ``klal discover-heads``) can build their ``--help`` without importing torch and transformers.
@@ -9,22 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from klal.models.family import TINY_ALIASES
 
 TINY = "tiny"
-"""The name of the embedded random test model (:mod:`klal.models.tiny`)."""
+"""The name of the default embedded random test model, a tiny Qwen2.5-VL (:mod:`klal.models.qwen2_5_vl.tiny`); every
+family has one (:data:`klal.models.family.TINY_ALIASES`)."""
 
 
 @dataclass
 class ModelConfig:
-    """Which Qwen2.5-VL to load and how."""
+    """Which VLM to load and how."""
 
     name_or_path: str = TINY
-    """``tiny`` (embedded random test model), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder."""
+    """``tiny`` (embedded random Qwen2.5-VL), another family's tiny model (``tiny-qwen2-vl``, ``tiny-qwen3-vl``,
+    ``tiny-qwen3.5``, ``tiny-llava-onevision``), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder
+    of any supported family (:mod:`klal.models.family`)."""
     dtype: str = "auto"
     """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny), ``float32``, ``bfloat16`` or
     ``float16``."""
     min_pixels: int = DEFAULT_MIN_PIXELS
-    """Lower bound on each resized image's area (processor ``smart_resize``)."""
+    """Lower bound on each resized image's area (processor ``smart_resize``; a family without a pixel budget
+    ignores it)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Upper bound on each resized image's area. 448*448 (at most 256 visual tokens) suits the tiny model and CPU runs;
     real runs typically use e.g. 1024*28*28 (at most 1024 visual tokens per image)."""
@@ -34,10 +39,10 @@ class ModelConfig:
     tiny_seed: int = 0
     """Weight-initialisation seed of the tiny model."""
     tiny_overrides: dict | None = None
-    """Size overrides for the tiny model, passed to :func:`klal.models.tiny.tiny_config` (e.g.
+    """Size overrides for the tiny model, passed to the family's ``tiny_config`` (:mod:`klal.models.family`) (e.g.
     ``{"num_hidden_layers": 2, "vision_depth": 1}``)."""
 
     @property
     def is_tiny(self) -> bool:
-        """Whether this names the embedded tiny model."""
-        return self.name_or_path == TINY
+        """Whether this names an embedded tiny model (``tiny`` or a family's ``tiny-*`` alias)."""
+        return self.name_or_path in TINY_ALIASES

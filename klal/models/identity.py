@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from klal.models.loader import TINY, text_config
+from klal.models.config import TINY
+from klal.models.family import TINY_ALIASES
+from klal.models.loader import text_config
 
 __all__ = [
     "TEXT_KEYS",
@@ -72,12 +74,12 @@ def same_name(a: str, b: str) -> bool:
     """Whether two model references may name the same model by their spelling alone (no content is read).
 
     True for equal strings, a hub id and its hub-cache snapshot path, or two paths with the same last component (a
-    local copy ``.../Qwen2.5-VL-3B-Instruct`` of the hub model). ``tiny`` matches only ``tiny``.
+    local copy ``.../Qwen2.5-VL-3B-Instruct`` of the hub model). A tiny model matches only its own name.
     """
     a, b = str(a), str(b)
     if a == b:
         return True
-    if TINY in (a, b):
+    if a in TINY_ALIASES or b in TINY_ALIASES:
         return False
     a, b = hub_id_of(a), hub_id_of(b)
 
@@ -167,7 +169,7 @@ def identity_mismatch(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
     """
     a_name, b_name = str(saved.get("name_or_path", "")), str(here.get("name_or_path", ""))
     diff: list[str] = []
-    if (a_name == TINY) != (b_name == TINY):
+    if (a_name in TINY_ALIASES) != (b_name in TINY_ALIASES):
         return ["name_or_path"]
     for key in ("tiny_seed", "tiny_overrides"):
         if key in saved and key in here and saved[key] != here[key]:

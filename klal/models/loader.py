@@ -1,14 +1,15 @@
-"""Load a Qwen2.5-VL (the embedded ``tiny`` model, a hub id or a local folder) with its processor.
+"""Load a VLM of any supported family (an embedded tiny model, a hub id or a local folder) with its processor.
 
-The text backbone's attention implementation is a choice (``sdpa``, ``eager``, ``flash_attention_2`` or a name
-registered with transformers' ``AttentionInterface``, such as klal's capture attention); the vision tower always runs
-sdpa. :func:`set_text_attn_implementation` switches the text backbone later without touching the vision tower.
+What differs between architectures comes from the checkpoint's :class:`klal.models.family.VLMFamily` (found by its
+``config.model_type``): the model class, how the processor is assembled, the checks between the two. The text
+backbone's attention implementation is a choice (``sdpa``, ``eager``, ``flash_attention_2`` or a name registered with
+transformers' ``AttentionInterface``, such as klal's capture attention); the vision tower always runs sdpa.
+:func:`set_text_attn_implementation` switches the text backbone later without touching the vision tower.
 
-Processors are always assembled from their parts (tokenizer, the PIL Qwen2-VL image processor, chat template) into
-:class:`~klal.models.tiny.ImageTextQwen2_5_VLProcessor`, because transformers' own ``Qwen2_5_VLProcessor`` cannot be
-loaded without torchvision (its video processor needs it). The PIL image processor resizes with the same
-``smart_resize`` rule, so the visual-token grid is the same as with the torchvision one; pixel values can differ
-slightly from the torchvision resize.
+Processors are assembled from their parts (tokenizer, the family's PIL image processor, chat template) without the
+video processor, because transformers' stock VLM processors cannot be built without torchvision; the PIL image
+processors resize with the same rule as the torchvision ones, so the visual-token grid is the same (pixel values can
+differ slightly).
 """
 
 from __future__ import annotations
@@ -20,23 +21,11 @@ import re
 from typing import Any
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    PretrainedConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from klal.models.config import TINY, ModelConfig
-from klal.models.tiny import (
-    ImageTextQwen2_5_VLProcessor,
-    _check_pixels,
-    build_tiny_model,
-    build_tiny_processor,
-    tiny_config,
-)
+from klal.geometry import check_pixels
+from klal.models.config import ModelConfig
+from klal.models.family import TINY_ALIASES, VLMFamily, family_for_name
 
 __all__ = [
     "DTYPES",
@@ -49,7 +38,6 @@ __all__ = [
     "with_saved_pixel_bounds",
 ]
 
-QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -63,7 +51,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def text_config(model_or_config: Any) -> Any:
-    """The language model's config of a Qwen2.5-VL model (bare or peft-wrapped) or config; a text-only config as is."""
+    """The language model's config of a VLM (bare or peft-wrapped) or config; a text-only config as is."""
     cfg = getattr(model_or_config, "config", model_or_config)
     return getattr(cfg, "text_config", cfg)
 
@@ -88,24 +76,26 @@ def _check_source(name_or_path: str) -> str:
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model folder {path!r} has no config.json (is it a saved Qwen2.5-VL checkpoint?)")
+            raise FileNotFoundError(f"model folder {path!r} has no config.json (is it a saved checkpoint?)")
         return path
     if os.path.exists(path):
         raise ValueError(f"model name_or_path {name_or_path!r} is a file; give the checkpoint folder or a hub id")
     if not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(
-            f"model name_or_path {name_or_path!r} is neither 'tiny', an existing folder, nor a hub id (owner/name)"
+            f"model name_or_path {name_or_path!r} is neither a tiny model ({', '.join(TINY_ALIASES)}), an existing "
+            "folder, nor a hub id (owner/name)"
         )
     return name_or_path
 
 
-def _check_model_type(source: str) -> None:
-    config_dict, _ = PretrainedConfig.get_config_dict(source)
-    model_type = config_dict.get("model_type")
-    if model_type != QWEN2_5_VL_MODEL_TYPE:
-        raise ValueError(
-            f"checkpoint {source!r} has model_type={model_type!r}; klal supports Qwen2.5-VL ({QWEN2_5_VL_MODEL_TYPE!r})"
-        )
+def model_family(cfg: ModelConfig) -> VLMFamily:
+    """The family of the model ``cfg`` names (its ``config.model_type``; a tiny alias names its family).
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is neither a tiny model, an existing checkpoint folder, nor a hub id.
+        ValueError: a checkpoint of an architecture klal does not support (listing the supported ones).
+    """
+    return family_for_name(cfg.name_or_path if cfg.is_tiny else _check_source(cfg.name_or_path))
 
 
 # Files klal writes beside what it saves (training's adapter folder, an export), holding the backbone settings.
@@ -136,7 +126,7 @@ def with_saved_pixel_bounds(cfg: ModelConfig, folder: str | os.PathLike | None =
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def load_processor(cfg: ModelConfig) -> Qwen2_5_VLProcessor:
+def load_processor(cfg: ModelConfig) -> Any:
     """The processor of ``cfg``'s checkpoint with ``cfg``'s pixel bounds (no model weights are read).
 
     A folder klal exported keeps the bounds it was trained with unless ``cfg`` sets others
@@ -144,57 +134,24 @@ def load_processor(cfg: ModelConfig) -> Qwen2_5_VLProcessor:
     """
     if not cfg.is_tiny:
         cfg = with_saved_pixel_bounds(cfg)
-    _check_pixels(cfg.min_pixels, cfg.max_pixels)
+    check_pixels(cfg.min_pixels, cfg.max_pixels)
+    family = model_family(cfg)
     if cfg.is_tiny:
-        return build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    source = _check_source(cfg.name_or_path)
-    _check_model_type(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    # Passed as keywords so they win over min_pixels/max_pixels stored in older checkpoints' preprocessor configs.
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-        source, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
-    )
-    size = image_processor.size
-    if (size["shortest_edge"], size["longest_edge"]) != (cfg.min_pixels, cfg.max_pixels):
-        raise RuntimeError(
-            f"image processor of {source!r} ignored min_pixels/max_pixels: got size {dict(size)}, "
-            f"wanted ({cfg.min_pixels}, {cfg.max_pixels})"
-        )
-    processor_dict, _ = Qwen2_5_VLProcessor.get_processor_dict(source)
-    chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-    if not chat_template:
-        raise ValueError(f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)")
-    return ImageTextQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+        return family.build_tiny_processor(cfg.min_pixels, cfg.max_pixels)
+    return family.load_processor(_check_source(cfg.name_or_path), cfg.min_pixels, cfg.max_pixels)
 
 
-def _check_pair(model: Qwen2_5_VLForConditionalGeneration, processor: Any, source: str) -> None:
-    """Refuse a processor whose image tokens or patch geometry disagree with the model."""
-    cfg, vis, ip = model.config, model.config.vision_config, processor.image_processor
-    pairs = {
-        "image_token_id": (cfg.image_token_id, processor.image_token_id),
-        "patch_size": (vis.patch_size, ip.patch_size),
-        "spatial_merge_size / merge_size": (vis.spatial_merge_size, ip.merge_size),
-        "temporal_patch_size": (vis.temporal_patch_size, ip.temporal_patch_size),
-    }
-    bad = {k: v for k, v in pairs.items() if int(v[0]) != int(v[1])}
-    if bad:
-        detail = ", ".join(f"{k}: model {m} vs processor {p}" for k, (m, p) in bad.items())
-        raise ValueError(f"processor does not match model {source!r}: {detail}")
-
-
-def load_model_and_processor(
-    cfg: ModelConfig, processor: Qwen2_5_VLProcessor | None = None
-) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+def load_model_and_processor(cfg: ModelConfig, processor: Any = None) -> tuple[torch.nn.Module, Any]:
     """Load the model (eval mode) and its processor.
 
     Args:
         cfg: what to load.
         processor: reuse this processor (e.g. one built earlier by :func:`load_processor`) instead of loading it again;
-            it is checked against the model's image-token id and patch geometry.
+            it is checked against the model's image-token id and geometry.
 
     Raises:
-        FileNotFoundError: ``name_or_path`` is neither ``tiny``, an existing checkpoint folder, nor a hub id.
-        ValueError: a checkpoint of another architecture, or a bad dtype/attention/pixel option.
+        FileNotFoundError: ``name_or_path`` is neither a tiny model, an existing checkpoint folder, nor a hub id.
+        ValueError: a checkpoint of an unsupported architecture, or a bad dtype/attention/pixel option.
     """
     from klal.kernels import resolve_attn_implementation
 
@@ -203,22 +160,22 @@ def load_model_and_processor(
     text_attn = resolve_attn_implementation(cfg.attn_implementation)
     _check_attn_name(text_attn)
     attn = {"text_config": text_attn, "vision_config": "sdpa"}
+    family = model_family(cfg)
     processor = processor if processor is not None else load_processor(cfg)
     if cfg.is_tiny:
-        config = tiny_config(tokenizer=processor.tokenizer, **(cfg.tiny_overrides or {}))
-        model = build_tiny_model(config, seed=cfg.tiny_seed, attn_implementation=attn, dtype=dtype)
-        source = TINY
-        # peft records this as the adapter's base model, so an adapter trained on the tiny model names its base.
-        model.config._name_or_path = TINY
-        model.name_or_path = TINY
+        config = family.tiny_config(processor.tokenizer, **(cfg.tiny_overrides or {}))
+        model = family.build_tiny_model(config, seed=cfg.tiny_seed, attn_implementation=attn, dtype=dtype)
+        source = cfg.name_or_path
+        # peft records this as the adapter's base model, so an adapter trained on a tiny model names its base.
+        model.config._name_or_path = source
+        model.name_or_path = source
     else:
         if cfg.tiny_overrides:
-            raise ValueError(f"tiny_overrides apply only to the tiny model, not to {cfg.name_or_path!r}")
+            raise ValueError(f"tiny_overrides apply only to the tiny models, not to {cfg.name_or_path!r}")
         source = _check_source(cfg.name_or_path)
-        _check_model_type(source)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        model = family.model_class().from_pretrained(source, dtype=dtype, attn_implementation=attn)
         model.eval()
-    _check_pair(model, processor, source)
+    family.check_pair(model, processor, source)
     return model, processor
 
 
@@ -231,7 +188,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def set_text_attn_implementation(model: torch.nn.Module, name: str) -> None:
     """Switch only the language model's attention implementation; the vision tower keeps its own.
 
-    Works on a bare Qwen2.5-VL or a peft-wrapped one. ``name`` must be ``eager`` or registered with
+    Works on a bare VLM or a peft-wrapped one. ``name`` must be ``eager`` or registered with
     ``AttentionInterface`` (register a mask function under the same name too, or padding is ignored).
 
     Raises:
@@ -242,7 +199,7 @@ def set_text_attn_implementation(model: torch.nn.Module, name: str) -> None:
     base = _unwrap(model)
     config = base.config
     if not hasattr(config, "text_config") or not hasattr(config, "vision_config"):
-        raise TypeError(f"expected a Qwen2.5-VL model, got {type(base).__name__}")
+        raise TypeError(f"expected a vision-language model (text and vision configs), got {type(base).__name__}")
     vision_before = config.vision_config._attn_implementation
     base.set_attn_implementation({"text_config": name})
     text_now = config.text_config._attn_implementation

@@ -1,4 +1,4 @@
-"""LoRA on the language model of Qwen2.5-VL only.
+"""LoRA on the language model of a VLM only (every supported family keeps it under ``language_model.layers``).
 
 The vision tower reuses the module names ``gate_proj``/``up_proj``/``down_proj`` for its MLP, so targeting LoRA by bare
 names would also wrap the vision blocks (peft issue 2615). klal instead passes peft one regular expression, anchored on
@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from klal.models.family import family_of
 from klal.models.loader import text_config
 
 __all__ = [
@@ -105,7 +106,9 @@ def _resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def language_lora_regex(targets: LoraTargets, layers: list[int] | None, num_layers: int) -> str:
+def language_lora_regex(
+    targets: LoraTargets, layers: list[int] | None, num_layers: int, layers_pattern: str = r"language_model\.layers"
+) -> str:
     """A regular expression (for peft's full-match ``target_modules``) naming the chosen projections of the chosen
     decoder layers of the language model, and nothing in the vision tower.
 
@@ -113,6 +116,8 @@ def language_lora_regex(targets: LoraTargets, layers: list[int] | None, num_laye
         targets: preset or list of projection names (see :class:`LoraSettings`).
         layers: layer indices; None for all.
         num_layers: the language model's ``num_hidden_layers``.
+        layers_pattern: regex of the decoder layers' module path
+            (:attr:`klal.models.family.VLMFamily.lora_layers_pattern`).
     """
     idx = _resolve_layers(layers, num_layers)
     paths = resolve_targets(targets)
@@ -120,7 +125,7 @@ def language_lora_regex(targets: LoraTargets, layers: list[int] | None, num_laye
     target_alt = "|".join(re.escape(p) for p in paths)
     # "(?:.*\.)?" lets the prefix vary (model. / base_model.model.model.) while language_model must be a whole
     # component, so model.visual.blocks.*.mlp.* can never match.
-    return rf"(?:.*\.)?language_model\.layers\.(?:{layer_alt})\.(?:{target_alt})"
+    return rf"(?:.*\.)?{layers_pattern}\.(?:{layer_alt})\.(?:{target_alt})"
 
 
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
@@ -137,12 +142,20 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     if not 0.0 <= settings.dropout < 1.0:
         raise ValueError(f"lora dropout must be in [0, 1), got {settings.dropout}")
     num_layers = text_config(model).num_hidden_layers
-    regex = language_lora_regex(settings.targets, settings.layers, num_layers)
+    regex = language_lora_regex(settings.targets, settings.layers, num_layers, family_of(model).lora_layers_pattern)
+    # A hybrid model (Qwen3.5) has the attention projections only in its full-attention layers: expect the chosen
+    # projections that the chosen layers actually have.
+    present = {_layer_relative(n) for n, _ in model.named_modules() if ".language_model.layers." in f".{n}"}
     expected = {
         f"layers.{i}.{p}"
         for i in _resolve_layers(settings.layers, num_layers)
         for p in resolve_targets(settings.targets)
+        if f"layers.{i}.{p}" in present
     }
+    if not expected:
+        raise ValueError(
+            f"lora targets {settings.targets!r} name no module of the chosen layers {settings.layers!r} of this model"
+        )
     peft_cfg = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

@@ -106,8 +106,8 @@ class StudyConfig:
     adapter_pattern: str | None = None
     """With a real backbone: where each run's peft adapter is, e.g. ``runs/paper/{task}/{arm}_s{seed}/adapter``."""
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
-    """Size of the tiny Qwen2.5-VL (:func:`klal.models.tiny.tiny_config` keyword overrides, checked there; a mapping
-    like ``klal.models.loader.ModelConfig.tiny_overrides``)."""
+    """Size of the tiny model (its family's ``tiny_config`` keyword overrides, checked there; a mapping like
+    ``klal.models.loader.ModelConfig.tiny_overrides``)."""
     tiny_seed: int = 0
     """Initialisation seed of the tiny model: the fixed "pretrained" base every run starts from."""
     lora: LoraSettings = field(default_factory=_default_lora)
@@ -382,7 +382,8 @@ def build_module(
     from klal.module import KLALModule, OptimSettings
 
     L.seed_everything(seed, verbose=False)
-    tiny = cfg.backbone == "tiny"
+    backbone = ModelConfig(name_or_path=cfg.backbone)
+    tiny = backbone.is_tiny
     backbone = ModelConfig(
         name_or_path=cfg.backbone,
         dtype=cfg.dtype,

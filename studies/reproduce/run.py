@@ -41,7 +41,6 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from klal.cli import bare_bool_flags, expand_key_values, normalise_flags, parse_or_fail, user_errors
-from klal.geometry import TOKEN_PX
 from studies.reproduce import pipeline as repro
 from studies.reproduce.pipeline import RunSpec, StudyConfig
 from studies.reproduce.stats import paired_comparisons, render_paired
@@ -58,6 +57,17 @@ PAPER = {
     "line_tracing": (49.6, 53.8, 62.2),
     "grid_patch": (6.1, 28.6, 44.9),
 }
+
+
+def visual_tokens(cfg: StudyConfig) -> int:
+    """Visual tokens of one ``image_size`` square image for the study's model (its family's grid)."""
+    from klal.geometry import DEFAULT_MIN_PIXELS
+    from klal.models.family import family_for_name
+
+    grids = family_for_name(cfg.backbone).grids_for_size(
+        cfg.image_size, cfg.image_size, DEFAULT_MIN_PIXELS, cfg.image_size * cfg.image_size
+    )
+    return sum(r * c for r, c in grids)
 
 
 def _log(msg: str) -> None:
@@ -366,7 +376,7 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
         f"Seeds: {cfg.seeds} (training: LoRA init and data order; the base model and the data are fixed). "
         f"{cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr:g}, LoRA {lora}, also trained: "
         f"{cfg.train_extra or 'nothing'}; KLAL layers {cfg.klal_layers}, target maps {target}. "
-        f"Images {cfg.image_size} px ({(cfg.image_size // TOKEN_PX) ** 2} visual tokens).",
+        f"Images {cfg.image_size} px ({visual_tokens(cfg)} visual tokens).",
         f"Evidence cells: {res['evidence_cells']}.",
         "",
         "Mean ± sample std over seeds, in %. *Exact (TF)*: greedy exact match computed teacher-forced (one pass); "

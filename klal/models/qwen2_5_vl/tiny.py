@@ -18,7 +18,6 @@ images, returning ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_g
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections import Counter
@@ -34,10 +33,9 @@ from transformers import (
     Qwen2Tokenizer,
 )
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.processing_utils import ProcessorMixin
 
-from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_pixels
+from klal.models.qwen2_vl.family import ImageTextProcessorMixin
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -274,7 +272,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
 
 
 # -- processor ---------------------------------------------------------------------------------------------------------
-class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class ImageTextQwen2_5_VLProcessor(ImageTextProcessorMixin, Qwen2_5_VLProcessor):
     """:class:`~transformers.Qwen2_5_VLProcessor` for text and images only (no video processor, so no torchvision).
 
     Args:
@@ -283,30 +281,7 @@ class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         chat_template: Jinja chat template; None keeps none (``apply_chat_template`` then needs one passed in).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs) -> None:
-        # Mirrors Qwen2_5_VLProcessor.__init__ except that the video processor is left out of ProcessorMixin's
-        # attributes (it would refuse a missing one).
-        self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
-        self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
-        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.image_token
-        )
-        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.video_token
-        )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        """Tokenise ``text`` and process ``images`` exactly like :class:`~transformers.Qwen2_5_VLProcessor`."""
-        if videos is not None:
-            raise ValueError("klal's Qwen2.5-VL processor handles images only; videos are not supported")
-        return super().__call__(images=images, text=text, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Serialise under the stock class name, so a saved folder's processor_config.json reads like a hub one."""
-        out = super().to_dict()
-        out["processor_class"] = "Qwen2_5_VLProcessor"
-        return out
+    stock_name = "Qwen2_5_VLProcessor"
 
 
 def build_tiny_processor(
@@ -318,14 +293,10 @@ def build_tiny_processor(
         min_pixels: lower bound on the resized image area (``smart_resize``).
         max_pixels: upper bound on the resized image area; 448*448 gives at most 256 visual tokens per image.
     """
-    _check_pixels(min_pixels, max_pixels)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return ImageTextQwen2_5_VLProcessor(image_processor, build_tiny_tokenizer(), chat_template=CHAT_TEMPLATE)
+    from klal.models.qwen2_5_vl import FAMILY
 
-
-def _check_pixels(min_pixels: int, max_pixels: int) -> None:
-    if min_pixels < 1 or max_pixels < min_pixels:
-        raise ValueError(f"need 1 <= min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+    check_pixels(min_pixels, max_pixels)
+    return FAMILY.build_tiny_processor(min_pixels, max_pixels)
 
 
 # -- config and model --------------------------------------------------------------------------------------------------
@@ -435,7 +406,7 @@ def build_tiny_model(
     attn_implementation: str | dict = "sdpa",
     dtype: torch.dtype = torch.float32,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """Randomly initialised tiny Qwen2.5-VL, in eval mode.
+    """Randomly initialised tiny Qwen2.5-VL, in eval mode (:meth:`klal.models.family.VLMFamily.build_tiny_model`).
 
     Args:
         config: None builds :func:`tiny_config`; a given config is deep-copied, never modified.
@@ -444,18 +415,6 @@ def build_tiny_model(
             ``{"text_config": ..., "vision_config": ...}``.
         dtype: parameter dtype.
     """
-    # _from_config keeps the config object it is given, so two models must never share one (DESIGN §3).
-    cfg = copy.deepcopy(config) if config is not None else tiny_config()
-    attn = attn_implementation
-    if isinstance(attn, str):
-        attn = {"text_config": attn, "vision_config": "sdpa"}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype)
-    text_cfg = cfg.text_config
-    gen = model.generation_config
-    gen.eos_token_id = [text_cfg.eos_token_id, text_cfg.pad_token_id]
-    gen.pad_token_id = text_cfg.pad_token_id
-    gen.bos_token_id = text_cfg.bos_token_id
-    gen.do_sample = False
-    return model.eval()
+    from klal.models.qwen2_5_vl import FAMILY
+
+    return FAMILY.build_tiny_model(config if config is not None else tiny_config(), seed, attn_implementation, dtype)

@@ -1,0 +1,234 @@
+"""Every model family through the one seam (:mod:`klal.models.family`): capture equals eager attention on the
+supervised rows, three KLAL training steps, every grounding method, greedy decoding, export, and the rule that no
+family's names leave ``klal/models/``.
+
+Each family runs on its tiny random model built offline from the real transformers classes (``tiny``,
+``tiny-qwen2-vl``, ``tiny-qwen3-vl``, ``tiny-qwen3.5``, ``tiny-llava-onevision``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from klal.capture import CaptureRequest, enable_capture, select_queries
+from klal.data.collate import KLALCollator
+from klal.models.config import ModelConfig
+from klal.models.family import TINY_ALIASES, family_of, nest_grids
+from klal.models.loader import load_model_and_processor, set_text_attn_implementation
+
+ALIASES = sorted(TINY_ALIASES)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(n: int = 2) -> list[dict]:
+    """Rows with images of different sizes and aspect ratios (different grids, padding in the batch)."""
+    rng = np.random.RandomState(0)
+    sizes = [(100, 150), (224, 224), (60, 200)][:n]
+    return [
+        {
+            "id": f"r{i}",
+            "image": Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")),
+            "question": "Where is the red star?" if i % 2 == 0 else "Which cell?",
+            "answer": "(1, 2)" if i % 2 == 0 else "yes",
+            "evidence": {"boxes": [[10.0, 10.0, 40.0, 50.0]], "points": [], "polylines": []},
+        }
+        for i, (h, w) in enumerate(sizes)
+    ]
+
+
+@pytest.fixture(scope="module", params=ALIASES)
+def loaded(request):
+    model, processor = load_model_and_processor(ModelConfig(request.param))
+    return request.param, model, processor
+
+
+def test_every_alias_names_its_family_and_the_real_class(loaded):
+    alias, model, processor = loaded
+    family = family_of(model)
+    assert family.tiny_alias == alias and isinstance(model, family.model_class())
+    assert model.config.model_type == family.model_type
+    assert processor.klal_model_type == family.model_type
+
+
+def test_capture_equals_eager_attention_on_the_supervised_rows(loaded):
+    """The capture's rows (softmax over the visual keys) against eager ``output_attentions`` renormalised over the
+    same keys per head, then head-averaged, for every full-attention layer, at 1e-6."""
+    alias, model, processor = loaded
+    family = family_of(model)
+    batch = KLALCollator(processor)(rows(3))
+    inputs = {k: batch[k] for k in family.input_keys if k in batch}
+    grids = nest_grids(batch["grids"], batch["grid_image"])
+    visual = family.visual_token_mask(batch["input_ids"], processor.image_token_id, grids)
+    # The visual keys are exactly the grids' cells (LLaVA-OneVision's row ends are image tokens but not cells).
+    assert visual.sum(1).tolist() == [sum(r * c for r, c in g) for g in batch["grids"]]
+    queries = select_queries(batch["answer_mask"], "all")
+    set_text_attn_implementation(model, "eager")
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True, use_cache=False).attentions
+    layers = family.attention_layers(model.config.text_config)
+    eager = [a for a in eager if a is not None]
+    assert len(eager) == len(layers), (len(eager), layers)
+    enable_capture(model, base="eager")
+    req = CaptureRequest.from_masks(queries, visual, None)
+    with torch.no_grad():
+        model(**inputs, klal_capture=req, use_cache=False)
+    captured = req.stacked().exp()  # (L, B, A, V)
+    req.clear()
+    set_text_attn_implementation(model, "sdpa")
+    checked = 0
+    for li, att in enumerate(eager):
+        for b in range(att.shape[0]):
+            keys = visual[b].nonzero().flatten()
+            for a, q in enumerate(queries[b].nonzero().flatten()):
+                rows_h = att[b, :, q, keys].double()  # (H, V_b)
+                want = (rows_h / rows_h.sum(-1, keepdim=True)).mean(0)
+                got = captured[li, b, a, : len(keys)].double()
+                assert torch.allclose(got, want, atol=1e-6), (alias, li, b, a, (got - want).abs().max())
+                checked += 1
+    assert checked == len(layers) * int(queries.sum())
+
+
+def test_three_klal_steps_train_every_lora_weight(loaded, tmp_path):
+    """Three optimizer steps of NTP + KLAL through the real Lightning Trainer: every loss part finite, every trainable
+    parameter gets a gradient, the LoRA weights move and the attention on the target changes."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from klal.models.lora import LoraSettings
+    from klal.module import KLALModule, OptimSettings
+
+    alias, _, _ = loaded
+    module = KLALModule(
+        backbone=ModelConfig(alias), lora=LoraSettings(r=4, alpha=8), optim=OptimSettings(lr=5e-3, warmup_steps=0)
+    )
+    module.configure_model()
+    batch = KLALCollator(module.processor)(rows(2))
+    parts = module.compute_losses(batch)
+    assert {"loss", "ntp", "klal", "target_mass"} <= set(parts) and all(torch.isfinite(parts[k]) for k in parts)
+    parts["loss"].backward()
+    trainable = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    assert any(p.grad.abs().sum() > 0 for _, p in trainable)
+    module.model.zero_grad()
+    before = {n: p.detach().clone() for n, p in trainable}
+    loader = DataLoader(rows(2), batch_size=2, collate_fn=KLALCollator(module.processor))
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader)
+    moved = [n for n, p in module.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved, f"{alias}: no LoRA weight changed in three steps"
+    after = module.compute_losses(batch)
+    assert torch.isfinite(after["loss"]) and float(after["klal"]) != pytest.approx(float(parts["klal"]), abs=1e-7)
+
+
+def test_every_grounding_method_gives_maps_on_the_model_grids(loaded):
+    from klal.grounding import available_methods, build_method
+    from klal.session import GroundingModel
+
+    alias, model, processor = loaded
+    gm = GroundingModel(model, processor)
+    row = rows(2)[1]  # 224 x 224: large enough for every method's minimum crop
+    inputs = gm.inputs([row["image"]], row["question"])
+    fast = {
+        "entropy_gradient": {"max_rounds": 1},
+        "localization_heads": {"top_k": 2, "discover_samples": 2, "floor": 0.0},
+    }
+    for name in available_methods():
+        method = build_method(name, **fast.get(name, {}))
+        method.prepare(gm, [row, row])
+        result = method.run(gm, row)
+        assert [m.shape for m in result.maps] == [tuple(g) for g in inputs["grids"]], (alias, name)
+        assert all(np.isfinite(m).all() and (m >= 0).all() for m in result.maps), (alias, name)
+
+
+def test_greedy_decoding_equals_an_argmax_loop_without_cache(loaded):
+    """The cached decoder (family positions for prompt and steps) gives the tokens of a plain loop that re-reads the
+    whole sequence each step (the model numbers the positions itself) and takes the argmax."""
+    from klal.decode import greedy_generate
+    from klal.session import GroundingModel
+
+    alias, model, processor = loaded
+    gm = GroundingModel(model, processor)
+    row = rows(1)[0]
+    inputs = gm.inputs([row["image"]], row["question"])
+    kw = {k: inputs[k] for k in gm.family.input_keys if k in inputs}
+    got = greedy_generate(model, kw, 6, eos_token_ids=[-1])[0]
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    want: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(**{**kw, "input_ids": ids, "attention_mask": mask}, use_cache=False).logits[0, -1]
+            nxt = int(logits.argmax())
+            want.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
+            if "mm_token_type_ids" in kw:
+                kw["mm_token_type_ids"] = torch.nn.functional.pad(kw["mm_token_type_ids"], (0, 1))
+    assert got == want, alias
+
+
+@pytest.mark.slow
+def test_export_merge_reloads_with_the_stock_auto_classes(loaded, tmp_path):
+    """Train an adapter, export it merged, and reload the folder with ``AutoModelForImageTextToText`` (and
+    ``AutoProcessor`` where torchvision is installed: the stock video processors need it); the reloaded model gives
+    the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from klal.checkpoint import save_adapter
+    from klal.export import export
+    from klal.models.lora import LoraSettings, apply_lora
+
+    alias, _, processor = loaded
+    base, _ = load_model_and_processor(ModelConfig(alias))
+    peft_model = apply_lora(base, LoraSettings(r=2, alpha=4))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    adapter = tmp_path / "adapter"
+    save_adapter(peft_model, str(adapter), ModelConfig(alias), LoraSettings(r=2, alpha=4))
+    out = export(adapter=str(adapter), out=str(tmp_path / "merged"), merge=True)
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(reloaded) is family_of(base).model_class()
+    batch = KLALCollator(processor)(rows(1))
+    inputs = {k: batch[k] for k in family_of(base).input_keys if k in batch}
+    fresh, _ = load_model_and_processor(ModelConfig(alias))
+    merged = PeftModel.from_pretrained(fresh, str(adapter)).merge_and_unload().eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, merged(**inputs).logits, atol=1e-5)
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import AutoProcessor
+
+        stock = AutoProcessor.from_pretrained(out)
+        assert stock.image_token_id == processor.image_token_id
+
+
+FAMILY_NAME = re.compile(r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|qwen2_5_vl\.|TOKEN_PX|PATCH_PX|\bMERGE\b")
+
+
+def test_no_family_class_or_constant_outside_klal_models():
+    """The seam holds: family classes and geometry constants are named only inside ``klal/models/``."""
+    offenders = []
+    for path in sorted((ROOT / "klal").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("klal/models/"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if FAMILY_NAME.search(line):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
