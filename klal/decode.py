@@ -1,4 +1,5 @@
-"""The one greedy decoder: plain argmax decoding with a KV cache, on a batch of left-padded prompts with images.
+"""Answer decoding: the greedy decoder (plain argmax with a KV cache, on a batch of left-padded prompts with images),
+and the authors' ``generate(do_sample=False)`` for the baselines that follow their code.
 
 **Truly greedy, whatever the checkpoint says.** ``model.generate(do_sample=False)`` is not plain greedy decoding: it
 still runs the logits processors that the checkpoint's ``generation_config`` asks for, and Qwen2.5-VL-Instruct ships
@@ -19,13 +20,19 @@ on the Qwen families the model's own ``get_rope_index``, 3-D mrope from ``mm_tok
 padding excluded, so a padded row gets the positions it gets alone), and each generated token takes the row's next
 text position (:meth:`~klal.models.family.VLMFamily.step_positions`), passed explicitly at every step. Stateful
 position caches such as Qwen's ``rope_deltas`` are thus never read.
+
+**Decoding as the authors ran it.** The released code of ViCrop and of entropy-gradient grounding answers with
+``model.generate(do_sample=False, max_new_tokens=...)``, which does apply the checkpoint's generation config (its
+repetition penalty and n-gram ban, not its sampling settings). :func:`config_generate` decodes that way, so those
+baselines' answers can be compared with the authors' numbers; :func:`generate_ids` picks one of the two
+(:data:`Decoding`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,6 +40,10 @@ from klal.models.family import family_of
 
 LogitsHook = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
 """``(logits (B, vocab) float32, tokens generated so far per row) -> logits (B, vocab)``; it may run its own passes."""
+
+Decoding = Literal["greedy", "generation_config"]
+"""How an answer is decoded: ``greedy`` (:func:`greedy_generate`, the raw argmax) or ``generation_config``
+(:func:`config_generate`, ``model.generate(do_sample=False)`` under the checkpoint's generation config)."""
 
 
 def greedy_generate(
@@ -59,11 +70,7 @@ def greedy_generate(
     Raises:
         ValueError: ``max_new_tokens`` < 1, or no eos token.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    stops = {int(t) for t in eos_token_ids}
-    if not stops:
-        raise ValueError("eos_token_ids is empty: decoding would never stop at an answer's end")
+    stops = _checked_stops(max_new_tokens, eos_token_ids)
     ids = inputs["input_ids"]
     b = ids.shape[0]
     mask = inputs.get("attention_mask")
@@ -108,6 +115,79 @@ def greedy_generate(
     return generated
 
 
+def config_generate(
+    model: torch.nn.Module, inputs: dict[str, Any], max_new_tokens: int, eos_token_ids: Sequence[int]
+) -> list[list[int]]:
+    """``model.generate(do_sample=False, max_new_tokens=max_new_tokens)`` under the checkpoint's generation config.
+
+    The decoding the authors' ViCrop and EGG code runs: greedy search, but the config's logits processors apply (a
+    ``repetition_penalty`` over the prompt and the answer so far, ``no_repeat_ngram_size``, ...); its sampling
+    settings (``temperature``, ``top_k``, ``top_p``) do not, since ``do_sample=False``. Decoding also stops at
+    ``eos_token_ids`` (with the config's own eos tokens): the answer ends there anyway, and stopping there makes the
+    number of steps run the one :func:`greedy_generate` would count.
+
+    Args:
+        model: a VLM for conditional generation of a supported family (plain or peft-wrapped).
+        inputs: as for :func:`greedy_generate` (left-padded ``input_ids``, ``attention_mask``, image keys).
+        max_new_tokens: most tokens generated per row (>= 1).
+        eos_token_ids: tokens that end a row's answer.
+
+    Returns:
+        Per row, the generated token ids, cut before the first eos token (which is not included).
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1, or no eos token.
+    """
+    stops = _checked_stops(max_new_tokens, eos_token_ids)
+    configured = model.generation_config.eos_token_id
+    if configured is not None:
+        stops |= {int(t) for t in (configured if isinstance(configured, (list, tuple)) else [configured])}
+    ids = inputs["input_ids"]
+    kw = {k: inputs[k] for k in family_of(model).input_keys if k in inputs and k != "input_ids"}
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, **kw, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops)
+        )
+    rows = []
+    for new in out[:, ids.shape[1] :].tolist():
+        end = next((i for i, t in enumerate(new) if t in stops), len(new))
+        rows.append(new[:end])
+    return rows
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    decoding: Decoding = "greedy",
+    logits_hook: LogitsHook | None = None,
+) -> list[list[int]]:
+    """:func:`greedy_generate` or :func:`config_generate`, as ``decoding`` says.
+
+    Raises:
+        ValueError: an unknown ``decoding``, or a ``logits_hook`` with ``generation_config`` (the hook changes the
+            argmax of :func:`greedy_generate`'s own loop).
+    """
+    if decoding == "greedy":
+        return greedy_generate(model, inputs, max_new_tokens, eos_token_ids, logits_hook)
+    if decoding != "generation_config":
+        raise ValueError(f"decoding must be 'greedy' or 'generation_config', got {decoding!r}")
+    if logits_hook is not None:
+        raise ValueError("a logits_hook needs decoding='greedy'")
+    return config_generate(model, inputs, max_new_tokens, eos_token_ids)
+
+
+def _checked_stops(max_new_tokens: int, eos_token_ids: Sequence[int]) -> set[int]:
+    """The stop tokens as a set, after checking the decoding limits (ValueError naming the bad one)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    stops = {int(t) for t in eos_token_ids}
+    if not stops:
+        raise ValueError("eos_token_ids is empty: decoding would never stop at an answer's end")
+    return stops
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The name the installed transformers gives the KV cache argument and output (``cache``, or the older
     ``past_key_values``)."""
@@ -120,4 +200,4 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-__all__ = ["LogitsHook", "greedy_generate"]
+__all__ = ["Decoding", "LogitsHook", "config_generate", "generate_ids", "greedy_generate"]

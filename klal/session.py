@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from klal.data.images import to_rgb
 from klal.data.schema import is_text_only
 from klal.models.family import family_of, nest_grids, split_grids
 from klal.models.loader import text_config
+
+if TYPE_CHECKING:
+    from klal.decode import Decoding
 
 
 class GroundingError(ValueError):
@@ -400,15 +403,18 @@ class GroundingModel:
         inputs: dict[str, Any],
         max_new_tokens: int = 16,
         logits_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+        decoding: Decoding = "greedy",
     ) -> str:
-        """Greedy decoding of the answer (:func:`klal.decode.greedy_generate`: truly greedy, whatever the
-        checkpoint's generation config says; stops at ``<|im_end|>`` or the tokenizer's eos).
+        """Decoding of the answer, by default greedy (:func:`klal.decode.greedy_generate`: truly greedy, whatever the
+        checkpoint's generation config says); stops at ``<|im_end|>`` or the tokenizer's eos.
 
         Args:
             inputs: from :meth:`inputs`.
             max_new_tokens: decoding cap.
             logits_fn: optional hook ``(next_logits (vocab,), generated_ids) -> logits`` (LASER's contrastive
-                decoding); it may run its own forward passes.
+                decoding); it may run its own forward passes. Greedy decoding only.
+            decoding: ``greedy``, or ``generation_config`` (:func:`klal.decode.config_generate`: the checkpoint's
+                generation config applies, as in the authors' baselines).
 
         Returns:
             The answer text; each decoding step counts as one forward pass.
@@ -419,7 +425,7 @@ class GroundingModel:
             def hook(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
                 return logits_fn(logits[0], generated[0])[None]  # one prompt: (1, vocab)
 
-        new = self.decode_ids(self._model_kwargs(inputs), max_new_tokens, hook)[0]
+        new = self.decode_ids(self._model_kwargs(inputs), max_new_tokens, hook, decoding)[0]
         return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def decode_ids(
@@ -427,12 +433,13 @@ class GroundingModel:
         model_inputs: dict[str, Any],
         max_new_tokens: int,
         logits_hook: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None,
+        decoding: Decoding = "greedy",
     ) -> list[list[int]]:
-        """:func:`klal.decode.greedy_generate` on a (left-padded) batch of prompts, stopping at
+        """:func:`klal.decode.generate_ids` (by default greedy) on a (left-padded) batch of prompts, stopping at
         :attr:`stop_ids`; counts one forward pass per decoding step, the stop token's included."""
-        from klal.decode import greedy_generate
+        from klal.decode import generate_ids
 
-        ids = greedy_generate(self.model, model_inputs, max_new_tokens, self.stop_ids, logits_hook)
+        ids = generate_ids(self.model, model_inputs, max_new_tokens, self.stop_ids, decoding, logits_hook)
         self.passes["forward"] += min(max_new_tokens, max((len(t) for t in ids), default=0) + 1)
         return ids
 

@@ -10,7 +10,8 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from klal.data.collate import KLALCollator
-from klal.decode import greedy_generate
+from klal.decode import config_generate, generate_ids, greedy_generate
+from klal.models.replica import GENERATION_CONFIG
 from klal.session import GroundingModel
 from tests.conftest import make_row
 from tests.grounding_helpers import tiny_model
@@ -158,6 +159,55 @@ def test_grounding_model_generate_uses_it(model64, prompts):
     assert gm.passes["forward"] - before == min(len(ref) + 1, MAX_NEW)
 
 
+@pytest.fixture(scope="module")
+def published64():
+    """The tiny model in float64 with the sampling and penalty settings of Qwen2.5-VL-Instruct's published
+    generation_config.json (repetition_penalty 1.05, do_sample, temperature, top_p, top_k) and nothing else."""
+    model, processor = tiny_model()
+    model = copy.deepcopy(model).to(torch.float64)
+    for key in ("do_sample", "repetition_penalty", "temperature", "top_p", "top_k"):
+        setattr(model.generation_config, key, GENERATION_CONFIG[key])
+    return model, processor
+
+
+def _penalised(prompt_ids: list[int], penalty: float):
+    """A logits hook applying a repetition penalty by hand: every token id already in the sequence (prompt and answer
+    so far) has its logit divided by ``penalty`` if positive, multiplied by it otherwise."""
+
+    def hook(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+        out = logits.clone()
+        for t in set(prompt_ids) | set(generated[0]):
+            z = float(out[0, t])
+            out[0, t] = z / penalty if z > 0 else z * penalty
+        return out
+
+    return hook
+
+
+def test_config_generate_applies_the_checkpoints_penalty_and_ignores_its_sampling(published64, prompts):
+    model, processor = published64
+    single, batch = prompts
+    eos = _eos(processor)
+    # The reference: the no-cache argmax loop with the penalty applied by hand; temperature, top_p and top_k play no
+    # part under do_sample=False.
+    refs = [_argmax_loop(model, e, eos, hook=_penalised(e["input_ids"][0].tolist(), 1.05))[0] for e in single]
+    assert [config_generate(model, e, MAX_NEW, eos)[0] for e in single] == refs
+    assert config_generate(model, batch, MAX_NEW, eos) == refs  # left padding is not penalised
+    # The two settings differ on this model: the greedy decoder takes the raw argmax.
+    greedy = greedy_generate(model, batch, MAX_NEW, eos)
+    assert greedy == [_argmax_loop(model, e, eos)[0] for e in single] and greedy != refs
+
+    # GroundingModel.generate decodes either way on request and counts one forward pass per step, the stop's included.
+    gm = GroundingModel(model, processor)
+    row = make_row(0, 224, 224, None)
+    inputs = gm.inputs([row["image"]], row["question"])
+    for decoding, ref in (("generation_config", refs[0]), ("greedy", greedy[0])):
+        before = gm.passes["forward"]
+        text = gm.generate(inputs, MAX_NEW, decoding=decoding)
+        assert text == processor.tokenizer.decode(ref, skip_special_tokens=True).strip()
+        assert gm.passes["forward"] - before == min(len(ref) + 1, MAX_NEW)
+
+
 def test_bad_arguments():
     model, processor = tiny_model()
     ids = {"input_ids": torch.tensor([[1, 2]])}
@@ -165,3 +215,9 @@ def test_bad_arguments():
         greedy_generate(model, ids, 0, [1])
     with pytest.raises(ValueError, match="eos_token_ids is empty"):
         greedy_generate(model, ids, 1, [])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        config_generate(model, ids, 0, [1])
+    with pytest.raises(ValueError, match="decoding must be 'greedy' or 'generation_config', got 'beam'"):
+        generate_ids(model, ids, 1, [1], decoding="beam")
+    with pytest.raises(ValueError, match="logits_hook needs decoding='greedy'"):
+        generate_ids(model, ids, 1, [1], decoding="generation_config", logits_hook=lambda z, g: z)

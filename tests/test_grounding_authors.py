@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from klal.grounding import egg, loc_heads, vicrop
 from klal.grounding.ops import (
+    Region,
     cap_aspect_px,
     chord_elbow,
     elbow_threshold,
@@ -186,6 +187,26 @@ def test_regions_are_4_connected():
     assert len(egg.find_regions(g, sigma=0, connectivity=8)) == 1
 
 
+def test_region_smoothing_is_scipys_default_reflect():
+    # A peak in the corner (0, 0) and one inside at (3, 4), sigma 1.5. scipy's default boundary ("reflect") mirrors
+    # the corner peak once about the edge; "nearest" repeats it over all six cells of the kernel's reach, which lifts
+    # row and column 2 next to it above the elbow too. The expected regions are computed independently: scipy's
+    # default-mode filter, the chord elbow by projection, 4-connected labels.
+    g = np.zeros((6, 6))
+    g[0, 0] = g[3, 4] = 1.0
+    s = ndimage.gaussian_filter(g, 1.5)
+    labels, n = ndimage.label(s > _reference_elbow(s.ravel()))
+    assert n == 1 and np.array_equal(np.argwhere(labels == 1), [[0, 0], [0, 1], [1, 0], [1, 1]])
+    (region,) = egg.find_regions(g)
+    assert region.box == (0, 0, 2, 2) and region.mass == 1.0
+    np.testing.assert_array_equal(region.mask, labels == 1)
+    # The pooled search smooths the same way: on a 60 x 60 px image (10 px cells) the box is (0, 0, 20, 20).
+    (pooled,) = egg.pool_regions([g], [(0, 0, 60, 60)])
+    assert pooled.box == pytest.approx((0, 0, 20, 20))
+    # "nearest" (klal's earlier choice) gives another region: the test tells the two apart.
+    assert [r.box for r in egg.find_regions(g, smooth_mode="nearest")] == [(0, 0, 3, 3)]
+
+
 def test_rank_regions_by_raw_mass_where_the_smoothed_map_disagrees():
     g = np.zeros((20, 20))
     g[4, 4] = 20.0  # A: one strong cell, raw mass 20
@@ -256,8 +277,11 @@ def test_pool_regions_crop_regions_cut_from_the_crop_and_ranked_with_the_origina
         ([0.0, 5.0], 0),  # H_0 == 0: round 0, no crops
         ([0.0], 0),
         ([1.0, 0.5, 0.0, 3.0], 2),  # H_t == 0 stops
-        ([math.inf, 2.0, 3.0], 2),  # a flat original (inf) is beaten by any finite entropy
-        ([math.inf, math.inf, 1.0, 1.5], 3),  # inf == inf goes on
+        # The release starts from H_{-1} = 1000: a flat original (inf > 1000) stops at once, whatever follows.
+        ([math.inf, 0.5, 0.4, 0.6], 0),
+        ([math.inf, math.inf, 1.0, 1.5], 0),
+        ([1000.5, 2.0], 0),  # 1000.5 > 1000
+        ([1000.0, 999.0, 1000.0], 2),  # 1000 is not above 1000: go on; 999 < 1000: go on; 1000 > 999 stops
         ([float(20 - t) for t in range(20)], 15),  # always falling: the cap (15) stops it
     ],
 )
@@ -284,13 +308,15 @@ def test_zoom_rounds_replaces_crops_zooms_and_stops_where_returned_round_says():
         seen.append([im.size for im in images])
         return [np.zeros((4, 6))] + [np.zeros((3, 3))] * (len(images) - 1)
 
+    found = [egg.PooledRegion(0, Region((0, 0, 1, 1), 1.0, np.ones((1, 1), bool)), (0.0, 0.0, 75.0, 50.0))]
+
     def search(maps, sources):
         t = len(searched)
         searched.append([tuple(s) for s in sources])
         assert len(maps) == len(sources)
-        # Round t plans t + 1 crops (whole pixels are kept as they are).
-        planned = [(10.0 * k, 0.0, 10.0 * k + 50.0, 50.0) for k in range(t + 1)]
-        return [], entropies[t], planned
+        # Round t plans t + 1 crops; fractional edges are widened to whole pixels.
+        planned = [(10.0 * k, 0.5, 10.0 * k + 49.5, 50.0) for k in range(t + 1)]
+        return found, entropies[t], planned
 
     rounds, t = egg.zoom_rounds(relevance, [image], search, max_rounds=15)
     assert t == 3 == egg.returned_round(entropies) and len(rounds) == 4
@@ -300,9 +326,24 @@ def test_zoom_rounds_replaces_crops_zooms_and_stops_where_returned_round_says():
     assert all(size == (245, 245) for s in seen for size in s[1:])
     assert searched[2] == [(0, 0, 300, 200), (0, 0, 50, 50), (10, 0, 60, 50)]
     assert rounds[3].crops == [(0, 0, 50, 50), (10, 0, 60, 50), (20, 0, 70, 50)]
+    # The returned round's planned crops (the answer's): its own 4, at whole pixels.
+    assert rounds[3].planned == [(0, 0, 50, 50), (10, 0, 60, 50), (20, 0, 70, 50), (30, 0, 80, 50)]
     # The cap counts rounds after round 0.
     _, t = egg.zoom_rounds(relevance, [image], lambda maps, sources: ([], 1.0 / (1 + len(maps)), []), max_rounds=2)
     assert t == 2
+
+
+def test_zoom_rounds_a_round_without_regions_keeps_its_own_crops():
+    # The release's refine_big returns its input unchanged when it finds no region ("No boxes found"), with entropy
+    # 0, so the loop stops there and the answer sees that round's input crops.
+    image = Image.new("RGB", (300, 200))
+    found = [egg.PooledRegion(0, Region((0, 0, 1, 1), 1.0, np.ones((1, 1), bool)), (0.0, 0.0, 75.0, 50.0))]
+    script = [(found, 2.0, [(0.0, 0.0, 50.0, 50.0), (100.0, 100.0, 150.0, 150.0)]), ([], 0.0, [])]
+    rounds, t = egg.zoom_rounds(
+        lambda images: [np.zeros((4, 6))] * len(images), [image], lambda maps, sources: script[len(maps) // 2]
+    )
+    assert t == 1 and rounds[1].entropy == 0.0
+    assert rounds[1].crops == rounds[1].planned == [(0, 0, 50, 50), (100, 100, 150, 150)]
 
 
 # ------------------------------------------------------------------------------------------------- ViCrop crop box
@@ -332,6 +373,18 @@ def test_crop_box_clamps_the_centre_at_the_image_edge():
     att = np.zeros((10, 20))
     att[9, 0] = 1.0
     assert vicrop.crop_box(att, (560, 280)) == (0, 56, 224, 280)
+
+
+def test_crop_box_ties_between_separated_windows_go_to_the_first_in_x_then_y():
+    # 448 x 448 image, 16 x 16 grid (28 px blocks), one hot cell in the bottom-left corner (row 15, col 0) and one in
+    # the top-right corner (row 0, col 15). Ratio 1 (8 x 8 blocks): the only windows holding them are (x, y) = (0, 8)
+    # and (8, 0), both of sum 1. The release scans x in the outer loop, so (0, 8) is the first maximum (scanning y
+    # first would find (8, 0)). Its neighbours right (1, 8) and up (0, 7) hold 0: sharpness 1/64; ratio 1.2 (9
+    # blocks) gives 1/81, larger ratios less, ratio 2 covers the grid. cx = int(0 + 28 * 8 / 2) = 112,
+    # cy = int(8 * 28 + 112) = 336, half 112: (0, 224, 224, 448), the bottom-left quarter.
+    att = np.zeros((16, 16))
+    att[15, 0] = att[0, 15] = 1.0
+    assert vicrop.crop_box(att, (448, 448)) == (0, 224, 224, 448)
 
 
 def test_crop_box_whole_image_when_ratio_1_covers_the_grid():
@@ -423,31 +476,97 @@ def test_egg_end_to_end_follows_the_authors_loop(gm, monkeypatch):
         return out
 
     monkeypatch.setattr(gm, "inputs", spy)
-    res = build_method("entropy_gradient", max_rounds=2, max_new_tokens=2).run(gm, row)
+    res = build_method("entropy_gradient", max_new_tokens=2).run(gm, row)
     rounds, t = res.extras["rounds"], res.extras["returned_round"]
-    entropies = [math.inf if r["stop_entropy"] is None else r["stop_entropy"] for r in rounds]
-    assert t == egg.returned_round(entropies, max_rounds=2) == len(rounds) - 1
-    assert res.passes["backward"] == len(rounds)  # one relevance pass per round, none wasted
-    for i, r in enumerate(rounds):
-        assert r["num_images"] == 1 + len(r["crops"])
-        if i:  # round i's crops: round i-1's top regions, cut at whole pixels
-            prev = [list(map(float, whole_pixel_box(row["image"], b))) for b in rounds[i - 1]["boxes"]]
-            assert r["crops"] == prev
-    assert res.extras["crop_boxes"] == rounds[t]["crops"]
-    assert res.boxes == [tuple(b) for b in rounds[t]["boxes"]]
-    # Every crop the model saw (relevance passes and the answer) carried about the original's 48 tokens, not the
-    # handful its own pixels would give.
+    # The random tiny model's relevance has no cell above twice its mean: H_0 = inf, above the release's starting
+    # 1000, so round 0 is returned after one relevance pass, and the answer sees the crops planned from its map.
+    assert [r["stop_entropy"] for r in rounds] == [None] and t == 0
+    assert res.passes["backward"] == 1
+    assert rounds[0]["planned"] == [list(map(float, whole_pixel_box(row["image"], b))) for b in rounds[0]["boxes"]]
+    assert res.extras["crop_boxes"] == rounds[0]["planned"] != []
+    assert res.boxes == [tuple(b) for b in rounds[0]["boxes"]]
+    # Every crop the answer saw carried about the original's 48 tokens, not the handful its own pixels would give.
     original = token_counts[0][0]
-    crop_counts = [n for counts in token_counts for n in counts[1:]]
-    assert all(0.7 * original <= n <= 1.3 * original for n in crop_counts)
-    assert len(token_counts) == len(rounds) + 1 and len(token_counts[-1]) == 1 + len(res.extras["crop_boxes"])
+    assert len(token_counts) == 2 and len(token_counts[-1]) == 1 + len(res.extras["crop_boxes"])
+    assert all(0.7 * original <= n <= 1.3 * original for n in token_counts[-1][1:])
 
-    # answer_crops="replanned": the answer sees the crops planned from the returned round's map (what the release's
-    # loop appends), at no extra relevance pass.
-    res = build_method("entropy_gradient", max_rounds=1, answer_crops="replanned", max_new_tokens=2).run(gm, row)
-    rounds, t = res.extras["rounds"], res.extras["returned_round"]
-    assert res.passes["backward"] == len(rounds) == t + 1
-    assert res.extras["crop_boxes"] == rounds[t]["boxes"] != rounds[t]["crops"]
+    # answer_crops="returned": the returned round's own input crops, none for round 0.
+    res = build_method("entropy_gradient", answer_crops="returned", max_new_tokens=2).run(gm, row)
+    assert res.extras["returned_round"] == 0 and res.extras["crop_boxes"] == []
+
+
+def _scripted_egg(gm, monkeypatch, maps: list[np.ndarray], **options) -> tuple[dict, list[list[tuple[int, int]]]]:
+    """EGG on a 224 x 224 image whose relevance in round t is ``maps[t]`` on image 0 and zero on every crop (8 x 8
+    grids: 28 px cells), with sigma 0 so the regions are the cells themselves. Returns the result's extras and the
+    image sizes of every prompt built (the answer's last)."""
+    from klal.grounding.registry import build_method
+
+    calls: list[int] = []
+
+    def relevance(_gm, images, _question):
+        calls.append(len(images))
+        return [maps[len(calls) - 1]] + [np.zeros((8, 8))] * (len(images) - 1), 1.0
+
+    prompts: list[list[tuple[int, int]]] = []
+    real_inputs = gm.inputs
+    monkeypatch.setattr(egg, "entropy_relevance", relevance)
+    monkeypatch.setattr(
+        gm, "inputs", lambda images, q: prompts.append([im.size for im in images]) or real_inputs(images, q)
+    )
+    row = {"id": "scripted", "image": _noise(224, 224, 4), "question": "Where is the star?"}
+    res = build_method("entropy_gradient", sigma=0.0, max_new_tokens=1, **options).run(gm, row)
+    assert len(calls) == res.extras["returned_round"] + 1  # one relevance pass per round run
+    return res.extras, prompts
+
+
+def _peaks(*cells: tuple[int, int, float]) -> np.ndarray:
+    grid = np.zeros((8, 8))
+    for r, c, v in cells:
+        grid[r, c] = v
+    return grid
+
+
+def test_egg_answers_with_the_crops_planned_from_the_returned_rounds_map(gm, monkeypatch):
+    # Round 0: 2.0 at (1, 1) and 1.0 at (6, 6) on zeros. The elbow of the 64 values is 0 (ascending 62 zeros, 1, 2;
+    # chord to (63, 2): distance ~ |2x - 63y| is 122 at the last zero, 61 at the 1), so the two cells are the regions,
+    # ranked by mass: boxes (28, 28, 56, 56) and (168, 168, 196, 196). Stopping: mean 3/64, B = 2 - 6/64 = 122/64 and
+    # 1 - 6/64 = 58/64, two components: p = 61/90 and 29/90, H_0 = 0.6285 (< 1000: go on).
+    # Round 1 (the original and those two crops): 1.0 at (0, 7), (3, 3) and (7, 0) of the original, zeros on the
+    # crops: three equal components, H_1 = ln 3 = 1.0986 > H_0, so round 1 is returned. Its map plans the first two
+    # regions in raster order (equal masses): (196, 0, 224, 28) and (84, 84, 112, 112).
+    h0 = -(61 / 90 * math.log(61 / 90) + 29 / 90 * math.log(29 / 90))
+    maps = [_peaks((1, 1, 2.0), (6, 6, 1.0)), _peaks((0, 7, 1.0), (3, 3, 1.0), (7, 0, 1.0))]
+    extras, prompts = _scripted_egg(gm, monkeypatch, maps)
+    rounds = extras["rounds"]
+    assert [r["stop_entropy"] for r in rounds] == pytest.approx([h0, math.log(3)], rel=1e-12)
+    assert extras["returned_round"] == 1
+    assert rounds[1]["crops"] == [[28, 28, 56, 56], [168, 168, 196, 196]]
+    assert extras["crop_boxes"] == rounds[1]["planned"] == [[196, 0, 224, 28], [84, 84, 112, 112]]
+    # The answer's prompt: the original and those two crops, each 28 x 28 px zoomed to the original's 224 x 224.
+    assert prompts[-1] == [(224, 224)] * 3
+    # answer_crops="returned": round 1's own input crops, one round behind.
+    extras, _ = _scripted_egg(gm, monkeypatch, maps, answer_crops="returned")
+    assert extras["crop_boxes"] == [[28, 28, 56, 56], [168, 168, 196, 196]]
+
+
+def test_egg_answers_with_round_0s_planned_crop_when_h0_is_0(gm, monkeypatch):
+    # One peak at (2, 5): one region (box (140, 56, 168, 84)) and one component, so H_0 = -1 log 1 = 0: round 0 is
+    # returned at once, and the release still answers with the crop planned from its map.
+    extras, prompts = _scripted_egg(gm, monkeypatch, [_peaks((2, 5, 1.0))])
+    assert extras["returned_round"] == 0 and extras["rounds"][0]["stop_entropy"] == 0.0
+    assert extras["crop_boxes"] == [[140, 56, 168, 84]] and prompts[-1] == [(224, 224)] * 2
+    extras, prompts = _scripted_egg(gm, monkeypatch, [_peaks((2, 5, 1.0))], answer_crops="returned")
+    assert extras["crop_boxes"] == [] and prompts[-1] == [(224, 224)]
+
+
+def test_egg_a_returned_round_without_regions_answers_with_its_own_crops(gm, monkeypatch):
+    # Round 0 as in the rising case (H_0 = 0.6285, crops (28, 28, 56, 56) and (168, 168, 196, 196)); round 1's maps
+    # are all zero: no region anywhere, H_1 = 0 stops, and its input crops stay the answer's (refine_big's "no boxes"
+    # return keeps its input).
+    maps = [_peaks((1, 1, 2.0), (6, 6, 1.0)), np.zeros((8, 8))]
+    extras, _ = _scripted_egg(gm, monkeypatch, maps)
+    assert extras["returned_round"] == 1 and extras["rounds"][1]["stop_entropy"] == 0.0
+    assert extras["crop_boxes"] == extras["rounds"][1]["crops"] == [[28, 28, 56, 56], [168, 168, 196, 196]]
 
 
 def test_vicrop_rel_att_uses_raw_attention_and_the_answer_suffix(gm, monkeypatch):
@@ -457,7 +576,8 @@ def test_vicrop_rel_att_uses_raw_attention_and_the_answer_suffix(gm, monkeypatch
     image = _noise(224, 168, 2)
     row = {"id": "vicrop-1", "image": image, "question": "Which cell contains the red star?"}
     method = build_method("vicrop_rel_att", box_size=56, max_new_tokens=2)
-    layer = method.layer_index(gm, row["id"])
+    layer, source = method.layer_index(gm, row["id"])
+    assert (layer, source) == (2, "relative_depth")  # the tiny model is no checkpoint the authors name
     suffix = " Answer the question using a single word or phrase."
     q, g = gm.inputs([image], row["question"] + suffix), gm.inputs([image], GENERIC_PROMPT + suffix)
 
@@ -467,7 +587,7 @@ def test_vicrop_rel_att_uses_raw_attention_and_the_answer_suffix(gm, monkeypatch
         _, maps = loc_heads.head_statistics(gm, {"id": "x", "image": image, "question": inputs_question})
         return maps[layer].mean(axis=0).ravel()
 
-    expected = raw(row["question"] + suffix) / (raw(GENERIC_PROMPT + suffix) + 1e-6)
+    expected = raw(row["question"] + suffix) / raw(GENERIC_PROMPT + suffix)  # the authors' plain ratio
     got = method.relevance(gm, [image], q, layer).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # ... which is not the renormalised ratio klal used before (each head's map divided by its own S_img).
@@ -484,3 +604,38 @@ def test_vicrop_rel_att_uses_raw_attention_and_the_answer_suffix(gm, monkeypatch
     # The crop is the adaptive box of the relevance map (box_size 56 on this 224 x 168 image).
     (box,) = res.boxes
     assert box == tuple(float(v) for v in vicrop.crop_box(res.maps[0], image.size, 56))
+    assert res.extras["layer"] == 2 and res.extras["layer_source"] == "relative_depth"
+
+
+def test_vicrop_answers_with_the_crop_at_its_own_size(monkeypatch):
+    from klal.geometry import DEFAULT_MAX_PIXELS
+    from klal.grounding.crop import crop_image
+    from klal.grounding.registry import build_method
+    from klal.models.loader import ModelConfig, load_model_and_processor
+    from klal.session import GroundingModel
+
+    # The authors' Qwen path builds its processor with max_pixels = 256 * 28 * 28 = 200704 = 448 * 448, klal's
+    # default bound too: with it a 224 px crop is (224 / 28)^2 = 64 visual tokens, and upscaled to a 448 px
+    # original's area it would be (448 / 28)^2 = 256.
+    assert DEFAULT_MAX_PIXELS == 256 * 28 * 28
+    gm448 = GroundingModel(*load_model_and_processor(ModelConfig()))
+    image = _noise(448, 448, 5)
+    assert gm448.inputs([crop_image(image, (112, 112, 336, 336))], "q")["grids"] == [(8, 8)]
+    assert gm448.inputs([crop_image(image, (112, 112, 336, 336), zoom=True)], "q")["grids"] == [(16, 16)]
+
+    # By default the answer's prompt carries the crop exactly as the box cuts it (the release: image.crop(bbox)).
+    sizes: list[list[tuple[int, int]]] = []
+    real_inputs = gm448.inputs
+    monkeypatch.setattr(
+        gm448, "inputs", lambda images, q: sizes.append([im.size for im in images]) or real_inputs(images, q)
+    )
+    row = {"id": "vicrop-448", "image": image, "question": "Which cell contains the red star?"}
+    res = build_method("vicrop_rel_att", max_new_tokens=1).run(gm448, row)
+    x0, y0, x1, y1 = res.boxes[0]
+    side = x1 - x0
+    # One of the ratios 1, 1.2, ..., 1.8 of 224 px (ratio 2 covers the 16 x 16 grid and is skipped), inside the image.
+    assert side == y1 - y0 and side in (224, 268, 312, 358, 402)
+    assert sizes[-1] == [(448, 448), (side, side)] and res.extras["crop_size"] == [side, side]
+    # zoom=True (klal's earlier default) upscales the same crop to the original's 448 x 448.
+    res = build_method("vicrop_rel_att", max_new_tokens=1, zoom=True).run(gm448, row)
+    assert res.boxes[0] == (x0, y0, x1, y1) and sizes[-1] == [(448, 448), (448, 448)]

@@ -91,7 +91,7 @@ def test_registered_and_bad_options():
     with pytest.raises(GroundingError, match="scales"):
         build_method("vicrop_grad_att", scales=(0.5, 1.5))
     with pytest.raises(GroundingError, match="eps"):
-        build_method("vicrop_rel_att", eps=0)
+        build_method("vicrop_rel_att", eps=-1e-6)
     with pytest.raises(GroundingError, match="plausibility"):
         build_method("laser", plausibility=1.0)
     with pytest.raises(GroundingError, match="top_heads"):

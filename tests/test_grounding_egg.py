@@ -115,9 +115,9 @@ def test_egg_end_to_end(gm, rows, monkeypatch):
     generated_with = []
     real_generate = gm.generate
 
-    def spy(inputs, max_new_tokens=16, logits_fn=None):
-        generated_with.append(len(inputs["grids"]))
-        return real_generate(inputs, max_new_tokens, logits_fn)
+    def spy(inputs, max_new_tokens=16, logits_fn=None, decoding="greedy"):
+        generated_with.append((len(inputs["grids"]), max_new_tokens, decoding))
+        return real_generate(inputs, max_new_tokens, logits_fn, decoding)
 
     monkeypatch.setattr(gm, "generate", spy)
     res = build_method("entropy_gradient", max_rounds=1, max_new_tokens=3).run(gm, row)
@@ -129,7 +129,10 @@ def test_egg_end_to_end(gm, rows, monkeypatch):
     assert res.passes["forward"] >= len(rounds) + 1
     assert isinstance(res.answer, str)
     assert len(res.boxes) <= 2 and all(inside(b, row["width"], row["height"]) for b in res.boxes)
-    assert generated_with == [1 + len(res.extras["crop_boxes"])]  # answered from [original, crops]
+    # Answered from [original, crops], decoded as the release decodes (model.generate under the generation config).
+    assert generated_with == [(1 + len(res.extras["crop_boxes"]), 3, "generation_config")]
+    build_method("entropy_gradient", max_rounds=0, decoding="greedy").run(gm, row)
+    assert generated_with[-1][1:] == (100, "greedy")  # the release's cap, 100 new tokens
     assert [r["num_images"] for r in rounds] == [1 + len(r["crops"]) for r in rounds]
     if len(rounds) == 2:
         assert len(rounds[1]["crops"]) == len(rounds[0]["boxes"])  # round 1 carries round 0's planned crops

@@ -21,16 +21,22 @@ pytest_plugins = ["tests.grounding_helpers"]  # the gm and row fixtures
 
 
 def test_relative_attention_hand_made():
-    a_q = torch.tensor([0.5, 0.3, 0.2, 0.0])
-    a_g = torch.tensor([0.25, 0.5, 0.25, 0.0])
-    out = vicrop.relative_attention(a_q, a_g, eps=1e-6)
-    assert torch.allclose(out, torch.tensor([2.0, 0.6, 0.8, 0.0]), atol=1e-4)
-    # Where the generic prompt gives no attention the ratio is a_q / eps: finite and large.
+    a_q = torch.tensor([0.5, 0.3, 0.2, 0.1])
+    a_g = torch.tensor([0.25, 0.5, 0.25, 0.4])
+    # The authors divide as they are (no eps): 0.5 / 0.25, 0.3 / 0.5, 0.2 / 0.25, 0.1 / 0.4.
+    assert vicrop.relative_attention(a_q, a_g).tolist() == pytest.approx([2.0, 0.6, 0.8, 0.25], rel=1e-6)
+    # eps = 0.05: 0.5 / 0.3, 0.3 / 0.55, 0.2 / 0.3, 0.1 / 0.45.
+    assert vicrop.relative_attention(a_q, a_g, eps=0.05).tolist() == pytest.approx(
+        [5 / 3, 6 / 11, 2 / 3, 2 / 9], rel=1e-6
+    )
+    # Where the generic prompt gives no attention the ratio is infinite: an error, unless eps keeps it finite.
+    with pytest.raises(ValueError, match=r"1 visual token\(s\) exactly zero attention.*eps > 0"):
+        vicrop.relative_attention(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.5]))
     assert vicrop.relative_attention(torch.tensor([0.1]), torch.tensor([0.0]), eps=1e-3).item() == pytest.approx(100)
     with pytest.raises(ValueError, match="same shape"):
         vicrop.relative_attention(a_q, a_g[:3])
     with pytest.raises(ValueError, match="eps"):
-        vicrop.relative_attention(a_q, a_g, eps=0.0)
+        vicrop.relative_attention(a_q, a_g, eps=-1e-3)
 
 
 def test_grad_attention_hand_worked():
@@ -42,11 +48,24 @@ def test_grad_attention_hand_worked():
         vicrop.grad_attention(a, g[:, :2])
 
 
-def test_default_layer_relative_depth():
-    assert vicrop.default_layer(36) == 22
-    assert vicrop.default_layer(28) == 17  # 0.611 * 28 = 17.1
-    assert vicrop.default_layer(4) == 2
-    assert vicrop.default_layer(1) == 0
+def test_default_layer_authors_for_the_checkpoint_they_name_relative_depth_otherwise():
+    # qwen2_5_methods.py: ATT_LAYER = 22 on the one checkpoint the code loads (info.py: Qwen2.5-VL-3B-Instruct, 36
+    # layers), under its hub id, its hub-cache snapshot path or a copy's folder name.
+    for name in (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "/cache/models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/0123abc",
+        "/data/ckpt/Qwen2.5-VL-3B-Instruct",
+    ):
+        assert vicrop.default_layer(36, name) == (22, "authors")
+    # Any other model: round(22 / 36 * L), clamped to the last layer.
+    # The Qwen path's ATT_LAYER = 22 is read whatever Qwen2.5-VL it loads: the 7B too, not round(22/36 * 28) = 17.
+    assert vicrop.default_layer(28, "Qwen/Qwen2.5-VL-7B-Instruct") == (22, "authors")
+    assert vicrop.default_layer(28, "someone/other-28-layer-model") == (17, "relative_depth")  # 17.1
+    assert vicrop.default_layer(64, "Qwen/Qwen2.5-VL-32B-Instruct") == (39, "relative_depth")  # 39.1
+    assert vicrop.default_layer(4, "tiny") == (2, "relative_depth")  # 2.44
+    assert vicrop.default_layer(1) == (0, "relative_depth")
+    # The named checkpoint with another depth (the 2-layer offline replica tests use) is not the authors' model.
+    assert vicrop.default_layer(2, "Qwen/Qwen2.5-VL-3B-Instruct") == (1, "relative_depth")  # 1.22
 
 
 def test_crop_selection_on_planted_map():
@@ -142,6 +161,24 @@ def test_grad_att_gradient_matches_finite_difference(gm, row):
 
 
 # ------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("name", ["vicrop_rel_att", "vicrop_grad_att"])
+def test_answers_are_decoded_as_the_authors_decode_them(gm, row, name, monkeypatch):
+    # run.py answers with model.generate(**inputs, max_new_tokens=20, do_sample=False): the checkpoint's generation
+    # config applies, 20 new tokens at most.
+    calls = []
+    real_generate = gm.generate
+
+    def spy(inputs, max_new_tokens=16, logits_fn=None, decoding="greedy"):
+        calls.append((max_new_tokens, decoding))
+        return real_generate(inputs, 1, logits_fn, decoding)  # one token is enough to see it decode
+
+    monkeypatch.setattr(gm, "generate", spy)
+    build_method(name).run(gm, row)
+    build_method(name, decoding="greedy", max_new_tokens=5).run(gm, row)
+    assert calls == [(20, "generation_config"), (5, "greedy")]
+
 
 METHODS = ("vicrop_rel_att", "vicrop_grad_att", "laser")
 

@@ -7,6 +7,7 @@ field as a flag or a YAML key, and the :class:`~klal.callbacks.GroundingProbes` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,6 +67,10 @@ class EvalConfig:
     """How many samples that preparation sees (image rows only: text-only rows are passed over)."""
     target: TargetSpec = field(default_factory=TargetSpec)
     """Target maps for the KL metric (as in training)."""
+    decoding: Literal["greedy", "generation_config"] | None = None
+    """Answer decoding of every row whose method has a ``decoding`` option and does not set it: ``greedy`` (klal's
+    argmax loop) or ``generation_config`` (``model.generate(do_sample=False)`` under the checkpoint's generation
+    config, as the authors of ViCrop and EGG answer); None keeps each method's default (docs/grounding.md)."""
     batch_size: int = 1
     """Samples per forward pass for the methods that batch (``attention_probe`` with ``prompt_last`` or
     ``answer_last``, ``localization_heads``); the others decode, crop or backpropagate per sample and run one at a
@@ -85,8 +90,23 @@ class EvalConfig:
             self.methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in self.methods]
 
     def method_rows(self) -> list[MethodSpec]:
-        """The rows of the table: ``methods``, or the defaults (:func:`default_methods`)."""
-        return list(self.methods) if self.methods else default_methods(bool(self.adapter))
+        """The rows of the table: ``methods``, or the defaults (:func:`default_methods`), with ``decoding`` given to
+        the rows that take it.
+
+        Raises:
+            GroundingError: with ``decoding`` set, a row naming an unknown method.
+        """
+        rows = list(self.methods) if self.methods else default_methods(bool(self.adapter))
+        if self.decoding is None:
+            return rows
+        # Imported here: the grounding methods pull in torch, which this module's users (--help) do not need.
+        from klal.grounding import method_class
+
+        out = []
+        for m in rows:
+            takes = "decoding" in {f.name for f in dataclasses.fields(method_class(m.name).Options)}
+            out.append(dataclasses.replace(m, options={"decoding": self.decoding, **m.options}) if takes else m)
+        return out
 
 
 __all__ = ["EvalConfig", "MethodSpec", "default_methods"]

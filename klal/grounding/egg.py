@@ -14,17 +14,22 @@ their source's pixels, aspect-capped at ``max_aspect`` = 3 (grown about the cent
 edge: :func:`klal.grounding.ops.cap_aspect_px`), and are the next round's crops.
 
 **Zoom.** Every crop is upscaled to image 0's area before it is encoded (:func:`klal.grounding.crop.crop_image`),
-so it gets the original's token budget, as the authors re-encode every crop at the encoder's input size. (Qwen2.5-VL
-encodes an image at about its own resolution: without this a 112 x 112 crop would stay 16 visual tokens and show no
-more detail than the original.)
+so it gets the original's token budget, as the authors re-encode every crop at the encoder's input size (LLaVA: 576
+tokens, as many as the original). Qwen2.5-VL encodes an image at about its own resolution: without this a 112 x 112
+crop would stay 16 visual tokens and show no more detail than the original.
 
 **Stopping** (:func:`zoom_rounds`, :func:`returned_round`). Round 0 grounds on the sample's images; round ``t >= 1``
 on the sample's images followed by the crops planned in round ``t - 1`` (each round's crops replace the previous
-round's). ``H_t`` is :func:`stopping_entropy` of the map holding round ``t``'s top region. ``H_0 == 0`` returns round
-0 (no crops); otherwise round ``t`` is returned as soon as ``H_t > H_{t-1}``, ``H_t == 0`` or ``t == max_rounds``
-(15); equal entropies go on. The answer is generated from the sample's images plus the returned round's crops
-(``answer_crops="replanned"``: the crops planned from the returned round's map instead); the result maps are the
-returned round's relevance over the sample's own images, its boxes the ``top_k`` regions found in that round
+round's). ``H_t`` is :func:`stopping_entropy` of the map holding round ``t``'s top region. Round ``t`` is returned as
+soon as ``H_t > H_{t-1}``, ``H_t == 0`` or ``t == max_rounds`` (15), where ``H_{-1}`` is the release's starting value
+1000 (so an infinite ``H_0``, a flat map, stops at once); equal entropies go on.
+
+**Answer.** As in the release, the answer is generated from the sample's images plus the crops planned from the
+returned round's map (``answer_crops="replanned"``; a round without any region plans nothing new and keeps its own
+crops, as the release's "no boxes" return leaves its input as it was); ``answer_crops="returned"`` answers with the
+returned round's own input crops instead. Decoding is ``model.generate(do_sample=False)`` under the checkpoint's
+generation config with 100 new tokens (``decoding``, ``max_new_tokens``), as the release runs it. The result maps
+are the returned round's relevance over the sample's own images, its boxes the ``top_k`` regions found in that round
 (image-0 pixels).
 
 docs/grounding.md lists, with reasons, every place where klal's default or option differs from the release.
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from klal.decode import Decoding
 from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.ops import (
@@ -83,6 +89,10 @@ def entropy_relevance(
 MAX_ROUNDS = 15
 """The authors' round cap: the loop stops at round 15 at the latest."""
 
+START_ENTROPY = 1000.0
+"""The entropy the release's loop starts from (``H_{-1}``): round 0 stops when ``H_0`` exceeds it (an infinite
+``H_0``, from a flat map, does)."""
+
 
 def find_regions(
     relevance_grid: np.ndarray, sigma: float = 1.5, connectivity: int = 4, smooth_mode: str = "reflect"
@@ -124,21 +134,21 @@ def stopping_entropy(relevance_grid: np.ndarray, sigma: float = 1.5, smooth_mode
 
 def _stop_round(entropies: Sequence[float], max_rounds: int) -> int | None:
     """The round the loop returns given ``H_0, ..., H_t`` so far, or None if it goes on to round ``t + 1``."""
+    previous = START_ENTROPY
     for t, h in enumerate(entropies):
-        if t == 0:
-            if h == 0 or max_rounds == 0:
-                return 0
-        elif h > entropies[t - 1] or h == 0 or t >= max_rounds:
+        if h > previous or h == 0 or t >= max_rounds:
             return t
+        previous = h
     return None
 
 
 def returned_round(entropies: Sequence[float], max_rounds: int = MAX_ROUNDS) -> int:
-    """The round whose crops the authors' loop answers with, given the statistics ``H_0, H_1, ...`` of its rounds.
+    """The round the authors' loop returns, given the statistics ``H_0, H_1, ...`` of its rounds.
 
-    ``H_0`` (the original image's statistic) of 0 returns round 0, which has no crops. Otherwise round ``t = 1, 2,
-    ...`` is returned as soon as ``H_t > H_{t-1}``, or ``H_t == 0``, or ``t == max_rounds``; an equal entropy goes on.
-    The round returned is the one just computed, even when its entropy rose.
+    Round ``t = 0, 1, ...`` is returned as soon as ``H_t > H_{t-1}``, or ``H_t == 0``, or ``t == max_rounds``, with
+    ``H_{-1}`` = :data:`START_ENTROPY` (1000): an infinite ``H_0`` returns round 0; an equal entropy goes on. The
+    round returned is the one just computed, even when its entropy rose. The answer sees the crops planned from
+    its map (:class:`EggRound`).
 
     Args:
         entropies: ``H_0, H_1, ...``, long enough for the loop to stop.
@@ -215,7 +225,9 @@ class EggRound:
         regions: every region of the pooled maps (image 0 and the crops), best first.
         entropy: the stopping statistic ``H_t`` (:func:`stopping_entropy` of the map holding the top region; 0 when
             no map has a region).
-        planned: the crops planned from this round's top regions (image-0 pixels): the next round's crops.
+        planned: the crops planned from this round's top regions (image-0 pixels): the next round's crops, and the
+            answer's when this round is returned. A round without any region keeps its own ``crops`` (the release's
+            "no boxes" return leaves the input as it was).
     """
 
     crops: list[PixelBox]
@@ -235,8 +247,9 @@ def zoom_rounds(
     """The authors' zoom-and-re-ground loop, independent of any model.
 
     Round 0 grounds on the sample's images. Round ``t >= 1`` grounds on the sample's images followed by the crops
-    planned in round ``t - 1`` (cut from image 0 and, with ``zoom``, upscaled to its area: :func:`crop_image`); each
-    round's crops replace the previous round's. The loop stops at the round :func:`returned_round` returns.
+    planned in round ``t - 1`` (cut from image 0 at whole pixels and, with ``zoom``, upscaled to its area:
+    :func:`crop_image`); each round's crops replace the previous round's. A round whose search finds no region plans
+    its own crops again. The loop stops at the round :func:`returned_round` returns.
 
     Args:
         relevance_fn: input images -> one relevance grid per image (for EGG: :func:`entropy_relevance`).
@@ -257,11 +270,12 @@ def zoom_rounds(
     while True:
         maps = relevance_fn(originals + [crop_image(image0, c, zoom) for c in crops])
         regions, entropy, planned = search([maps[0], *maps[len(originals) :]], [whole, *crops])
+        planned = [tuple(float(v) for v in whole_pixel_box(image0, c)) for c in planned] if regions else crops
         rounds.append(EggRound(crops, maps, regions, entropy, planned))
         t = _stop_round([r.entropy for r in rounds], max_rounds)
         if t is not None:
             return rounds, t
-        crops = [tuple(float(v) for v in whole_pixel_box(image0, c)) for c in planned]
+        crops = planned
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -291,12 +305,16 @@ class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
         max_rounds: int = option(MAX_ROUNDS, ge=0)
         """Round cap of the zoom loop (the authors' 15; 0 = ground once and answer without crops)."""
         zoom: bool = True
-        """Upscale each crop to image 0's area before it is encoded, so it gets the original's token budget."""
-        answer_crops: Literal["returned", "replanned"] = "returned"
-        """Crops the answer sees: those of the returned round (the rule as specified), or those planned from the
-        returned round's map (what the release's main loop appends; no extra pass)."""
-        max_new_tokens: int = option(16, ge=1)
-        """Answer decoding cap."""
+        """Upscale each crop to image 0's area before it is encoded, so it gets the original's token budget (as the
+        release's LLaVA encodes every crop at its full input size)."""
+        answer_crops: Literal["replanned", "returned"] = "replanned"
+        """Crops the answer sees: those planned from the returned round's map (the release), or the returned round's
+        own input crops (one round behind; issue 12's reading)."""
+        max_new_tokens: int = option(100, ge=1)
+        """Answer decoding cap (the release's 100)."""
+        decoding: Decoding = "generation_config"
+        """Answer decoding: ``generation_config`` (``model.generate(do_sample=False)``, as the release) or
+        ``greedy`` (klal's argmax loop)."""
 
     def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
         """Ground, zoom, re-ground and answer one row."""
@@ -325,7 +343,9 @@ class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
         last = rounds[t]
         crops = last.planned if opts.answer_crops == "replanned" else last.crops
         answer = gm.generate(
-            gm.inputs(images + [crop_image(image0, c, opts.zoom) for c in crops], question), opts.max_new_tokens
+            gm.inputs(images + [crop_image(image0, c, opts.zoom) for c in crops], question),
+            opts.max_new_tokens,
+            decoding=opts.decoding,
         )
         extras = {
             "returned_round": t,
@@ -336,6 +356,7 @@ class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
                     "stop_entropy": _finite_or_none(r.entropy),
                     "next_token_entropy": h,
                     "crops": [list(c) for c in r.crops],
+                    "planned": [list(c) for c in r.planned],
                     "boxes": [list(p.box) for p in r.regions[: opts.top_k]],
                     "sources": [p.source for p in r.regions[: opts.top_k]],
                     "masses": [p.region.mass for p in r.regions[: opts.top_k]],
@@ -349,6 +370,7 @@ class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
 
 __all__ = [
     "MAX_ROUNDS",
+    "START_ENTROPY",
     "EggRound",
     "EntropyGradientGrounding",
     "PooledRegion",

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from klal.capture import parse_layers
+from klal.decode import Decoding
 from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.ops import cells_to_pixels, extract_regions
 from klal.grounding.options import option
@@ -62,6 +63,9 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
         """Smoothing (tokens) before the map is boxed."""
         max_new_tokens: int = option(16, ge=1)
         """Decoding cap for ``generated_last``."""
+        decoding: Decoding = "greedy"
+        """Decoding for ``generated_last``: ``greedy`` (the argmax of the logits) or ``generation_config``
+        (``model.generate(do_sample=False)``, so the checkpoint's repetition penalty applies)."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -91,7 +95,7 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
         if opts.query == "answer_last":
             inputs, query_pos = append_answer(gm, inputs, str(sample["answer"]))
         elif opts.query == "generated_last":
-            answer = gm.generate(inputs, opts.max_new_tokens)
+            answer = gm.generate(inputs, opts.max_new_tokens, decoding=opts.decoding)
             if answer:
                 inputs, query_pos = append_answer(gm, inputs, answer)
         att = gm.attention(inputs, query_pos=query_pos, layers=layers, per_head=False)  # (L, V)

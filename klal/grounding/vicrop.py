@@ -16,24 +16,30 @@ position that predicts the first answer token):
 Both prompts end with :data:`ANSWER_SUFFIX` (" Answer the question using a single word or phrase."), as the authors'
 do (option ``prompt_suffix``); the answer prompt carries it too. The crop is the authors' adaptive box
 (:func:`crop_box`: six window sizes from ``box_size`` = 224 px to twice that, the sharpest attention peak wins),
-cut from image 0, zoomed to its area (:func:`klal.grounding.crop.crop_image`) and appended: the model answers
-(greedy) from ``[*original images, crop]``. ``crop="square"`` selects klal's earlier best square window
-(:func:`square_window_sizes`, :func:`klal.grounding.ops.best_window`).
+cut from image 0 and appended at its own size: the model answers from ``[*original images, crop]``.
+``crop="square"`` selects klal's earlier best square window (:func:`square_window_sizes`,
+:func:`klal.grounding.ops.best_window`).
 
-Choices (the authors' code is saccharomycetes/mllms_know; docs/grounding.md has the full table):
+Defaults follow the authors' Qwen2.5-VL path (saccharomycetes/mllms_know ``run.py`` and ``qwen2_5_methods.py``;
+docs/grounding.md has the table with the source lines):
 
-* **Layer.** ``layer=None`` picks ``round(0.61 * num_layers)`` (clamped to the last layer): the relative depth of the
-  layer the authors' Qwen2.5-VL-3B code uses (22 of 36; 22 / 36 = 0.611). The tiny 4-layer test model gets layer 2.
-* **Division.** ``a_q / (a_generic + eps)`` with ``eps=1e-6``; the authors divide with no ``eps``, which is infinite
-  where the generic prompt's attention underflows to 0.
-* **Zoom.** With ``zoom=True`` (default) the crop is upscaled (bicubic, aspect kept) to the original image's area
-  before it is given to the model, the analogue of the authors' processor resizing every crop to the encoder's input
-  size: with Qwen2.5-VL's dynamic resolution an un-resized crop would get few visual tokens and show no more detail
-  than the original. The processor's ``max_pixels`` still caps the tokens. The crop is never downscaled.
+* **Layer.** ``layer=None`` reads the authors' layer for the checkpoints their code runs on
+  (:data:`AUTHORS_LAYERS`: 22 on Qwen2.5-VL-3B-Instruct's 36 layers and on the 7B's 28) and, on any other model, the
+  same relative depth ``round(22 / 36 * num_layers)`` (clamped to the last layer; the tiny 4-layer test model gets
+  layer 2). The result says which (``extras["layer_source"]``: ``authors``, ``relative_depth`` or ``option``).
+* **Division.** ``a_q / a_generic`` as the authors divide (``eps=0``); a generic attention of exactly 0 is then an
+  error naming the sample, and a positive ``eps`` (``a_q / (a_generic + eps)``) keeps such a ratio finite.
+* **Zoom.** The crop goes to the processor at its own size, as in the authors' Qwen path (with their
+  ``max_pixels`` of 256 x 28 x 28, klal's default too, a 224 px crop is 64 visual tokens). ``zoom=True`` upscales it
+  (bicubic, aspect kept) to the original image's area first, so it gets up to the original's token budget.
+* **Decoding.** ``model.generate(do_sample=False)`` under the checkpoint's generation config with 20 new tokens, as
+  the authors answer (``decoding``, ``max_new_tokens``); ``decoding="greedy"`` is klal's argmax loop.
 * **Minimum crop.** ``min_crop=0`` by default (the adaptive box is already ``box_size`` px or the whole image); a
   positive value grows the crop and refuses smaller images, naming the sample.
 * **Multi-image samples.** Maps cover every image; the crop is taken from image 0 (result boxes are in image-0
   pixels) and appended after all original images.
+* **grad-att.** The authors' Qwen path runs rel-att only; grad-att is their LLaVA function
+  (``llava_methods.gradient_attention_llava``) read at the same layer, box and prompts as rel-att here.
 """
 
 from __future__ import annotations
@@ -46,39 +52,72 @@ import numpy as np
 import torch
 from PIL import Image
 
+from klal.decode import Decoding
 from klal.grounding import ops
 from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.options import option
+from klal.models.identity import model_name, same_name
 from klal.session import GroundingError, GroundingModel
 
+AUTHORS_LAYERS: dict[str, tuple[int, int]] = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": (36, 22),
+    "Qwen/Qwen2.5-VL-7B-Instruct": (28, 22),
+}
+"""The checkpoints the authors' Qwen2.5-VL code runs on, with their layer count and the layer it reads
+(``qwen2_5_methods.py``: ``ATT_LAYER = 22``, a constant of the Qwen path whatever Qwen2.5-VL it loads; ``info.py``
+names Qwen2.5-VL-3B-Instruct, and the 7B is the same code path, so it reads layer 22 too, not the 3B's relative
+depth, which would give 17)."""
+
 DEFAULT_RELATIVE_DEPTH = 22 / 36
-"""Default layer as a fraction of the depth: Qwen2.5-VL-3B's ViCrop layer 22 of 36."""
+"""The layer of any other model as a fraction of its depth: the authors' 22 of Qwen2.5-VL-3B's 36."""
 
 
 # ----------------------------------------------------------------------------------------------- pure functions
 
 
-def default_layer(num_layers: int) -> int:
-    """``round(DEFAULT_RELATIVE_DEPTH * num_layers)`` clamped to ``[0, num_layers - 1]`` (36 layers -> 22)."""
+def default_layer(num_layers: int, name: str | None = None) -> tuple[int, str]:
+    """The layer ``layer=None`` reads, and where it comes from.
+
+    Args:
+        num_layers: the model's language layers (>= 1).
+        name: the checkpoint's name or path (a hub id, its snapshot path or a copy's folder name match).
+
+    Returns:
+        ``(layer, "authors")`` for a checkpoint of :data:`AUTHORS_LAYERS` with its layer count, else
+        ``(round(DEFAULT_RELATIVE_DEPTH * num_layers) clamped to [0, num_layers - 1], "relative_depth")``.
+    """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    return min(max(round(DEFAULT_RELATIVE_DEPTH * num_layers), 0), num_layers - 1)
+    for checkpoint, (depth, layer) in AUTHORS_LAYERS.items():
+        if name is not None and depth == num_layers and same_name(checkpoint, name):
+            return layer, "authors"
+    return min(max(round(DEFAULT_RELATIVE_DEPTH * num_layers), 0), num_layers - 1), "relative_depth"
 
 
-def relative_attention(a_q: torch.Tensor, a_generic: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """ViCrop rel-att: ``a_q / (a_generic + eps)`` elementwise.
+def relative_attention(a_q: torch.Tensor, a_generic: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """ViCrop rel-att: ``a_q / (a_generic + eps)`` elementwise (the authors: ``eps`` 0).
 
     Args:
         a_q: attention for the question (any shape, non-negative).
         a_generic: the same map for the generic prompt (same shape).
-        eps: keeps the ratio finite where the generic prompt gives no attention; > 0.
+        eps: added to ``a_generic``; >= 0. A positive value keeps the ratio finite where the generic prompt gives
+            no attention.
+
+    Raises:
+        ValueError: shapes differ, ``eps`` < 0, or a zero in ``a_generic + eps`` (the ratio would be infinite).
     """
     if a_q.shape != a_generic.shape:
         raise ValueError(f"a_q {tuple(a_q.shape)} and a_generic {tuple(a_generic.shape)} must have the same shape")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    return a_q / (a_generic + eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    denominator = a_generic + eps
+    if bool((denominator == 0).any()):
+        raise ValueError(
+            f"the generic prompt gives {int((denominator == 0).sum())} visual token(s) exactly zero attention, so "
+            "the ratio is infinite there; set option eps > 0"
+        )
+    return a_q / denominator
 
 
 def grad_attention(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -223,7 +262,8 @@ class _ViCrop(GroundingMethod):
     @dataclass(frozen=True)
     class Options:
         layer: int | None = None
-        """Language-model layer to read (negative counts from the end); None: :func:`default_layer`."""
+        """Language-model layer to read (negative counts from the end); None: the authors' layer where they name the
+        checkpoint, else the same relative depth (:func:`default_layer`)."""
         crop: Literal["adaptive", "square"] = "adaptive"
         """Crop selection: the authors' adaptive box (:func:`crop_box`, ``box_size``) or klal's earlier best square
         window (:func:`square_window_sizes`, ``scales``)."""
@@ -235,10 +275,14 @@ class _ViCrop(GroundingMethod):
         """Minimum crop side in original pixels (0: none, the authors; an image smaller than this is refused)."""
         prompt_suffix: str = ANSWER_SUFFIX
         """Appended to the question (attention and answer) and to the generic prompt; "" for the bare question."""
-        zoom: bool = True
-        """Upscale the crop to the original image's area before answering."""
-        max_new_tokens: int = option(16, ge=1)
-        """Answer length cap."""
+        zoom: bool = False
+        """Upscale the crop to the original image's area before answering (False: the crop at its own size, as the
+        authors' Qwen path gives it to the processor)."""
+        max_new_tokens: int = option(20, ge=1)
+        """Answer length cap (the authors' 20)."""
+        decoding: Decoding = "generation_config"
+        """Answer decoding: ``generation_config`` (``model.generate(do_sample=False)``, as the authors) or ``greedy``
+        (klal's argmax loop)."""
 
     def relevance(
         self, gm: GroundingModel, images: list[Image.Image], inputs: dict[str, Any], layer: int
@@ -253,23 +297,31 @@ class _ViCrop(GroundingMethod):
         """
         raise NotImplementedError
 
-    def layer_index(self, gm: GroundingModel, sample_id: Any) -> int:
-        """Option ``layer`` (default :func:`default_layer`) as an index into the model's layers, or GroundingError."""
+    def layer_index(self, gm: GroundingModel, sample_id: Any) -> tuple[int, str]:
+        """Option ``layer`` (default :func:`default_layer`) as an index into the model's layers, and its source
+        (``authors``, ``relative_depth`` or ``option``), or GroundingError."""
         n = gm.num_layers
-        layer = default_layer(n) if self.options.layer is None else self.options.layer
+        if self.options.layer is None:
+            return default_layer(n, model_name(gm.model))
+        layer = self.options.layer
         if not -n <= layer < n:
             raise GroundingError(
                 f"{self.name}: option layer={layer} is out of range for a model with {n} layers (sample {sample_id!r})"
             )
-        return layer % n
+        return layer % n, "option"
 
     def ground(self, gm: GroundingModel, sample: dict[str, Any], images: list[Image.Image]) -> GroundingResult:
         """Map, crop and answer one row."""
         opts = self.options
-        layer = self.layer_index(gm, sample.get("id"))
+        layer, layer_source = self.layer_index(gm, sample.get("id"))
         question = sample["question"] + opts.prompt_suffix
         inputs = gm.inputs(images, question)
-        rel = self.relevance(gm, images, inputs, layer)
+        try:
+            rel = self.relevance(gm, images, inputs, layer)
+        except GroundingError:
+            raise
+        except ValueError as e:  # the ratio's zero denominator: name the sample and the option
+            raise GroundingError(f"{self.name}: sample {sample.get('id')!r}: {e}") from e
         maps = gm.split_grid(rel, inputs["layout"])
         if opts.crop == "adaptive":
             box_px = ops.expand_box(crop_box(maps[0], images[0].size, opts.box_size), opts.min_crop, images[0].size)
@@ -279,9 +331,10 @@ class _ViCrop(GroundingMethod):
             cell_box, box_px = select_crop(maps[0], sizes, images[0].size, opts.min_crop)
         cut = tuple(float(v) for v in whole_pixel_box(images[0], box_px))
         crop = crop_image(images[0], cut, opts.zoom)
-        answer = gm.generate(gm.inputs([*images, crop], question), opts.max_new_tokens)
+        answer = gm.generate(gm.inputs([*images, crop], question), opts.max_new_tokens, decoding=opts.decoding)
         extras = {
             "layer": layer,
+            "layer_source": layer_source,
             "window_cells": list(cell_box),
             "crop_box": list(cut),
             "crop_size": [crop.width, crop.height],
@@ -294,8 +347,9 @@ class ViCropRelAtt(_ViCrop, name="vicrop_rel_att"):
 
     @dataclass(frozen=True)
     class Options(_ViCrop.Options):
-        eps: float = option(1e-6, gt=0)
-        """Added to the generic-prompt map before dividing."""
+        eps: float = option(0.0, ge=0)
+        """Added to the generic-prompt map before dividing (the authors: none; a zero generic attention is then an
+        error naming the sample)."""
         attention: Literal["raw", "renormalised"] = "raw"
         """Map of each prompt: the head mean of the raw attention over the image tokens (the authors), or of each
         head's attention renormalised over them (klal's earlier choice, :meth:`GroundingModel.attention`)."""
@@ -342,6 +396,7 @@ class ViCropGradAtt(_ViCrop, name="vicrop_grad_att"):
 __all__ = [
     "ADAPTIVE_RATIOS",
     "ANSWER_SUFFIX",
+    "AUTHORS_LAYERS",
     "DEFAULT_RELATIVE_DEPTH",
     "ViCropGradAtt",
     "ViCropRelAtt",

@@ -74,8 +74,6 @@ class VLMFamily(abc.ABC):
         pixel_bounds: whether ``min_pixels`` / ``max_pixels`` set the resized image area (Qwen's ``smart_resize``).
         multi_grid: whether an image can give several grids (anyres tiling).
         stock_processor: the transformers processor class name an export's ``processor_config.json`` names.
-        reference_layers: the layer an author hard-codes for a method on a checkpoint of this family, keyed by
-            ``(method, num_attention_layers)``; see :meth:`reference_layer`.
     """
 
     name: ClassVar[str]
@@ -87,7 +85,6 @@ class VLMFamily(abc.ABC):
     pixel_bounds: ClassVar[bool] = True
     multi_grid: ClassVar[bool] = False
     stock_processor: ClassVar[str]
-    reference_layers: ClassVar[Mapping[tuple[str, int], int]] = {}
 
     # -- model classes and loading -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -260,12 +257,6 @@ class VLMFamily(abc.ABC):
     def next_positions(positions: Any) -> Any:
         """``(B,)``: the position after each row's last prompt token (padding sits at 0, so it never wins the max)."""
         return positions.reshape(-1, *positions.shape[-2:]).amax(dim=(0, 2)) + 1
-
-    # -- methods' authors ----------------------------------------------------------------------------------------
-    def reference_layer(self, method: str, num_layers: int) -> int | None:
-        """The layer a method's authors hard-code for a checkpoint of this family with ``num_layers`` attention layers,
-        or None when they name none (the method then uses its relative depth)."""
-        return self.reference_layers.get((method, num_layers))
 
 
 def register_family(family: VLMFamily) -> VLMFamily:
