@@ -463,7 +463,7 @@ def render_answer(answer: str, mode: str, tokenizer: Any) -> str:
     return spaced if len(tokenizer(spaced, add_special_tokens=False)["input_ids"]) < n_plain else answer
 
 
-def _render_answers(path: Path, mode: str, tokenizer: Any) -> None:
+def render_dataset_answers(path: Path, mode: str, tokenizer: Any) -> None:
     """Rewrite the answers of the dataset at ``path`` with :func:`render_answer`, and record ``mode`` in its
     manifest (the folder is replaced only once the new one is complete)."""
     import shutil
@@ -537,7 +537,7 @@ def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dic
                 overwrite=path.exists(),
             )
             if cfg.answer_render != "as_generated":
-                _render_answers(path, cfg.answer_render, study_tokenizer(cfg))
+                render_dataset_answers(path, cfg.answer_render, study_tokenizer(cfg))
         out[task] = check_dataset(cfg, task)
     return out
 
