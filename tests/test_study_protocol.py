@@ -127,6 +127,11 @@ def test_baselines_tokens_and_manifest_check_on_a_generated_dataset(tmp_path: Pa
     assert all(len(a["pieces"]) == 1 and a["pieces"][0].startswith("Ġ") for a in tokens["answers"])
     b = baselines.baselines(cfg, "colour_lookup")
     assert b["n_test"] == 3 and 0.25 <= b["question_blind"]["accuracy"] <= 1 / 3
+    # Before the data stage there are no reference rows (a report without the data skips them).
+    assert (
+        baselines.baselines(study(tasks={"colour_lookup": LOOKUP}, data_dir=str(tmp_path / "none")), "colour_lookup")
+        is None
+    )
     # Another seed (or another generator setting) must not read this folder.
     other = study(**{**cfg.__dict__, "tasks": {"colour_lookup": {**LOOKUP, "seed": 1}}})
     with pytest.raises(ValueError, match=r"other settings.*seed 0 \(config: 1\)"):

@@ -489,11 +489,14 @@ def check_dataset(cfg: StudyConfig, task: str) -> Path:
     (a pilot cannot score a confirmatory study's test split by pointing at its folder).
 
     Raises:
+        FileNotFoundError: the dataset is not generated yet.
         ValueError: the dataset on disk was generated with other settings (the message names the first differences).
     """
     from data_gen.writer import read_manifest, split_sizes
 
     path = data_path(cfg, task)
+    if not (path / "dataset_dict.json").is_file():
+        raise FileNotFoundError(f"dataset {path} of task {task} is not generated yet: run --stages data first")
     ts = cfg.tasks[task]
     got = read_manifest(path)
     sizes = split_sizes(ts.num, ts.splits)

@@ -624,8 +624,11 @@ def stage_report(
     res["paired"] = paired_comparisons(cfg)
     res["items"] = item_comparisons(cfg)
     res["primary"] = primary_result(cfg, res["paired"], res["items"])
-    tokenizer = repro.study_tokenizer(cfg)
-    res["tokens"] = {task: answer_tokens(cfg, task, tokenizer) for task in cfg.tasks}
+    res["tokens"], tokenizer = {}, None
+    for task in cfg.tasks:
+        if (repro.data_path(cfg, task) / "dataset_dict.json").is_file():  # a report without the data skips the rows
+            tokenizer = tokenizer or repro.study_tokenizer(cfg)
+            res["tokens"][task] = answer_tokens(cfg, task, tokenizer)
     write_predictions(cfg, out)
     res["command"] = command
     res["study_command"] = study_command or command
