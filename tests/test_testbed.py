@@ -82,6 +82,10 @@ def test_testbed_pipeline_toy(tmp_path: Path) -> None:
         "generate": False,
         "sweep_lambdas": [0.0, 1.0],  # both are main runs: no extra training
         "sweep_seeds": [0],
+        "primary": {"arm": "klal", "test": "mcnemar"},
+        "answer_render": "fewest_tokens",
+        "bootstrap_samples": 200,
+        "confirmatory_scan": str(tmp_path),  # a pilot: checked against the confirmatory configs found there (none)
     }
     cfg_p = tmp_path / "toy.yaml"
     cfg_p.write_text(yaml.safe_dump({**raw, **toy}))
@@ -104,4 +108,31 @@ def test_testbed_pipeline_toy(tmp_path: Path) -> None:
     assert {v["query"] for v in res["extra"]} == {s.klal_query for s in repro.extra_runs(repro.load_config(TESTBED))}
     md = table.read_text()
     assert "Every seed, and paired tests" in md and "p (sign-flip)" in md and "| seed 1 |" in md
+    # The protocol's parts: reference rows, per-item predictions and tests, the primary test, the tokenization.
+    b = t["baselines"]
+    assert b["n_test"] == 4 and b["chance"]["accuracy"] == pytest.approx(1 / b["chance"]["answers"])
+    for row in (
+        "chance: uniform over",
+        f"always `{b['majority']['answer']}`",
+        "question-blind, image",
+        "question-only",
+    ):
+        assert f"| {task} | {row}" in md
+    lines = [json.loads(x) for x in (tmp_path / "results" / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+    assert len(lines) == (1 + len(arms) * 2) * 4  # Base and every arm x seed, 4 test items each
+    # fewest_tokens: a leading space where it saves tokens ("blue" = b|l|ue, " blue" one), "red" as it is.
+    assert {x["arm"] for x in lines} == {"base", *arms}
+    assert {x["gold"] for x in lines} <= {"red", " green", " blue", " yellow"}
+    for arm, v in res["items"][task]["vs"].items():
+        c = v["exact_tf"]
+        mine = [x["exact_tf"] for x in lines if x["arm"] == arm]
+        ref = [x["exact_tf"] for x in lines if x["arm"] == res["items"][task]["reference"]]
+        # b / c are counted from the saved predictions, pairing the same seed and item.
+        assert (c["mcnemar"]["b"], c["mcnemar"]["c"]) == (
+            sum(r and not m for r, m in zip(ref, mine)),
+            sum(m and not r for r, m in zip(ref, mine)),
+        )
+    assert res["primary"]["test"] == "mcnemar" and "**Primary test**" in md and "**(primary)**" in md
+    assert res["tokens"][task]["tokens"] == {"1": 1.0} and "## Answer tokenization" in md
+    assert res["protocol"] == {"confirmatory": False, "checked_against": []} and "Pilot (not confirmatory)" in md
     assert (tmp_path / "results" / "curves.png").stat().st_size > 0

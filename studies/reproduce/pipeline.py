@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import numpy as np
@@ -78,6 +78,31 @@ class ExtraRun:
     """Supervised language layers (``klal.capture.parse_layers`` syntax; None: the study's ``klal_layers``)."""
     seed: int = 0
     """Training seed."""
+
+
+@dataclass
+class PrimaryTest:
+    """The one pre-declared test of a study: which comparison, metric and test decide its outcome."""
+
+    arm: str = "klal"
+    """The arm compared with the reference arm (the arm with ``klal_weight`` 0)."""
+    task: str | None = None
+    """The task (None: the study's only task)."""
+    metric: Literal["exact_tf", "answer_acc_gen"] = "exact_tf"
+    """Teacher-forced exact match or generated-answer accuracy."""
+    test: Literal["mcnemar", "bootstrap", "t", "sign_flip", "sign"] = "mcnemar"
+    """Over items: ``mcnemar`` (exact, pooled over seeds), ``bootstrap`` (paired, over items); over seeds: ``t``
+    (paired t-test), ``sign_flip`` (exact permutation), ``sign`` (sign test). All two-sided."""
+    alpha: float = 0.05
+    """Significance level."""
+
+
+ANSWER_RENDERS = ("as_generated", "leading_space", "fewest_tokens")
+"""How answers are written into a study's datasets (``answer_render``): as the generator wrote them, always with a
+leading space, or with a leading space only where the model's tokenizer then needs fewer tokens."""
+
+CONFIRMATORY_MIN_TEST = 1000
+"""Fewest test items a confirmatory study may score."""
 
 
 def _default_lora() -> LoraSettings:
@@ -167,6 +192,21 @@ class StudyConfig:
     """Training samples a method that needs preparation (localization-head discovery) sees."""
     probe_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the trained runs the probes are run on."""
+    confirmatory: bool = False
+    """A confirmatory study: the runner refuses to run it unless this file is committed in git, unchanged since, in a
+    commit that holds no result files of the study; it needs ``primary`` and >= 1000 test items. False: a pilot, which
+    must use other data seeds than every confirmatory config of its tasks (:mod:`studies.reproduce.protocol`)."""
+    primary: PrimaryTest | None = None
+    """The one pre-declared primary test (required when ``confirmatory``); the report marks it."""
+    answer_render: Literal["as_generated", "leading_space", "fewest_tokens"] = "as_generated"
+    """How answers are written into the datasets: as generated, with a leading space (``" red"``, one token where
+    the tokenizer has it), or with a leading space only where that takes fewer tokens. The report lists the tokens."""
+    bootstrap_samples: int = 10000
+    """Resamples of the paired bootstrap over test items."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap's resampling."""
+    confirmatory_scan: str = "configs"
+    """Folder (searched recursively) holding the confirmatory configs a pilot is checked against."""
 
     def __post_init__(self) -> None:
         # Mappings (a config built in Python) are typed like the YAML file: by jsonargparse (:func:`typed`).
@@ -174,6 +214,8 @@ class StudyConfig:
         self.lora = typed(LoraSettings, self.lora, "repro config: lora", base=_default_lora())
         self.target = typed(TargetSpec, self.target, "repro config: target")
         self.extra_runs = [typed(ExtraRun, e, f"repro config: extra_runs[{k}]") for k, e in enumerate(self.extra_runs)]
+        if self.primary is not None:
+            self.primary = typed(PrimaryTest, self.primary, "repro config: primary")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"repro config: unknown task(s) {bad}; choose from {list(TASKS)}")
@@ -191,11 +233,67 @@ class StudyConfig:
                 raise ValueError(f"repro config: {key} must be >= 1, got {getattr(self, key)}")
         if not self.seeds:
             raise ValueError("repro config: seeds is empty")
+        self._check_protocol()
         if self.backbone != "tiny" and not self.adapter_pattern:
             raise ValueError(
                 f"repro config: backbone {self.backbone!r} is trained with train.py (configs/repro/*.yaml); give "
                 "adapter_pattern (e.g. runs/paper/{task}/{arm}_s{seed}/adapter) so the study can find the adapters"
             )
+
+    def _check_protocol(self) -> None:
+        """The primary test names an arm, task and test of this study; a confirmatory study declares one and scores
+        enough test items."""
+        if self.answer_render not in ANSWER_RENDERS:
+            raise ValueError(f"repro config: answer_render {self.answer_render!r}; choose from {list(ANSWER_RENDERS)}")
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"repro config: bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+        pt = self.primary
+        if pt is not None:
+            ref = reference_arm(self)
+            if pt.arm not in self.arms or pt.arm == ref:
+                others = [a for a in self.arms if a != ref]
+                raise ValueError(f"repro config: primary.arm {pt.arm!r} must be an arm compared with {ref!r}: {others}")
+            primary_task(self)
+            if not 0 < pt.alpha < 1:
+                raise ValueError(f"repro config: primary.alpha must be in (0, 1), got {pt.alpha}")
+            if pt.metric == "answer_acc_gen" and not self.generate:
+                raise ValueError("repro config: primary.metric answer_acc_gen needs generate: true")
+        if self.confirmatory:
+            if pt is None:
+                raise ValueError("repro config: a confirmatory study must declare its one primary test (primary)")
+            from data_gen.writer import split_sizes
+
+            for task, ts in self.tasks.items():
+                n = split_sizes(ts.num, ts.splits)["test"]
+                n = min(n, self.test_samples) if self.test_samples is not None else n
+                if n < CONFIRMATORY_MIN_TEST:
+                    raise ValueError(
+                        f"repro config: a confirmatory study scores >= {CONFIRMATORY_MIN_TEST} test items; "
+                        f"tasks.{task} gives {n} (num, splits, test_samples)"
+                    )
+
+
+def reference_arm(cfg: StudyConfig) -> str:
+    """The arm every other arm is compared with: the one with ``klal_weight`` 0 (NTP), else the first arm."""
+    return next((a for a, v in cfg.arms.items() if float(v["klal_weight"]) == 0), next(iter(cfg.arms)))
+
+
+def primary_task(cfg: StudyConfig) -> str:
+    """The task of the primary test (``primary.task``, or the study's only task).
+
+    Raises:
+        ValueError: no primary test, or its task is not named although the study has several, or is not a task.
+    """
+    if cfg.primary is None:
+        raise ValueError("repro config: no primary test declared")
+    task = cfg.primary.task
+    if task is None:
+        if len(cfg.tasks) != 1:
+            raise ValueError(f"repro config: primary.task must name one of the tasks {list(cfg.tasks)}")
+        return next(iter(cfg.tasks))
+    if task not in cfg.tasks:
+        raise ValueError(f"repro config: primary.task {task!r} is not one of the tasks {list(cfg.tasks)}")
+    return task
 
 
 def typed(cls: type[T], value: Any, where: str, base: T | None = None) -> T:
@@ -327,14 +425,103 @@ def run_path(cfg: StudyConfig, spec: RunSpec) -> Path:
 
 
 def data_path(cfg: StudyConfig, task: str) -> Path:
-    """Dataset directory of a task."""
-    return Path(cfg.data_dir) / f"{task}_{cfg.image_size}"
+    """Dataset directory of a task (answers rendered other than as generated get their own folder)."""
+    suffix = "" if cfg.answer_render == "as_generated" else f"_{cfg.answer_render}"
+    return Path(cfg.data_dir) / f"{task}_{cfg.image_size}{suffix}"
 
 
 # -- data --------------------------------------------------------------------------------------------------------------
-def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dict[str, Path]:
-    """Generate each task's dataset unless it is already on disk; returns task -> directory."""
+def generator(cfg: StudyConfig, task: str):
+    """The configured generator (:class:`data_gen.base.Task`) of one of the study's tasks."""
     from data_gen.tasks import build_task, get_task_class, preset_values
+
+    ts = cfg.tasks[task]
+    # The generator config, typed by jsonargparse like the study file (YAML lists become the tuples of ranges such as
+    # num_nodes; an unknown or mistyped key names itself).
+    cls = get_task_class(task)
+    preset = preset_values(cls, ts.preset) if ts.preset is not None else {}
+    config = typed(cls.config_cls, {**preset, "image_size": cfg.image_size, **ts.overrides}, f"tasks.{task}")
+    return build_task(task, overrides=dataclasses.asdict(config))
+
+
+def study_tokenizer(cfg: StudyConfig):
+    """The tokenizer of the study's base model (the embedded tiny one, or the checkpoint's)."""
+    from klal.models.loader import ModelConfig, load_processor
+
+    return load_processor(ModelConfig(name_or_path=cfg.backbone, max_pixels=cfg.image_size * cfg.image_size)).tokenizer
+
+
+def render_answer(answer: str, mode: str, tokenizer: Any) -> str:
+    """``answer`` as ``answer_render`` writes it: unchanged, with a leading space, or with a leading space only where
+    ``tokenizer`` then needs fewer tokens (``"blue"`` is b|l|ue and ``" blue"`` one token for the tiny tokenizer)."""
+    if mode == "as_generated" or answer.startswith(" "):
+        return answer
+    spaced = " " + answer
+    if mode == "leading_space":
+        return spaced
+    n_plain = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return spaced if len(tokenizer(spaced, add_special_tokens=False)["input_ids"]) < n_plain else answer
+
+
+def render_dataset_answers(path: Path, mode: str, tokenizer: Any) -> None:
+    """Rewrite the answers of the dataset at ``path`` with :func:`render_answer`, and record ``mode`` in its
+    manifest (the folder is replaced only once the new one is complete)."""
+    import shutil
+
+    import datasets
+
+    from data_gen.writer import MANIFEST_NAME, read_manifest
+
+    manifest = read_manifest(path)
+    staged = path.with_name(path.name + ".rendering")
+    shutil.rmtree(staged, ignore_errors=True)
+    dd = datasets.load_from_disk(str(path))
+    dd.map(lambda a: {"answer": render_answer(a, mode, tokenizer)}, input_columns="answer").save_to_disk(str(staged))
+    (staged / MANIFEST_NAME).write_text(json.dumps({**manifest, "answer_render": mode}, indent=2, sort_keys=True))
+    del dd
+    shutil.rmtree(path)
+    os.replace(staged, path)
+
+
+def check_dataset(cfg: StudyConfig, task: str) -> Path:
+    """The dataset directory of ``task``, after checking that its manifest records this config's generation settings
+    (seed, size, splits, generator config, answer rendering), so that no study reads a dataset made for another one
+    (a pilot cannot score a confirmatory study's test split by pointing at its folder).
+
+    Raises:
+        FileNotFoundError: the dataset is not generated yet.
+        ValueError: the dataset on disk was generated with other settings (the message names the first differences).
+    """
+    from data_gen.writer import read_manifest, split_sizes
+
+    path = data_path(cfg, task)
+    if not (path / "dataset_dict.json").is_file():
+        raise FileNotFoundError(f"dataset {path} of task {task} is not generated yet: run --stages data first")
+    ts = cfg.tasks[task]
+    got = read_manifest(path)
+    sizes = split_sizes(ts.num, ts.splits)
+    starts = np.cumsum([0, *sizes.values()])
+    want = {
+        "task": task,
+        "seed": ts.seed,
+        "num": ts.num,
+        "splits": {name: [int(a), int(b)] for name, a, b in zip(sizes, starts[:-1], starts[1:])},
+        "config": json.loads(json.dumps(dataclasses.asdict(generator(cfg, task).config))),
+        "answer_render": cfg.answer_render,
+    }
+    got = {**got, "answer_render": got.get("answer_render", "as_generated")}
+    bad = [f"{k} {got.get(k)!r} (config: {v!r})" for k, v in want.items() if got.get(k) != v]
+    if bad:
+        raise ValueError(
+            f"dataset {path} was generated with other settings than tasks.{task} of this config: {'; '.join(bad)[:300]}"
+            " (give this study its own data_dir, or delete the folder to regenerate it)"
+        )
+    return path
+
+
+def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dict[str, Path]:
+    """Generate each task's dataset unless it is already on disk (then checked by :func:`check_dataset`); returns
+    task -> directory."""
     from data_gen.writer import generate_dataset
 
     out = {}
@@ -342,14 +529,8 @@ def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dic
         path = data_path(cfg, task)
         if not (path / "dataset_dict.json").is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            # The generator config, typed by jsonargparse like the study file (YAML lists become the tuples of
-            # ranges such as num_nodes; an unknown or mistyped key names itself).
-            cls = get_task_class(task)
-            preset = preset_values(cls, ts.preset) if ts.preset is not None else {}
-            config = typed(cls.config_cls, {**preset, "image_size": cfg.image_size, **ts.overrides}, f"tasks.{task}")
-            gen = build_task(task, overrides=dataclasses.asdict(config))
             generate_dataset(
-                gen,
+                generator(cfg, task),
                 num=ts.num,
                 seed=ts.seed,
                 out=path,
@@ -358,15 +539,18 @@ def make_data(cfg: StudyConfig, workers: int = 1, progress: bool = False) -> dic
                 progress=progress,
                 overwrite=path.exists(),
             )
-        out[task] = path
+            if cfg.answer_render != "as_generated":
+                render_dataset_answers(path, cfg.answer_render, study_tokenizer(cfg))
+        out[task] = check_dataset(cfg, task)
     return out
 
 
 def task_split(cfg: StudyConfig, task: str, split: str, limit: int | None = None):
-    """One split of a task's dataset (the first ``limit`` rows), read by :func:`klal.data.io.load_split`."""
+    """One split of a task's dataset (the first ``limit`` rows), read by :func:`klal.data.io.load_split` once
+    :func:`check_dataset` has accepted it."""
     from klal.data.io import load_split
 
-    return load_split(data_path(cfg, task), split, limit)
+    return load_split(check_dataset(cfg, task), split, limit)
 
 
 # -- model -------------------------------------------------------------------------------------------------------------
@@ -484,9 +668,11 @@ def evaluate_model(
 
     Returns:
         ``{"n", "exact_tf", "answer_acc_gen" and "generations" (if generate), "<query>/pointing",
-        "<query>/evidence_mass", "<query>/n_evidence"}``: sample means (grounding means over the samples with evidence
-        cells; NaN without any).
+        "<query>/evidence_mass", "<query>/n_evidence", "items"}``: sample means (grounding means over the samples with
+        evidence cells; NaN without any), and per test item its ``id``, ``gold`` answer, ``prediction`` (the greedy
+        answer; None without generation), ``exact_tf`` and ``correct_gen`` (normalised match; None without generation).
     """
+    from klal.eval.answers import answer_correct
     from klal.eval.attention import TeacherForcedAttention
     from klal.eval.engine import run_method
     from klal.eval.metrics import GroundingMetrics, pooled
@@ -503,6 +689,16 @@ def evaluate_model(
             if qi == 0:
                 exact = [r.extras["exact_tf"] for r in run.results]
                 out["exact_tf"] = float(np.mean(exact)) if exact else float("nan")
+                out["items"] = [
+                    {
+                        "id": s["id"],
+                        "gold": s["gold"],
+                        "prediction": s["answer"],
+                        "exact_tf": bool(e),
+                        "correct_gen": None if s["answer"] is None else answer_correct(s["answer"], s["gold"]),
+                    }
+                    for s, e in zip(run.samples, exact)
+                ]
             if answer:
                 acc = pooled(metrics.compute(), q, "answer_accuracy")
                 out["answer_acc_gen"] = acc["value"] if acc["count"] else float("nan")
@@ -564,8 +760,13 @@ class CurveCallback(L.Callback):
         )
 
 
-def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool = True) -> dict[str, Any]:
+def train_run(
+    cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool = True, provenance: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train one run unless its results are already on disk; returns its summary (``run.json``).
+
+    ``provenance`` (a confirmatory study's config commit, :func:`studies.reproduce.protocol.confirmatory_record`)
+    joins the run's fingerprint, so a run trained before the config was committed is never reused for it.
 
     Writes ``trainable.pt`` (the trained parameters: LoRA + ``train_extra``), ``run.json`` (settings, times, the
     learning curve) and ``lora_adapter/`` (the peft adapter the module saves; LoRA weights only).
@@ -583,7 +784,7 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
 
     out = run_path(cfg, spec)
     summary_path = out / "run.json"
-    fingerprint = _fingerprint(cfg, spec)
+    fingerprint = _fingerprint(cfg, spec, provenance)
     if summary_path.is_file() and not force:
         done = json.loads(summary_path.read_text())
         if done.get("fingerprint") == fingerprint:
@@ -594,7 +795,7 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
     # It holds the LoRA weights only: trainable.pt (below) also has the train_extra modules.
     module.adapter_dir = str(out / "lora_adapter")
     dm = KLALDataModule(
-        paths=[str(data_path(cfg, spec.task))],
+        paths=[str(check_dataset(cfg, spec.task))],
         batch_size=cfg.batch_size,
         num_workers=0,
         target=copy.deepcopy(cfg.target),
@@ -638,8 +839,9 @@ def train_run(cfg: StudyConfig, spec: RunSpec, force: bool = False, quiet: bool 
     return summary
 
 
-def _fingerprint(cfg: StudyConfig, spec: RunSpec) -> str:
-    """What a run's result depends on; a finished run is reused only when it matches."""
+def _fingerprint(cfg: StudyConfig, spec: RunSpec, provenance: dict[str, Any] | None = None) -> str:
+    """What a run's result depends on (and, for a confirmatory study, the commit of its config); a finished run is
+    reused only when it matches."""
     keys = (
         "image_size",
         "tiny_overrides",
@@ -663,6 +865,10 @@ def _fingerprint(cfg: StudyConfig, spec: RunSpec) -> str:
         d["target"] = target
     d["task"] = dataclasses.asdict(cfg.tasks[spec.task])
     d["spec"] = dataclasses.asdict(spec)
+    if cfg.answer_render != "as_generated":  # the default adds no key, so earlier runs' fingerprints still match
+        d["answer_render"] = cfg.answer_render
+    if provenance:
+        d["config_commit"] = provenance["commit"]
     return json.dumps(d, sort_keys=True, default=str)
 
 

@@ -16,7 +16,15 @@ Stages (in this order; each reuses what earlier ones wrote, so any stage can be 
 * ``eval``: test-split metrics of every run and of the untrained model (``Base``): answer accuracy (teacher-forced
   exact match and greedy generation), pointing game and attention mass inside the evidence cells.
 * ``probes``: the training-free methods of :mod:`klal.grounding` on the models named by ``probe_arms``.
-* ``report``: ``results_dir/``: ``table.md``, ``results.json``, ``curves.png``, ``sweep.png``.
+* ``report``: ``results_dir/``: ``table.md``, ``results.json``, ``curves.png``, ``sweep.png``, and
+  ``predictions/<task>.jsonl`` (every test item's gold answer, prediction and correctness per arm and seed). The table
+  has reference rows (chance, most frequent answer, question-blind, question-only: :mod:`studies.reproduce.baselines`),
+  tests over seeds and over items (:mod:`studies.reproduce.stats`) with the config's one primary test marked, and the
+  answers' tokenization.
+
+Before any stage runs, :mod:`studies.reproduce.protocol` checks the study: a confirmatory config must be committed in
+git, unchanged, before any of its results (its blob hash and commit go into the report and every run's fingerprint); a
+pilot must keep off the data seeds and dataset folders of every confirmatory config of its tasks.
 
 ``--jobs N`` runs the train, eval and probes stages in N processes (``--shard i/N`` by hand: each takes every N-th
 job; run a stage on all shards before the next stage starts).
@@ -42,8 +50,17 @@ from jsonargparse.typing import PositiveInt
 
 from klal.cli import bare_bool_flags, expand_key_values, normalise_flags, parse_or_fail, user_errors
 from studies.reproduce import pipeline as repro
+from studies.reproduce.baselines import answer_tokens, baselines, render_baseline_rows, render_tokens
 from studies.reproduce.pipeline import RunSpec, StudyConfig
-from studies.reproduce.stats import paired_comparisons, render_paired
+from studies.reproduce.protocol import protocol_record
+from studies.reproduce.stats import (
+    item_comparisons,
+    paired_comparisons,
+    primary_result,
+    render_items,
+    render_paired,
+    render_primary,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,11 +107,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 # -- stages ------------------------------------------------------------------------------------------------------------
-def stage_train(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
+def stage_train(
+    cfg: StudyConfig, shard: tuple[int, int], force: bool, provenance: dict[str, Any] | None = None
+) -> None:
     runs = _shard(repro.all_runs(cfg), shard)
     for k, spec in enumerate(runs):
         t0 = time.perf_counter()
-        s = repro.train_run(cfg, spec, force=force)
+        s = repro.train_run(cfg, spec, force=force, provenance=provenance)
         last = s["curve"][-1]
         _log(
             f"train {k + 1}/{len(runs)} {spec.task}/{spec.name}: {time.perf_counter() - t0:.0f} s, "
@@ -102,21 +121,30 @@ def stage_train(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
         )
 
 
-def _eval_fingerprint(cfg: StudyConfig, generate: bool) -> str:
-    return json.dumps(
-        {
-            "test_samples": cfg.test_samples,
-            "generate": generate,
-            "max_new_tokens": cfg.max_new_tokens,
-            "queries": EVAL_QUERIES,
-            "evidence_cells": repro.evidence_cells_source(),
-        },
-        sort_keys=True,
-    )
+def _eval_fingerprint(cfg: StudyConfig, generate: bool, provenance: dict[str, Any] | None = None) -> str:
+    d = {
+        "test_samples": cfg.test_samples,
+        "generate": generate,
+        "max_new_tokens": cfg.max_new_tokens,
+        "queries": EVAL_QUERIES,
+        "evidence_cells": repro.evidence_cells_source(),
+        "items": True,  # evaluations from before per-item results were kept are redone
+    }
+    if provenance:
+        d["config_commit"] = provenance["commit"]
+    return json.dumps(d, sort_keys=True)
 
 
-def _evaluate_to(cfg: StudyConfig, module, task: str, path: Path, generate: bool, force: bool) -> dict[str, Any]:
-    fp = _eval_fingerprint(cfg, generate)
+def _evaluate_to(
+    cfg: StudyConfig,
+    module,
+    task: str,
+    path: Path,
+    generate: bool,
+    force: bool,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    fp = _eval_fingerprint(cfg, generate, provenance)
     if path.is_file() and not force:
         old = json.loads(path.read_text())
         if old.get("fingerprint") == fp:
@@ -149,7 +177,7 @@ def _can_generate(cfg: StudyConfig) -> bool:
     return True
 
 
-def stage_eval(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
+def stage_eval(cfg: StudyConfig, shard: tuple[int, int], force: bool, provenance: dict[str, Any] | None = None) -> None:
     generate = _can_generate(cfg)
     main = set(repro.main_runs(cfg).values())
     jobs: list[tuple[str, RunSpec | None]] = [(t, None) for t in cfg.tasks]
@@ -166,7 +194,7 @@ def stage_eval(cfg: StudyConfig, shard: tuple[int, int], force: bool) -> None:
             path = repro.run_path(cfg, spec) / "eval.json"
             name = spec.name
         # Generation costs max_new_tokens passes; the sweep's extra runs are compared on the cheap metrics only.
-        m = _evaluate_to(cfg, module, task, path, generate and (spec is None or spec in main), force)
+        m = _evaluate_to(cfg, module, task, path, generate and (spec is None or spec in main), force, provenance)
         _log(
             f"eval {task}/{name}: exact {m['exact_tf']:.3f}, gen {m.get('answer_acc_gen', float('nan')):.3f}, "
             f"pointing {m['last/pointing']:.3f}, mass {m['last/evidence_mass']:.3f} ({m['eval_s']:.0f} s)"
@@ -271,7 +299,14 @@ def collect(cfg: StudyConfig) -> dict[str, Any]:
         "prompt_last/evidence_mass",
     )
     for task in cfg.tasks:
-        t: dict[str, Any] = {"arms": {}, "curves": {}, "probes": {}, "majority": majority_baseline(cfg, task)}
+        base_rows = baselines(cfg, task)
+        t: dict[str, Any] = {
+            "arms": {},
+            "curves": {},
+            "probes": {},
+            "baselines": base_rows,
+            "majority": base_rows["majority"] if base_rows else None,
+        }
         base_p = Path(cfg.run_dir) / task / "base" / "eval.json"
         if base_p.is_file():
             b = json.loads(base_p.read_text())
@@ -339,19 +374,6 @@ def collect(cfg: StudyConfig) -> dict[str, Any]:
     return out
 
 
-def majority_baseline(cfg: StudyConfig, task: str) -> dict[str, Any] | None:
-    """Test accuracy of always giving the training split's most frequent answer (the chance level to beat)."""
-    from collections import Counter
-
-    try:
-        train = repro.task_split(cfg, task, "train")["answer"]
-        test = repro.task_split(cfg, task, "test", cfg.test_samples)["answer"]
-    except (FileNotFoundError, KeyError):
-        return None
-    answer, _ = Counter(train).most_common(1)[0]
-    return {"answer": answer, "accuracy": sum(a == answer for a in test) / max(len(test), 1)}
-
-
 def _cell(d: dict[str, Any] | None, key: str) -> str:
     if not d or key not in d:
         return "—"
@@ -379,7 +401,11 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
         f"Images {cfg.image_size} px ({visual_tokens(cfg)} visual tokens).",
         f"Evidence cells: {res['evidence_cells']}.",
         "",
-        "Mean ± sample std over seeds, in %. *Exact (TF)*: greedy exact match computed teacher-forced (one pass); "
+        *render_protocol(res.get("protocol")),
+        *render_primary(res.get("primary")),
+        "Mean ± sample std over seeds, in %. Reference rows (chance, most frequent, question-blind, question-only: "
+        "`studies.reproduce.baselines`) are scored on the same test items. *Exact (TF)*: greedy exact match "
+        "computed teacher-forced (one pass); "
         "*Gen*: real greedy generation scored with the normalised answer match; *Point* / *Mass*: pointing game and "
         "share of attention inside the evidence cells, for the answer's last token (the supervised query, gold "
         "answer teacher-forced) and for the last prompt token (`prompt_last`, what a model looks at before "
@@ -392,12 +418,7 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
     labels = {"base": "Base (untrained)", "ntp": "NTP", "klal": "NTP + KLAL"}
     for task, t in res["tasks"].items():
         paper = PAPER.get(task, (None, None, None))
-        if t.get("majority"):
-            m = t["majority"]
-            lines.append(
-                f"| {task} | always `{m['answer']}` (most frequent training answer) | {repro.fmt(m['accuracy'])} "
-                "| — | — | — | — | — | — |"
-            )
+        lines += render_baseline_rows(task, t.get("baselines"), empty_cells=6)
         for arm in ["base", *cfg.arms]:
             d = t["arms"].get(arm)
             p = paper[PAPER_COLUMN[arm]] if arm in PAPER_COLUMN else None
@@ -462,6 +483,8 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
                     f"| {acc} | {m['s_per_sample']:.2f} |"
                 )
     lines += render_paired(cfg, res.get("paired") or {})
+    lines += render_items(cfg, res.get("items") or {})
+    lines += render_tokens(res.get("tokens") or {})
     lines += ["## Training-free probes", ""]
     if probe_lines:
         lines += [
@@ -488,6 +511,47 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
         pkgs = ", ".join(f"{k} {v}" for k, v in res["packages"].items() if k != "cpu")
         lines.append(f"Report written on: {res['packages'].get('cpu', '?')}; {pkgs}.")
     return "\n".join(lines) + "\n"
+
+
+def render_protocol(record: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: the protocol this study ran under (:mod:`studies.reproduce.protocol`)."""
+    if not record:
+        return []
+    if record["confirmatory"]:
+        return [
+            f"**Confirmatory study.** Config `{record['config']}`, git blob {record['blob']}, committed in "
+            f"{record['commit']} ({record['commit_date']}), a commit without any result of this study; checked "
+            f"unchanged at {record['checked_at']}.",
+            "",
+        ]
+    against = ", ".join(f"`{p}`" for p in record["checked_against"]) or "none shares a task with it"
+    return [
+        f"Pilot (not confirmatory): its data seeds and dataset folders differ from every confirmatory config of its "
+        f"tasks ({against}).",
+        "",
+    ]
+
+
+def write_predictions(cfg: StudyConfig, out: Path) -> list[Path]:
+    """Per-item predictions of every evaluated main run and of Base: ``predictions/<task>.jsonl``, one line per
+    (arm, seed, item) with ``task, arm, seed, run, id, gold, prediction, exact_tf, correct_gen``."""
+    folder = out / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    main = repro.main_runs(cfg)
+    paths = []
+    for task in cfg.tasks:
+        models = [("base", None, Path(cfg.run_dir) / task / "base")]
+        models += [(arm, seed, repro.run_path(cfg, main[(task, arm, seed)])) for arm in cfg.arms for seed in cfg.seeds]
+        lines = []
+        for arm, seed, run in models:
+            p = run / "eval.json"
+            items = json.loads(p.read_text()).get("items") if p.is_file() else None
+            for it in items or []:
+                lines.append(json.dumps({"task": task, "arm": arm, "seed": seed, "run": run.name, **it}))
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(x + "\n" for x in lines))
+        paths.append(path)
+    return paths
 
 
 def plot(cfg: StudyConfig, res: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -560,11 +624,22 @@ def plot(cfg: StudyConfig, res: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def stage_report(cfg: StudyConfig, command: str, study_command: str | None = None) -> Path:
+def stage_report(
+    cfg: StudyConfig, command: str, study_command: str | None = None, protocol: dict[str, Any] | None = None
+) -> Path:
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = collect(cfg)
+    res["protocol"] = protocol
     res["paired"] = paired_comparisons(cfg)
+    res["items"] = item_comparisons(cfg)
+    res["primary"] = primary_result(cfg, res["paired"], res["items"])
+    res["tokens"], tokenizer = {}, None
+    for task in cfg.tasks:
+        if (repro.data_path(cfg, task) / "dataset_dict.json").is_file():  # a report without the data skips the rows
+            tokenizer = tokenizer or repro.study_tokenizer(cfg)
+            res["tokens"][task] = answer_tokens(cfg, task, tokenizer)
+    write_predictions(cfg, out)
     res["command"] = command
     res["study_command"] = study_command or command
     res["config"] = _jsonable(cfg)
@@ -572,7 +647,10 @@ def stage_report(cfg: StudyConfig, command: str, study_command: str | None = Non
     (out / "results.json").write_text(json.dumps(res, indent=1, default=_nan_safe))
     (out / "table.md").write_text(render_table(cfg, res, command, study_command))
     plot(cfg, res, out)
-    _log(f"report written to {out}/ (table.md, results.json, curves.png{', sweep.png' if res['sweep'] else ''})")
+    _log(
+        f"report written to {out}/ (table.md, results.json, predictions/, curves.png"
+        f"{', sweep.png' if res['sweep'] else ''})"
+    )
     return out / "table.md"
 
 
@@ -693,20 +771,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path | None:
             parse_or_fail(parser, expand_key_values(args, "--set", "", keys, "the study config"), prog)
         )
         run = StudyRun(**{f.name: ns[f.name] for f in dataclasses.fields(StudyRun)})
-        cfg = StudyConfig(**{k: ns[k] for k in keys})
+        config_path = next((str(c) for c in ns.get("config") or [] if c), DEFAULT_CONFIG)
+        try:
+            cfg = StudyConfig(**{k: ns[k] for k in keys})
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
         stages = [s.strip() for s in run.stages.split(",") if s.strip()]
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise ValueError(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
         shard = _parse_shard(run.shard)
-        config_path = next((str(c) for c in ns.get("config") or [] if c), DEFAULT_CONFIG)
         return _run_stages(cfg, run, stages, shard, given, config_path)
 
 
 def _run_stages(
     cfg: StudyConfig, run: StudyRun, stages: list[str], shard: tuple[int, int], argv: list[str], config_path: str
 ) -> Path | None:
+    # Before anything runs: a confirmatory config committed before its results, a pilot off its data.
+    protocol = protocol_record(config_path, cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    provenance = protocol if protocol and protocol["confirmatory"] else None
     torch.set_num_threads(max(1, run.threads))
     command = "python -m studies.reproduce " + " ".join(argv)
     table = None
@@ -719,13 +803,13 @@ def _run_stages(
         elif stage in ("train", "eval", "probes") and run.jobs > 1:
             _fan_out(stage, run, argv)
         elif stage == "train":
-            stage_train(cfg, shard, run.force)
+            stage_train(cfg, shard, run.force, provenance)
         elif stage == "eval":
-            stage_eval(cfg, shard, run.force)
+            stage_eval(cfg, shard, run.force, provenance)
         elif stage == "probes":
             stage_probes(cfg, shard, run.force)
         elif stage == "report":
-            table = stage_report(cfg, command, f"python -m studies.reproduce --config {config_path}")
+            table = stage_report(cfg, command, f"python -m studies.reproduce --config {config_path}", protocol)
         _log(f"stage {stage} done in {time.perf_counter() - t0:.0f} s")
     return table
 

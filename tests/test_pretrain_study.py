@@ -1,0 +1,149 @@
+"""The pretraining recipe (studies/pretrain): the curriculum's answers checked against its scenes and kept apart from
+the evaluation tasks, the schedule on hand-worked values, and a toy run that is deterministic, writes the model card
+and loads back as a model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from studies.pretrain import curriculum as cur
+from studies.pretrain import recipe
+
+SMALL = cur.CurriculumConfig(image_size=112, diameter=(10, 20), gap=4, max_objects=3)
+
+
+def test_curriculum_answers_follow_the_scene_and_avoid_the_evaluation_tasks() -> None:
+    task = cur.CurriculumTask(cur.CurriculumConfig())
+    patterns = cur.evaluation_templates()
+    assert len(patterns) == 4 + 8 + 4 + 4 + 4 + 3  # every phrasing of the six evaluation tasks
+    seen = set()
+    for i in range(240):
+        s = task.sample(0, i)
+        skill, objs = s.meta["skill"], s.meta["objects"]
+        seen.add(skill)
+        assert skill == cur.SKILLS[i % len(cur.SKILLS)]  # every skill in turn
+        assert not any(p.fullmatch(s.question) for p in patterns), s.question
+        boxes = [o["box"] for o in objs]
+        assert s.evidence.boxes == boxes
+        centre = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+        if skill in ("colour", "shape"):
+            assert len(objs) == 1 and s.answer == objs[0][skill]
+        elif skill == "count":
+            assert s.answer == str(len(objs)) and 1 <= len(objs) <= 6
+        elif skill == "position":
+            # The drawn pixels' centre lies in the named third of the image.
+            row, col = (int(v // (224 / 3)) for v in (centre[0][1], centre[0][0]))
+            assert s.answer == cur.position_word(row, col)
+        elif skill == "relation":
+            axis, sign = cur.RELATIONS[s.meta["relation"]]
+            a, b = boxes
+            # "a left of b": a's pixels end before b's begin (a gap between the extents), and so on.
+            holds = a[axis + 2] <= b[axis] if sign < 0 else b[axis + 2] <= a[axis]
+            assert s.answer == ("yes" if holds else "no")
+        else:
+            order = sorted(range(len(objs)), key=lambda k: centre[k][0])
+            assert order == list(range(len(objs)))  # described left to right
+            assert all(f"{o['colour']} {o['shape']}" in s.answer for o in objs)
+    assert seen == set(cur.SKILLS)
+    assert cur.position_word(1, 1) == "centre" and cur.position_word(0, 2) == "top right"
+    assert cur.position_word(2, 1) == "bottom" and cur.position_word(1, 0) == "left"
+
+
+def test_curriculum_config_errors_name_the_option() -> None:
+    from data_gen.base import GenerationError
+
+    with pytest.raises(GenerationError, match="skills: unknown"):
+        cur.CurriculumTask(cur.CurriculumConfig(skills=("colour", "grid_patch")))
+    with pytest.raises(GenerationError, match="too small"):
+        cur.CurriculumTask(cur.CurriculumConfig(image_size=56))
+    with pytest.raises(GenerationError, match="below 8 px"):
+        cur.CurriculumTask(cur.CurriculumConfig(diameter=(4, 20)))
+
+
+def test_lr_factor_hand_worked() -> None:
+    # warmup 4, 10 steps, floor 0.1: (s + 1) / 5 during warmup, then 0.1 + 0.9 * (1 + cos(pi * (s - 4) / 6)) / 2.
+    f = [recipe.lr_factor(s, 4, 10, 0.1) for s in (0, 3, 4, 7, 10, 12)]
+    assert f == pytest.approx([0.2, 0.8, 1.0, 0.55, 0.1, 0.1])
+
+
+def _toy(tmp_path: Path, out: str, seed: int = 0) -> dict:
+    return recipe.pretrain(
+        out=str(tmp_path / out),
+        data=recipe.CurriculumData(num=48, splits=(0.5, 0.25, 0.25), folder=str(tmp_path / "data"), curriculum=SMALL),
+        model=recipe.BaseModel(tiny_overrides={"num_hidden_layers": 2, "vision_depth": 1,
+                                               "vision_fullatt_block_indexes": [0]}),
+        train=recipe.Schedule(steps=3, batch_size=4, warmup_steps=1, seed=seed, eval_every=2, eval_samples=6),
+        loader_workers=0,
+    )  # fmt: skip
+
+
+def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from klal.models.loader import ModelConfig, load_model_and_processor
+
+    a = _toy(tmp_path, "a")
+    b = _toy(tmp_path, "b")
+    c = _toy(tmp_path, "c", seed=1)
+    # Same config, same weights bit for bit; another data-order seed, other weights.
+    assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 3
+    wa, wc = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "c" / "model.safetensors"))
+    # Full fine-tuning: the vision tower moved too (its weights differ between the two data orders).
+    vision = [k for k in wa if "visual.blocks" in k]
+    assert vision and any(not torch.equal(wa[k], wc[k]) for k in vision)
+    # The learning curve: steps 0, 2 and the last; held-out accuracy per skill on the 12 test items.
+    assert [p["step"] for p in a["curve"]] == [0, 2, 3]
+    assert sum(a["heldout"]["n"].values()) == 12 and set(a["heldout"]["n"]) == set(cur.SKILLS)
+    out = tmp_path / "a"
+    card = (out / "README.md").read_text()
+    assert "## Held-out accuracy per skill" in card and "![loss curve](loss_curve.png)" in card
+    assert all(f"| {s} |" in card for s in cur.SKILLS) and "Never seen" in card
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert json.loads((out / "pretrain.json").read_text())["weights_sha256"] == a["weights_sha256"]
+    assert a["weights_bytes"] <= recipe.MAX_MB * 2**20
+    # The folder loads offline as a checkpoint, with the trained weights (float32: "auto" means bfloat16 for folders).
+    model, processor = load_model_and_processor(ModelConfig(name_or_path=str(out), dtype="float32"))
+    model.save_pretrained(tmp_path / "again")  # saved again: the same tensors under the same (saved) names
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(again) == set(wa) and all(torch.equal(again[k], v) for k, v in wa.items())
+    assert processor.tokenizer("red blue")["input_ids"] == recipe_tokens("red blue")
+
+
+def recipe_tokens(text: str) -> list[int]:
+    from klal.models.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()(text)["input_ids"]
+
+
+def test_pretrain_refuses_an_existing_out_and_oversized_weights(tmp_path: Path, capsys) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    big = '{"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 4}'
+    with pytest.raises(SystemExit):
+        recipe.main(["--out", str(tmp_path / "new"), "--model.tiny_overrides", big])
+    assert "MB of float32; at most 30" in capsys.readouterr().err
+
+
+def test_the_shipped_config_parses_and_fits_the_budget(capsys) -> None:
+    import yaml
+
+    from klal.models.tiny import build_tiny_model, tiny_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_base.yaml"
+    assert path.read_text().startswith("# python -m studies.pretrain --config configs/pretrain/tiny_base.yaml")
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--config", str(path), "--print_config"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["answer_render"] == "fewest_tokens" and cfg["threads"] == 1
+    cur.CurriculumTask(cur.CurriculumConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in cfg["data"]["curriculum"].items()}))  # fmt: skip
+    n = sum(p.numel() for p in build_tiny_model(tiny_config(**cfg["model"]["tiny_overrides"])).parameters())
+    assert n * 4 <= recipe.MAX_MB * 2**20
