@@ -10,6 +10,7 @@ Run::
     python -m bench.step                                   # tiny model, CPU, ~100 visual tokens, a minute
     python -m bench.step --visual-tokens 256 --steps 5
     python -m bench.step --arch 3b --device cuda --visual-tokens 1024 --dtype bfloat16   # GPU, random 3B weights
+    python -m bench.step --family tiny-qwen3-vl            # another family's tiny model (real processor and collator)
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from jsonargparse.typing import PositiveInt
 from klal.capture import CaptureRequest, register_capture_attention, select_queries
 from klal.cli import run as run_command
 from klal.loss import klal_loss
-from klal.models.loader import set_text_attn_implementation
+from klal.models.config import ModelConfig
+from klal.models.family import family_of, nest_grids
+from klal.models.loader import load_model_and_processor, set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora
 from klal.models.qwen2_5_vl.tiny import build_tiny_model, tiny_config
 
@@ -77,11 +80,41 @@ def build_inputs(cfg, batch: int, grid: int, prompt: int, answer: int, device) -
         "pixel_values": torch.randn(batch * patches, 3 * 2 * 14 * 14, device=device),
         "image_grid_thw": torch.tensor([[1, grid * 2, grid * 2]] * batch, device=device),
         "answer_mask": answer_mask,
+        "visual_mask": input_ids == cfg.image_token_id,
     }
 
 
+def collated_inputs(family_alias: str, batch: int, visual_tokens: int, device) -> dict[str, torch.Tensor]:
+    """A batch made by the family's own processor and klal's collator: ``batch`` copies of a noise image whose side
+    gives the visual-token count closest to ``visual_tokens`` (the family's grids), question and answer."""
+    import numpy as np
+    from PIL import Image
+
+    from klal.data.collate import KLALCollator
+    from klal.models.loader import load_processor, model_family
+
+    cfg = ModelConfig(family_alias)
+    family, processor = model_family(cfg), load_processor(cfg)
+    sides = range(28, 449, 4)
+    cells = {side: sum(r * c for r, c in family.processor_grids(processor, side, side)) for side in sides}
+    side = min(sides, key=lambda x: (abs(cells[x] - visual_tokens), x))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    row = {
+        "id": "bench",
+        "image": img,
+        "question": " ".join(["where is the red star among the cells of this grid"] * 3) + "?",
+        "answer": "(1, 2)",
+        "evidence": {"boxes": [[0, 0, side / 4, side / 4]], "points": [], "polylines": []},
+    }
+    out = KLALCollator(processor)([dict(row, id=f"bench-{i}") for i in range(batch)])
+    out["visual_mask"] = family.visual_token_mask(
+        out["input_ids"], processor.image_token_id, nest_grids(out["grids"], out["grid_image"])
+    )
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
 def target_for(inputs, cfg) -> torch.Tensor:
-    vis = inputs["input_ids"] == cfg.image_token_id
+    vis = inputs["visual_mask"]
     v = int(vis.sum(-1).max())
     t = torch.zeros(vis.shape[0], v, device=vis.device)
     t[:, : max(v // 8, 1)] = 1.0 / max(v // 8, 1)
@@ -89,9 +122,8 @@ def target_for(inputs, cfg) -> torch.Tensor:
 
 
 def step(model, inputs, cfg, mode: str) -> None:
-    keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    kw = {k: inputs[k] for k in keys}
-    vis = inputs["input_ids"] == cfg.image_token_id
+    kw = {k: inputs[k] for k in (*family_of(model).input_keys, "labels") if k in inputs}
+    vis = inputs["visual_mask"]
     query = select_queries(inputs["answer_mask"], "last")
     if mode == "ntp":
         loss = model(**kw, use_cache=False).loss
@@ -111,7 +143,7 @@ def step(model, inputs, cfg, mode: str) -> None:
         req = CaptureRequest.from_masks(query, vis)
         out = model(**kw, use_cache=False, output_attentions=True)
         maps = []
-        for att in out.attentions:  # (B, H, S, S)
+        for att in (a for a in out.attentions if a is not None):  # (B, H, S, S); hybrid models: attention layers
             b_idx = torch.arange(att.shape[0], device=att.device)[:, None]
             rows = att.permute(0, 2, 3, 1)[b_idx, req.query_index]  # (B, A, S, H)
             rows = rows[
@@ -155,6 +187,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[dic
 
 def benchmark(
     arch: Literal["tiny", "3b", "7b"] = "tiny",
+    family: str = "tiny",
     device: str = "cpu",
     dtype: Literal["float32", "bfloat16"] = "float32",
     visual_tokens: PositiveInt = 100,
@@ -165,7 +198,10 @@ def benchmark(
     """Per-step time and memory of NTP only, NTP + KLAL with capture, and NTP + KLAL with eager attentions.
 
     Args:
-        arch: tiny model, or random weights at the published 3B / 7B sizes.
+        arch: tiny model, or random weights at the published Qwen2.5-VL 3B / 7B sizes.
+        family: with ``arch`` tiny, which family's tiny model (``tiny`` is Qwen2.5-VL; ``tiny-qwen2-vl``,
+            ``tiny-qwen3-vl``, ``tiny-qwen3.5``, ``tiny-llava-onevision``); its inputs come from its own processor
+            and klal's collator.
         device: torch device (cpu, cuda, cuda:1, ...).
         dtype: parameter dtype.
         visual_tokens: visual tokens per image, rounded down to a square grid.
@@ -179,16 +215,25 @@ def benchmark(
     torch.manual_seed(0)
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
-    cfg = tiny_config(**ARCH.get(arch, {}))
+    if arch != "tiny" and family != "tiny":
+        raise ValueError(f"--arch {arch} builds Qwen2.5-VL at published sizes; --family {family} needs --arch tiny")
     name = register_capture_attention("sdpa")
-    model = build_tiny_model(cfg, attn_implementation=name, dtype=torch_dtype).to(dev)
+    if arch == "tiny":
+        model, _ = load_model_and_processor(ModelConfig(family, attn_implementation=name, dtype=dtype))
+        model = model.to(dev)
+    else:
+        model = build_tiny_model(tiny_config(**ARCH[arch]), attn_implementation=name, dtype=torch_dtype).to(dev)
     model = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0)).train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    grid = max(int(visual_tokens**0.5), 1)
-    inputs = build_inputs(model.config, batch, grid, prompt=24, answer=4, device=dev)
+    if arch == "tiny":
+        inputs = collated_inputs(family, batch, visual_tokens, dev)
+    else:
+        grid = max(int(visual_tokens**0.5), 1)
+        inputs = build_inputs(model.config, batch, grid, prompt=24, answer=4, device=dev)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+    n_visual = int(inputs["visual_mask"][0].sum())
     cuda = dev.type == "cuda"
     results = []
     for mode in ("ntp", "capture", "eager"):
@@ -214,8 +259,8 @@ def benchmark(
     t = {r["mode"]: r for r in results}
     kind = "peak allocated above model" if cuda else "saved-for-backward"
     print(
-        f"arch={arch} device={device} dtype={dtype} batch={batch} "
-        f"visual_tokens={grid * grid} seq={inputs['input_ids'].shape[1]} steps={steps} "
+        f"arch={arch} family={family} device={device} dtype={dtype} batch={batch} "
+        f"visual_tokens={n_visual} seq={inputs['input_ids'].shape[1]} steps={steps} "
         f"grad_ckpt={gradient_checkpointing}"
     )
     print(f"{'mode':<34}{'step s':>10}{'memory MiB':>14}   ({kind})")

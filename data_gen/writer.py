@@ -410,6 +410,21 @@ def _write_error(out: Path, e: OSError) -> DatasetWriteError:
     )
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``klal_dataset.json`` of a generated dataset directory.
+
+    Raises:
+        DatasetWriteError: the file is missing or not valid JSON.
+    """
+    f = Path(path) / MANIFEST_NAME
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise DatasetWriteError(f"{str(f)!r} not found: {str(path)!r} is not a generated klal dataset") from None
+    except json.JSONDecodeError as e:
+        raise DatasetWriteError(f"{str(f)!r} is not valid JSON: {e}") from None
+
+
 def generate_for_klal(settings: Any) -> None:
     """Write the dataset a ``KLALDataModule``'s ``data.generate`` asks for (klal finds this function through the
     ``klal.generators`` entry point, so the library never imports ``data_gen``).

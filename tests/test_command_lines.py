@@ -29,6 +29,7 @@ def test_bench_step_flags_as_quoted(monkeypatch):
     importlib.import_module("bench.step").main([*argv, "--gradient-checkpointing"])
     assert seen["kwargs"] == {
         "arch": "3b",
+        "family": "tiny",
         "device": "cuda",
         "dtype": "bfloat16",
         "visual_tokens": 1024,
@@ -36,6 +37,12 @@ def test_bench_step_flags_as_quoted(monkeypatch):
         "steps": 5,
         "gradient_checkpointing": True,
     }
+
+
+def test_bench_step_family_flag(monkeypatch):
+    seen = spy(monkeypatch, "bench.step", "benchmark")
+    importlib.import_module("bench.step").main(["--family", "tiny-qwen3.5", "--steps", "2"])
+    assert seen["kwargs"]["family"] == "tiny-qwen3.5" and seen["kwargs"]["arch"] == "tiny"
 
 
 def test_bench_throughput_options(monkeypatch):

@@ -11,7 +11,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from klal.data.collate import KLALCollator
 from klal.decode import config_generate, generate_ids, greedy_generate
-from klal.models.replica import GENERATION_CONFIG
+from klal.models.qwen2_5_vl.replica import GENERATION_CONFIG
 from klal.session import GroundingModel
 from tests.conftest import make_row
 from tests.grounding_helpers import tiny_model

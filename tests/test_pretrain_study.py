@@ -115,7 +115,7 @@ def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) ->
 
 
 def recipe_tokens(text: str) -> list[int]:
-    from klal.models.tiny import build_tiny_tokenizer
+    from klal.models.qwen2_5_vl.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()(text)["input_ids"]
 
@@ -134,7 +134,7 @@ def test_pretrain_refuses_an_existing_out_and_oversized_weights(tmp_path: Path, 
 def test_the_shipped_config_parses_and_fits_the_budget(capsys) -> None:
     import yaml
 
-    from klal.models.tiny import build_tiny_model, tiny_config
+    from klal.models.qwen2_5_vl.tiny import build_tiny_model, tiny_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_base.yaml"
     assert path.read_text().startswith("# python -m studies.pretrain --config configs/pretrain/tiny_base.yaml")

@@ -1,6 +1,6 @@
 """Pretrain a small Qwen2.5-VL from random weights on the synthetic curriculum, and write it with its model card.
 
-The model is the embedded tiny Qwen2.5-VL (:mod:`klal.models.tiny`: the real transformers classes, sized by
+The model is the embedded tiny Qwen2.5-VL (:mod:`klal.models.qwen2_5_vl.tiny`: the real transformers classes, sized by
 ``model.tiny_overrides``), trained in full (every parameter, vision tower included) with next-token loss on the
 answers, by a plain deterministic loop: the data (:mod:`studies.pretrain.curriculum`, written by the project's dataset
 writer), the initial weights (``model.init_seed``), the sampler and the optimizer are all seeded, so the same
@@ -67,7 +67,7 @@ class BaseModel:
     """The model that is pretrained."""
 
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
-    """Size of the tiny Qwen2.5-VL (:func:`klal.models.tiny.tiny_config` keyword overrides)."""
+    """Size of the tiny Qwen2.5-VL (:func:`klal.models.qwen2_5_vl.tiny.tiny_config` keyword overrides)."""
     init_seed: int = 0
     """Seed of the random initial weights."""
 
@@ -186,10 +186,9 @@ def pretrain(
     from klal.checkpoint import atomic_save_dir
     from klal.data.io import load_split
     from klal.datamodule import KLALDataModule
-    from klal.export import save_stock_processor
     from klal.geometry import DEFAULT_MIN_PIXELS
-    from klal.models.tiny import build_tiny_model, build_tiny_processor, tiny_config
-    from klal.module import MODEL_INPUT_KEYS
+    from klal.models.qwen2_5_vl import FAMILY
+    from klal.models.qwen2_5_vl.tiny import build_tiny_model, build_tiny_processor, tiny_config
 
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out!r} exists; pass --overwrite to replace it")
@@ -234,7 +233,7 @@ def pretrain(
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             t1 = time.perf_counter()
-            loss = net(**{k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}).loss
+            loss = net(**{k: batch[k] for k in (*FAMILY.input_keys, "labels") if k in batch}).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()} (lower train.lr)")
             opt.zero_grad(set_to_none=True)
@@ -279,7 +278,7 @@ def pretrain(
 
     def write(tmp: str) -> None:
         net.save_pretrained(tmp)
-        save_stock_processor(processor, tmp)
+        FAMILY.save_stock_processor(processor, tmp)
         weights = Path(tmp) / "model.safetensors"
         record["weights_bytes"] = weights.stat().st_size
         record["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -392,8 +391,8 @@ def model_card(record: dict[str, Any]) -> str:
             f"{arch['vision']}; {record['parameters']:,} parameters, **all trained** from random weights (seed "
             f"{record['model']['init_seed']}), vision tower included; float32 `model.safetensors` "
             f"{record['weights_bytes'] / 2**20:.1f} MB (sha256 {record['weights_sha256'][:16]}...). Tokenizer: the "
-            "embedded tiny byte-level BPE (`klal.models.tiny`). Load it with `--model.name_or_path <this folder> "
-            "--model.dtype float32` (a folder's `auto` dtype is bfloat16).",
+            "embedded tiny byte-level BPE (`klal.models.qwen2_5_vl.tiny`). Load it with "
+            "`--model.name_or_path <this folder> --model.dtype float32` (a folder's `auto` dtype is bfloat16).",
             "",
             "## Data",
             "",
