@@ -26,6 +26,7 @@ from jsonargparse.typing import PositiveInt
 
 from klal.capture import CaptureRequest, register_capture_attention, select_queries
 from klal.cli import run as run_command
+from klal.data.collate import IGNORE_INDEX
 from klal.loss import klal_loss
 from klal.models.config import ModelConfig
 from klal.models.family import family_of, nest_grids
@@ -68,9 +69,9 @@ def build_inputs(cfg, batch: int, grid: int, prompt: int, answer: int, device) -
     ids = [11] * prompt + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_vis + [cfg.vision_end_token_id]
     ids += [12] * prompt + [13] * answer
     input_ids = torch.tensor([ids] * batch, device=device)
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, -answer:] = input_ids[:, -answer:]
-    answer_mask = labels != -100
+    answer_mask = labels != IGNORE_INDEX
     patches = n_vis * 4
     return {
         "input_ids": input_ids,

@@ -1,4 +1,4 @@
-"""The Lightning task: LoRA fine-tuning of Qwen2.5-VL with ``loss = ntp + klal_weight * klal``.
+"""The Lightning task: LoRA fine-tuning of a VLM with ``loss = ntp + klal_weight * klal``.
 
 The model is built in :meth:`KLALModule.configure_model`, so FSDP/DeepSpeed strategies can shard it at construction.
 Checkpoints hold only the trainable (LoRA) weights plus hyperparameters; at the end of ``fit`` the adapter is written

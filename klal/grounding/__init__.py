@@ -1,6 +1,6 @@
 """Training-free grounding methods, run as baselines, probes and evaluation hooks on base and fine-tuned models.
 
-Every method maps one dataset row to a relevance map per image over Qwen2.5-VL's token grid, ranked boxes in original
+Every method maps one dataset row to a relevance map per image over the model's token grid, ranked boxes in original
 pixels and, for methods that answer, an answer. Importing this package registers the built-in methods:
 
 =====================  ==================================================================================

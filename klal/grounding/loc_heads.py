@@ -551,7 +551,7 @@ def discover(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> HeadSelection:
-    """Discover the localization heads of a Qwen2.5-VL model and save them as JSON.
+    """Discover the localization heads of a VLM and save them as JSON.
 
     Args:
         data: dataset directories (``save_to_disk``, klal schema): one path or a list.

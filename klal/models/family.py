@@ -363,6 +363,46 @@ def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[in
     return out
 
 
+def apply_tiny_overrides(
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    overrides: dict[str, Any],
+    fields: tuple[set[str], set[str]],
+    who: str,
+    special: dict[str, Any] | None = None,
+) -> None:
+    """Merge a tiny config's ``overrides`` into its ``text`` and ``vision`` dicts (in place).
+
+    Args:
+        text: text-config fields.
+        vision: vision-config fields.
+        overrides: whole ``text_config`` / ``vision_config`` dicts, text fields by name, vision fields with a
+            ``vision_`` prefix, or keys of ``special``.
+        fields: the text and vision config classes' field names.
+        who: the family, for the message.
+        special: further keys the caller handles itself (updated in place).
+
+    Raises:
+        ValueError: an unknown override, naming it and what is accepted.
+    """
+    text.update(overrides.pop("text_config", None) or {})
+    vision.update(overrides.pop("vision_config", None) or {})
+    text_fields, vision_fields = fields
+    for key, value in overrides.items():
+        if special is not None and key in special:
+            special[key] = value
+        elif key.startswith("vision_") and key[len("vision_") :] in vision_fields:
+            vision[key[len("vision_") :]] = value
+        elif key in text_fields:
+            text[key] = value
+        else:
+            extra = "".join(f"{k!r}, " for k in special or {})
+            raise ValueError(
+                f"tiny_config: unknown override {key!r} for {who}; use a text-config field, 'vision_<field>', "
+                f"{extra}or text_config=/vision_config= dicts"
+            )
+
+
 def split_grids(vec: Any, grids: Sequence[Grid]) -> list[Any]:
     """Cut a ``(..., V)`` per-visual-token array into one ``(..., rows, cols)`` array per grid, in order.
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from klal.models.family import Grid, VLMFamily, register_family
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, register_family
 
 _MODELING = "transformers.models.llava_onevision.modeling_llava_onevision"
 
@@ -225,19 +225,8 @@ class LlavaOnevisionFamily(VLMFamily):
             "image_size": TINY_IMAGE_SIZE,
             "patch_size": 14,
         }
-        text.update(overrides.pop("text_config", None) or {})
-        vision.update(overrides.pop("vision_config", None) or {})
-        text_fields, vision_fields = set(Qwen2Config().to_dict()), set(SiglipVisionConfig().to_dict())
-        for key, value in overrides.items():
-            if key.startswith("vision_") and key[len("vision_") :] in vision_fields:
-                vision[key[len("vision_") :]] = value
-            elif key in text_fields:
-                text[key] = value
-            else:
-                raise ValueError(
-                    f"tiny_config: unknown override {key!r} for {self.label}; use a text-config field, "
-                    "'vision_<field>', or text_config=/vision_config= dicts"
-                )
+        fields = (set(Qwen2Config().to_dict()), set(SiglipVisionConfig().to_dict()))
+        apply_tiny_overrides(text, vision, overrides, fields, self.label)
         eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
         text.update(vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
         return LlavaOnevisionConfig(

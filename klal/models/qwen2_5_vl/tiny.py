@@ -19,7 +19,6 @@ images, returning ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_g
 from __future__ import annotations
 
 import functools
-import inspect
 from collections import Counter
 from typing import Any
 
@@ -35,7 +34,8 @@ from transformers import (
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_pixels
-from klal.models.qwen2_vl.family import ImageTextProcessorMixin
+from klal.models.family import apply_tiny_overrides
+from klal.models.qwen2_vl.family import ImageTextProcessorMixin, init_fields, qwen_config
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -331,22 +331,12 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase | None = None, **overrides: A
     text = dict(TINY_TEXT_DEFAULTS)
     vision = dict(TINY_VISION_DEFAULTS)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": _ROPE_THETA}
-    text.update(overrides.pop("text_config", None) or {})
-    vision.update(overrides.pop("vision_config", None) or {})
-    text_fields = _init_fields(Qwen2_5_VLTextConfig)
-    vision_fields = _init_fields(Qwen2_5_VLVisionConfig)
-    for key, value in overrides.items():
-        if key in ("mrope_section", "rope_theta"):
-            rope[key] = value
-        elif key.startswith("vision_") and key[len("vision_") :] in vision_fields:
-            vision[key[len("vision_") :]] = value
-        elif key in text_fields:
-            text[key] = value
-        else:
-            raise ValueError(
-                f"tiny_config: unknown override {key!r}; use a text-config field, 'vision_<field>', 'mrope_section', "
-                "'rope_theta', or text_config=/vision_config= dicts"
-            )
+    fields = (init_fields(Qwen2_5_VLTextConfig), init_fields(Qwen2_5_VLVisionConfig))
+    special = {"mrope_section": None, "rope_theta": rope["rope_theta"]}
+    apply_tiny_overrides(text, vision, overrides, fields, "Qwen2.5-VL", special)
+    rope["rope_theta"] = special["rope_theta"]
+    if special["mrope_section"] is not None:
+        rope["mrope_section"] = special["mrope_section"]
     for key, want in _PROCESSOR_GEOMETRY.items():
         if vision.get(key) != want:
             raise ValueError(
@@ -376,28 +366,8 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase | None = None, **overrides: A
     vision.setdefault("out_hidden_size", hidden)
     if vision["out_hidden_size"] != hidden:
         raise ValueError(f"tiny_config: vision out_hidden_size ({vision['out_hidden_size']}) != text hidden ({hidden})")
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS}
-    text.update(
-        vocab_size=len(tokenizer),
-        rope_parameters=rope,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-
-
-def _init_fields(cls: type) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    text["rope_parameters"] = rope
+    return qwen_config(Qwen2_5_VLConfig, text, vision, tokenizer)
 
 
 def build_tiny_model(

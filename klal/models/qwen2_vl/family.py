@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from klal.models.family import Grid, VLMFamily
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides
 from klal.models.qwen2_vl.geometry import smart_resize_hw
 
 # Image-processor fields the stock video processor shares (it reads frames with the same patch geometry).
@@ -252,26 +252,15 @@ class QwenVLFamily(VLMFamily):
         Raises:
             ValueError: an unknown override.
         """
-        from klal.models.qwen2_5_vl.tiny import QWEN2_SPECIAL_TOKENS, TINY_TEXT_DEFAULTS, default_mrope_section
+        from klal.models.qwen2_5_vl.tiny import TINY_TEXT_DEFAULTS, default_mrope_section
 
         cls = self.config_class()
         text = {k: v for k, v in TINY_TEXT_DEFAULTS.items() if k not in ("use_sliding_window", "max_window_layers")}
         text.update(self.tiny_text)
         vision = dict(self.tiny_vision)
-        text.update(overrides.pop("text_config", None) or {})
-        vision.update(overrides.pop("vision_config", None) or {})
-        text_fields = _init_fields(cls.sub_configs["text_config"])
-        vision_fields = _init_fields(cls.sub_configs["vision_config"])
-        for key, value in overrides.items():
-            if key.startswith("vision_") and key[len("vision_") :] in vision_fields:
-                vision[key[len("vision_") :]] = value
-            elif key in text_fields:
-                text[key] = value
-            else:
-                raise ValueError(
-                    f"tiny_config: unknown override {key!r} for {self.label}; use a text-config field, "
-                    "'vision_<field>', or text_config=/vision_config= dicts"
-                )
+        vision_fields = init_fields(cls.sub_configs["vision_config"])
+        fields = (init_fields(cls.sub_configs["text_config"]), vision_fields)
+        apply_tiny_overrides(text, vision, overrides, fields, self.label)
         head_dim = text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
         rope = dict(text.get("rope_parameters") or {"rope_type": "default", "rope_theta": 1_000_000.0})
         rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
@@ -281,22 +270,7 @@ class QwenVLFamily(VLMFamily):
             vision.setdefault("out_hidden_size", text["hidden_size"])
         else:
             vision.setdefault("hidden_size", text["hidden_size"])
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS}
-        text.update(
-            vocab_size=len(tokenizer),
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        )
-        return cls(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
-        )
+        return qwen_config(cls, text, vision, tokenizer)
 
     # -- geometry ------------------------------------------------------------------------------------------------
     def resized_hw(self, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -351,7 +325,31 @@ def _rope_owner(model: torch.nn.Module) -> torch.nn.Module:
     raise RuntimeError("the model has no get_rope_index: is it a Qwen-VL model?")
 
 
-def _init_fields(cls: type) -> set[str]:
+def qwen_config(cls: type, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any) -> Any:
+    """A Qwen-VL config of class ``cls`` whose token ids are the Qwen2 special tokens of ``tokenizer``."""
+    from klal.models.qwen2_5_vl.tiny import QWEN2_SPECIAL_TOKENS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS}
+    text = {
+        **text,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    return cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def init_fields(cls: type) -> set[str]:
+    """The keyword fields a config class's constructor takes."""
     return set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
 
 

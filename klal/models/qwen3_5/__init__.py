@@ -13,6 +13,7 @@ from typing import Any
 
 from klal.models.family import register_family
 from klal.models.qwen2_vl.family import QwenVLFamily
+from klal.models.qwen3_vl import Qwen3VLFamily
 
 
 class Qwen3_5Family(QwenVLFamily):
@@ -45,17 +46,8 @@ class Qwen3_5Family(QwenVLFamily):
             "mrope_interleaved": True,
         },
     }
-    tiny_vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "in_channels": 3,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "num_position_embeddings": 256,
-    }
+    # The Qwen3-VL tower's tiny sizes; Qwen3.5's vision config has no deepstack.
+    tiny_vision = {k: v for k, v in Qwen3VLFamily.tiny_vision.items() if k != "deepstack_visual_indexes"}
 
     def attention_layers(self, text_config: Any) -> list[int]:
         """The ``full_attention`` entries of ``text_config.layer_types`` (the linear-attention layers have no
