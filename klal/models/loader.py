@@ -29,6 +29,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from klal.hub import check_cached_when_offline
 from klal.models.config import TINY, ModelConfig
 from klal.models.tiny import (
     ImageTextQwen2_5_VLProcessor,
@@ -96,6 +97,7 @@ def _check_source(name_or_path: str) -> str:
         raise FileNotFoundError(
             f"model name_or_path {name_or_path!r} is neither 'tiny', an existing folder, nor a hub id (owner/name)"
         )
+    check_cached_when_offline(name_or_path)
     return name_or_path
 
 
