@@ -15,9 +15,27 @@ Examples::
     python train.py validate --config configs/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     # continue a killed run from its newest last.ckpt (docs/checkpoints.md)
     python train.py fit --config configs/demo.yaml --ckpt_path last
+
+Lightning, transformers and torch are imported only when a command runs: ``train.py fit --help`` is answered from a
+stored text after its first use (:mod:`klal.helpcache`).
 """
 
-from klal.train_cli import main
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from klal.cli import user_errors
+from klal.helpcache import cached_help
+
+
+def main(argv: list[str] | None = None, run: bool = True, prog: str | None = None) -> Any:
+    """:func:`klal.train_cli.main` (imported here; Ctrl-C during the import exits 130 with one line)."""
+    with user_errors(prog or os.path.basename(sys.argv[0]) or "train.py"):
+        from klal.train_cli import main as train_main
+    return train_main(argv, run=run, prog=prog)
+
 
 if __name__ == "__main__":
-    main()
+    cached_help(os.path.basename(sys.argv[0]) or "train.py", sys.argv[1:], main, script=__file__)

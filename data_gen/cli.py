@@ -150,20 +150,22 @@ def generate(name: str, argv: Sequence[str], prog: str = PROG) -> None:
     """
     opts, config = parse_generate(name, argv, prog)
     from data_gen.tasks import build_task
-    from data_gen.writer import generate_dataset  # imports datasets (seconds): not needed for --help or a bad flag
+    from data_gen.writer import generate_dataset, parent_folders  # imports datasets: not needed for --help
 
     task = build_task(name, overrides=config)
     t0 = time.perf_counter()
-    dd = generate_dataset(
-        task,
-        opts.num,
-        opts.seed,
-        opts.out,
-        workers=opts.workers,
-        splits=opts.splits,
-        overwrite=opts.overwrite,
-        progress=not opts.quiet,
-    )
+    # `--out data/grid_patch` in a fresh checkout: data/ is made (and removed again on failure)
+    with parent_folders(opts.out):
+        dd = generate_dataset(
+            task,
+            opts.num,
+            opts.seed,
+            opts.out,
+            workers=opts.workers,
+            splits=opts.splits,
+            overwrite=opts.overwrite,
+            progress=not opts.quiet,
+        )
     sizes = ", ".join(f"{k} {len(v)}" for k, v in dd.items())
     print(f"wrote {opts.num} {name} samples ({sizes}) to {opts.out} in {time.perf_counter() - t0:.1f} s")
 

@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -399,6 +399,39 @@ def generate_dataset(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return datasets.load_from_disk(str(out))
+
+
+@contextmanager
+def parent_folders(out: str | os.PathLike) -> Iterator[None]:
+    """Create the missing folders above ``out`` (``--out data/grid_patch`` in a fresh checkout, where ``data/`` does
+    not exist yet) for the block, and remove the ones it created again if the block fails, so a failed command leaves
+    no empty folders behind.
+
+    Raises:
+        DatasetWriteError: a folder cannot be created (naming it).
+    """
+    parent = Path(out).expanduser().absolute().parent
+    top = parent
+    while not top.parent.exists():
+        top = top.parent
+    created = not parent.exists()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = e.strerror or str(e)
+        raise DatasetWriteError(f"cannot create the folder {str(parent)!r} for {str(out)!r}: {what}") from None
+    try:
+        yield
+    except BaseException:
+        if created:
+            folder = parent
+            while True:  # only empty folders, and only the ones made here
+                with suppress(OSError):
+                    folder.rmdir()
+                if folder == top:
+                    break
+                folder = folder.parent
+        raise
 
 
 def _write_error(out: Path, e: OSError) -> DatasetWriteError:

@@ -10,7 +10,12 @@ Usage::
 
 ``python -m klal`` is the same command. Each subcommand is also its module's own entry point (``python -m
 klal.export``); both spellings parse the same typed signature (:mod:`klal.cli`). Only the chosen subcommand's module
-is imported, so ``klal NAME --help`` answers without loading torch for the others.
+is imported, and ``klal NAME --help`` is answered from a stored text after its first use (:mod:`klal.helpcache`), so
+it loads no torch.
+
+Exit status: 0 when the subcommand succeeds (what it returns is not printed), 2 for a mistake in the input, 130 after
+Ctrl-C (also while the subcommand's libraries are being imported), so ``klal train fit ... && klal evaluate ...``
+goes on exactly when training succeeded.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+
+from klal.cli import user_errors
+from klal.helpcache import cached_help
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("klal.train_cli", "train with NTP + KLAL (LightningCLI: fit / validate / test)"),
@@ -39,19 +47,31 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> object:
-    """Dispatch ``argv`` (default ``sys.argv[1:]``) to its subcommand's module."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to its subcommand's module; returns the exit status.
+
+    The console script passes the return value to ``sys.exit``: a subcommand's ``main`` that returns an ``int``
+    returns its exit status (``klal generate``), any other result (a CLI object, a results dict, a path) means
+    success, 0.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
-        return None
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"klal: error: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest, prog=f"klal {name}")
+    prog = f"klal {name}"
+
+    def run() -> object:
+        with user_errors(prog):  # Ctrl-C while torch & co. are imported is "interrupted", not a traceback
+            module = importlib.import_module(COMMANDS[name][0])
+        return module.main(rest, prog=prog)
+
+    result = cached_help(prog, rest, run)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import importlib
 import json
@@ -29,7 +30,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -46,11 +47,14 @@ __all__ = [
     "ARCH_KEYS",
     "AtomicCheckpointIO",
     "UnsafeCheckpointError",
+    "atomic_output_dir",
     "atomic_save_dir",
     "atomic_torch_save",
     "base_fingerprint",
     "capture_rng_state",
     "check_adapter_base",
+    "check_ckpt_path",
+    "check_writable",
     "check_compatible",
     "changed_hparams",
     "check_resume_hparams",
@@ -61,6 +65,7 @@ __all__ = [
     "find_last_checkpoint",
     "gather_rng_states",
     "lora_fingerprint",
+    "naming_path",
     "read_adapter_info",
     "resolve_ckpt_path",
     "restore_rng_state",
@@ -113,6 +118,42 @@ def _remove_stale_temps(path: str) -> None:
                 os.remove(stale)
 
 
+def naming_path(error: BaseException, path: str) -> OSError | None:
+    """``error`` as an OSError that names ``path``, or None when it is no file-system error.
+
+    A write to an open file (``torch.save`` into a temporary file, a library writing into a temporary folder) reports
+    ``[Errno 28] No space left on device`` without any path, or, from a native writer, only the OS error's text; the
+    user needs to know which output did not fit. ``path`` is what the user asked for, not the temporary file.
+    """
+    if isinstance(error, OSError):
+        if error.errno is None:
+            return OSError(f"{path}: {error}")
+        return type(error)(error.errno, error.strerror or str(error), path)
+    text = str(error)
+    if "No space left on device" in text or "os error 28" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return None
+
+
+class _RecordedWrites:
+    """A binary file that remembers the OSError of a failed write: torch's native writer turns it into a
+    ``RuntimeError`` such as ``unexpected pos 704 vs 598``, which says nothing about a full disk."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike, check_weights_only: bool = True) -> None:
     """``torch.save`` to ``path`` so that ``path`` is never a partial file.
 
@@ -122,24 +163,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, check_weights_only: boo
 
     Raises:
         UnsafeCheckpointError: ``check_weights_only`` and ``obj`` holds objects weights-only loading refuses.
+        OSError: the file cannot be written (a full disk, no permission); the message names ``path``.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise naming_path(e, parent) from None
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise naming_path(e, path) from None
+    writes = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writes = _RecordedWrites(f)
+            torch.save(obj, writes)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
         if check_weights_only:
             _allowed_globals(tmp, shown=path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        named = naming_path(writes.error if writes is not None and writes.error is not None else e, path)
+        if named is not None and not isinstance(e, UnsafeCheckpointError):
+            raise named from None
         raise
     _fsync_dir(parent)
 
@@ -149,20 +202,15 @@ def atomic_save_dir(write: Callable[[str], None], path: str | os.PathLike) -> No
 
     An existing ``path`` is swapped out by two renames and then deleted; a crash between the renames leaves the old
     folder as ``.<name>.<random>.tmp.old`` next to it.
+
+    Raises:
+        OSError: the folder cannot be written (a full disk, no permission); the message names ``path``, and nothing
+            is left behind.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a folder")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
+    with _staging(write, path) as tmp:
         os.chmod(tmp, 0o755)
         if os.path.isdir(path):
             old = tmp + ".old"
@@ -171,10 +219,81 @@ def atomic_save_dir(write: Callable[[str], None], path: str | os.PathLike) -> No
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    _fsync_dir(os.path.dirname(path))
+
+
+def atomic_output_dir(write: Callable[[str], None], path: str | os.PathLike) -> None:
+    """Fill an output folder with ``write(tmp_dir)`` so that a failure leaves nothing: the files are written into a
+    temporary folder next to ``path`` and moved into place only when ``write`` succeeded.
+
+    A missing or empty ``path`` becomes the temporary folder by one rename (:func:`atomic_save_dir`). An existing
+    folder with other files in it keeps them: each written file is moved over its namesake (``os.replace``, so every
+    file is whole, old or new); nothing else in the folder is touched.
+
+    Raises:
+        OSError: the output cannot be written (a full disk, no permission, ``path`` is a file); the message names
+            ``path``, and nothing is left behind.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path) or not os.listdir(path):
+        atomic_save_dir(write, path)
+        return
+    with _staging(write, path) as tmp:
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                src = os.path.join(root, name)
+                dst = os.path.join(path, os.path.relpath(src, tmp))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.chmod(src, 0o644)
+                os.replace(src, dst)
         shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(path)
+
+
+@contextlib.contextmanager
+def _staging(write: Callable[[str], None], path: str) -> Iterator[str]:
+    """A temporary folder next to ``path``, filled by ``write`` and fsynced, for the block to move into place.
+
+    On any failure (in ``write`` or in the block) the folder is removed, and a file-system error is raised as one that
+    names ``path`` (:func:`naming_path`).
+    """
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(path)
+        tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise naming_path(e, path) from None
+    try:
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = naming_path(e, path)
+        if named is not None:
+            raise named from None
         raise
-    _fsync_dir(parent)
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Fail at once, before a long run, when the output folder ``path`` could not be written at its end.
+
+    Raises:
+        NotADirectoryError: ``path`` is a file.
+        PermissionError: the folder (or the nearest existing folder above it) is not writable.
+    """
+    where = os.path.abspath(os.fspath(path))
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise NotADirectoryError(f"{option} {os.fspath(path)} is a file, not a folder")
+    existing = where
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {os.fspath(path)}: cannot write into {existing}")
 
 
 # -- weights-only loading --------------------------------------------------------------------------------------------
@@ -517,21 +636,62 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
     :func:`_run_dirs`), never a checkpoint of another run that shares the root folder.
 
     When the run is numbered by a logger (``version_N``) and no version was given, the logger is set to the version
-    the checkpoint belongs to, so the resumed run writes into the same folder (``metrics.csv``, the adapter). ``last``
-    is kept when there is no checkpoint: Lightning then warns and starts fresh.
+    the checkpoint belongs to, so the resumed run writes into the same folder (``metrics.csv``, the adapter).
+
+    Raises:
+        FileNotFoundError: ``last`` and there is no checkpoint to resume (Lightning would warn and start afresh in a
+            new folder, which a resumed job's log then hides); the message names the folders searched.
     """
     if ckpt_path != "last":
         return ckpt_path
     dirs, logger = _run_dirs(trainer)
     found = find_last_checkpoint(dirs)
     if found is None:
-        return ckpt_path
+        root = getattr(logger, "root_dir", None) if logger is not None else None
+        where = ", ".join(dirs) if dirs else str(root or trainer.default_root_dir)
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last.ckpt to resume in {where}; nothing was started (leave out --ckpt_path to "
+            "start a new run, or name a checkpoint file)"
+        )
     if logger is not None and logger._version is None:
         root = os.path.abspath(str(logger.root_dir))
         version = os.path.relpath(os.path.abspath(found), root).split(os.sep)[0]
         m = re.fullmatch(r"version_(\d+)", version)
         logger._version = int(m.group(1)) if m else version
     return found
+
+
+LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
+"""``ckpt_path`` values Lightning resolves itself (``last`` is klal's, :func:`resolve_ckpt_path`)."""
+
+
+def _deepspeed_folder(path: str) -> bool:
+    return bool(glob.glob(os.path.join(glob.escape(path), "**", "*model_states.pt"), recursive=True))
+
+
+def check_ckpt_path(ckpt_path: str | None) -> str | None:
+    """``ckpt_path`` (after :func:`resolve_ckpt_path`), checked to name a checkpoint before anything starts.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        IsADirectoryError: a folder that is not a DeepSpeed checkpoint folder (the message names the newest
+            ``last*.ckpt`` inside, if there is one).
+    """
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or not _is_local(ckpt_path):
+        return ckpt_path
+    path = _local(ckpt_path)
+    if os.path.isdir(path):
+        if _deepspeed_folder(path):
+            return ckpt_path
+        inside = find_last_checkpoint([path])
+        hint = f" (the newest inside is {inside})" if inside else " (it holds no last.ckpt)"
+        raise IsADirectoryError(
+            f"--ckpt_path {ckpt_path} is a folder, not a checkpoint file{hint}; name a .ckpt file, or give "
+            "--ckpt_path last to resume this run's newest checkpoint"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    return ckpt_path
 
 
 def checkpoint_state(path: str) -> dict[str, Any] | None:

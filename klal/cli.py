@@ -109,6 +109,9 @@ def run(fn: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | N
         What ``fn`` returns. A parse error or a :data:`USER_ERRORS` exception exits with one line and status 2.
     """
 
+    from klal.noise import quiet
+
+    quiet()  # third-party warnings about third-party code (klal.noise), as train.py does
     prog = prog or f"python -m {fn.__module__}"
     names = sequence_options(typing.get_type_hints(fn))
     args = list_options(normalise_flags(sys.argv[1:] if argv is None else argv), names)
@@ -226,7 +229,8 @@ def bare_bool_flags(parser: Any) -> None:
 
 
 def parse_or_fail(parser: Any, args: Sequence[str], prog: str) -> Any:
-    """``parser.parse_args(args)``; a bad option exits with one line naming it (:func:`one_line_error`)."""
+    """``parser.parse_args(args)``; a bad option exits with one line naming it (:func:`one_line_error`,
+    :func:`group_value_hint`)."""
     from jsonargparse import ArgumentError
 
     try:
@@ -234,4 +238,24 @@ def parse_or_fail(parser: Any, args: Sequence[str], prog: str) -> Any:
     except ArgumentError as e:
         if debug_enabled():
             raise
-        fail(prog, one_line_error(str(e)))
+        fail(prog, group_value_hint(parser, str(e)) or one_line_error(str(e)))
+
+
+def group_value_hint(parser: Any, message: str) -> str | None:
+    """The message for a bare value given to a group of options (``--model tiny`` where ``--model`` is a dataclass):
+    jsonargparse reads such a value as a config file (``Unable to load config 'tiny'``); say which options the group
+    has instead, naming the likely one. None for any other error."""
+    m = re.search(r"Parser key \"([\w.]+)\": Unable to load config ['\"](.*?)['\"]", message)
+    if not m:
+        m = re.search(r"--([\w.]+): Unable to load config ['\"](.*?)['\"]", message)
+    if not m:
+        return None
+    group, value = m.group(1), m.group(2)
+    fields = [a.dest[len(group) + 1 :] for a in parser._actions if a.dest.startswith(group + ".")]
+    if not fields:
+        return None
+    likely = next((f for f in fields if "name" in f or "path" in f), fields[0])
+    return (
+        f"--{group} takes its options one by one ({', '.join('--' + group + '.' + f for f in fields[:4])}, ...) or a "
+        f"YAML file of them; {value!r} is not a file: did you mean --{group}.{likely} {value}?"
+    )

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from klal.data.collate import KLALCollator, PromptSettings
-from klal.data.io import read_row, read_saved
+from klal.data.io import check_answers, check_not_empty, check_unique_ids, read_row, read_saved
 from klal.data.resumable import ResumableDataLoader
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths
 from klal.data.schema import check_columns
@@ -231,6 +231,11 @@ class KLALDataModule(L.LightningDataModule):
                 self.splits[key] = ds
         if "train" not in self.splits and stage in (None, "fit"):
             raise ValueError(f"no {self.split_names['train']!r} split in {paths}")
+        by_name = {self.split_names[k]: ds for k, ds in self.splits.items()}
+        used = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ())
+        check_not_empty({self.split_names[k]: self.splits[k] for k in used if k in self.splits}, ", ".join(paths))
+        check_unique_ids(by_name, ", ".join(paths))
+        check_answers(by_name, ", ".join(paths))
 
     @staticmethod
     def _load(path: str) -> datasets.DatasetDict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,7 +44,7 @@ from klal.models.loader import (
     text_config,
     with_saved_pixel_bounds,
 )
-from klal.models.lora import LoraSettings, apply_lora
+from klal.models.lora import LoraSettings, apply_lora, language_lora_regex
 
 
 @dataclass
@@ -97,6 +98,7 @@ class KLALModule(L.LightningModule):
         super().__init__()
         if klal_weight < 0 or not math.isfinite(klal_weight):
             raise ValueError(f"klal_weight must be a finite number >= 0, got {klal_weight}")
+        check_optim(optim or OptimSettings())
         # A folder klal exported keeps its saved pixel bounds (unless set here), in the processor and in the record.
         self.backbone = (
             with_saved_pixel_bounds(backbone) if backbone and not backbone.is_tiny else backbone or ModelConfig()
@@ -137,6 +139,7 @@ class KLALModule(L.LightningModule):
             model.enable_input_require_grads()
         # Recorded now, while every weight is whole on this process (FSDP shards them later).
         self._base_identity = base_fingerprint(self.backbone, model)
+        check_lora_rank(model, self.lora)
         self.model = apply_lora(model, self.lora)
         self.model.train()
         self.layers = attention_layer_ids(self.klal_layers_spec, self.family.attention_layers(self.text_config))
@@ -355,6 +358,54 @@ class KLALModule(L.LightningModule):
             return self.adapter_dir
         root = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
         return os.path.join(root, "adapter")
+
+
+def check_optim(o: OptimSettings) -> None:
+    """Refuse optimizer settings AdamW or the schedule would reject later with a message that names no option.
+
+    Raises:
+        ValueError: naming the ``model.optim`` option and the value.
+    """
+
+    def bad(name: str, value: Any, need: str) -> ValueError:
+        return ValueError(f"model.optim.{name} must be {need}, got {value!r}")
+
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise bad("lr", o.lr, "a finite number > 0")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise bad("weight_decay", o.weight_decay, "a finite number >= 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise bad("betas", o.betas, "two numbers in [0, 1)")
+    if o.warmup_steps < 0:
+        raise bad("warmup_steps", o.warmup_steps, ">= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise bad("min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+
+
+def check_lora_rank(model: torch.nn.Module, lora: LoraSettings) -> None:
+    """Refuse a LoRA rank larger than a layer it adapts is wide: ``B @ A`` of a ``d_in -> d_out`` layer has rank at
+    most ``min(d_in, d_out)``, so a larger ``r`` only adds parameters (and memory) that change nothing.
+
+    Checked on the base model before peft allocates the LoRA weights.
+
+    Raises:
+        ValueError: naming ``model.lora.r``, the narrowest adapted layer and its width.
+    """
+    num_layers = text_config(model).num_hidden_layers
+    pattern = re.compile(language_lora_regex(lora.targets, lora.layers, num_layers))
+    widths = [
+        (min(m.in_features, m.out_features), name, m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name)
+    ]
+    if not widths:
+        return  # apply_lora reports a regex that matches nothing
+    width, name, d_in, d_out = min(widths)
+    if lora.r > width:
+        raise ValueError(
+            f"model.lora.r={lora.r} is larger than the layers it adapts are wide: {name} maps {d_in} -> {d_out}, so "
+            f"the LoRA update has rank at most {width}; give model.lora.r <= {width}"
+        )
 
 
 def _strategy_loads_weights_itself(strategy: Any) -> bool:

@@ -4,7 +4,8 @@ Every ``train.py`` run used to print five to seven lines that were not about the
 its cloud products, a transformers deprecation triggered inside peft (``is_gradient_checkpointing``), a Lightning
 deprecation triggered by its own pytree code, and peft's failed network look-up of the base model's config on every
 adapter save (fixed where klal saves adapters, not here). :func:`quiet` removes exactly those, by message, and
-nothing else: every other warning and log line still shows. ``KLAL_DEBUG=1`` leaves everything on.
+nothing else: every other warning and log line still shows. ``KLAL_DEBUG=1`` leaves everything on. ``train.py`` and
+every command run by :func:`klal.cli.run` (export, evaluate, head discovery, the converters) call it.
 """
 
 from __future__ import annotations

@@ -11,8 +11,13 @@ refused unless ``--allow_changed_hparams true`` (see ``docs/checkpoints.md``).
 
 Every run also gets :class:`klal.progress.StepProgressBar` (unless the config brings a progress bar or turns it off),
 :class:`klal.guards.TargetMapGuard` (stops a KLAL run whose data gives no target map, reports the share of samples
-without one) and :class:`klal.guards.SigtermCheckpoint` (SIGTERM saves ``last.ckpt`` and exits with status 143);
-third-party console noise is silenced (:mod:`klal.noise`).
+without one), :class:`klal.guards.SigtermCheckpoint` (SIGTERM saves ``last.ckpt`` and exits with status 143) and
+:class:`klal.guards.LossGuard` (stops a diverging loss before its update); third-party console noise is silenced
+(:mod:`klal.noise`). ``--trainer.max_steps 0`` (nothing to train) and ``--ckpt_path last`` with no checkpoint to
+resume are errors, not a run that ends at once or starts afresh. A command that fails removes the run folder it
+created (``version_N/`` with its ``config.yaml``) unless a checkpoint was saved in it, which is kept for
+``--ckpt_path last``. Exit status: 0 after success, 2 for a mistake in the input or data (a non-finite or diverging
+loss included), 130 after Ctrl-C, 143 after SIGTERM.
 
 Errors. A mistake on the command line or in a config file (an unknown key, a bad value) is one line,
 ``train.py: error: MESSAGE``, exit status 2, with the closest valid key for a misspelt one; so are the data and config
@@ -36,18 +41,30 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from klal.checkpoint import (
+    check_ckpt_path,
     check_resume_hparams,
     checkpoint_state,
     continue_csv_metrics,
     resolve_ckpt_path,
     use_atomic_checkpoint_io,
 )
-from klal.cli import debug_enabled, fail, user_errors
+from klal.cli import debug_enabled, fail, list_options, user_errors
 from klal.datamodule import KLALDataModule
-from klal.guards import EXIT_SIGTERM, SigtermCheckpoint, TargetMapGuard
+from klal.guards import (
+    EXIT_SIGTERM,
+    LossGuard,
+    SigtermCheckpoint,
+    TargetMapGuard,
+    check_trains_something,
+    new_run_dir,
+    remove_unless_checkpointed,
+)
 from klal.module import KLALModule
 from klal.noise import quiet
 from klal.progress import StepProgressBar
+
+LIST_OPTIONS = {"data.paths"}
+"""List options that also take one value without brackets (``--data.paths DIR``, :func:`klal.cli.list_options`)."""
 
 
 class KLALCLI(LightningCLI):
@@ -75,7 +92,7 @@ class KLALCLI(LightningCLI):
         extra: list[Any] = []
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(StepProgressBar())
-        for kind in (TargetMapGuard, SigtermCheckpoint):
+        for kind in (TargetMapGuard, SigtermCheckpoint, LossGuard):
             if not any(isinstance(c, kind) for c in given):
                 extra.append(kind())
         return super()._instantiate_trainer(config, [*callbacks, *extra])
@@ -126,8 +143,12 @@ class KLALCLI(LightningCLI):
 
     def _resolve_last(self) -> None:
         cfg = self.config_init[self.subcommand]
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
+        if self.subcommand == "fit":
+            check_trains_something(self.trainer)
+        ckpt_path = check_ckpt_path(resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer))
         cfg["ckpt_path"] = ckpt_path
+        # Known now that "last" has chosen its version: a folder this command creates is removed again if it fails.
+        self._new_run_dir = new_run_dir(self.trainer)
         if self.subcommand != "fit" or not ckpt_path or not os.path.exists(ckpt_path):
             return
         checkpoint = checkpoint_state(ckpt_path)
@@ -138,6 +159,17 @@ class KLALCLI(LightningCLI):
         continue_csv_metrics(self.trainer, step)
 
     before_fit = before_validate = before_test = _resolve_last
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self._new_run_dir = None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # A failed run (bad data, a full disk, Ctrl-C, a diverging loss) leaves nothing in a folder it created,
+            # unless a checkpoint was saved there: that one is complete (atomic) and what --ckpt_path last resumes.
+            if self._new_run_dir is not None and self.trainer.is_global_zero:
+                remove_unless_checkpointed(self._new_run_dir)
+            raise
 
 
 def main(argv: list[str] | None = None, run: bool = True, prog: str | None = None) -> LightningCLI:
@@ -150,21 +182,33 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
     """
     # Show the config dataclasses' field docstrings in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # `--data.paths DIR` (one folder, no brackets) is read as the list `[DIR]`, as `--data.paths A B` is `[A, B]`.
     if argv is not None:
+        argv = list_options(list(argv), LIST_OPTIONS)
         # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
         sys.argv = sys.argv[:1]
+    else:
+        # Rewritten in place: Lightning's DDP launcher starts the other processes with this sys.argv.
+        sys.argv[1:] = list_options(sys.argv[1:], LIST_OPTIONS)
     quiet()
     name = prog or os.path.basename(sys.argv[0]) or "train.py"
     try:
         with user_errors(name):
-            return KLALCLI(
-                KLALModule,
-                KLALDataModule,
-                args=argv,
-                run=run,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={"prog": name},
-            )
+            try:
+                return KLALCLI(
+                    KLALModule,
+                    KLALDataModule,
+                    args=argv,
+                    run=run,
+                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"prog": name},
+                )
+            except FloatingPointError as e:
+                # A non-finite or diverging loss (klal.module, klal.guards.LossGuard): the message names the step,
+                # the loss and the batch's samples; the run stopped before the bad update.
+                if debug_enabled():
+                    raise
+                fail(name, e)
     except SIGTERMException:
         # Lightning ends a SIGTERM-ed run with SystemExit(0); a scheduler's stop is not a success (the checkpoint was
         # saved by SigtermCheckpoint, which said where).

@@ -193,8 +193,8 @@ def save_before_after(rows: list[dict], before, after, png: Path, target=None) -
         orig = (row["height"], row["width"])
         target_map = build_target_map(row["evidence"], orig, grid, target)
         cells = evidence_cells(row["evidence"], orig, grid)
-        question = textwrap.shorten(row["question"], 70, placeholder="...")
-        overlay(axes[i, 0], img, target_map, "\n".join(["target map", *textwrap.wrap(question, 36)]))
+        # The whole question, wrapped (it used to be cut with "..."); the panels are tall enough for four lines.
+        overlay(axes[i, 0], img, target_map, "\n".join(["target map", *textwrap.wrap(row["question"], 36)]))
         for j, (name, run) in enumerate((("before", before), ("after", after)), start=1):
             res = run.results[i]
             mass = f", mass {evidence_mass(res.maps[0], cells):.2f}" if cells is not None else ""

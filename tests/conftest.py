@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Stored --help texts (klal.helpcache) go to a folder of this test session, not the user's ~/.cache.
+os.environ.setdefault("KLAL_CACHE_DIR", tempfile.mkdtemp(prefix="klal-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from klal.data.io import load_split
+from klal.data.io import DataReadError, ImageDecodeError, check_not_empty, check_unique_ids, load_split, read_row
 from klal.data.schema import FEATURES, Evidence, make_record
 
 
@@ -68,3 +68,63 @@ def test_missing_schema_column_names_path_and_split(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"id": "a", "question": "q"}])}).save_to_disk(str(path))
     with pytest.raises(ValueError, match=r"cols \[train\]: dataset is missing column\(s\) \['task', 'image'"):
         load_split(path, "train")
+
+
+# -- rows that used to be read silently wrong (issue 19) ---------------------------------------------------------------
+def _save(tmp_path, splits: dict[str, list[dict]], name: str = "dd") -> str:
+    path = tmp_path / name
+    datasets.DatasetDict({s: datasets.Dataset.from_list(r, features=FEATURES) for s, r in splits.items()}).save_to_disk(
+        str(path)
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("id", "r0", r"\[train\]: 1 sample id\(s\) occur more than once, e.g. 'r0' \(2 times\)"),
+        ("answer", " \t", r"\[train\]: sample 'r2' \(row 2\) has an empty answer ' \\t'"),
+    ],
+)
+def test_duplicate_ids_and_blank_answers_are_refused(tmp_path, field, value, match):
+    wrong = rows(3)
+    wrong[2][field] = value
+    with pytest.raises(ValueError, match=match):
+        load_split(_save(tmp_path, {"train": wrong}), "train")
+
+
+def test_an_id_in_two_splits_is_refused():
+    with pytest.raises(ValueError, match=r"sample id 'r1' is in both the 'train' and the 'validation' split"):
+        check_unique_ids(
+            {
+                "train": datasets.Dataset.from_list(rows(3)),
+                "validation": datasets.Dataset.from_list([{**rows(1, "v")[0], "id": "r1"}]),
+            },
+            "data",
+        )
+
+
+def test_an_empty_split_is_named(tmp_path):
+    path = _save(tmp_path, {"train": rows(2), "validation": rows(1, "v")})
+    dd = datasets.load_from_disk(path)
+    dd["validation"] = dd["validation"].select([])  # saved with no data file at all
+    dd.save_to_disk(str(tmp_path / "no_file"))
+    with pytest.raises(DataReadError, match=r"split\(s\) 'validation' hold no rows"):
+        load_split(str(tmp_path / "no_file"), "train")
+    with pytest.raises(ValueError, match=r"^data \[validation\]: the split has no rows"):
+        check_not_empty({"validation": datasets.Dataset.from_list(rows(1), features=FEATURES).select([])}, "data")
+
+
+def test_read_row_decodes_undecoded_images_and_checks_the_declared_size(tmp_path):
+    good, bad = rows(2)
+    bad["width"] = 448
+    path = _save(tmp_path, {"train": [good, bad]})
+    ds = load_split(path, "train").cast_column("image", datasets.Image(decode=False))
+    where = f"{path} [train]"
+    row = read_row(ds, 0, where)
+    assert isinstance(row["image"], Image.Image) and row["image"].mode == "RGB"
+    with pytest.raises(ValueError, match=r"\[train\]: sample 'r1' \(row 1\): its width/height columns say 448 x 56"):
+        read_row(ds, 1, where)
+    damaged = ds.map(lambda r: {**r, "image": {"bytes": b"garbage", "path": "x.png"}}, keep_in_memory=True)
+    with pytest.raises(ImageDecodeError, match=r"\[train\]: sample 'r0' \(row 0\): cannot decode its image \(stored"):
+        read_row(damaged, 0, where)

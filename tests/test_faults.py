@@ -23,6 +23,7 @@ from klal.checkpoint import (
     ADAPTER_INFO,
     AtomicCheckpointIO,
     UnsafeCheckpointError,
+    atomic_output_dir,
     find_last_checkpoint,
     safe_load,
     save_adapter,
@@ -386,6 +387,33 @@ def test_crash_during_save_keeps_previous_checkpoint_and_leaves_no_partial_file(
     assert os.listdir(path.parent) == ["last.ckpt"], "no temporary or partial file remains"
     loaded = io.load_checkpoint(path)
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+
+
+def test_an_output_folder_is_written_whole_or_not_at_all(tmp_path):
+    """atomic_output_dir (evaluate.py's outputs): a failure or Ctrl-C leaves nothing and names the folder; an existing
+    folder keeps the files it did not write."""
+    out = tmp_path / "eval"
+
+    def full_disk(folder: str) -> None:
+        (Path(folder) / "results.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=rf"No space left on device: '{out}'"):
+        atomic_output_dir(full_disk, out)
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "results.json").write_text("old")
+    atomic_output_dir(lambda folder: (Path(folder) / "results.json").write_text("new"), out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.txt": "mine", "results.json": "new"}
+
+    def interrupted(folder: str) -> None:
+        (Path(folder) / "gallery_x.tmp.png").write_text("half a picture")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_output_dir(interrupted, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"] and len(list(out.iterdir())) == 2
 
 
 def test_weights_only_refuses_foreign_objects_and_admits_klal_configs(tmp_path):

@@ -291,8 +291,8 @@ def test_loc_heads_cli(tmp_path, rows, gm):
     # klal discover-heads dispatches to the same command.
     from klal.__main__ import main as klal_main
 
-    sel2 = klal_main(["discover-heads", *argv[:-1], str(tmp_path / "again.json")])
-    assert sel2.heads == sel.heads and (tmp_path / "again.json").is_file()
+    assert klal_main(["discover-heads", *argv[:-1], str(tmp_path / "again.json")]) == 0  # the exit status
+    assert lh.HeadSelection.load(str(tmp_path / "again.json")).heads == sel.heads
     # prepare() also takes a datasets.Dataset (rows, not a column slice).
     method = lh.LocalizationHeads(discover_samples=1, floor=0.0)
     method.prepare(gm, datasets.load_from_disk(str(data))["train"])

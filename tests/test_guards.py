@@ -16,7 +16,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from klal.guards import NoTargetMapError, SigtermCheckpoint, TargetMapGuard
+from klal.guards import (
+    DivergedLossError,
+    LossGuard,
+    NoTargetMapError,
+    SigtermCheckpoint,
+    TargetMapGuard,
+    check_trains_something,
+    remove_unless_checkpointed,
+)
 
 
 class _Rows(Dataset):
@@ -63,7 +71,9 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(tmp_path, module, data: _Rows, callbacks, max_steps: int, val: _Rows | None = None, batch: int = 2):
+def _fit(
+    tmp_path, module, data: _Rows, callbacks, max_steps: int, val: _Rows | None = None, batch: int = 2, collate=_collate
+):
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -75,7 +85,7 @@ def _fit(tmp_path, module, data: _Rows, callbacks, max_steps: int, val: _Rows | 
         num_sanity_val_steps=0,
         accelerator="cpu",
     )
-    loader = DataLoader(data, batch_size=batch, collate_fn=_collate(data.why))
+    loader = DataLoader(data, batch_size=batch, collate_fn=collate(data.why))
     vloader = DataLoader(val, batch_size=batch, collate_fn=_collate(val.why)) if val is not None else None
     trainer.fit(module, loader, vloader)
     return trainer
@@ -158,3 +168,69 @@ def test_other_exceptions_save_nothing(tmp_path):
     with pytest.raises(NoTargetMapError):
         _fit(tmp_path, _Module(), _Rows(40, lambda i: False), [TargetMapGuard(2), saver], max_steps=10)
     assert saver.saved is None
+
+
+# -- distinct samples (issue 19: "train 0/1600" counted epochs x samples) --------------------------------------------
+def _named_collate(why: str):
+    """Batches that name their samples (``ids``), as klal's collator makes them."""
+    plain = _collate(why)
+
+    def collate(rows: list[dict]) -> dict:
+        return {**plain(rows), "ids": [f"s{r['i']}" for r in rows]}
+
+    return collate
+
+
+def test_guard_counts_each_named_sample_once(tmp_path, capsys):
+    guard = TargetMapGuard(check_batches=2)
+    data = _Rows(4, lambda i: i != 0, why="empty evidence")
+    _fit(tmp_path, _Module(), data, [guard], max_steps=12, collate=_named_collate)  # 6 epochs of 4: 24 draws
+    assert guard.samples["train"] == 4 and guard.without["train"] == 1
+    assert "samples without a target map: train 1/4 (25.0%; empty evidence: 1)" in capsys.readouterr().out
+
+
+# -- a diverging loss -------------------------------------------------------------------------------------------------
+class _Exploding(_Module):
+    """Loss 2.0, then ``factor`` times more at every step (what too high a learning rate does)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch["x"]).pow(2).mean() * 0 + 2.0 * self.factor**self.global_step
+
+
+def test_loss_guard_stops_a_diverging_loss_before_its_update(tmp_path):
+    module = _Exploding(factor=10.0)
+    with pytest.raises(DivergedLossError, match=r"diverging train loss at global step 3 .* loss=2000, over 100 x"):
+        _fit(tmp_path, module, _Rows(40, lambda i: True), [LossGuard()], max_steps=10)
+    assert module.global_step == 3, "steps 0-2 (2, 20, 200) ran; step 3 (2000 > 100 x 2) was not applied"
+
+
+def test_loss_guard_lets_ordinary_noise_and_small_losses_pass(tmp_path):
+    guard = LossGuard()
+    _fit(tmp_path, _Exploding(factor=1.5), _Rows(40, lambda i: True), [guard], max_steps=10)  # 2 .. 77 < 100 x 2
+    assert guard.first == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="max_ratio"):
+        LossGuard(max_ratio=1.0)
+
+
+# -- the run folder ---------------------------------------------------------------------------------------------------
+def test_a_run_folder_is_removed_unless_it_holds_a_checkpoint(tmp_path):
+    run = tmp_path / "runs" / "klal" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    (run / "checkpoints" / ".last.ckpt.abc.tmp").write_text("partial")  # an interrupted write is no checkpoint
+    assert remove_unless_checkpointed(str(tmp_path / "runs")) and not (tmp_path / "runs").exists()
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("whole")
+    assert not remove_unless_checkpointed(str(tmp_path / "runs")) and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_fit_that_trains_nothing_is_refused(tmp_path):
+    for kwargs, option in (({"max_steps": 0}, "max_steps"), ({"max_epochs": 0}, "max_epochs")):
+        trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, **kwargs)
+        with pytest.raises(ValueError, match=rf"--trainer.{option} 0 trains nothing"):
+            check_trains_something(trainer)
+    check_trains_something(L.Trainer(accelerator="cpu", logger=False, max_steps=3, default_root_dir=tmp_path))

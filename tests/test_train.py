@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Imported at collection (train.py imports it only when it runs): Lightning's console handler binds the sys.stderr of
+# the moment, which must not be a test's captured, later closed, stream.
+import klal.train_cli  # noqa: F401
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +34,14 @@ def test_every_config_parses_and_names_its_command(path, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["klal_weight"] >= 0
     assert cfg["model"]["backbone"]["name_or_path"]
+    # Every run can be resumed: last.ckpt is written periodically, not only at the end (issue 19, item 2).
+    checkpoints = [
+        c["init_args"] for c in cfg["trainer"].get("callbacks") or [] if c["class_path"].endswith("ModelCheckpoint")
+    ]
+    assert any(
+        c.get("save_last") and ((c.get("every_n_train_steps") or 0) > 0 or c.get("train_time_interval"))
+        for c in checkpoints
+    ), f"{path.name}: no ModelCheckpoint that saves last.ckpt every N steps or minutes"
 
 
 @pytest.fixture(scope="module")

@@ -188,8 +188,8 @@ class KLALCollator:
             p_ids = list(enc["input_ids"][i])
             mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(p_ids)
             a_ids, n_content = self.answer_ids(str(row["answer"]))
-            if n_content == 0:
-                raise ValueError(f"sample {row.get('id', i)!r}: empty answer")
+            if n_content == 0 or not str(row["answer"]).strip():
+                raise ValueError(f"sample {row.get('id', i)!r}: empty answer {row['answer']!r} (nothing to supervise)")
             ids = p_ids + a_ids
             if self.max_length is not None and len(ids) > self.max_length:
                 raise ValueError(

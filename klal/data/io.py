@@ -21,11 +21,19 @@ Damaged data names itself. A saved split whose Arrow file cannot be read (trunca
 :class:`DataReadError` naming the file; an image that cannot be decoded is an :class:`ImageDecodeError` naming the
 dataset, split, sample id and row (:func:`read_row`, which the loaders use). Images over PIL's decompression-bomb
 limit (about 179 M pixels) are refused the same way, with the size; the environment variable
-``KLAL_MAX_IMAGE_PIXELS`` (a pixel count, or ``none`` for no limit) raises the limit for every klal command.
+``KLAL_MAX_IMAGE_PIXELS`` (a pixel count, or ``none`` for no limit) raises the limit for every klal command. An image
+column stored undecoded (``datasets.Image(decode=False)``) is decoded by :func:`read_row` too and named the same way.
+A split saved without rows (which ``datasets`` cannot load) is a :class:`DataReadError` naming the split.
+
+Silently wrong rows are refused as well: an image whose size differs from the row's ``width`` / ``height`` columns
+(:func:`klal.data.images.check_declared_size`, in :func:`read_row`), a sample id that occurs twice in a split or in
+two splits (:func:`check_unique_ids`) and an empty or whitespace-only answer (:func:`check_answers`). A data file
+that does not parse (malformed JSON) is an error naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -37,6 +45,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from klal.data.images import check_declared_size, decode_message, decode_stored, is_stored_image, to_rgb
 from klal.data.schema import FEATURES, SPLITS, check_columns
 
 logger = logging.getLogger("klal.data")
@@ -236,12 +245,12 @@ def load_source(source: str) -> dict[str, datasets.Dataset]:
                 )
             if len(builders) > 1:
                 raise ValueError(f"{source}: mixes parquet and json files; keep one format per directory")
-            loaded = datasets.load_dataset(builders.pop(), data_dir=path)
+            loaded = _load_files(source, builders.pop(), data_dir=path)
     elif os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in _DATA_EXTENSIONS:
             raise ValueError(f"{source}: unsupported file type {ext!r}; expected one of {sorted(_DATA_EXTENSIONS)}")
-        loaded = datasets.load_dataset(_DATA_EXTENSIONS[ext], data_files={"train": path})
+        loaded = _load_files(source, _DATA_EXTENSIONS[ext], data_files={"train": path})
     elif _looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such file or directory")
     else:
@@ -250,6 +259,25 @@ def load_source(source: str) -> dict[str, datasets.Dataset]:
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return {name: _undecoded(ds) for name, ds in loaded.items()}
+
+
+def _load_files(source: str, builder: str, **kwargs: Any) -> datasets.DatasetDict:
+    """``datasets.load_dataset(builder, **kwargs)`` for local data files; a file it cannot parse (malformed JSON, a
+    damaged parquet file) is a ValueError naming ``source`` and the parser's first line, not a traceback."""
+    from datasets.exceptions import DatasetGenerationError
+
+    # The builder also logs the parse error (at ERROR level) before raising; the one line below says it.
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"{source}: cannot read it as {builder} ({type(cause).__name__}: {detail})") from None
+    finally:
+        log.setLevel(level)
 
 
 def source_dir(source: str) -> str | None:
@@ -291,8 +319,8 @@ def load_split(path: str | os.PathLike, split: str, max_samples: int | None = No
 
     Raises:
         FileNotFoundError: ``path`` is not a directory, or holds no saved dataset.
-        ValueError: ``max_samples`` < 1, a missing split (the message lists the available ones) or a missing schema
-            column; every message names the path.
+        ValueError: ``max_samples`` < 1, a missing split (the message lists the available ones), a missing schema
+            column or a sample id that occurs twice; every message names the path.
     """
     check_max_samples(max_samples)
     where = os.fspath(path)
@@ -307,6 +335,9 @@ def load_split(path: str | os.PathLike, split: str, max_samples: int | None = No
         raise ValueError(f"{where} has no split {split!r}; its splits: {', '.join(loaded) or 'none'}")
     ds = loaded[split]
     check_columns(ds, f"{where} [{split}]")
+    check_not_empty({split: ds}, where)
+    check_unique_ids({split: ds}, where)
+    check_answers({split: ds}, where)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     return ds
@@ -325,9 +356,95 @@ def read_saved(path: str | os.PathLike) -> datasets.DatasetDict:
         if isinstance(e, FileNotFoundError):
             raise
         raise DataReadError(f"{where}: cannot read {_damaged_file(where) or 'the saved dataset'}: {e}") from None
+    except IndexError:
+        # datasets cannot load a split saved with no rows (it has no data file; load_from_disk indexes the first).
+        empty = _empty_splits(where)
+        if not empty:
+            raise
+        raise DataReadError(
+            f"{where}: split(s) {', '.join(repr(s) for s in empty)} hold no rows (saved with no data file, which "
+            "datasets cannot load); give every split at least one row, or save the dataset without the empty split"
+        ) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
+
+
+def _empty_splits(where: str) -> list[str]:
+    """Names of the splits under ``where`` whose ``state.json`` lists no data file."""
+    import json
+
+    empty = []
+    for root, _, files in sorted(os.walk(where)):
+        if "state.json" in files:
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(root, "state.json")) as f:
+                state = json.load(f)
+                if not state.get("_data_files"):
+                    empty.append(state.get("_split") or os.path.relpath(root, where))
+    return empty
+
+
+def check_unique_ids(splits: Mapping[str, datasets.Dataset], where: str) -> None:
+    """Refuse sample ids that occur twice, within a split or across the splits given (train vs validation).
+
+    Errors and the per-sample records of evaluation name samples by id, and a sample in both training and validation
+    data inflates the validation scores; neither is visible otherwise. Only the ``id`` column is read.
+
+    Args:
+        splits: split name -> dataset (or anything whose ``["id"]`` lists the ids).
+        where: the datasets, for the message.
+
+    Raises:
+        ValueError: naming the id, the split(s) it occurs in and how many times.
+    """
+    first: dict[str, str] = {}
+    for name, ds in splits.items():
+        counts = Counter(str(i) for i in ds["id"])
+        twice = [(i, n) for i, n in counts.items() if n > 1]
+        if twice:
+            examples = ", ".join(f"{i!r} ({n} times)" for i, n in twice[:3])
+            raise ValueError(
+                f"{where} [{name}]: {len(twice)} sample id(s) occur more than once, e.g. {examples}; every sample "
+                "needs its own id (errors and results name samples by it)"
+            )
+        for i in counts:
+            if i in first:
+                raise ValueError(
+                    f"{where}: sample id {i!r} is in both the {first[i]!r} and the {name!r} split; a sample in "
+                    "two splits (e.g. trained on and validated on) makes the held-out scores meaningless"
+                )
+            first[i] = name
+
+
+def check_not_empty(splits: Mapping[str, datasets.Dataset], where: str) -> None:
+    """Refuse a split without rows (it used to end as ``list index out of range`` in the validation loop).
+
+    Raises:
+        ValueError: naming the dataset and the split.
+    """
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise ValueError(
+                f"{where} [{name}]: the split has no rows; give it rows, or name another split (e.g. "
+                "--data.val_split) or none"
+            )
+
+
+def check_answers(splits: Mapping[str, datasets.Dataset], where: str) -> None:
+    """Refuse a row whose answer is empty or only whitespace: it has nothing to supervise, and the collator would
+    find it only in the batch that holds it (or, for whitespace, train on the blank). Only ``answer`` is read.
+
+    Raises:
+        ValueError: naming the split, the sample and its row.
+    """
+    for name, ds in splits.items():
+        for i, answer in enumerate(ds["answer"]):
+            if answer is None or not str(answer).strip():
+                sample = ds[i]["id"] if "id" in ds.column_names else None
+                raise ValueError(
+                    f"{where} [{name}]: sample {sample!r} (row {i}) has an empty answer {answer!r}; every sample needs "
+                    "an answer (the next-token loss supervises it, and KLAL's query is its token)"
+                )
 
 
 def _damaged_file(where: str) -> str | None:
@@ -351,29 +468,51 @@ _DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 def read_row(ds: datasets.Dataset, index: int, where: str) -> dict[str, Any]:
-    """``ds[index]``, with an image that cannot be decoded reported as :class:`ImageDecodeError`.
+    """``ds[index]`` with its image decoded, as RGB and checked, or an error naming the dataset, split, sample and row.
+
+    An image column stored undecoded (``datasets.Image(decode=False)``) is decoded here, so both kinds of column
+    report a damaged image the same way; the image is converted to RGB by its mode (:func:`klal.data.images.to_rgb`:
+    a mode it cannot convert is named with the row) and must have the size the row's ``width`` / ``height`` columns
+    declare (:func:`klal.data.images.check_declared_size`).
 
     Args:
         ds: a split in the klal schema (or a list of rows, returned as they are).
         index: row position.
         where: the dataset for messages, ``PATH`` or ``PATH [SPLIT]`` (the split is added from ``ds`` when it knows it).
+
+    Raises:
+        ImageDecodeError: the image cannot be decoded, or is over the pixel limit.
+        ValueError: an image mode that cannot be converted, or the declared size differs from the image's.
     """
     if not isinstance(ds, datasets.Dataset):  # rows already in memory (a list of dicts) are decoded
         return ds[index]
     try:
-        return ds[int(index)]
+        row = ds[int(index)]
+        if is_stored_image(row.get("image")):
+            row["image"] = decode_stored(row["image"])
     except _DECODE_ERRORS as e:
         raise image_decode_error(ds, int(index), where, e) from None
+    if isinstance(row.get("image"), Image.Image):
+        name = row_name(ds, int(index), where)
+        row["image"] = to_rgb(row["image"], str(row.get("id")), where=name)
+        check_declared_size(row, row["image"], name)
+    return row
 
 
-def image_decode_error(ds: datasets.Dataset, index: int, where: str, error: BaseException) -> ImageDecodeError:
-    """The :class:`ImageDecodeError` for row ``index`` of ``ds``, whose decoding raised ``error``."""
+def row_name(ds: datasets.Dataset, index: int, where: str) -> str:
+    """``PATH [SPLIT]: sample 'ID' (row N)``: how messages name row ``index`` of ``ds`` (nothing is decoded)."""
     split = getattr(ds, "split", None)
     if split is not None and f"[{split}]" not in where:
         where = f"{where} [{split}]"
     raw = ds.with_format("arrow")[index]  # the same row, nothing decoded
     sample = raw.column("id")[0].as_py() if "id" in raw.column_names else None
-    head = f"{where}: sample {sample!r} (row {index})"
+    return f"{where}: sample {sample!r} (row {index})"
+
+
+def image_decode_error(ds: datasets.Dataset, index: int, where: str, error: BaseException) -> ImageDecodeError:
+    """The :class:`ImageDecodeError` for row ``index`` of ``ds``, whose decoding raised ``error``."""
+    head = row_name(ds, index, where)
+    raw = ds.with_format("arrow")[index]
     if isinstance(error, Image.DecompressionBombError):
         size = _image_size(raw.column("image")[0].as_py() if "image" in raw.column_names else None)
         dims = f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels" if size else str(error).split(",")[0]
@@ -383,7 +522,10 @@ def image_decode_error(ds: datasets.Dataset, index: int, where: str, error: Base
             f"bombs); to read it anyway set {MAX_IMAGE_PIXELS_ENV}={size[0] * size[1] if size else 'N'} (or none), "
             "or store a smaller image"
         )
-    return ImageDecodeError(f"{head}: cannot decode its image: {type(error).__name__}: {error}")
+    stored = raw.column("image")[0].as_py() if "image" in raw.column_names else None
+    path = stored.get("path") if isinstance(stored, dict) else None
+    source = f" (stored from {path})" if path else ""
+    return ImageDecodeError(f"{head}: cannot decode its image{source}: {decode_message(error)}")
 
 
 def _image_size(value: Any) -> tuple[int, int] | None:

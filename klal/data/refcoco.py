@@ -105,12 +105,16 @@ def classic_refcoco_rows(refs_file: str, instances_file: str) -> dict[str, list[
     if not isinstance(refs, list) or not all(isinstance(r, Mapping) for r in refs):
         raise ValueError(f"{refs_file}: expected a pickled list of ref dicts, got {type(refs).__name__}")
     with open(instances_file, encoding="utf-8") as f:
-        inst = json.load(f)
+        try:
+            inst = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{instances_file}: not valid JSON ({e})") from None
     if not isinstance(inst, Mapping) or not {"images", "annotations"} <= set(inst):
         raise ValueError(f"{instances_file}: expected COCO instances json with 'images' and 'annotations'")
-    images = {im["id"]: im for im in inst["images"]}
-    anns = {a["id"]: a for a in inst["annotations"]}
-    cats = {c["id"]: c.get("name", str(c["id"])) for c in inst.get("categories", [])}
+    images = _by_id(inst["images"], instances_file, "images")
+    anns = _by_id(inst["annotations"], instances_file, "annotations")
+    categories = _by_id(inst.get("categories") or [], instances_file, "categories")
+    cats = {k: c.get("name", str(k)) for k, c in categories.items()}
     out: dict[str, list[dict[str, Any]]] = {}
     for k, ref in enumerate(refs):
         missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
@@ -131,6 +135,22 @@ def classic_refcoco_rows(refs_file: str, instances_file: str) -> dict[str, list[
                 "split": str(ref["split"]),
             }
         )
+    return out
+
+
+def _by_id(entries: Any, file: str, key: str) -> dict[Any, Mapping[str, Any]]:
+    """COCO's ``images`` / ``annotations`` / ``categories`` list as ``{id: entry}``, checked.
+
+    Raises:
+        ValueError: not a list of objects that each have an ``id`` (naming the file, the key and the entry).
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"{file}: '{key}' must be a list of objects, got {type(entries).__name__}")
+    out = {}
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or "id" not in entry:
+            raise ValueError(f"{file}: {key}[{k}] must be an object with an 'id', got {entry!r:.80}")
+        out[entry["id"]] = entry
     return out
 
 

@@ -41,11 +41,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     if cmd.print_methods:
         print_methods()
         return {}
-    from klal.eval.engine import evaluate
-    from klal.eval.report import check_ranges
-
     cfg = EvalConfig(**{f.name: getattr(cmd, f.name) for f in fields(EvalConfig)})
-    with user_errors(prog):
+    with user_errors(prog):  # Ctrl-C while torch & co. are imported is "interrupted", not a traceback
+        from klal.eval.engine import evaluate
+        from klal.eval.report import check_ranges
+
         results = evaluate(cfg)
     print(Path(cfg.out, "results.md").read_text())
     bad = check_ranges(results["metrics"])

@@ -8,7 +8,10 @@ row), updates the metrics, checks the maps, and collects one record per sample, 
 :func:`evaluate` runs every :class:`~klal.eval.config.MethodSpec` over every dataset and writes ``results.json``,
 ``results.md`` (one table: rows are methods, columns are per-task metrics with their sample counts, plus each method's
 cost per sample) and a gallery PNG per method. Each dataset is loaded and filtered once, each method built once, and
-everything that can be checked (options, rows, data, crop sizes) is checked before any model loads.
+everything that can be checked (options, rows, data, crop sizes, a writable ``--out``) is checked before any model
+loads. The outputs are written all or none: into a temporary folder moved into ``--out`` at the end
+(:func:`klal.checkpoint.atomic_output_dir`), so a full disk or Ctrl-C leaves nothing half-written, and an OS error
+names the output folder.
 
 The base model is loaded once. With an adapter, methods marked ``weights: adapter`` run on the LoRA model and the
 others on the same weights with the adapter switched off (peft's ``disable_adapter``), so base and fine-tuned rows share
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from klal.checkpoint import atomic_output_dir, check_writable
 from klal.data.io import load_split, read_row
 from klal.eval.config import EvalConfig, MethodSpec
 from klal.eval.metrics import GroundingMetrics
@@ -271,34 +275,26 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
         The dict written to ``results.json``.
     """
     plan = check_config(cfg)
+    # An unwritable --out fails at once, before the (long) run; nothing is written until the run is done.
+    check_writable(cfg.out, "--out")
     if gm is None:
         gm = GroundingModel.load(cfg.model, cfg.adapter)
     prep = prepare_rows(cfg)
     metrics = GroundingMetrics(spec=cfg.target)
-    out = Path(cfg.out)
-    # Made before the (long) run so that an unwritable --out fails at once; removed again if the run fails before
-    # writing anything into it, so a failed evaluation leaves nothing behind.
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, MethodRun] = {}
-    try:
-        for spec, method in zip(plan.specs, plan.methods):
-            with adapter_weights(gm, spec.weights):
-                runs[spec.row] = run_method(
-                    gm,
-                    spec.row,
-                    method,
-                    plan.datasets,
-                    metrics,
-                    prepare_rows=prep,
-                    batch_size=cfg.batch_size,
-                    gallery_size=cfg.gallery_size,
-                    progress=cfg.progress,
-                )
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    for spec, method in zip(plan.specs, plan.methods):
+        with adapter_weights(gm, spec.weights):
+            runs[spec.row] = run_method(
+                gm,
+                spec.row,
+                method,
+                plan.datasets,
+                metrics,
+                prepare_rows=prep,
+                batch_size=cfg.batch_size,
+                gallery_size=cfg.gallery_size,
+                progress=cfg.progress,
+            )
     scores = metrics.compute()
     cost = {row: run.cost for row, run in runs.items()}
     results = {
@@ -312,12 +308,19 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
         "cost": cost,
         "samples": {row: run.samples for row, run in runs.items()},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
     table = markdown_table(scores, cost, [m.row for m in plan.specs], plan.text_only)
-    (out / "results.md").write_text(table + "\n")
-    for row, run in runs.items():
-        if run.gallery:
-            save_gallery(run.gallery, out / f"gallery_{slug(row)}.png", title=row)
+
+    def write(folder: str) -> None:
+        out = Path(folder)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
+        (out / "results.md").write_text(table + "\n")
+        for row, run in runs.items():
+            if run.gallery:
+                save_gallery(run.gallery, out / f"gallery_{slug(row)}.png", title=row)
+
+    # All outputs or none: written in a temporary folder and moved into --out at the end, so a full disk or Ctrl-C
+    # leaves no results.json without its table, and no half-drawn gallery.
+    atomic_output_dir(write, cfg.out)
     return results
 
 

@@ -3,7 +3,7 @@ and the result type. The model session the methods run on is :class:`klal.sessio
 methods is :mod:`klal.grounding.registry`.
 
 A method takes one dataset row (the klal schema) and returns a :class:`GroundingResult`: a relevance map per image
-over that image's LLM token grid (``h/2 x w/2`` of ``image_grid_thw``, row-major), boxes in original-image pixels
+over that image's LLM token grid (row-major; the model family's map grid), boxes in original-image pixels
 ranked best first, and, for methods that answer, the answer text. The session counts forward and backward passes so
 that every method's cost can be reported.
 

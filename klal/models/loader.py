@@ -24,6 +24,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from klal.geometry import check_pixels
+from klal.hub import check_cached_when_offline
 from klal.models.config import ModelConfig
 from klal.models.family import TINY_ALIASES, VLMFamily, family_for_name
 
@@ -85,6 +86,7 @@ def _check_source(name_or_path: str) -> str:
             f"model name_or_path {name_or_path!r} is neither a tiny model ({', '.join(TINY_ALIASES)}), an existing "
             "folder, nor a hub id (owner/name)"
         )
+    check_cached_when_offline(name_or_path)
     return name_or_path
 
 
