@@ -66,6 +66,18 @@ from klal.progress import StepProgressBar
 LIST_OPTIONS = {"data.paths"}
 """List options that also take one value without brackets (``--data.paths DIR``, :func:`klal.cli.list_options`)."""
 
+MODEL_SHORTHANDS = {"--model.name_or_path": "--model.backbone.name_or_path"}
+"""Flags spelt as ``evaluate.py`` spells them, for the same model option."""
+
+
+def model_shorthands(args: list[str]) -> list[str]:
+    """``args`` with :data:`MODEL_SHORTHANDS` written out (``--flag value`` and ``--flag=value`` alike)."""
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        out.append(MODEL_SHORTHANDS.get(name, name) + eq + value)
+    return out
+
 
 class KLALCLI(LightningCLI):
     """LightningCLI with klal's checkpointing: atomic, weights-only checkpoints (:mod:`klal.checkpoint`), and
@@ -184,12 +196,12 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # `--data.paths DIR` (one folder, no brackets) is read as the list `[DIR]`, as `--data.paths A B` is `[A, B]`.
     if argv is not None:
-        argv = list_options(list(argv), LIST_OPTIONS)
+        argv = list_options(model_shorthands(list(argv)), LIST_OPTIONS)
         # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
         sys.argv = sys.argv[:1]
     else:
         # Rewritten in place: Lightning's DDP launcher starts the other processes with this sys.argv.
-        sys.argv[1:] = list_options(sys.argv[1:], LIST_OPTIONS)
+        sys.argv[1:] = list_options(model_shorthands(sys.argv[1:]), LIST_OPTIONS)
     quiet()
     name = prog or os.path.basename(sys.argv[0]) or "train.py"
     try:

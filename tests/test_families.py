@@ -232,3 +232,32 @@ def test_no_family_class_or_constant_outside_klal_models():
             if FAMILY_NAME.search(line):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.slow
+def test_train_py_runs_the_demo_config_on_another_family(tmp_path):
+    """The issue's own command line: the demo config with ``--model.name_or_path tiny-qwen3-vl`` (the spelling
+    evaluate.py uses, written out to ``--model.backbone.name_or_path``) trains and writes its adapter."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--model.name_or_path",
+        "tiny-qwen3-vl",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--data.generate.out",
+        str(tmp_path / "data"),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    configs = list(tmp_path.rglob("config.yaml"))
+    assert configs and "tiny-qwen3-vl" in configs[0].read_text()
+    assert list(tmp_path.rglob("adapter_model.safetensors"))
