@@ -27,7 +27,7 @@ from klal.data.io import load_split, read_row
 from klal.data.schema import Evidence
 from klal.data.targets import TargetSpec
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from klal.models.family import family_for_type
+from klal.models.family import DEFAULT_MODEL_TYPE, family_for_type
 
 EVIDENCE_COLOUR = "#00e000"
 
@@ -73,7 +73,7 @@ def render_preview(
     cols: int = 4,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    model_type: str = "qwen2_5_vl",
+    model_type: str = DEFAULT_MODEL_TYPE,
     spec: TargetSpec | None = None,
     alpha: float = 0.4,
 ) -> Path:

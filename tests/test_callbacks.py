@@ -142,8 +142,10 @@ def test_probe_callback_on_a_validation_split_with_text_rows(tmp_path, mixed_dat
     from klal.data.io import load_split
 
     probes = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GroundingProbes")
-    # The validation split holds the same rows as "test": its first 3 image rows are the image-only set's first 3.
-    assert [r["id"] for r in probes.rows] == load_split(mixed_data["image_only"], "test", 3)["id"][:]
+    # The validation split holds the test rows (ids suffixed "-val"): its first 3 image rows are the image-only set's
+    # first 3.
+    first = load_split(mixed_data["image_only"], "test", 3)["id"][:]
+    assert [r["id"] for r in probes.rows] == [f"{i}-val" for i in first]
     (record,) = [json.loads(p.read_text()) for p in Path(tmp_path).rglob("probes/step_0/metrics.json")]
     assert record["samples"] == [r["id"] for r in probes.rows]
     assert record["text_only_skipped"] == 3

@@ -57,7 +57,7 @@ from klal.data.io import (
 )
 from klal.data.schema import Evidence, make_record, parse_box
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_pixels
-from klal.models.family import family_for_type
+from klal.models.family import DEFAULT_MODEL_TYPE, family_for_type
 
 DEFAULT_QUESTION = "Where is {expression}? Answer with the bounding box."
 DEFAULT_ANSWER = "[{x0}, {y0}, {x1}, {y1}]"
@@ -276,7 +276,7 @@ def convert_refcoco_rows(
     answer_coords: Literal["original", "resized"] = "original",
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    model_type: str = "qwen2_5_vl",
+    model_type: str = DEFAULT_MODEL_TYPE,
     sentence_field: str = "sent",
     bbox_format: Literal["xywh", "xyxy"] = "xywh",
     splits: Sequence[str] | str | None = None,

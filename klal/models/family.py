@@ -51,6 +51,9 @@ TINY_ALIASES: dict[str, str] = {
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
+DEFAULT_MODEL_TYPE = TINY_ALIASES["tiny"]
+"""The family options default to where a model type is asked for without a model (Qwen2.5-VL, klal's first)."""
+
 Grid = tuple[int, int]
 """``(rows, cols)`` of one grid of visual tokens; it covers the whole original image, row-major."""
 
