@@ -75,7 +75,6 @@ class VLMFamily(abc.ABC):
         input_keys: the model inputs of a prompt, as the processor returns them (``labels`` not included).
         image_input_keys: the inputs that exist only when the batch holds an image.
         pixel_bounds: whether ``min_pixels`` / ``max_pixels`` set the resized image area (Qwen's ``smart_resize``).
-        multi_grid: whether an image can give several grids (anyres tiling).
         stock_processor: the transformers processor class name an export's ``processor_config.json`` names.
     """
 
@@ -86,7 +85,6 @@ class VLMFamily(abc.ABC):
     input_keys: ClassVar[tuple[str, ...]]
     image_input_keys: ClassVar[tuple[str, ...]]
     pixel_bounds: ClassVar[bool] = True
-    multi_grid: ClassVar[bool] = False
     stock_processor: ClassVar[str]
 
     # -- model classes and loading -------------------------------------------------------------------------------
@@ -347,11 +345,6 @@ def family_for_name(name_or_path: str) -> VLMFamily:
         return family_for_type(model_type)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"checkpoint {name_or_path!r}: {e}") from None
-
-
-def supported_families() -> list[VLMFamily]:
-    """Every family klal ships, in :data:`FAMILY_MODULES` order (imports them all)."""
-    return [family_for_type(t) for t in FAMILY_MODULES]
 
 
 def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[int]]) -> list[list[list[Grid]]]:

@@ -100,7 +100,6 @@ class LlavaOnevisionFamily(VLMFamily):
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
     image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
     pixel_bounds = False
-    multi_grid = True
     stock_processor = "LlavaOnevisionProcessor"
 
     # -- classes -----------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ build the stock ones without torchvision, and klal never feeds videos. An export
 
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import json
@@ -369,9 +368,3 @@ def _image_text_processor(path: str, stock_name: str) -> type:
         base = getattr(importlib.import_module(module), name)
         _PROCESSOR_CLASSES[path] = type(f"ImageText{name}", (ImageTextProcessorMixin, base), {"stock_name": stock_name})
     return _PROCESSOR_CLASSES[path]
-
-
-def copy_config(config: Any) -> Any:
-    """A deep copy of ``config``: ``_from_config`` keeps the object it is given, so two models must never share one
-    (building a second model would change the first one's attention implementation)."""
-    return copy.deepcopy(config)
