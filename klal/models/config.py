@@ -6,7 +6,9 @@ Kept apart from :mod:`klal.models.loader` so that the commands whose options inc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from klal.models.family import TINY_ALIASES
@@ -16,17 +18,23 @@ TINY = "tiny"
 family has one (:data:`klal.models.family.TINY_ALIASES`)."""
 
 
+BUNDLED: dict[str, Path] = {"tiny-base": Path(__file__).resolve().parent / "qwen2_5_vl" / "tiny-base"}
+"""Checkpoints shipped inside klal, by name: ``tiny-base`` is the tiny Qwen2.5-VL klal pretrained on its synthetic
+curriculum (``studies/pretrain``; model card in its folder and in ``results/pretrain/``), loaded offline."""
+
+
 @dataclass
 class ModelConfig:
     """Which VLM to load and how."""
 
     name_or_path: str = TINY
     """``tiny`` (embedded random Qwen2.5-VL), another family's tiny model (``tiny-qwen2-vl``, ``tiny-qwen3-vl``,
-    ``tiny-qwen3.5``, ``tiny-llava-onevision``), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder
-    of any supported family (:mod:`klal.models.family`)."""
+    ``tiny-qwen3.5``, ``tiny-llava-onevision``), ``tiny-base`` (klal's small pretrained Qwen2.5-VL, shipped with
+    klal), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder of any supported family
+    (:mod:`klal.models.family`)."""
     dtype: str = "auto"
-    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny), ``float32``, ``bfloat16`` or
-    ``float16``."""
+    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny and ``tiny-base``), ``float32``,
+    ``bfloat16`` or ``float16``."""
     min_pixels: int = DEFAULT_MIN_PIXELS
     """Lower bound on each resized image's area (processor ``smart_resize``; a family without a pixel budget
     ignores it)."""
@@ -41,6 +49,17 @@ class ModelConfig:
     tiny_overrides: dict | None = None
     """Size overrides for the tiny model, passed to the family's ``tiny_config`` (:mod:`klal.models.family`) (e.g.
     ``{"num_hidden_layers": 2, "vision_depth": 1}``)."""
+
+    def __post_init__(self) -> None:
+        # A bundled name becomes its folder here, once, so every reader of name_or_path sees a checkpoint folder.
+        if self.name_or_path in BUNDLED:
+            self.name_or_path = str(BUNDLED[self.name_or_path])
+
+    @property
+    def is_bundled(self) -> bool:
+        """Whether this is a checkpoint shipped inside klal (:data:`BUNDLED`)."""
+        path = os.path.abspath(os.path.expanduser(self.name_or_path))
+        return any(path == str(p) for p in BUNDLED.values())
 
     @property
     def is_tiny(self) -> bool:

@@ -58,9 +58,10 @@ def text_config(model_or_config: Any) -> Any:
 
 
 def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
-    """The torch dtype ``cfg.dtype`` stands for (``auto``: float32 for tiny, bfloat16 otherwise)."""
+    """The torch dtype ``cfg.dtype`` stands for (``auto``: float32 for the tiny and bundled models, bfloat16
+    otherwise)."""
     if cfg.dtype == "auto":
-        return torch.float32 if cfg.is_tiny else torch.bfloat16
+        return torch.float32 if cfg.is_tiny or cfg.is_bundled else torch.bfloat16
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model dtype {cfg.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
     return DTYPES[cfg.dtype]

@@ -74,7 +74,8 @@ class BaseModel:
 
 @dataclass
 class Schedule:
-    """Full fine-tuning: AdamW over every parameter, linear warmup, cosine decay to ``min_lr_ratio``."""
+    """Full fine-tuning: AdamW over every parameter, gradient clipping, linear warmup, cosine decay to
+    ``min_lr_ratio``."""
 
     steps: int = 2000
     """Optimizer steps."""
@@ -88,6 +89,8 @@ class Schedule:
     """Cosine floor as a fraction of ``lr``."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    grad_clip: float | None = 1.0
+    """Largest global gradient norm (None: no clipping); a model trained from random weights spikes without it."""
     seed: int = 0
     """Seed of the data order."""
     eval_every: int = 250
@@ -238,6 +241,8 @@ def pretrain(
                 raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()} (lower train.lr)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
             opt.step()
             sched.step()
             train_s += time.perf_counter() - t1
@@ -245,6 +250,7 @@ def pretrain(
             step += 1
             if step % train.eval_every == 0 or step == train.steps:
                 curve.append({"step": step, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)})
+                _progress(curve[-1], losses, time.perf_counter() - t_loop, train.steps)
             if step == train.steps:
                 break
         epoch += 1
@@ -288,6 +294,21 @@ def pretrain(
 
     atomic_save_dir(write, out)
     return record
+
+
+def _progress(point: dict[str, Any], losses: list[float], elapsed: float, steps: int) -> None:
+    """One stderr line per learning-curve point, so a long run shows where it is."""
+    import sys
+
+    step = point["step"]
+    skills = " ".join(f"{k} {100 * v:.0f}" for k, v in point.items() if k not in ("step", "all", "n", "prompt_mass"))
+    eta = elapsed / step * (steps - step) / 60
+    print(
+        f"pretrain step {step}/{steps}: loss {np.mean(losses[-50:]):.3f}, validation exact {100 * point['all']:.1f} % "
+        f"({skills}), {elapsed / 60:.1f} min, ~{eta:.0f} min left",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def references(path: Path) -> dict[str, dict[str, Any]]:

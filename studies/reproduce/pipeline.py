@@ -124,10 +124,11 @@ class StudyConfig:
     results_dir: str = "results/repro"
     """Where the table, JSON and plots go."""
     backbone: str = "tiny"
-    """Base model: ``tiny`` (trained here) or a real checkpoint (hub id / folder) whose runs ``train.py`` trained and
-    ``adapter_pattern`` locates; the study then evaluates, probes and reports them."""
+    """Base model: ``tiny`` (random weights) or ``tiny-base`` (klal's pretrained tiny Qwen2.5-VL), both trained here,
+    or a real checkpoint (hub id / folder) whose runs ``train.py`` trained and ``adapter_pattern`` locates; the study
+    then evaluates, probes and reports them."""
     dtype: str = "auto"
-    """Parameter dtype of the base model (``auto``: float32 for tiny, bfloat16 otherwise)."""
+    """Parameter dtype of the base model (``auto``: float32 for tiny and tiny-base, bfloat16 otherwise)."""
     adapter_pattern: str | None = None
     """With a real backbone: where each run's peft adapter is, e.g. ``runs/paper/{task}/{arm}_s{seed}/adapter``."""
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
@@ -192,6 +193,12 @@ class StudyConfig:
     """Training samples a method that needs preparation (localization-head discovery) sees."""
     probe_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the trained runs the probes are run on."""
+    leak_arms: list[str] = field(default_factory=list)
+    """Arms the wrong-answer diagnostic (:mod:`studies.reproduce.leak`, stage ``leak``) runs on; empty: none."""
+    leak_seeds: list[int] | None = None
+    """Seeds of those arms it runs on (None: every seed)."""
+    leak_samples: int = 200
+    """Test items of the diagnostic (the first ones of the test split)."""
     confirmatory: bool = False
     """A confirmatory study: the runner refuses to run it unless this file is committed in git, unchanged since, in a
     commit that holds no result files of the study; it needs ``primary`` and >= 1000 test items. False: a pilot, which
@@ -233,12 +240,28 @@ class StudyConfig:
                 raise ValueError(f"repro config: {key} must be >= 1, got {getattr(self, key)}")
         if not self.seeds:
             raise ValueError("repro config: seeds is empty")
+        self._check_leak()
         self._check_protocol()
-        if self.backbone != "tiny" and not self.adapter_pattern:
+        if not trains_here(self) and not self.adapter_pattern:
             raise ValueError(
                 f"repro config: backbone {self.backbone!r} is trained with train.py (configs/repro/*.yaml); give "
                 "adapter_pattern (e.g. runs/paper/{task}/{arm}_s{seed}/adapter) so the study can find the adapters"
             )
+
+    def _check_leak(self) -> None:
+        from studies.reproduce.leak import WRONG_ANSWER
+
+        bad = [a for a in self.leak_arms if a not in self.arms]
+        if bad:
+            raise ValueError(f"repro config: leak_arms {bad} are not arms ({list(self.arms)})")
+        bad = [s for s in self.leak_seeds or [] if s not in self.seeds]
+        if bad:
+            raise ValueError(f"repro config: leak_seeds {bad} are not seeds of the study ({self.seeds})")
+        no_rule = [t for t in self.tasks if t not in WRONG_ANSWER]
+        if self.leak_arms and no_rule:
+            raise ValueError(f"repro config: the wrong-answer diagnostic has no rule for {no_rule}; set leak_arms: []")
+        if self.leak_samples < 1:
+            raise ValueError(f"repro config: leak_samples must be >= 1, got {self.leak_samples}")
 
     def _check_protocol(self) -> None:
         """The primary test names an arm, task and test of this study; a confirmatory study declares one and scores
@@ -271,6 +294,15 @@ class StudyConfig:
                         f"repro config: a confirmatory study scores >= {CONFIRMATORY_MIN_TEST} test items; "
                         f"tasks.{task} gives {n} (num, splits, test_samples)"
                     )
+
+
+def trains_here(cfg: StudyConfig) -> bool:
+    """Whether the study trains its runs itself (the tiny random model or a bundled base such as ``tiny-base``);
+    otherwise ``train.py`` trains them and ``adapter_pattern`` finds them."""
+    from klal.models.config import ModelConfig
+
+    backbone = ModelConfig(name_or_path=cfg.backbone)
+    return backbone.is_tiny or backbone.is_bundled
 
 
 def reference_arm(cfg: StudyConfig) -> str:
@@ -776,9 +808,9 @@ def train_run(
     """
     from klal.datamodule import KLALDataModule
 
-    if cfg.backbone != "tiny":
+    if not trains_here(cfg):
         raise ValueError(
-            f"the study trains only the tiny model; train {cfg.backbone!r} with train.py and the "
+            f"the study trains only the tiny models (tiny, tiny-base); train {cfg.backbone!r} with train.py and the "
             "configs/repro/qwen2.5-vl-7b_*.yaml configs (docs/reproduce.md), then run the eval/probes/report stages"
         )
 

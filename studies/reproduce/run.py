@@ -15,6 +15,8 @@ Stages (in this order; each reuses what earlier ones wrote, so any stage can be 
   weights (``run_dir/<task>/<run>/trainable.pt``); a finished run with the same settings is skipped.
 * ``eval``: test-split metrics of every run and of the untrained model (``Base``): answer accuracy (teacher-forced
   exact match and greedy generation), pointing game and attention mass inside the evidence cells.
+* ``leak``: the wrong-answer diagnostic (:mod:`studies.reproduce.leak`) on the runs of ``leak_arms``: is the answer
+  tokens' attention keyed on the teacher-forced answer?
 * ``probes``: the training-free methods of :mod:`klal.grounding` on the models named by ``probe_arms``.
 * ``report``: ``results_dir/``: ``table.md``, ``results.json``, ``curves.png``, ``sweep.png``, and
   ``predictions/<task>.jsonl`` (every test item's gold answer, prediction and correctness per arm and seed). The table
@@ -26,7 +28,7 @@ Before any stage runs, :mod:`studies.reproduce.protocol` checks the study: a con
 git, unchanged, before any of its results (its blob hash and commit go into the report and every run's fingerprint); a
 pilot must keep off the data seeds and dataset folders of every confirmatory config of its tasks.
 
-``--jobs N`` runs the train, eval and probes stages in N processes (``--shard i/N`` by hand: each takes every N-th
+``--jobs N`` runs the train, eval, leak and probes stages in N processes (``--shard i/N`` by hand: each takes every N-th
 job; run a stage on all shards before the next stage starts).
 """
 
@@ -51,6 +53,7 @@ from jsonargparse.typing import PositiveInt
 from klal.cli import bare_bool_flags, expand_key_values, normalise_flags, parse_or_fail, user_errors
 from studies.reproduce import pipeline as repro
 from studies.reproduce.baselines import answer_tokens, baselines, render_baseline_rows, render_tokens
+from studies.reproduce.leak import render_leak
 from studies.reproduce.pipeline import RunSpec, StudyConfig
 from studies.reproduce.protocol import protocol_record
 from studies.reproduce.stats import (
@@ -64,7 +67,7 @@ from studies.reproduce.stats import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-STAGES = ("data", "train", "eval", "probes", "report")
+STAGES = ("data", "train", "eval", "leak", "probes", "report")
 EVAL_QUERIES = ("last", "prompt_last")
 # Which paper column an arm of the default config stands for.
 PAPER_COLUMN = {"base": 0, "ntp": 1, "klal": 2}
@@ -79,9 +82,10 @@ PAPER = {
 def visual_tokens(cfg: StudyConfig) -> int:
     """Visual tokens of one ``image_size`` square image for the study's model (its family's grid)."""
     from klal.geometry import DEFAULT_MIN_PIXELS
+    from klal.models.config import ModelConfig
     from klal.models.family import family_for_name
 
-    grids = family_for_name(cfg.backbone).grids_for_size(
+    grids = family_for_name(ModelConfig(name_or_path=cfg.backbone).name_or_path).grids_for_size(
         cfg.image_size, cfg.image_size, DEFAULT_MIN_PIXELS, cfg.image_size * cfg.image_size
     )
     return sum(r * c for r, c in grids)
@@ -198,6 +202,41 @@ def stage_eval(cfg: StudyConfig, shard: tuple[int, int], force: bool, provenance
         _log(
             f"eval {task}/{name}: exact {m['exact_tf']:.3f}, gen {m.get('answer_acc_gen', float('nan')):.3f}, "
             f"pointing {m['last/pointing']:.3f}, mass {m['last/evidence_mass']:.3f} ({m['eval_s']:.0f} s)"
+        )
+
+
+def _leak_runs(cfg: StudyConfig) -> list[tuple[str, str, RunSpec]]:
+    """``(task, arm, run)`` of every run the wrong-answer diagnostic measures."""
+    runs = repro.main_runs(cfg)
+    seeds = cfg.leak_seeds if cfg.leak_seeds is not None else cfg.seeds
+    return [(t, a, runs[(t, a, s)]) for t in cfg.tasks for a in cfg.leak_arms for s in seeds]
+
+
+def stage_leak(cfg: StudyConfig, shard: tuple[int, int], force: bool, provenance: dict[str, Any] | None = None) -> None:
+    from studies.reproduce.leak import leak_metrics
+
+    tokenizer = repro.study_tokenizer(cfg)
+    fp = json.dumps({"samples": cfg.leak_samples, "eval": _eval_fingerprint(cfg, False, provenance)}, sort_keys=True)
+    for task, _, spec in _shard(_leak_runs(cfg), shard):
+        path = repro.run_path(cfg, spec) / "leak.json"
+        if path.is_file() and not force and json.loads(path.read_text()).get("fingerprint") == fp:
+            continue
+        if not (repro.run_path(cfg, spec) / "trainable.pt").is_file():
+            raise FileNotFoundError(f"run {task}/{spec.name} is not trained yet: run --stages train first")
+        t0 = time.perf_counter()
+        rows = repro.task_split(cfg, task, "test", cfg.leak_samples)
+        m = leak_metrics(
+            repro.load_trained(cfg, spec),
+            task,
+            rows,
+            lambda a: repro.render_answer(a, cfg.answer_render, tokenizer),
+            cfg.eval_batch_size,
+        )
+        m["fingerprint"] = fp
+        path.write_text(json.dumps(m, indent=1))
+        _log(
+            f"leak {task}/{spec.name}: last mass on gold {m['last/gold_fed']:.3f} (gold fed) vs "
+            f"{m['last/wrong_fed']:.3f} (wrong fed) ({time.perf_counter() - t0:.0f} s)"
         )
 
 
@@ -336,6 +375,12 @@ def collect(cfg: StudyConfig) -> dict[str, Any]:
             if p.is_file():
                 t["probes"][label] = json.loads(p.read_text())
         out["tasks"][task] = t
+    out["leak"] = {}
+    for task, arm, spec in _leak_runs(cfg):
+        p = repro.run_path(cfg, spec) / "leak.json"
+        if p.is_file():
+            result = {"seed": spec.seed, **json.loads(p.read_text())}
+            out["leak"].setdefault(task, {}).setdefault(arm, []).append(result)
     out["extra"] = []
     for spec in repro.extra_runs(cfg):
         d = repro.run_path(cfg, spec)
@@ -386,6 +431,8 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
     study_command = study_command or command
     if cfg.backbone == "tiny":
         model = f"tiny random Qwen2.5-VL, tiny_seed {cfg.tiny_seed}, overrides {cfg.tiny_overrides or 'none'}"
+    elif repro.trains_here(cfg):
+        model = f"{cfg.backbone}: klal's pretrained tiny Qwen2.5-VL (results/pretrain/README.md), LoRA trained here"
     else:
         model = f"{cfg.backbone}, adapters {cfg.adapter_pattern} trained with train.py"
     lora = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
@@ -415,7 +462,8 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
         "| task | model | Exact (TF) | Gen | Point (answer) | Mass (answer) | Point (prompt) | Mass (prompt) | paper |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    labels = {"base": "Base (untrained)", "ntp": "NTP", "klal": "NTP + KLAL"}
+    base = "Base (untrained)" if cfg.backbone == "tiny" else "Base (not fine-tuned)"
+    labels = {"base": base, "ntp": "NTP", "klal": "NTP + KLAL"}
     for task, t in res["tasks"].items():
         paper = PAPER.get(task, (None, None, None))
         lines += render_baseline_rows(task, t.get("baselines"), empty_cells=6)
@@ -485,6 +533,7 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
     lines += render_paired(cfg, res.get("paired") or {})
     lines += render_items(cfg, res.get("items") or {})
     lines += render_tokens(res.get("tokens") or {})
+    lines += render_leak(cfg, res.get("leak") or {})
     lines += ["## Training-free probes", ""]
     if probe_lines:
         lines += [
@@ -800,12 +849,14 @@ def _run_stages(
         t0 = time.perf_counter()
         if stage == "data":
             repro.make_data(cfg, workers=run.workers)
-        elif stage in ("train", "eval", "probes") and run.jobs > 1:
+        elif stage in ("train", "eval", "leak", "probes") and run.jobs > 1:
             _fan_out(stage, run, argv)
         elif stage == "train":
             stage_train(cfg, shard, run.force, provenance)
         elif stage == "eval":
             stage_eval(cfg, shard, run.force, provenance)
+        elif stage == "leak":
+            stage_leak(cfg, shard, run.force, provenance)
         elif stage == "probes":
             stage_probes(cfg, shard, run.force)
         elif stage == "report":
