@@ -25,7 +25,9 @@ def test_grid_patch_wrong_answer_is_another_occupied_cell_with_its_box() -> None
         "x_edges": [0, 30, 60, 90],
         "y_edges": [0, 40, 80],
     }
-    gold, wrong, on_fed = leak.wrong_answer_rows("grid_patch", [_row("grid_patch", "(2, 3)", meta, [60, 40, 90, 80])], str)
+    gold, wrong, on_fed = leak.wrong_answer_rows(
+        "grid_patch", [_row("grid_patch", "(2, 3)", meta, [60, 40, 90, 80])], str
+    )
     assert gold[0]["answer"] == "(2, 3)" and wrong[0]["answer"] == "(1, 2)"
     assert wrong[0]["evidence"]["boxes"] == [[60, 40, 90, 80]]  # the gold evidence is kept
     assert on_fed[0]["evidence"]["boxes"] == [[30.0, 0.0, 60.0, 40.0]]  # cell (1, 2)

@@ -76,9 +76,25 @@ def _toy(tmp_path: Path, out: str, seed: int = 0) -> dict:
         data=recipe.CurriculumData(num=48, splits=(0.5, 0.25, 0.25), folder=str(tmp_path / "data"), curriculum=SMALL),
         model=recipe.BaseModel(tiny_overrides={"num_hidden_layers": 2, "vision_depth": 1,
                                                "vision_fullatt_block_indexes": [0]}),
-        train=recipe.Schedule(steps=3, batch_size=4, warmup_steps=1, seed=seed, eval_every=2, eval_samples=6),
+        train=recipe.Schedule(steps=3, batch_size=4, warmup_steps=1, seed=seed, eval_every=2, eval_samples=6,
+                              first_skills=["colour"], first_steps=1),
         loader_workers=0,
     )  # fmt: skip
+
+
+def test_answer_loss_per_token_and_per_sample_hand_worked() -> None:
+    """Two samples over a 3-token vocabulary with logits 0 everywhere except one: each labelled position's loss is
+    worked by hand from log-softmax, then averaged over tokens (the transformers default) or per sample first."""
+    from klal.data.collate import IGNORE_INDEX as X
+
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1, 2] = 2.0  # sample 0, position 1 predicts token 2 (labelled at position 2)
+    labels = torch.tensor([[X, X, 2, X], [X, 0, 1, 2]])
+    hard = -torch.log_softmax(torch.tensor([0.0, 0.0, 2.0]), 0)[2].item()  # log(2 + e^2) - 2
+    flat = torch.log(torch.tensor(3.0)).item()  # uniform over 3 tokens
+    # Sample 0: one labelled token (loss `hard`); sample 1: three, each uniform (loss `flat`).
+    assert recipe.answer_loss(logits, labels, "per_token").item() == pytest.approx((hard + 3 * flat) / 4, rel=1e-6)
+    assert recipe.answer_loss(logits, labels, "per_sample").item() == pytest.approx((hard + flat) / 2, rel=1e-6)
 
 
 def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) -> None:
@@ -89,6 +105,11 @@ def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) ->
     a = _toy(tmp_path, "a")
     b = _toy(tmp_path, "b")
     c = _toy(tmp_path, "c", seed=1)
+    # The first phase (one step of colour questions) has its own dataset, of that skill only.
+    from klal.data.io import load_split
+
+    first = load_split(tmp_path / "data_first", "train")
+    assert {json.loads(m)["skill"] for m in first["meta"]} == {"colour"}
     # Same config, same weights bit for bit; another data-order seed, other weights.
     assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
     assert a["losses"] == b["losses"] and len(a["losses"]) == 3
@@ -142,7 +163,7 @@ def test_the_shipped_config_parses_and_fits_the_budget(capsys) -> None:
         recipe.main(["--config", str(path), "--print_config"])
     assert e.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["data"]["answer_render"] == "fewest_tokens" and cfg["threads"] == 1
+    assert cfg["data"]["answer_render"] == "fewest_tokens" and cfg["threads"] == 2
     cur.CurriculumTask(cur.CurriculumConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in cfg["data"]["curriculum"].items()}))  # fmt: skip
     n = sum(p.numel() for p in build_tiny_model(tiny_config(**cfg["model"]["tiny_overrides"])).parameters())

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,8 +90,19 @@ class Schedule:
     """Cosine floor as a fraction of ``lr``."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    loss: Literal["per_sample", "per_token"] = "per_sample"
+    """``per_sample``: each sample's mean next-token loss over its answer tokens, averaged over the batch, so every
+    skill weighs the same whatever its answer length; ``per_token``: the mean over all answer tokens of the batch (the
+    transformers default), where the long captions outweigh the one-word answers several times over."""
     grad_clip: float | None = 1.0
     """Largest global gradient norm (None: no clipping); a model trained from random weights spikes without it."""
+    first_skills: list[str] = field(default_factory=list)
+    """Skills of a first phase (empty: none): the first ``first_steps`` steps train on a curriculum of these skills
+    only (its own dataset, ``<data.folder>_first``), then the rest on every skill. A model trained from random weights
+    on the whole mix learns the answers' language prior and stays blind (measured: validation colour and shape at
+    chance after 1000 steps); one-object colour and shape questions teach it to look first."""
+    first_steps: int = 0
+    """Steps of the first phase."""
     seed: int = 0
     """Seed of the data order."""
     eval_every: int = 250
@@ -99,6 +111,27 @@ class Schedule:
     """Validation samples of each learning-curve point."""
     eval_batch_size: int = 32
     """Batch size of every evaluation."""
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) positions, per token or per sample (``Schedule.loss``).
+
+    Args:
+        logits: ``(B, T, V)`` model outputs.
+        labels: ``(B, T)`` token ids, ``IGNORE_INDEX`` off the answers.
+        mode: ``per_token`` or ``per_sample``.
+    """
+    from klal.data.collate import IGNORE_INDEX
+
+    target = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1), zero off the answers
+    mask = (target != IGNORE_INDEX).float()
+    if mode == "per_token":
+        return nll.sum() / mask.sum().clamp_min(1)
+    per_sample = nll.sum(1) / mask.sum(1).clamp_min(1)  # (B,)
+    return per_sample[mask.sum(1) > 0].mean()
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -211,13 +244,30 @@ def pretrain(
 
     t0 = time.perf_counter()
     path = make_curriculum(data, workers, processor.tokenizer)
+    first = None
+    if train.first_steps > 0:
+        cur = dataclasses.replace(data.curriculum, skills=tuple(train.first_skills))
+        first = make_curriculum(
+            dataclasses.replace(data, folder=f"{data.folder}_first", curriculum=cur), workers, processor.tokenizer
+        )
     data_s = time.perf_counter() - t0
     if loader_workers < 0:
         raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
-    dm = KLALDataModule(paths=[str(path)], batch_size=train.batch_size, num_workers=loader_workers, seed=train.seed)
-    dm.processor = processor
-    dm.setup("fit")
-    loader = dm.train_dataloader()
+
+    def endless(folder: Path) -> Iterator[dict[str, Any]]:
+        dm = KLALDataModule(
+            paths=[str(folder)], batch_size=train.batch_size, num_workers=loader_workers, seed=train.seed
+        )
+        dm.processor = processor
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+
+    stream = endless(path)
+    if first is not None:
+        stream = itertools.chain(itertools.islice(endless(first), train.first_steps), stream)
     curve_rows = load_split(path, "validation", train.eval_samples)
 
     net.train()
@@ -230,30 +280,28 @@ def pretrain(
     torch.manual_seed(train.seed)
     losses: list[float] = []
     curve: list[dict[str, Any]] = [{"step": 0, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)}]
-    step, epoch, train_s = 0, 0, 0.0
+    step, train_s = 0, 0.0
     t_loop = time.perf_counter()
-    while step < train.steps:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            t1 = time.perf_counter()
-            loss = net(**{k: batch[k] for k in (*FAMILY.input_keys, "labels") if k in batch}).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()} (lower train.lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
-            opt.step()
-            sched.step()
-            train_s += time.perf_counter() - t1
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % train.eval_every == 0 or step == train.steps:
-                curve.append({"step": step, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)})
-                _progress(curve[-1], losses, time.perf_counter() - t_loop, train.steps)
-            if step == train.steps:
-                break
-        epoch += 1
+    for batch in stream:
+        t1 = time.perf_counter()
+        logits = net(**{k: batch[k] for k in FAMILY.input_keys if k in batch}).logits
+        loss = answer_loss(logits, batch["labels"], train.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()} (lower train.lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
+        opt.step()
+        sched.step()
+        train_s += time.perf_counter() - t1
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % train.eval_every == 0 or step == train.steps:
+            curve.append({"step": step, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)})
+            _progress(curve[-1], losses, time.perf_counter() - t_loop, train.steps)
+        if step == train.steps:
+            break
     loop_s = time.perf_counter() - t_loop
     net.eval()
     test_rows = load_split(path, "test")
@@ -269,7 +317,6 @@ def pretrain(
         "train": dataclasses.asdict(train),
         "threads": threads,
         "loader_workers": loader_workers,
-        "epochs_started": epoch + 1,
         "data_s": data_s,
         "train_s": train_s,
         "s_per_step": train_s / max(step, 1),
@@ -413,7 +460,8 @@ def model_card(record: dict[str, Any]) -> str:
             f"{record['model']['init_seed']}), vision tower included; float32 `model.safetensors` "
             f"{record['weights_bytes'] / 2**20:.1f} MB (sha256 {record['weights_sha256'][:16]}...). Tokenizer: the "
             "embedded tiny byte-level BPE (`klal.models.qwen2_5_vl.tiny`). Load it with "
-            "`--model.name_or_path <this folder> --model.dtype float32` (a folder's `auto` dtype is bfloat16).",
+            "`--model.name_or_path <this folder> --model.dtype float32` (a folder's `auto` dtype is bfloat16); the "
+            "copy shipped with klal is `--model.name_or_path tiny-base` (float32 under `auto`).",
             "",
             "## Data",
             "",
@@ -426,8 +474,17 @@ def model_card(record: dict[str, Any]) -> str:
             "",
             "## Training",
             "",
-            f"{len(record['losses'])} steps of batch {tr['batch_size']} (full fine-tuning, AdamW lr {tr['lr']:g}, "
-            f"weight decay {tr['weight_decay']:g}, {tr['warmup_steps']} warm-up steps, cosine to "
+            f"{len(record['losses'])} steps of batch {tr['batch_size']}"
+            + (
+                f", the first {tr['first_steps']} on a curriculum of {tr['first_skills']} questions only (same "
+                "settings, its own dataset), the rest on every skill"
+                if tr.get("first_steps")
+                else ""
+            )
+            + f" (full fine-tuning, AdamW lr {tr['lr']:g}, "
+            f"weight decay {tr['weight_decay']:g}, gradient norm clipped at {tr.get('grad_clip')}, loss "
+            f"{tr.get('loss', 'per_token')}, "
+            f"{tr['warmup_steps']} warm-up steps, cosine to "
             f"{tr['min_lr_ratio']:g} x lr; data-order seed {tr['seed']}), next-token loss on the answers; "
             f"{record['loop_s'] / 60:.1f} min of training ({record['wall_s_per_step']:.2f} s per step with the "
             f"learning-curve points, {record['s_per_step']:.2f} s in the optimizer step itself) and "
