@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 CAPTURE_KWARG = "klal_capture"
 CAPTURE_PREFIX = "klal_"
 
-QueryMode = Literal["last", "all", "first", "prompt_last"]
+QueryMode = Literal["last", "all", "first", "prompt_last", "word"]
 
 
 @dataclass
@@ -308,28 +308,37 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     return sorted({i % num_layers for i in out})
 
 
-def select_queries(answer_mask: torch.Tensor, mode: QueryMode) -> torch.Tensor:
+def select_queries(answer_mask: torch.Tensor, mode: QueryMode, word_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean ``(B, S)`` mask of the query positions whose attention is supervised.
 
     Args:
         answer_mask: ``(B, S)`` True on answer content tokens.
-        mode: ``last``/``first``/``all`` answer token, or ``prompt_last``: the last prompt token (the position that
-            predicts the first answer token).
+        mode: ``last``/``first``/``all`` answer token, ``prompt_last``: the last prompt token (the position that
+            predicts the first answer token), or ``word``: the last token of the question word each sample names in
+            its meta (``query_word``; the collator's ``word_mask``), e.g. the object a lookup question asks about.
+        word_mask: ``(B, S)`` True on the named word's tokens (needed by ``word``).
     """
     am = answer_mask.bool()
-    has = am.any(-1)
     pos = torch.arange(am.shape[1], device=am.device)[None, :].expand_as(am)
     out = torch.zeros_like(am)
     if mode == "all":
         return am.clone()
-    if mode == "last":
+    if mode == "word":
+        if word_mask is None:
+            raise ValueError(
+                "klal query 'word' needs samples whose meta names the question word (meta key query_word); "
+                "this batch has none"
+            )
+        am = word_mask.bool()
+    has = am.any(-1)
+    if mode in ("last", "word"):
         idx = torch.where(am, pos, torch.full_like(pos, -1)).amax(-1)
     elif mode == "first":
         idx = torch.where(am, pos, torch.full_like(pos, am.shape[1])).amin(-1)
     elif mode == "prompt_last":
         idx = torch.where(am, pos, torch.full_like(pos, am.shape[1])).amin(-1) - 1
     else:
-        raise ValueError(f"unknown klal query mode {mode!r}; choose last, all, first or prompt_last")
+        raise ValueError(f"unknown klal query mode {mode!r}; choose last, all, first, prompt_last or word")
     rows = torch.nonzero(has & (idx >= 0)).squeeze(-1)
     out[rows, idx[rows]] = True
     return out

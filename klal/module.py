@@ -162,7 +162,7 @@ class KLALModule(L.LightningModule):
         if capture:
             grids = nest_grids(batch["grids"], batch["grid_image"])
             visual = self.family.visual_token_mask(batch["input_ids"], self.image_token_id, grids)
-            query = select_queries(batch["answer_mask"], query_mode or self.klal_query)
+            query = select_queries(batch["answer_mask"], query_mode or self.klal_query, batch.get("word_mask"))
             request = CaptureRequest.from_masks(query, visual, self.layers)
             inputs["klal_capture"] = request
         out = self.model(**inputs, use_cache=False)

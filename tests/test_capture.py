@@ -3,6 +3,8 @@ text-only rows (no visual token) in the batch or making up the whole batch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -242,3 +244,43 @@ def test_text_only_batch_logits_equal_each_row_run_alone(models, tiny_processor,
             real = batch["attention_mask"][i].bool()
             alone = sdpa(input_ids=batch["input_ids"][i][real][None]).logits[0]
             assert torch.allclose(logits[i][real], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_word_query_is_the_last_token_of_the_named_word(tiny_processor, padding_side):
+    from data_gen.tasks.lookup import ColourLookupTask, LookupConfig, NeighbourLookupTask
+    from data_gen.writer import sample_row
+
+    colour = ColourLookupTask(LookupConfig(image_size=112, rows=(3, 3), cols=(3, 3)))
+    neighbour = NeighbourLookupTask(LookupConfig(image_size=112, rows=(3, 3), cols=(3, 3)))
+    rows = [sample_row(colour, 0, i) for i in range(3)] + [sample_row(neighbour, 0, 0)]
+    rows.append(make_text_row(9))  # meta names no word: no query for this row
+    batch = KLALCollator(tiny_processor, padding_side=padding_side)(rows)
+    query = select_queries(batch["answer_mask"], "word", batch["word_mask"])
+    tok = tiny_processor.tokenizer
+    for i, row in enumerate(rows[:4]):
+        meta = json.loads(row["meta"])
+        word = meta["query_word"]
+        assert word in row["question"]
+        span = batch["word_mask"][i].nonzero().squeeze(-1).tolist()
+        # The marked tokens spell the word, they are contiguous, and the query is their last one.
+        assert tok.decode(batch["input_ids"][i, span]).strip() == word
+        assert span == list(range(span[0], span[-1] + 1))
+        assert query[i].nonzero().squeeze(-1).tolist() == [span[-1]]
+        # The word sits in the question, before the answer.
+        assert span[-1] < int(batch["answer_mask"][i].nonzero().min())
+    assert not batch["word_mask"][4].any() and not query[4].any()
+    # colour_lookup names the target's shape, neighbour_lookup the anchor's.
+    assert json.loads(rows[0]["meta"])["query_word"] == json.loads(rows[0]["meta"])["objects"][0]["shape"]
+    assert json.loads(rows[3]["meta"])["query_word"] == json.loads(rows[3]["meta"])["objects"][1]["shape"]
+
+
+def test_word_query_errors_name_the_sample(tiny_processor):
+    row = make_text_row(1, question="What colour is the star?")
+    row["meta"] = json.dumps({"query_word": "circle"})
+    with pytest.raises(ValueError, match=r"text-1.*query_word 'circle'"):
+        KLALCollator(tiny_processor)([row])
+    batch = KLALCollator(tiny_processor)([make_text_row(2)])
+    assert "word_mask" not in batch
+    with pytest.raises(ValueError, match="query_word"):
+        select_queries(batch["answer_mask"], "word", batch.get("word_mask"))

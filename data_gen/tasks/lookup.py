@@ -210,6 +210,10 @@ class _LookupTask(Task):
         """Indices of the objects whose boxes are the evidence (the target)."""
         return [0]
 
+    def _query_word(self, objects: list[dict[str, Any]]) -> str:
+        """The question's word that picks the object (meta ``query_word``: the ``word`` KLAL query's token)."""
+        return objects[0][self.key_attribute]
+
     def generate(self, rng: np.random.Generator, target_answer: str | None) -> Sample:
         """Draw one scene whose answer is ``target_answer`` (drawn uniformly when None)."""
         c = self.config
@@ -260,6 +264,7 @@ class _LookupTask(Task):
             "objects": objects,
             "evidence_objects": self._evidence_objects(objects),
             "template": t,
+            "query_word": self._query_word(objects),
         }
         boxes = [list(objects[i]["box"]) for i in self._evidence_objects(objects)]
         return Sample(image=image, question=question, answer=answer, evidence=Evidence(boxes=boxes), meta=meta)
@@ -340,3 +345,7 @@ class NeighbourLookupTask(_LookupTask):
 
     def _evidence_objects(self, objects: list[dict[str, Any]]) -> list[int]:
         return [1, 0]
+
+    def _query_word(self, objects: list[dict[str, Any]]) -> str:
+        # The anchor's shape ends its "colour shape" phrase, so its token has read the whole phrase.
+        return objects[1]["shape"]

@@ -29,6 +29,7 @@ with no valid visual token.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
@@ -77,6 +78,9 @@ class _BatchTensors(TypedDict):
     or None."""
     ids: list[str]
     """Per sample: the row's ``id`` (named in errors), else its position in the batch."""
+    word_mask: torch.Tensor
+    """(B, S) bool, only when some row's meta names a ``query_word``: True on that word's tokens in the question
+    (its last occurrence; the ``word`` KLAL query supervises the last of them)."""
 
 
 class KLALBatch(_BatchTensors, total=False):
@@ -173,6 +177,32 @@ class KLALCollator:
         end = self.tokenizer(self.prompt.end_of_turn, add_special_tokens=False)["input_ids"]
         return list(content) + list(end), len(content)
 
+    def word_span(self, prompt_ids: list[int], row: dict[str, Any], index: int) -> tuple[int, int] | None:
+        """Token span ``[start, end)`` in ``prompt_ids`` of the question word the row's meta names as
+        ``query_word`` (its last occurrence), or None when the meta names none.
+
+        The word is looked up as its own tokens with and without a leading space, as a byte-level BPE tokenises it
+        inside a sentence; a word the prompt does not contain that way is an error naming the sample.
+        """
+        meta = row.get("meta")
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:
+                return None  # free-form meta names no word
+        word = meta.get("query_word") if isinstance(meta, dict) else None
+        if not word:
+            return None
+        for text in (" " + word, word):
+            w = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for start in range(len(prompt_ids) - len(w), -1, -1):
+                if prompt_ids[start : start + len(w)] == w:
+                    return start, start + len(w)
+        raise ValueError(
+            f"sample {row.get('id', index)!r}: meta query_word {word!r} is not a token sequence of the prompt "
+            f"(question {row.get('question')!r})"
+        )
+
     # -- main entry -----------------------------------------------------------------------------------------------
     def __call__(self, rows: list[dict[str, Any]]) -> KLALBatch:
         images_per_row = [
@@ -183,9 +213,10 @@ class KLALCollator:
         enc = self.processor(text=prompts, images=images or None, padding=False, return_tensors=None)
         image_grids = self.family.image_grids(self.processor, enc, len(images))
 
-        seqs, labels, answer_masks, mm_types = [], [], [], []
+        seqs, labels, answer_masks, mm_types, words = [], [], [], [], []
         for i, row in enumerate(rows):
             p_ids = list(enc["input_ids"][i])
+            words.append(self.word_span(p_ids, row, i))
             mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(p_ids)
             a_ids, n_content = self.answer_ids(str(row["answer"]))
             if n_content == 0 or not str(row["answer"]).strip():
@@ -202,6 +233,13 @@ class KLALCollator:
             mm_types.append(mm + [0] * len(a_ids))
 
         batch = self._pad(seqs, labels, answer_masks, mm_types)
+        if any(w is not None for w in words):
+            n = batch["input_ids"].shape[1]
+            batch["word_mask"] = torch.zeros_like(batch["answer_mask"])
+            for i, (w, seq) in enumerate(zip(words, seqs)):
+                if w is not None:
+                    off = n - len(seq) if self.padding_side == "left" else 0
+                    batch["word_mask"][i, off + w[0] : off + w[1]] = True
         if images:
             # Without any image the keys stay out: the model runs its vision tower only when pixel_values is given,
             # and an empty pixel tensor would still enter it.

@@ -110,7 +110,8 @@ class TeacherForcedAttention(GroundingMethod):
         """Options of :class:`TeacherForcedAttention`."""
 
         query: QueryMode = "last"
-        """Query tokens: ``last``, ``first`` or ``all`` answer tokens, or ``prompt_last`` (the token before them)."""
+        """Query tokens: ``last``, ``first`` or ``all`` answer tokens, ``prompt_last`` (the token before them), or
+        ``word`` (the question word the sample's meta names as ``query_word``)."""
         layers: str | list[int] = "all"
         """Language layers to average (``klal.capture.parse_layers`` syntax)."""
         max_new_tokens: int = 0
@@ -125,7 +126,10 @@ class TeacherForcedAttention(GroundingMethod):
         batch = gm.collator(samples)
         kw = {k: batch[k].to(gm.device) for k in gm.family.input_keys if k in batch}
         kw["pixel_values"] = kw["pixel_values"].to(gm.model.dtype)
-        queries = select_queries(batch["answer_mask"].to(gm.device), opts.query)
+        word = batch.get("word_mask")
+        queries = select_queries(
+            batch["answer_mask"].to(gm.device), opts.query, None if word is None else word.to(gm.device)
+        )
         visual = gm.family.visual_token_mask(
             kw["input_ids"], gm.image_token_id, nest_grids(batch["grids"], batch["grid_image"])
         )
