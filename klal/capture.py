@@ -65,6 +65,10 @@ class CaptureRequest:
             over visual keys, renormalised over visual keys per head. Padded keys hold a large negative value, padded
             queries hold a uniform row.
         full_probs: layer index -> ``(B, H, A, S)`` attention probabilities over all keys (``differentiable_rows``).
+        key_bias: ``(B, A, V)`` logits added to the selected rows' attention scores on the visual keys (every head,
+            every requested layer), the rows then recomputed as with ``differentiable_rows`` (batch size 1): an
+            intervention, e.g. an oracle that makes a query look at the evidence, not a measurement. The captured maps
+            stay those of the unbiased scores.
     """
 
     query_index: torch.Tensor
@@ -76,6 +80,7 @@ class CaptureRequest:
     differentiable_rows: bool = False
     log_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     full_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_bias: torch.Tensor | None = None
 
     @classmethod
     def from_masks(
@@ -182,7 +187,7 @@ def _make_capture_fn(base: str):
             )
             # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
             request.log_maps.setdefault(layer_idx, log_q)
-            if request.differentiable_rows:
+            if request.differentiable_rows or request.key_bias is not None:
                 out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx), *out[1:])
         return out
 
@@ -199,14 +204,15 @@ def _route_rows(
     request: CaptureRequest,
     layer_idx: int,
 ) -> torch.Tensor:
-    """Recompute the selected rows' output as ``softmax(q k^T) v`` over all earlier keys and splice it in.
+    """Recompute the selected rows' output as ``softmax(q k^T + bias) v`` over all earlier keys and splice it in.
 
     The kernel's output carries no handle on its attention weights; this explicit path keeps one (``full_probs``)
-    so that a gradient of the model output reaches them. Values agree with the kernel to float tolerance.
+    so that a gradient of the model output reaches them. Without ``key_bias`` values agree with the kernel to float
+    tolerance.
     """
     b, h, s, d = query.shape
     if b != 1:
-        raise ValueError("differentiable_rows capture needs batch size 1")
+        raise ValueError("differentiable_rows and key_bias captures need batch size 1")
     hkv = key.shape[1]
     g = h // hkv
     pos = request.query_index[0][request.query_valid[0]]  # (A,)
@@ -214,6 +220,10 @@ def _route_rows(
     k = key[0].repeat_interleave(g, dim=0)  # (H, S, D)
     v = value[0].repeat_interleave(g, dim=0)  # (H, S, D)
     scores = torch.matmul(q_sel, k.transpose(-1, -2)).float() * scaling  # (H, A, S)
+    if request.key_bias is not None:
+        keys = request.key_index[0][request.key_valid[0]]  # (V,)
+        bias = request.key_bias[0][request.query_valid[0]][:, : len(keys)].float()  # (A, V)
+        scores = scores.index_add(-1, keys, bias[None].expand(scores.shape[0], -1, -1))
     causal = torch.arange(s, device=query.device)[None, :] > pos[:, None]  # (A, S)
     probs = torch.softmax(scores.masked_fill(causal[None], float("-inf")), dim=-1)[None]  # (1, H, A, S)
     if torch.is_grad_enabled():

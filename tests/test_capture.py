@@ -284,3 +284,57 @@ def test_word_query_errors_name_the_sample(tiny_processor):
     assert "word_mask" not in batch
     with pytest.raises(ValueError, match="query_word"):
         select_queries(batch["answer_mask"], "word", batch.get("word_mask"))
+
+
+def test_key_bias_reweights_the_selected_rows_exactly():
+    """A bias on the visual keys of one query row, against softmax(q k^T * scale + causal + bias) v written out."""
+    from klal.capture import _route_rows
+
+    g = torch.Generator().manual_seed(0)
+    h, hkv, s, d = 4, 2, 9, 8
+    q, k, v = (torch.randn(1, n, s, d, generator=g) for n in (h, hkv, hkv))
+    out = torch.randn(1, s, h, d, generator=g)  # the kernel's output, overwritten only on the selected row
+    pos, keys = 6, torch.tensor([1, 2, 3, 4])
+    bias = torch.tensor([0.0, 3.0, -2.0, 0.5])
+    req = CaptureRequest(
+        torch.tensor([[pos]]),
+        torch.tensor([[True]]),
+        keys[None],
+        torch.ones(1, 4, dtype=torch.bool),
+        key_bias=bias[None, None],
+    )
+    got = _route_rows(out, q, k, v, 0.3, req, 0)
+    kk, vv = k[0].repeat_interleave(2, 0), v[0].repeat_interleave(2, 0)  # (H, S, D)
+    scores = (q[0, :, pos, None] @ kk.transpose(-1, -2))[:, 0] * 0.3  # (H, S)
+    full_bias = torch.zeros(s)
+    full_bias[keys] = bias
+    scores = (scores + full_bias).masked_fill(torch.arange(s) > pos, float("-inf"))
+    want = (torch.softmax(scores, -1)[:, :, None] * vv).sum(1)  # (H, D)
+    assert torch.allclose(got[0, pos], want, atol=1e-6)
+    others = [i for i in range(s) if i != pos]
+    assert torch.equal(got[0, others], out[0, others])
+
+
+def test_key_bias_on_the_model(models, tiny_processor, mixed_rows):
+    """Zero bias changes no logit; a large bias on one visual key makes the row read that key alone."""
+    _, cap, _ = models
+    row = mixed_rows[0]
+    batch = KLALCollator(tiny_processor)([row])
+    inputs = {k: batch[k] for k in MODEL_KEYS}
+    visual = batch["input_ids"] == tiny_processor.image_token_id
+    query = select_queries(batch["answer_mask"], "prompt_last")
+    with torch.no_grad():
+        plain = cap(**inputs).logits
+        req = CaptureRequest.from_masks(query, visual)
+        req.key_bias = torch.zeros(1, 1, int(visual.sum()))
+        zero = cap(**inputs, klal_capture=req).logits
+        assert torch.allclose(zero, plain, atol=1e-5)
+        req = CaptureRequest.from_masks(query, visual)
+        req.key_bias = torch.zeros(1, 1, int(visual.sum()))
+        req.key_bias[0, 0, 5] = 1e4
+        cap(**inputs, klal_capture=req)
+        probs = req.full_probs[0][0, :, 0]  # (H, S) of layer 0
+        assert torch.allclose(probs[:, int(req.key_index[0, 5])], torch.ones(probs.shape[0]))
+        moved = cap(**inputs, klal_capture=req).logits
+    pos = int(query[0].nonzero())
+    assert not torch.allclose(moved[0, pos], plain[0, pos], atol=1e-3)

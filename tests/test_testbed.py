@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -136,3 +137,44 @@ def test_testbed_pipeline_toy(tmp_path: Path) -> None:
     assert res["tokens"][task]["tokens"] == {"1": 1.0} and "## Answer tokenization" in md
     assert res["protocol"] == {"confirmatory": False, "checked_against": []} and "Pilot (not confirmatory)" in md
     assert (tmp_path / "results" / "curves.png").stat().st_size > 0
+    # The diagnostics read these runs: beta 0 of the oracle is the model as evaluated, the per-layer masses average to
+    # the evaluation's all-layer mass (the mass of a mean map is the mean of the masses), every prediction is split.
+    from studies.reproduce import diagnose
+
+    md_path = diagnose.main([str(cfg_p)], out=str(tmp_path / "diag"), samples=4)
+    d = json.loads((tmp_path / "diag" / "diagnose.json").read_text())
+    cfg = repro.load_config(cfg_p)
+    assert len(d["runs"]) == len(repro.main_runs(cfg)) + len(repro.extra_runs(cfg))
+    for r in d["runs"]:
+        spec = next(s for s in [*repro.main_runs(cfg).values(), *repro.extra_runs(cfg)] if s.name == r["run"])
+        ev = json.loads((repro.run_path(cfg, spec) / "eval.json").read_text())
+        assert r["oracle"]["betas"][0] == 0.0 and r["oracle"]["exact"][0] == pytest.approx(ev["exact_tf"])
+        for q in ("prompt_last", "last"):
+            assert np.mean(r["layers"][q]) == pytest.approx(ev[f"{q}/evidence_mass"], abs=1e-6)
+    split = d["split"][str(cfg_p)]
+    assert {arm: sum(v["n"] for v in by_n.values()) for arm, by_n in split.items()} == {a: 2 * 4 for a in arms}
+    assert "## Oracle attention" in md_path.read_text() and (tmp_path / "diag" / "diagnose.png").stat().st_size > 0
+
+
+def test_object_count_split_hand_worked() -> None:
+    from studies.reproduce.diagnose import object_count_split
+
+    def row(i: str, colours: list[str]) -> dict:
+        return {"id": i, "meta": json.dumps({"objects": [{"colour": c} for c in colours]})}
+
+    rows = [
+        row("a", ["red", "green", "blue"]),
+        row("b", ["blue", "red", "green", "yellow"]),
+        row("c", ["green", "red", "blue"]),
+    ]
+    preds = [
+        {"arm": "ntp", "seed": 0, "id": "a", "prediction": "red", "exact_tf": True},
+        {"arm": "ntp", "seed": 0, "id": "c", "prediction": "yellow", "exact_tf": False},  # a colour not in the image
+        {"arm": "ntp", "seed": 1, "id": "a", "prediction": " blue", "exact_tf": False},  # present, not asked
+        {"arm": "ntp", "seed": 0, "id": "b", "prediction": "(1, 2)", "exact_tf": False},  # no colour at all
+        {"arm": "base", "seed": None, "id": "a", "prediction": "red", "exact_tf": True},  # the base is not an arm here
+    ]
+    got = object_count_split(preds, rows)
+    assert set(got) == {"ntp"}
+    assert got["ntp"]["3"] == {"n": 3, "accuracy": 1 / 3, "present": 2 / 3, "absent": 1 / 3, "blind": 1 / 3}
+    assert got["ntp"]["4"] == {"n": 1, "accuracy": 0.0, "present": 0.0, "absent": 0.0, "blind": 0.25}
