@@ -174,7 +174,7 @@ def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mix
     from klal.data.collate import KLALBatch
 
     required, optional = KLALBatch.__required_keys__, KLALBatch.__optional_keys__
-    assert optional == {"pixel_values", "image_grid_thw", "image_sizes"} and len(required | optional) == 15
+    assert optional == {"pixel_values", "image_grid_thw", "image_sizes", "word_mask"} and len(required | optional) == 16
     batch = KLALCollator(tiny_processor)(mixed_rows)
     # The Qwen families' image inputs; image_sizes is LLaVA-OneVision's.
     assert set(batch) == required | {"pixel_values", "image_grid_thw"}

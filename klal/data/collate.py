@@ -78,9 +78,6 @@ class _BatchTensors(TypedDict):
     or None."""
     ids: list[str]
     """Per sample: the row's ``id`` (named in errors), else its position in the batch."""
-    word_mask: torch.Tensor
-    """(B, S) bool, only when some row's meta names a ``query_word``: True on that word's tokens in the question
-    (its last occurrence; the ``word`` KLAL query supervises the last of them)."""
 
 
 class KLALBatch(_BatchTensors, total=False):
@@ -95,6 +92,9 @@ class KLALBatch(_BatchTensors, total=False):
     """(N, 3) long, Qwen families: per image, its patch grid (t, h, w); visual tokens = t*h*w / 4."""
     image_sizes: torch.Tensor
     """(N, 2) long, LLaVA-OneVision: per image, its original (height, width)."""
+    word_mask: torch.Tensor
+    """(B, S) bool, only when some row's meta names a ``query_word``: True on that word's tokens in the question
+    (its last occurrence; the ``word`` KLAL query supervises the last of them)."""
 
 
 @dataclass
