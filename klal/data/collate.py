@@ -213,10 +213,10 @@ class KLALCollator:
         enc = self.processor(text=prompts, images=images or None, padding=False, return_tensors=None)
         image_grids = self.family.image_grids(self.processor, enc, len(images))
 
-        seqs, labels, answer_masks, mm_types, words = [], [], [], [], []
+        seqs, labels, answer_masks, mm_types, word_masks = [], [], [], [], []
         for i, row in enumerate(rows):
             p_ids = list(enc["input_ids"][i])
-            words.append(self.word_span(p_ids, row, i))
+            word = self.word_span(p_ids, row, i)
             mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(p_ids)
             a_ids, n_content = self.answer_ids(str(row["answer"]))
             if n_content == 0 or not str(row["answer"]).strip():
@@ -231,15 +231,9 @@ class KLALCollator:
             labels.append([IGNORE_INDEX] * len(p_ids) + a_ids)
             answer_masks.append([0] * len(p_ids) + [1] * n_content + [0] * (len(a_ids) - n_content))
             mm_types.append(mm + [0] * len(a_ids))
+            word_masks.append(None if word is None else [word[0] <= k < word[1] for k in range(len(ids))])
 
-        batch = self._pad(seqs, labels, answer_masks, mm_types)
-        if any(w is not None for w in words):
-            n = batch["input_ids"].shape[1]
-            batch["word_mask"] = torch.zeros_like(batch["answer_mask"])
-            for i, (w, seq) in enumerate(zip(words, seqs)):
-                if w is not None:
-                    off = n - len(seq) if self.padding_side == "left" else 0
-                    batch["word_mask"][i, off + w[0] : off + w[1]] = True
+        batch = self._pad(seqs, labels, answer_masks, mm_types, word_masks)
         if images:
             # Without any image the keys stay out: the model runs its vision tower only when pixel_values is given,
             # and an empty pixel tensor would still enter it.
@@ -250,7 +244,7 @@ class KLALCollator:
         batch["ids"] = [str(r.get("id", i)) for i, r in enumerate(rows)]
         return batch
 
-    def _pad(self, seqs, labels, answer_masks, mm_types) -> dict[str, torch.Tensor]:
+    def _pad(self, seqs, labels, answer_masks, mm_types, word_masks) -> dict[str, torch.Tensor]:
         n = max(len(s) for s in seqs)
         b = len(seqs)
         out = {
@@ -260,13 +254,18 @@ class KLALCollator:
             "answer_mask": torch.zeros((b, n), dtype=torch.bool),
             "mm_token_type_ids": torch.zeros((b, n), dtype=torch.long),
         }
-        for i, (s, lab, am, mm) in enumerate(zip(seqs, labels, answer_masks, mm_types)):
+        # Only when some row names a question word: the key's absence tells the ``word`` query there is none.
+        if any(w is not None for w in word_masks):
+            out["word_mask"] = torch.zeros((b, n), dtype=torch.bool)
+        for i, (s, lab, am, mm, wm) in enumerate(zip(seqs, labels, answer_masks, mm_types, word_masks)):
             sl = slice(n - len(s), n) if self.padding_side == "left" else slice(0, len(s))
             out["input_ids"][i, sl] = torch.tensor(s)
             out["attention_mask"][i, sl] = 1
             out["labels"][i, sl] = torch.tensor(lab)
             out["answer_mask"][i, sl] = torch.tensor(am, dtype=torch.bool)
             out["mm_token_type_ids"][i, sl] = torch.tensor(mm)
+            if wm is not None:
+                out["word_mask"][i, sl] = torch.tensor(wm, dtype=torch.bool)
         return out
 
     def _targets(self, rows, images_per_row, image_grids) -> dict[str, Any]:

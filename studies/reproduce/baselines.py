@@ -20,7 +20,6 @@ the collator does (``klal.data.collate.KLALCollator.answer_ids``: the answer tex
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,10 +28,6 @@ import numpy as np
 
 from studies.reproduce import pipeline as repro
 from studies.reproduce.pipeline import StudyConfig
-
-
-def _meta(row_meta: Any) -> dict[str, Any]:
-    return json.loads(row_meta) if isinstance(row_meta, str) else dict(row_meta)
 
 
 def _uniform_among(candidates: set[str], gold: str) -> float:
@@ -145,7 +140,7 @@ def reference_accuracies(
     if task in QUESTION_BLIND:
         rule, blind = QUESTION_BLIND[task]
         # Answers may carry the leading space of answer_render; the meta records the generator's words.
-        acc = [blind(_meta(m), a.strip()) for m, a in zip(test_meta, test_answers)]
+        acc = [blind(repro.parse_meta(m), a.strip()) for m, a in zip(test_meta, test_answers)]
         out["question_blind"] = {"accuracy": float(np.mean(acc)) if acc else float("nan"), "rule": rule}
     return out
 

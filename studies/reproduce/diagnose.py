@@ -41,10 +41,6 @@ QUERIES = ("prompt_last", "last")
 """Query tokens whose attention is measured per layer."""
 
 
-def _meta(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(row["meta"]) if isinstance(row["meta"], str) else dict(row["meta"])
-
-
 def object_count_split(predictions: list[dict[str, Any]], rows: Any) -> dict[str, dict[str, dict[str, float]]]:
     """Per arm and number of objects in the image: items, accuracy, and what the greedy predictions name.
 
@@ -58,7 +54,7 @@ def object_count_split(predictions: list[dict[str, Any]], rows: Any) -> dict[str
         predictions naming a colour of the image / a colour of the task that is not in it, ``blind`` the accuracy of
         the question-blind guess "a colour of the image, uniformly" (1/n: the colours of an image are distinct).
     """
-    colours = {r["id"]: [o["colour"] for o in _meta(r)["objects"]] for r in rows}
+    colours = {r["id"]: [o["colour"] for o in repro.parse_meta(r["meta"])["objects"]] for r in rows}
     names = {c for cs in colours.values() for c in cs}
     items: dict[str, dict[int, list[tuple[bool, bool, bool]]]] = defaultdict(lambda: defaultdict(list))
     for p in predictions:
@@ -103,50 +99,47 @@ def layer_masses(module: Any, rows: Any, batch_size: int, queries: tuple[str, ..
     return out
 
 
-def _biased(gm: Any, row: dict[str, Any], box: list[float], beta: float) -> tuple[bool, int, int]:
-    """``row`` scored teacher-forced with ``beta`` added to the last prompt token's attention scores on the visual
-    tokens that ``box`` covers, in every layer and head: (exact match, predicted and gold first answer token)."""
-    from klal.capture import CaptureRequest, select_queries
-    from klal.data.targets import evidence_cells
-    from klal.eval.attention import teacher_forced_exact
-
-    batch = gm.collator([row])
-    kw = {k: batch[k].to(gm.device) for k in gm.family.input_keys if k in batch}
-    grid = batch["grids"][0][0]
-    visual = gm.family.visual_token_mask(kw["input_ids"], gm.image_token_id, [batch["grids"][0]])
-    query = select_queries(batch["answer_mask"], "prompt_last")
-    pos = int(query[0].nonzero())
-    cells = evidence_cells({"boxes": [box]}, (row["height"], row["width"]), grid)
-    req = CaptureRequest.from_masks(query, visual)
-    req.key_bias = beta * torch.as_tensor(cells.reshape(1, 1, -1), dtype=torch.float32, device=gm.device)
-    logits = gm.model(**kw, klal_capture=req, use_cache=False).logits
-    req.clear()
-    labels = batch["labels"].to(gm.device)
-    return bool(teacher_forced_exact(logits, labels)[0]), int(logits[0, pos].argmax()), int(labels[0, pos + 1])
-
-
 def oracle(module: Any, rows: Any, betas: tuple[float, ...] = BETAS) -> dict[str, Any]:
     """Teacher-forced accuracy with the last prompt token's attention pushed onto the asked-for object, and, as the
-    control, onto another object of the image, for each ``beta``.
+    control, onto another object of the image, for each ``beta`` (added to that token's attention scores on the
+    object's visual tokens, in every layer and head).
 
     Returns:
         ``{"betas", "exact"`` (asked-for colour, bias on it), ``"control_exact"`` (asked-for colour, bias on the other
         object), ``"control_other"`` (bias on the other object: the first predicted token is the other object's
         colour's), ``"n"}``, one value per beta.
     """
+    from klal.capture import CaptureRequest, select_queries
+    from klal.data.targets import evidence_cells
+    from klal.eval.attention import teacher_forced_exact
     from klal.grounding import GroundingModel
 
     gm = GroundingModel(module.model, module.processor)
     exact, control_exact, control_other = defaultdict(list), defaultdict(list), defaultdict(list)
     with gm.borrowed(), torch.no_grad():
         for row in rows:
-            target, other = _meta(row)["objects"][0], _meta(row)["objects"][1]
+            target, other = repro.parse_meta(row["meta"])["objects"][:2]
             other_first = gm.collator.answer_ids(other["colour"])[0][0]
-            for beta in betas:
-                exact[beta].append(_biased(gm, row, target["box"], beta)[0])
-                ok, predicted, _ = _biased(gm, row, other["box"], beta)
-                control_exact[beta].append(ok)
-                control_other[beta].append(predicted == other_first)
+            # One collated row serves every bias: only the request changes.
+            batch = gm.collator([row])
+            kw = {k: batch[k].to(gm.device) for k in gm.family.input_keys if k in batch}
+            visual = gm.family.visual_token_mask(kw["input_ids"], gm.image_token_id, [batch["grids"][0]])
+            query = select_queries(batch["answer_mask"], "prompt_last")
+            pos = int(query[0].nonzero())
+            labels = batch["labels"].to(gm.device)
+            for obj, is_target in ((target, True), (other, False)):
+                cells = evidence_cells({"boxes": [obj["box"]]}, (row["height"], row["width"]), batch["grids"][0][0])
+                cells = torch.as_tensor(cells.reshape(1, 1, -1), dtype=torch.float32, device=gm.device)
+                for beta in betas:
+                    req = CaptureRequest.from_masks(query, visual)
+                    req.key_bias = beta * cells
+                    logits = gm.model(**kw, klal_capture=req, use_cache=False).logits
+                    ok = bool(teacher_forced_exact(logits, labels)[0])
+                    if is_target:
+                        exact[beta].append(ok)
+                    else:
+                        control_exact[beta].append(ok)
+                        control_other[beta].append(int(logits[0, pos].argmax()) == other_first)
     return {
         "betas": list(betas),
         "exact": [float(np.mean(exact[b])) for b in betas],
@@ -160,7 +153,7 @@ def diagnose_run(cfg: repro.StudyConfig, spec: repro.RunSpec, rows: Any, force: 
     """Per-layer masses and the oracle of one trained run, cached in its folder (``diagnose.json``)."""
     path = repro.run_path(cfg, spec) / "diagnose.json"
     # Datasets whose meta names the question's object word get that token measured too (the `word` KLAL query).
-    queries = QUERIES + (("word",) if "query_word" in _meta(rows[0]) else ())
+    queries = QUERIES + (("word",) if "query_word" in repro.parse_meta(rows[0]["meta"]) else ())
     fp = {"n": len(rows), "betas": list(BETAS), "queries": list(queries)}
     if path.is_file() and not force:
         cached = json.loads(path.read_text())
@@ -206,11 +199,12 @@ def main(
             result["split"][path] = object_count_split(preds, rows)
             runs = [(arm, spec) for (t, arm, _), spec in repro.main_runs(cfg).items() if t == task]
             runs += [(f"{s.klal_query} L{s.klal_layers}", s) for s in repro.extra_runs(cfg) if s.task == task]
+            some = rows.select(range(min(samples, len(rows))))
+            worded = "query_word" in repro.parse_meta(some[0]["meta"])
             for arm, spec in runs:
                 # A run another study trained with the same settings (its NTP arm) is the same model; measured
                 # again where the data name the object word, whose token is measured too.
-                some = rows.select(range(min(samples, len(rows))))
-                key = repro._fingerprint(cfg, spec) + str("query_word" in _meta(some[0]))
+                key = repro._fingerprint(cfg, spec) + str(worded)
                 if key not in done:
                     done[key] = diagnose_run(cfg, spec, some, force)
                 d = done[key]

@@ -17,7 +17,6 @@ token, so its numbers are identical under both feeds: the control that the diagn
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +26,6 @@ QUERIES = ("last", "all", "prompt_last")
 """Query choices measured: the answer's last token, every answer token, and the last prompt token (the control)."""
 
 Box = list[float]
-
-
-def _meta(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(row["meta"]) if isinstance(row["meta"], str) else dict(row["meta"])
 
 
 def _colour_lookup(meta: dict[str, Any], gold: str) -> tuple[str, Box | None]:
@@ -82,7 +77,7 @@ def wrong_answer_rows(task: str, rows: Any, render: Callable[[str], str]) -> tup
     gold, wrong, on_fed = [], [], []
     for r in rows:
         r = dict(r)
-        answer, box = WRONG_ANSWER[task](_meta(r), r["answer"].strip())
+        answer, box = WRONG_ANSWER[task](repro.parse_meta(r["meta"]), r["answer"].strip())
         fed = render(answer)
         if fed.strip() == r["answer"].strip():
             raise ValueError(f"wrong-answer diagnostic: the wrong answer of {r['id']} equals the gold one ({fed!r})")

@@ -483,6 +483,11 @@ def study_tokenizer(cfg: StudyConfig):
     return load_processor(ModelConfig(name_or_path=cfg.backbone, max_pixels=cfg.image_size * cfg.image_size)).tokenizer
 
 
+def parse_meta(meta: Any) -> dict[str, Any]:
+    """A dataset row's ``meta``: the JSON string as stored, or a mapping of rows built in memory."""
+    return json.loads(meta) if isinstance(meta, str) else dict(meta)
+
+
 def render_answer(answer: str, mode: str, tokenizer: Any) -> str:
     """``answer`` as ``answer_render`` writes it: unchanged, with a leading space, or with a leading space only where
     ``tokenizer`` then needs fewer tokens (``"blue"`` is b|l|ue and ``" blue"`` one token for the tiny tokenizer)."""
