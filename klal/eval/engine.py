@@ -38,7 +38,9 @@ from tqdm.auto import tqdm
 
 from klal.checkpoint import atomic_output_dir, check_writable
 from klal.data.io import load_split, read_row
+from klal.eval.benchmarks import benchmark_table, score_evaluation
 from klal.eval.config import EvalConfig, MethodSpec
+from klal.eval.html_report import write_html_report
 from klal.eval.metrics import GroundingMetrics
 from klal.eval.report import json_default, markdown_table, save_gallery, slug
 from klal.grounding import GroundingError, GroundingModel, build_method
@@ -294,8 +296,10 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
                 batch_size=cfg.batch_size,
                 gallery_size=cfg.gallery_size,
                 progress=cfg.progress,
+                keep_results=True,  # the maps of report.html and the per-sample pointing / mass
             )
     scores = metrics.compute()
+    bench = score_evaluation(runs, plan.datasets, gm, cfg.model)
     cost = {row: run.cost for row, run in runs.items()}
     results = {
         "model": cfg.model.name_or_path,
@@ -305,15 +309,20 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
         "text_only_skipped": plan.text_only,
         "methods": [asdict(m) | {"row": m.row} for m in plan.specs],
         "metrics": scores,
+        "benchmark_metrics": bench["metrics"],
+        "benchmarks": bench["benchmarks"],
         "cost": cost,
         "samples": {row: run.samples for row, run in runs.items()},
     }
     table = markdown_table(scores, cost, [m.row for m in plan.specs], plan.text_only)
+    paper = benchmark_table(bench, scores, [m.row for m in plan.specs])
+    table = f"{paper}\n{table}" if paper else table
 
     def write(folder: str) -> None:
         out = Path(folder)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
         (out / "results.md").write_text(table + "\n")
+        write_html_report(out / "report.html", results, runs, plan.datasets)
         for row, run in runs.items():
             if run.gallery:
                 save_gallery(run.gallery, out / f"gallery_{slug(row)}.png", title=row)

@@ -86,6 +86,10 @@ class VLMFamily(abc.ABC):
     image_input_keys: ClassVar[tuple[str, ...]]
     pixel_bounds: ClassVar[bool] = True
     stock_processor: ClassVar[str]
+    box_convention: ClassVar[str | None] = None
+    """How the family's instruct checkpoints write a box in generated text: ``resized_pixels`` (absolute pixels of
+    the processor-resized image), ``normalized_1000`` (0-1000 of the image size) or ``normalized_1`` (0-1); None:
+    unknown (answer boxes cannot be scored). :func:`klal.eval.benchmark_scores.answer_box_to_original` reads it."""
 
     # -- model classes and loading -------------------------------------------------------------------------------
     @abc.abstractmethod

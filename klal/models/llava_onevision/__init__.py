@@ -101,6 +101,7 @@ class LlavaOnevisionFamily(VLMFamily):
     image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
     pixel_bounds = False
     stock_processor = "LlavaOnevisionProcessor"
+    box_convention = "normalized_1"
 
     # -- classes -----------------------------------------------------------------------------------------------------
     def model_class(self) -> type:

@@ -27,6 +27,7 @@ class Qwen2_5_VLFamily(QwenVLFamily):
     vision_block_name = "Qwen2_5_VLVisionBlock"
     processor_path = "transformers.models.qwen2_5_vl.processing_qwen2_5_vl:Qwen2_5_VLProcessor"
     stock_processor = "Qwen2_5_VLProcessor"
+    box_convention = "resized_pixels"
     stock_video_processor = "Qwen2VLVideoProcessor"
     patch = 14
 

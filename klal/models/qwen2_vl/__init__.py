@@ -22,6 +22,7 @@ class Qwen2VLFamily(QwenVLFamily):
     vision_block_name = "Qwen2VLVisionBlock"
     processor_path = "transformers.models.qwen2_vl.processing_qwen2_vl:Qwen2VLProcessor"
     stock_processor = "Qwen2VLProcessor"
+    box_convention = "normalized_1000"
     stock_video_processor = "Qwen2VLVideoProcessor"
     patch = 14
     tiny_vision = {

@@ -30,6 +30,7 @@ class Qwen3_5Family(QwenVLFamily):
     vision_block_name = "Qwen3_5VisionBlock"
     processor_path = "transformers.models.qwen3_vl.processing_qwen3_vl:Qwen3VLProcessor"
     stock_processor = "Qwen3VLProcessor"
+    box_convention = "normalized_1000"
     stock_video_processor = "Qwen3VLVideoProcessor"
     patch = 16
     tiny_text = {
