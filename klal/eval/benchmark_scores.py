@@ -11,8 +11,8 @@ klal differs from lmms-eval (the harness most users compare against), are in doc
   (so 1 matching human gives 0.3, 2 give 0.6, 3 give 0.9, 4 or more give 1.0).
 * V* Bench (:func:`mc_letter`, :func:`mc_choice`): the option letter parsed from the answer as lmms-eval's
   ``vstar_bench`` parses it (a leading letter, "answer is X", "(X)", "X." / "X)", a standalone letter, the only
-  letter A-D in the text); :func:`mc_choice` falls back to the option *text* when no letter is found (the answer
-  names exactly one option).
+  letter A-D in the text); :func:`mc_choice` reads a clean letter, then the option *text* (the answer names exactly
+  one option), then lmms-eval's parse.
 * POPE (:func:`pope_label`, :func:`pope_metrics`): yes/no as POPE's own evaluation reads an answer (text up to the
   first period, commas dropped, split on spaces: "no", "No" or "not" among the words is *no*, anything else *yes*);
   accuracy, precision, recall and F1 of *yes* as the positive class, and yes-ratio = share of *predicted* yes.
@@ -122,8 +122,9 @@ def _letter_patterns(n: int) -> list[re.Pattern[str]]:
 def mc_letter(pred: str, num_options: int = 4) -> str | None:
     """The option letter in an answer, parsed as lmms-eval's ``vstar_bench`` does (module docstring), or None.
 
-    The text is upper-cased first, so a lower-case "a" or "b" in a sentence can be read as a letter (lmms-eval's
-    behaviour, kept).
+    The text is upper-cased first, so a lower-case "a" in a sentence reads as A, an answer starting with A-D ("blue")
+    as that letter, and a text with one letter A-D anywhere ("red": D) as that letter (lmms-eval's behaviour, kept;
+    :func:`mc_choice` reads option texts first).
     """
     text = pred.strip().upper()
     for pat in _letter_patterns(num_options):
@@ -137,14 +138,26 @@ def mc_letter(pred: str, num_options: int = 4) -> str | None:
 
 
 def mc_choice(pred: str, options: Sequence[str]) -> str | None:
-    """The chosen option's letter: :func:`mc_letter`, else the one option whose text (normalised as
-    :func:`vqa_normalize`) the answer contains, as a whole phrase; None when neither or several match."""
-    letter = mc_letter(pred, len(options))
-    if letter is not None:
-        return letter
+    """The chosen option's letter, reading the option *text* before lmms-eval's loose letter rules.
+
+    In order: a letter standing alone at the start (``"B"``, ``"(B)"``, ``"B. blue"``) or after "answer is"; else the
+    one option whose text (normalised as :func:`vqa_normalize`) the answer contains as a whole phrase; else
+    :func:`mc_letter`. lmms-eval's parse alone reads ``"blue"`` as B (a leading letter) and ``"red"`` as D (the only
+    letter A-D in the text); here both are read as the options they name.
+    """
+    n = len(options)
+    text = pred.strip().upper()
+    cls = f"[{LETTERS[:n]}]"
+    m = re.match(rf"^\(?({cls})\)?(?:[.):\]]|\s|$)", text) or re.search(
+        rf"(?:ANSWER|CHOICE|OPTION)(?:\s+IS)?[\s:]+\(?({cls})\b", text
+    )
+    if m:
+        return m.group(1)
     said = f" {vqa_normalize(pred)} "
     hits = [LETTERS[k] for k, o in enumerate(options) if vqa_normalize(o) and f" {vqa_normalize(o)} " in said]
-    return hits[0] if len(hits) == 1 else None
+    if len(hits) == 1:
+        return hits[0]
+    return None if hits else mc_letter(pred, n)
 
 
 # -- POPE --------------------------------------------------------------------------------------------------------------
