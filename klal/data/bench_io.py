@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klal.data.io import ImageRef, ImageResolver, SkipRecord
+from klal.data.refcoco import _jsonable
 from klal.data.schema import Evidence, make_record
 
 
@@ -77,7 +78,7 @@ def benchmark_record(
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
     """A schema row whose meta names its ``benchmark``; the image stays a reference (path or the source's bytes)."""
-    plain = json.loads(json.dumps(dict(meta), default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    plain = _jsonable(dict(meta))
     rec = make_record(
         id=id,
         task=task,

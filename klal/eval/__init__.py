@@ -17,4 +17,8 @@ Callers: ``evaluate.py`` (:func:`~klal.eval.engine.evaluate`), the :class:`~klal
 callback, the reproduction study (``studies/reproduce``) and the demo (``studies/demo.py``) all run
 :func:`~klal.eval.engine.run_method`. Evidence cells come from :func:`klal.data.targets.evidence_cells`, beside the
 training target maps. Submodules are imported on use, so ``import klal.eval`` loads nothing heavy.
+
+Public benchmarks (docs/benchmarks.md): :mod:`klal.eval.benchmark_scores` scores one answer as V*, TextVQA, POPE or
+RefCOCO score it, :mod:`klal.eval.benchmarks` per method and task (with reference rows and the paper-shaped table), and
+:mod:`klal.eval.html_report` writes ``report.html``, one card per sample, to browse in a browser.
 """
