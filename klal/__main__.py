@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("data_gen.cli", "generate a synthetic grounding dataset, or preview one"),
     "convert-refcoco": ("klal.data.refcoco", "convert RefCOCO / RefCOCO+ / RefCOCOg into the klal schema"),
     "convert-pixmo": ("klal.data.pixmo", "convert PixMo-Points into the klal schema"),
+    "convert-vstar": ("klal.data.vstar", "convert V* Bench into the klal schema"),
+    "convert-textvqa": ("klal.data.textvqa", "convert TextVQA into the klal schema"),
+    "convert-pope": ("klal.data.pope", "convert POPE into the klal schema"),
     "discover-heads": ("klal.grounding.loc_heads", "find a model's localization heads and save them as JSON"),
     "export": ("klal.export", "export a trained adapter (optionally merged) as a stock checkpoint"),
 }

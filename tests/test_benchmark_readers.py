@@ -163,3 +163,9 @@ def test_converter_command_one_line_error(tmp_path, capsys) -> None:
     main([str(make_vstar_folder(tmp_path / "vb")), "--out", str(tmp_path / "klal_vstar")], prog="vstar")
     assert "kept 3 (test 3)" in capsys.readouterr().out
     assert datasets.load_from_disk(str(tmp_path / "klal_vstar"))["test"].num_rows == 3
+    # The same through the klal command.
+    from klal.__main__ import main as klal_main
+
+    pope = make_pope_authors(tmp_path / "pope")
+    assert klal_main(["convert-pope", str(pope), "--image_dir", str(pope / "val2014")]) == 0
+    assert "kept 6 (test 6)" in capsys.readouterr().out
