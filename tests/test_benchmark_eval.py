@@ -163,7 +163,7 @@ def _browser(url: str, profile: Path, *extra: str) -> str:
         "--no-first-run",
         "--disable-dev-shm-usage",
         f"--user-data-dir={profile}",
-        "--virtual-time-budget=5000",
+        "--virtual-time-budget=1500",
     ]
     done = subprocess.run([exe, *flags, *extra, url], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -207,3 +207,65 @@ def test_report_in_headless_chromium(bench_eval, tmp_path) -> None:
     keep = os.environ.get("KLAL_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / "report.png")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium: install Debian's 'chromium' package (.ci/run does)")
+def test_report_with_1000_cards_filters_and_sorts(tmp_path) -> None:
+    """A page of 1000 cards x 3 methods (tiny images) loads, counts, filters and sorts in the browser."""
+    import numpy as np
+    from PIL import Image
+
+    from klal.eval.html_report import _map_payload, _thumb, render_html
+
+    rng = np.random.default_rng(0)
+    uri, _ = _thumb(Image.new("RGB", (16, 12), (90, 120, 200)))
+    methods = ["a", "b", "c"]
+    samples = []
+    for i in range(1000):
+        per = {}
+        for m in methods:
+            score = float(rng.random())
+            res = type("R", (), {"maps": [rng.random((3, 4))]})()
+            per[m] = {
+                "answer": "x",
+                "score": score,
+                "correct": score >= 0.5,
+                "pointing": score,
+                "mass": score,
+                "boxes": [],
+                "map": _map_payload(res),
+            }
+        samples.append(
+            {
+                "id": f"s{i}",
+                "dataset": "d",
+                "task": "t",
+                "question": "q?",
+                "gold": "x",
+                "img": uri,
+                "boxes": [[1, 1, 5, 5]],
+                "points": [],
+                "per": per,
+            }
+        )
+    results = {
+        "model": "m",
+        "methods": [{"row": m} for m in methods],
+        "metrics": {},
+        "benchmark_metrics": {},
+        "benchmarks": {},
+    }
+    page = tmp_path / "report.html"
+    page.write_text(render_html(results, samples))
+    url = page.resolve().as_uri()
+    dom = _browser(url + "#method=b&sort=score-desc", tmp_path / "p1", "--dump-dom")
+    assert dom.count('class="card"') == 1000 and _shown(dom) == 1000
+    order = re.findall(r'class="card" data-index="(\d+)"', dom)
+    scores = [samples[int(i)]["per"]["b"]["score"] for i in order]
+    assert scores == sorted(scores, reverse=True)
+    right = sum(s["per"]["c"]["correct"] for s in samples)
+    dom = _browser(url + "#method=c&filter=right", tmp_path / "p2", "--dump-dom")
+    assert _shown(dom) == right
+    disagree = sum(len({s["per"][m]["correct"] for m in methods}) > 1 for s in samples)
+    dom = _browser(url + "#method=a&disagree=1", tmp_path / "p3", "--dump-dom")
+    assert _shown(dom) == disagree
