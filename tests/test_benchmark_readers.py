@@ -12,7 +12,7 @@ from klal.data.pope import convert_pope
 from klal.data.refcoco import convert_refcoco
 from klal.data.textvqa import convert_textvqa
 from klal.data.vstar import convert_vstar
-from tests.bench_data import (
+from tests.bench_layouts import (
     make_pope_authors,
     make_pope_parquet,
     make_refcoco_parquet,
