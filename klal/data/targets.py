@@ -744,3 +744,32 @@ def explain_no_map(
     """
     # Any grid gives the same answer: an element leaves mass on every grid or on none.
     return build_target_map_with_reason(evidence, orig_hw, grid or (1, 1), spec)[1]
+
+
+def grid_target_maps(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    footprints: Sequence[Footprint | None],
+    spec: TargetSpec | None = None,
+) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """One image's target maps on each of its grids, in sequence order: every grid with cells gets the same evidence
+    and an equal share of the image's mass (so the maps sum to 1 together).
+
+    Args:
+        evidence: as for :func:`build_target_map_with_reason`.
+        orig_hw: original image ``(height, width)``.
+        footprints: per grid, its tokens' footprints (:meth:`klal.models.family.VLMFamily.footprints`); None for an
+            empty grid, which gets no map and no share.
+        spec: target settings.
+
+    Returns:
+        ``(maps, reasons)``: per grid its ``(rows, cols)`` map or None, and why not (None for an empty grid or a
+        grid with a map).
+
+    Raises:
+        TargetMapError: malformed evidence or sizes.
+    """
+    built = [None if fp is None else build_target_map_with_reason(evidence, orig_hw, fp, spec) for fp in footprints]
+    shares = sum(fp is not None for fp in footprints)
+    maps = [None if b is None or b[0] is None else b[0] / shares for b in built]
+    return maps, [None if b is None else b[1] for b in built]
