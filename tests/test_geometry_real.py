@@ -120,10 +120,10 @@ def test_qwen_token_placement_is_row_major_blocks_of_the_resized_image(qwen_real
         )
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", SIZES[:-1])  # 2304 x 2304 is LLaVA's largest tiling; Qwen has no tiling
 def test_qwen_target_maps_match_the_reference_at_real_geometry(qwen_real, size):
     family, processor = qwen_real
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     w, h = size
     ip = processor.image_processor
