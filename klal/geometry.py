@@ -120,6 +120,13 @@ class AxisCells:
             return k, k + 1.0
         return self.lo * self.scale, self.hi * self.scale
 
+    def scaled(self, size: float) -> AxisCells:
+        """The same cells on an image stretched to extent ``size`` (all intervals scaled alike)."""
+        if self.lo is None or self.hi is None:
+            return AxisCells.uniform(self.count, size)
+        f = size / self.size
+        return AxisCells(self.count, float(size), lo=self.lo * f, hi=self.hi * f, weights=self.weights)
+
     def pool(self, source_values: np.ndarray, axis: int) -> np.ndarray:
         """Values per source cell along ``axis`` of an array -> values per token (weights applied)."""
         if self.weights is None:
@@ -200,6 +207,11 @@ class Footprint:
     def is_uniform(self) -> bool:
         """Equal cells covering the whole image on both axes."""
         return self.y.is_uniform and self.x.is_uniform
+
+    def scaled(self, height: float, width: float) -> Footprint:
+        """The footprint in the pixels of the same image stretched to ``height x width`` (e.g. a zoomed crop's
+        footprint brought back to the crop's size in the original)."""
+        return Footprint(float(height), float(width), self.y.scaled(height), self.x.scaled(width))
 
     def pool(self, source_map: np.ndarray) -> np.ndarray:
         """``(source rows, source cols)`` values -> ``(rows, cols)`` token values (each axis' weights applied)."""

@@ -62,6 +62,7 @@ from klal.grounding.ops import (
     cells_to_pixels,
     connected_components,
     elbow_threshold,
+    footprint_of,
     gaussian_smooth,
     mask_to_box,
     normalize,
@@ -490,8 +491,8 @@ class LocalizationHeads(GroundingMethod, name="localization_heads"):
         per_image = gm.split_grid(rows, layout)  # [(K, gh, gw)]
         maps = [heads_map(g, self.options.sigma) for g in per_image]
         mask, ranked = map_boxes(maps[0])
-        gh, gw = maps[0].shape
-        boxes = [cells_to_pixels(box, (gh, gw), sizes[0]) for box, _ in ranked]
+        cells = footprint_of(gm, sizes[0])  # where map 0's cells are in image 0
+        boxes = [cells_to_pixels(box, cells, sizes[0]) for box, _ in ranked]
         extras = {
             "heads": [list(h) for h in sel.heads],
             "mask": mask.astype(int).tolist(),
