@@ -261,8 +261,8 @@ def _llava_reference_target(ref, ys, xs, box) -> tuple[np.ndarray, np.ndarray]:
     cells = [t for t in tokens if t is not None]
     mass = np.array([(wy @ my) * (wx @ mx) for wy, wx, _ in cells])
     is_base = np.array([b for _, _, b in cells])
-    # The family's policy: each grid that has cells gets an equal share of the image's mass.
-    groups = [g for g in (is_base, ~is_base) if g.any()]
+    # The family's policy: each grid the evidence leaves mass on gets an equal share of the image's mass.
+    groups = [g for g in (is_base, ~is_base) if mass[g].sum() > 0]
     out = np.zeros(len(cells))
     for g in groups:
         out[g] = mass[g] / mass[g].sum() / len(groups)
@@ -307,3 +307,117 @@ def test_llava_onevision_long_thin_images_train_at_real_geometry(llava_real, siz
     with torch.no_grad():
         out = model(**{k: batch[k] for k in family.input_keys})
     assert torch.isfinite(out.logits).all()
+
+
+# -- the footprint machinery on its own ------------------------------------------------------------------------------
+
+
+def _explicit(fp: Footprint) -> Footprint:
+    """The same equal cells as explicit intervals, so the general (measured) code path computes them."""
+    from klal.geometry import AxisCells
+
+    def axis(a: AxisCells) -> AxisCells:
+        k = np.arange(a.count, dtype=np.float64)
+        return AxisCells(a.count, a.size, lo=k * a.size / a.count, hi=(k + 1) * a.size / a.count)
+
+    return Footprint(fp.height, fp.width, axis(fp.y), axis(fp.x))
+
+
+EVIDENCE = {
+    "boxes": [[13.0, 40.5, 170.0, 99.0], [300.0, 10.0, 333.0, 200.0]],
+    "points": [[55.0, 12.0], [339.9, 219.0]],
+    "polylines": [[[2.0, 3.0], [200.0, 150.0], [349.0, 60.0]], [[0.0, 110.0], [350.0, 110.0]]],
+}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"box_mode": "gaussian", "point_mode": "nearest", "polyline_thickness": 2.5},
+        {"box_mode": "centerline", "point_sigma": 0.3, "polyline_thickness": 0.4, "combine": "mass"},
+    ],
+)
+def test_measured_footprint_of_equal_cells_gives_the_equal_cell_maps(spec):
+    """The general path (explicit source intervals) reproduces the equal-cell maps for every evidence kind."""
+    from klal.data.targets import TargetSpec, build_target_map, evidence_cells
+
+    mask = np.zeros((220, 350))
+    mask[30:90, 100:180] = 1.0
+    mask[150:160, 7:9] = 0.5
+    evidence = {**EVIDENCE, "masks": [mask]}
+    uniform = Footprint.uniform((220, 350), (8, 13))
+    want = build_target_map(evidence, (220, 350), uniform, TargetSpec(**spec))
+    got = build_target_map(evidence, (220, 350), _explicit(uniform), TargetSpec(**spec))
+    assert np.abs(got - want).max() <= 1e-12
+    assert np.array_equal(
+        evidence_cells(EVIDENCE, (220, 350), _explicit(uniform)), evidence_cells(EVIDENCE, (220, 350), (8, 13))
+    )
+
+
+def test_polyline_on_unequal_cells_with_gaps_matches_dense_sampling():
+    """A thick polyline on unequal cells with unseen margins: each cell's mass is the line integral of the brush
+    share inside it (mirrored at the borders), here summed over 200k points along the line."""
+    from klal.data.targets import polyline_map
+    from klal.geometry import AxisCells
+
+    h, w = 100.0, 160.0
+    x = AxisCells(4, w, lo=np.array([0.0, 35.0, 70.0, 118.0]), hi=np.array([33.0, 70.0, 110.0, 160.0]))
+    y = AxisCells(3, h, lo=np.array([0.0, 20.0, 61.0]), hi=np.array([18.0, 60.0, 95.0]))
+    fp = Footprint(h, w, y, x)
+    line = np.array([[5.0, 3.0], [150.0, 80.0], [40.0, 97.0]])
+    thickness = 0.7  # tokens: 0.7 * 40 px wide, 0.7 * 33.3 px tall
+    got = polyline_map([line.tolist()], (h, w), fp, thickness=thickness)
+    # Dense reference, in token units (x * 4 / 160, y * 3 / 100).
+    pts = line * np.array([4 / w, 3 / h])
+    seg = np.diff(pts, axis=0)
+    lengths = np.hypot(*seg.T)
+    n = 200_000
+    t = (np.arange(n) + 0.5) / n * lengths.sum()
+    k = np.minimum(np.searchsorted(np.cumsum(lengths), t, side="right"), len(seg) - 1)
+    start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    p = pts[k] + ((t - start[k]) / lengths[k])[:, None] * seg[k]
+
+    def share(c: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_tok: int) -> np.ndarray:
+        half = thickness / 2
+        a, b = c[:, None] - half, c[:, None] + half
+
+        def cov(u, v):
+            return np.clip(np.minimum(v, hi) - np.maximum(u, lo), 0, None)
+
+        return (cov(a, b) + cov(-b, -a) + cov(2 * n_tok - b, 2 * n_tok - a)) / thickness
+
+    sx = share(p[:, 0], x.lo * 4 / w, x.hi * 4 / w, 4)
+    sy = share(p[:, 1], y.lo * 3 / h, y.hi * 3 / h, 3)
+    want = (sy.T @ sx) * (lengths.sum() / n) * thickness
+    assert np.abs(got - want).max() <= 2e-5 * want.max()
+
+
+def test_llava_base_tokens_see_378_of_384_px(llava_real):
+    """Evidence only in the base view's unseen right margin (the last 6 / 384 of the width) gives base tokens no
+    mass; the tile tokens, which see it, get it all."""
+    family, processor, _ = llava_real
+    w, h = 768, 384
+    base, tiles = family.footprints(processor, h, w)
+    margin = [w * 378 / 384 + 0.5, 100.0, w - 0.5, 200.0]
+    maps, _ = grid_target_maps({"boxes": [margin]}, (h, w), [base, tiles])
+    assert maps[0] is None and abs(maps[1].sum() - 1.0) < 1e-12
+    assert base.boxes()[0, -1, 2] == pytest.approx(w * 378 / 384)
+
+
+def test_footprint_cell_pixel_round_trip_and_merge_keep_mass(llava_real):
+    from klal.grounding.ops import cells_to_pixels, pixels_to_cells
+
+    family, processor, _ = llava_real
+    w, h = 640, 480
+    fps = family.footprints(processor, h, w)
+    tiles = fps[1]
+    rows, cols = tiles.shape
+    for box in [(0, 0, 1, 1), (3, 5, 9, 17), (rows - 2, cols - 3, rows, cols)]:
+        px = cells_to_pixels(box, tiles, (w, h))
+        assert pixels_to_cells(px, tiles, (w, h)) == box
+    rng = np.random.default_rng(0)
+    base_map, tile_map = rng.random(fps[0].shape), rng.random(tiles.shape)
+    merged = family.merge_grids([base_map, tile_map], fps)
+    assert merged.shape == tiles.shape
+    assert merged.sum() == pytest.approx(base_map.sum() + tile_map.sum())

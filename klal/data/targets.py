@@ -752,8 +752,9 @@ def grid_target_maps(
     footprints: Sequence[Footprint | None],
     spec: TargetSpec | None = None,
 ) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """One image's target maps on each of its grids, in sequence order: every grid with cells gets the same evidence
-    and an equal share of the image's mass (so the maps sum to 1 together).
+    """One image's target maps on each of its grids, in sequence order: every grid gets the same evidence, and every
+    grid where it leaves mass an equal share of the image's mass (so the maps sum to 1 together; evidence that only
+    a margin one view does not see goes wholly to the grids that see it).
 
     Args:
         evidence: as for :func:`build_target_map_with_reason`.
@@ -770,6 +771,6 @@ def grid_target_maps(
         TargetMapError: malformed evidence or sizes.
     """
     built = [None if fp is None else build_target_map_with_reason(evidence, orig_hw, fp, spec) for fp in footprints]
-    shares = sum(fp is not None for fp in footprints)
+    shares = sum(b is not None and b[0] is not None for b in built)
     maps = [None if b is None or b[0] is None else b[0] / shares for b in built]
     return maps, [None if b is None else b[1] for b in built]
