@@ -10,12 +10,18 @@ Facts read from the installed transformers classes (``LlavaOnevisionForCondition
   resolution, padded, cut into tower-sized crops; their features are laid out as one ``(p * rows) x (p * cols)`` map,
   the padding is cut off again and, past ``anyres_max_9``, the map is shrunk bilinearly). The prompt holds, per image,
   ``p * p`` base tokens then the tile map row by row with one ``image_newline`` token after each row, all of them
-  the ``<image>`` token. So an image has **two grids**, both covering the whole image (the base squashed, the tiles
-  with the padding removed, up to one row or column of rounding), and the row ends are *separators*, not cells:
+  the ``<image>`` token. So an image has **two grids**, and the row ends are *separators*, not cells:
   :meth:`LlavaOnevisionFamily.visual_token_mask` leaves them out of the visual keys, so KLAL sees the base grid's
-  cells then the tile grid's cells (the target map gives each grid half of the image's mass), and a grounding
-  method's map of an image is the tile map plus the base map resampled onto it by area
+  cells then the tile grid's cells (the target map gives each grid the evidence leaves mass on an equal share), and a
+  grounding method's map of an image is the tile map plus the base map resampled onto it
   (:meth:`LlavaOnevisionFamily.merge_grids`);
+* **footprints** (:mod:`klal.models.llava_onevision.geometry`): neither grid is equal cells over the image. The base
+  view's 27 x 27 patches of 14 px cover 378 of its 384 px (the last 1/64 of the image on each axis is seen by no base
+  token); the tile map's edge rows or columns that ``unpad_image`` keeps may be part padding (unequal edge cells),
+  the 6 px between tiles are seen by no patch, and past ``anyres_max_9`` each token mixes two feature rows and
+  columns bilinearly. :meth:`LlavaOnevisionFamily.footprints` gives each token what it saw, which the target maps,
+  evidence cells, metrics and method boxes use. A long thin image whose tile map unpads to nothing (0 rows or
+  columns; transformers' processor and model accept it) keeps its row ends and has only the base grid's cells;
 * klal feeds each image as a single image (the processor's ``batch_num_images`` is 1 per image), so every image gets
   its tiles, also in a sample with several images; ``min_pixels`` / ``max_pixels`` do not apply.
 """
