@@ -421,3 +421,30 @@ def test_footprint_cell_pixel_round_trip_and_merge_keep_mass(llava_real):
     merged = family.merge_grids([base_map, tile_map], fps)
     assert merged.shape == tiles.shape
     assert merged.sum() == pytest.approx(base_map.sum() + tile_map.sum())
+
+
+def test_llava_grounding_metrics_lay_the_evidence_through_the_footprints(llava_real):
+    """On the map grid (the tile map) the metrics' evidence cells are the tokens whose reference footprint touches
+    the box, and a map equal to the reference tile target scores target KL 0 (the equal-cell geometry does not)."""
+    from klal.data.targets import evidence_cells
+    from klal.eval.metrics import GroundingMetrics
+
+    family, processor, model = llava_real
+    w, h = 1000, 300
+    box = _box(w, h)
+    ref, ys, xs = _llava_reference(processor, model, w, h)
+    my = _cover(ys[:, 0], ys[:, 1], box[1], box[3])
+    mx = _cover(xs[:, 0], xs[:, 1], box[0], box[2])
+    tile_mass = np.array([(wy @ my) * (wx @ mx) for t in ref if t is not None and not t[2] for wy, wx, _ in [t]])
+    rows, cols = family.map_grid(family.processor_grids(processor, h, w))
+    want = tile_mass.reshape(rows, cols) / tile_mass.sum()
+    fp = family.map_footprint(processor, h, w)
+    cells = evidence_cells({"boxes": [box]}, (h, w), fp)
+    assert np.array_equal(cells, want > 0)
+    record = {"id": "x", "task": "t", "answer": "a", "width": w, "height": h, "evidence": {"boxes": [box]}}
+    exact = GroundingMetrics(footprint_of=lambda hh, ww: family.map_footprint(processor, hh, ww))
+    equal = GroundingMetrics()
+    for m in (exact, equal):
+        m.update("m", "t", [want], None, None, record)
+    assert exact.compute()["m"]["t"]["target_kl"]["value"] <= 1e-9
+    assert equal.compute()["m"]["t"]["target_kl"]["value"] > 1e-3
