@@ -85,7 +85,7 @@ def entropy_relevance(
     """Relevance grids (one per image) and the next-token entropy, from one forward and one backward pass."""
     inputs = gm.inputs(list(images), question)
     grad, value = gm.visual_embeds_grad(inputs, next_token_entropy)
-    return gm.split_grid(grad, inputs["layout"]), float(value)
+    return gm.split_grid(grad, inputs["layout"], inputs["image_wh"]), float(value)
 
 
 MAX_ROUNDS = 15

@@ -200,7 +200,7 @@ class Laser(GroundingMethod, name="laser"):
         if fallback:
             rel = a_with[layer].mean(dim=0)
         grids = inputs["grids"]
-        maps = gm.split_grid(rel, inputs["layout"])
+        maps = gm.split_grid(rel, inputs["layout"], inputs["image_wh"])
 
         # 3: Con-ViCrop.
         gh, gw = maps[0].shape

@@ -83,8 +83,8 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
         layers = parse_layers(opts.layers, gm.num_layers)
         out = []
         for att, layout, sizes in gm.batch_attention(samples, opts.query, layers, per_head=False):  # att: (L, V)
-            maps = gm.split_grid(att.mean(0), layout)
-            boxes = map_to_box(maps[0], sizes[0], opts.sigma) if maps else []
+            maps = gm.split_grid(att.mean(0), layout, sizes)
+            boxes = map_to_box(maps[0], sizes[0], opts.sigma, footprint_of(gm, sizes[0])) if maps else []
             out.append(GroundingResult(maps=maps, boxes=boxes, extras={"layers": layers, "query": opts.query}))
         return out
 
@@ -101,7 +101,7 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
             if answer:
                 inputs, query_pos = append_answer(gm, inputs, answer)
         att = gm.attention(inputs, query_pos=query_pos, layers=layers, per_head=False)  # (L, V)
-        maps = gm.split_grid(att.mean(0), inputs["layout"])
+        maps = gm.split_grid(att.mean(0), inputs["layout"], inputs["image_wh"])
         wh = inputs["image_wh"][0]
         boxes = map_to_box(maps[0], wh, opts.sigma, footprint_of(gm, wh)) if maps else []
         return GroundingResult(maps=maps, boxes=boxes, answer=answer, extras={"layers": layers, "query": opts.query})

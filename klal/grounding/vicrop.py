@@ -325,7 +325,7 @@ class _ViCrop(GroundingMethod):
             raise
         except ValueError as e:  # the ratio's zero denominator: name the sample and the option
             raise GroundingError(f"{self.name}: sample {sample.get('id')!r}: {e}") from e
-        maps = gm.split_grid(rel, inputs["layout"])
+        maps = gm.split_grid(rel, inputs["layout"], inputs["image_wh"])
         if opts.crop == "adaptive":
             box_px = ops.expand_box(crop_box(maps[0], images[0].size, opts.box_size), opts.min_crop, images[0].size)
             cell_box = ops.pixels_to_cells(box_px, ops.footprint_of(gm, images[0].size), images[0].size)
