@@ -37,8 +37,10 @@ Per evidence element (all sizes in token units; "cell" is a source cell, "its ce
 * mask (``masks`` key of a dict; not part of the stored schema): the exact fraction of each cell covered by the mask
   (the mask's pixels are box-filtered onto the grid); soft masks in ``[0, 1]`` are weighted by value.
 
-Evidence in a margin no token saw (between a SigLIP view's last patch and its edge) gives no token mass; a box
-entirely there leaves no map (``evidence entirely outside the image``... of what the model saw).
+Box, polyline and mask evidence in a margin no token of a grid saw (between a SigLIP view's last patch and its edge)
+gives that grid no mass; evidence only there leaves the grid no map (reason ``evidence entirely outside the image``:
+outside what the grid saw), and the image's other grids share its mass (:func:`grid_target_maps`). A point there
+goes to the nearest token that saw any image (``nearest``), or to the Gaussian at the tokens' centres.
 
 Raw masses (returned by :func:`box_map`, :func:`point_map`, :func:`polyline_map`, :func:`mask_map`, which sum over
 their elements) are in token-cell area units: a box's mass is its clipped area, a polyline's is its in-image length
