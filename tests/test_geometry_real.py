@@ -448,3 +448,34 @@ def test_llava_grounding_metrics_lay_the_evidence_through_the_footprints(llava_r
         m.update("m", "t", [want], None, None, record)
     assert exact.compute()["m"]["t"]["target_kl"]["value"] <= 1e-9
     assert equal.compute()["m"]["t"]["target_kl"]["value"] > 1e-3
+
+
+@pytest.mark.parametrize("size", [(1000, 57), (57, 1000)])
+def test_tiny_llava_methods_and_metrics_on_long_thin_images(size):
+    """The tiny LLaVA-OneVision's tile map of a long thin image is empty (0 rows or 0 columns; transformers' processor
+    and model accept it): a method's map is then the base view, and the metrics score it through its footprint."""
+    from klal.eval.metrics import GroundingMetrics
+    from klal.grounding.registry import build_method
+    from klal.session import GroundingModel
+
+    family = family_for_type("llava_onevision")
+    gm = GroundingModel(family.build_tiny_model(), family.build_tiny_processor(3136, 200704))
+    w, h = size
+    grids = family.processor_grids(gm.processor, h, w)
+    assert grids[1][0] * grids[1][1] == 0 and family.map_grid(grids) == grids[0]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    row = {
+        "id": "thin",
+        "task": "t",
+        "image": image,
+        "question": "Where?",
+        "answer": "a",
+        "width": w,
+        "height": h,
+        "evidence": {"boxes": [[0, 0, w / 2, h / 2]]},
+    }
+    res = build_method("attention_probe").run(gm, row)
+    assert [m.shape for m in res.maps] == [grids[0]]
+    metrics = GroundingMetrics(footprint_of=lambda hh, ww: family.map_footprint(gm.processor, hh, ww))
+    metrics.update_result("attention_probe", res, row)
+    assert metrics.compute()["attention_probe"]["t"]["target_kl"]["count"] == 1
