@@ -445,7 +445,10 @@ class GroundingModel:
 
     # -- grids ------------------------------------------------------------------------------------------------------
     def split_grid(
-        self, vec: torch.Tensor | np.ndarray, layout: Sequence[Sequence[tuple[int, int]]]
+        self,
+        vec: torch.Tensor | np.ndarray,
+        layout: Sequence[Sequence[tuple[int, int]]],
+        image_wh: Sequence[tuple[int, int]] | None = None,
     ) -> list[np.ndarray]:
         """Cut a ``(..., V)`` per-visual-token array into one ``(..., rows, cols)`` map per image.
 
@@ -453,11 +456,21 @@ class GroundingModel:
             vec: values over the visual tokens in sequence order.
             layout: per image, its grids (``inputs["layout"]``, or a :meth:`batch_attention` sample's); an image with
                 several grids gets one map on its map grid (:meth:`klal.models.family.VLMFamily.merge_grids`).
+            image_wh: per image its ``(W, H)`` (``inputs["image_wh"]``), so that several grids merge through their
+                tokens' footprints (:meth:`klal.models.family.VLMFamily.footprints`); None merges them as equal
+                cells over the image.
         """
         arr = vec.detach().float().cpu().numpy() if torch.is_tensor(vec) else np.asarray(vec, dtype=np.float64)
         flat = [tuple(g) for grids in layout for g in grids]
         maps = iter(split_grids(arr, flat))
-        return [self.family.merge_grids([next(maps) for _ in grids]) for grids in layout]
+        out = []
+        for j, grids in enumerate(layout):
+            fps = None
+            if image_wh is not None and len(grids) > 1:
+                w, h = image_wh[j]
+                fps = self.family.footprints(self.processor, int(h), int(w), grids)
+            out.append(self.family.merge_grids([next(maps) for _ in grids], fps))
+        return out
 
 
 def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.nn.Module:

@@ -53,7 +53,7 @@ class FakeGM:
         }
 
     @staticmethod
-    def split_grid(vec, layout):
+    def split_grid(vec, layout, image_wh=None):
         return split_grids(np.asarray(vec), [g for grids in layout for g in grids])
 
     def request(self, inputs, query_pos=None, layers=None, per_head=True, differentiable_rows=False):

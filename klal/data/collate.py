@@ -39,7 +39,7 @@ import torch
 
 from klal.data.images import to_rgb
 from klal.data.schema import Evidence, is_text_only
-from klal.data.targets import TargetMapError, TargetSpec, build_target_map_with_reason
+from klal.data.targets import TargetMapError, TargetSpec, grid_target_maps
 from klal.models.family import VLMFamily, processor_family
 
 IGNORE_INDEX = -100
@@ -298,14 +298,13 @@ class KLALCollator:
                 im_grids = image_grids[k]
                 k += 1
                 evidence = ev if isinstance(ev, Evidence) else Evidence.from_dict(ev)
-                im_maps = []
-                for grid in im_grids:
-                    try:
-                        m, reason = build_target_map_with_reason(evidence, (im.height, im.width), grid, self.target)
-                    except TargetMapError as e:
-                        raise TargetMapError(f"sample {row.get('id', i)!r}: {e}") from e
-                    im_maps.append(None if m is None else m / len(im_grids))
-                    why.append(reason)
+                # Each token's mass is the evidence inside what its patches saw (the family's footprints).
+                fps = self.family.footprints(self.processor, im.height, im.width, im_grids)
+                try:
+                    im_maps, grid_why = grid_target_maps(evidence, (im.height, im.width), fps, self.target)
+                except TargetMapError as e:
+                    raise TargetMapError(f"sample {row.get('id', i)!r}: {e}") from e
+                why.extend(grid_why)
                 n_with += any(m is not None for m in im_maps)
                 maps.extend(im_maps)
                 g.extend(im_grids)

@@ -1,13 +1,20 @@
 """Evidence geometry -> target probability map over one grid of a VLM's visual tokens.
 
-Geometry (:class:`klal.geometry.ImageGrid`). Every family's grid covers the whole original image with equal cells,
-row-major (a Qwen image resized by ``smart_resize`` to ``(ph, pw)`` gives ``(ph / 28, pw / 28)`` tokens of 28 px, or 32
-px on Qwen3-VL; :meth:`klal.models.family.VLMFamily.image_grids` says which grid the processor produced). Evidence is
-stored in original-image pixels and is mapped to token units by ``x_tok = x * cols / W`` and ``y_tok = y * rows / H``
-(the resize scale per axis).
-Cell ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]`` in token units; its centre is ``(j + 0.5, i + 0.5)``.
+Geometry (:class:`klal.geometry.Footprint`). Each grid comes with its tokens' footprints in the original image, from
+the model family (:meth:`klal.models.family.VLMFamily.footprints`): what each token's patches actually saw, padding
+and uncovered margins excluded. A plain ``(rows, cols)`` grid means equal cells covering the whole image, which is
+exact for the Qwen families (``smart_resize`` scales the whole image per axis; a token is a 28-px square of the
+resized image on Qwen2/2.5-VL, 32 px on Qwen3-VL and Qwen3.5), but not for LLaVA-OneVision (a base view whose
+patches cover 378 of 384 px, anyres tiles with part-padded edge rows and pooled tile maps). A token's target mass
+is the evidence mass inside its footprint.
 
-Per evidence element (all sizes in token units):
+Evidence is stored in original-image pixels and measured in the grid's nominal token units, ``x_tok = x * cols / W``
+and ``y_tok = y * rows / H`` (the resize scale per axis), whatever the footprint. With equal cells, cell ``(i, j)``
+covers ``[j, j + 1] x [i, i + 1]`` in token units and its centre is ``(j + 0.5, i + 0.5)``; with a measured
+footprint each *source cell* (a feature row/column of a view or tile) covers its own interval, and tokens pooled
+from several source cells take their weighted share (:class:`klal.geometry.AxisCells`).
+
+Per evidence element (all sizes in token units; "cell" is a source cell, "its centre" the centre of its interval):
 
 * box, ``area`` mode: each cell gets the area of the (clipped) box that covers it. A box covering exactly one cell is
   one-hot; a half-covered cell gets half the weight of a fully covered one.
@@ -22,12 +29,18 @@ Per evidence element (all sizes in token units):
 * polyline: the polyline clipped to the image, drawn with a ``thickness`` x ``thickness`` square brush: every point of
   the line spreads its length over the cells by the area of the brush square in each cell, i.e. the line measure
   convolved with the square, integrated exactly (Simpson's rule between the points where a brush edge crosses a cell
-  border, where the integrand is quadratic). The part of the brush beyond a border is mirrored back into the image
+  border or its mirror image, where the integrand is quadratic). The part of the brush beyond a border is mirrored
+  back into the image
   (reflecting boundary), so every point keeps its whole mass and a line running up to the border stays uniform up to
   it. Nothing depends on the image resolution: a horizontal line through the middle of a token row with
   ``thickness < 1`` puts mass only in that row, uniform along it.
 * mask (``masks`` key of a dict; not part of the stored schema): the exact fraction of each cell covered by the mask
   (the mask's pixels are box-filtered onto the grid); soft masks in ``[0, 1]`` are weighted by value.
+
+Box, polyline and mask evidence in a margin no token of a grid saw (between a SigLIP view's last patch and its edge)
+gives that grid no mass; evidence only there leaves the grid no map (reason ``evidence entirely outside the image``:
+outside what the grid saw), and the image's other grids share its mass (:func:`grid_target_maps`). A point there
+goes to the nearest token that saw any image (``nearest``), or to the Gaussian at the tokens' centres.
 
 Raw masses (returned by :func:`box_map`, :func:`point_map`, :func:`polyline_map`, :func:`mask_map`, which sum over
 their elements) are in token-cell area units: a box's mass is its clipped area, a polyline's is its in-image length
@@ -62,7 +75,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from klal.data.schema import Evidence, parse_box, parse_point
-from klal.geometry import ImageGrid
+from klal.geometry import AxisCells, Footprint
+
+GridLike = tuple[int, int] | Sequence[int] | Footprint
+"""A grid as ``(rows, cols)`` (equal cells over the whole image) or its tokens' :class:`~klal.geometry.Footprint`."""
 
 NO_MAP_EMPTY = "empty evidence"
 NO_MAP_OUTSIDE = "evidence entirely outside the image"
@@ -125,20 +141,26 @@ class TargetSpec:
 # -- grid --------------------------------------------------------------------------------------------------------------
 
 
-def _make_grid(orig_hw: Sequence[float], grid: Sequence[int]) -> ImageGrid:
+def _make_grid(orig_hw: Sequence[float], grid: GridLike) -> Footprint:
     try:
         h, w = (float(v) for v in orig_hw)
     except (TypeError, ValueError) as e:
         raise TargetMapError(f"orig_hw must be (height, width), got {orig_hw!r}") from e
     if not (math.isfinite(h) and math.isfinite(w) and h > 0 and w > 0):
         raise TargetMapError(f"orig_hw must be positive, got {tuple(orig_hw)}")
+    if isinstance(grid, Footprint):
+        if abs(grid.height - h) > 1e-6 * h or abs(grid.width - w) > 1e-6 * w:
+            raise TargetMapError(
+                f"the footprint is of a {grid.height:g} x {grid.width:g} image, the evidence of {h:g} x {w:g} (H x W)"
+            )
+        return grid
     try:
         rows, cols = (int(v) for v in grid)
     except (TypeError, ValueError) as e:
         raise TargetMapError(f"grid must be (rows, cols) of visual tokens, got {grid!r}") from e
     if rows < 1 or cols < 1 or rows != grid[0] or cols != grid[1]:
         raise TargetMapError(f"grid must be two positive integers (rows, cols) of visual tokens, got {tuple(grid)}")
-    return ImageGrid(h, w, rows, cols)
+    return Footprint.uniform((h, w), (rows, cols))
 
 
 def _cover(lo: np.ndarray | float, hi: np.ndarray | float, n: int) -> np.ndarray:
@@ -149,15 +171,32 @@ def _cover(lo: np.ndarray | float, hi: np.ndarray | float, n: int) -> np.ndarray
     return np.clip(np.minimum(hi, k + 1.0) - np.maximum(lo, k), 0.0, None)
 
 
-def _gauss_1d(center: float, sigma: float, n: int) -> np.ndarray:
-    """Unnormalised Gaussian at cell centres, shifted in log space so it cannot underflow to all zeros."""
-    d = np.arange(n, dtype=np.float64) + 0.5 - center
+def _cover_cells(lo: np.ndarray | float, hi: np.ndarray | float, axis: AxisCells) -> np.ndarray:
+    """Length (token units) of ``[lo, hi]`` inside each source cell of ``axis``; shape ``lo.shape + (S,)``."""
+    if axis.is_uniform:
+        return _cover(lo, hi, axis.count)
+    cl, ch = axis.edges()
+    lo = np.asarray(lo, dtype=np.float64)[..., None]
+    hi = np.asarray(hi, dtype=np.float64)[..., None]
+    return np.clip(np.minimum(hi, ch) - np.maximum(lo, cl), 0.0, None)
+
+
+def _centres(axis: AxisCells) -> tuple[np.ndarray, np.ndarray]:
+    """Source-cell centres in token units, and which source cells saw any image (a padding-only one gets no mass)."""
+    cl, ch = axis.edges()
+    return (cl + ch) / 2, ch > cl
+
+
+def _gauss_1d(center: float, sigma: float, axis: AxisCells) -> np.ndarray:
+    """Unnormalised Gaussian at the source-cell centres, shifted in log space so it cannot underflow to all zeros."""
+    mids, seen = _centres(axis)
+    d = mids - center
     with np.errstate(over="ignore"):
-        logits = -0.5 * (d / sigma) ** 2
+        logits = np.where(seen, -0.5 * (d / sigma) ** 2, -np.inf)
     if not np.isfinite(logits.max()):
         # sigma so small that every offset overflows: the limit is the nearest cell.
-        out = np.zeros(n)
-        out[int(np.argmin(np.abs(d)))] = 1.0
+        out = np.zeros(len(d))
+        out[int(np.argmin(np.where(seen, np.abs(d), np.inf)))] = 1.0
         return out
     return np.exp(logits - logits.max())
 
@@ -244,12 +283,12 @@ not mark the cells it only touches (those get mass of order thickness squared)."
 def evidence_cells(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
 ) -> np.ndarray | None:
     """Token cells that hold evidence, on the image's visual-token grid ``grid``.
 
-    Built with the target-map rasterisers below, so the geometry (resize scale per axis, cell ``(i, j)`` covering
-    ``[j, j + 1] x [i, i + 1]`` in token units) is the training target's:
+    Built with the target-map rasterisers below, so the geometry (the tokens' footprints) is the training
+    target's; a cell "overlaps" evidence when its footprint does:
 
     * box: every cell the box overlaps with positive area (``area`` box mode > 0); a box edge lying exactly on a cell
       border does not mark the next cell, and a zero-area box marks nothing (as it gives no target mass);
@@ -263,7 +302,8 @@ def evidence_cells(
     Args:
         evidence: an :class:`~klal.data.schema.Evidence` or an ``evidence`` column dict, in original pixels.
         orig_hw: original image ``(height, width)``.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
 
     Returns:
         ``(gh, gw)`` bool array, or None when the evidence marks no cell (empty, outside the image or zero area).
@@ -272,7 +312,8 @@ def evidence_cells(
         TargetMapError: malformed evidence or sizes (the message names the element).
     """
     parts = evidence_parts(evidence)
-    cells = np.zeros(_make_grid(orig_hw, grid).shape, dtype=bool)
+    grid = _make_grid(orig_hw, grid)
+    cells = np.zeros(grid.shape, dtype=bool)
     if parts["boxes"]:
         cells |= box_map(parts["boxes"], orig_hw, grid, mode="area") > 0
     if parts["points"]:
@@ -292,7 +333,7 @@ def evidence_cells(
 # -- per-element rasterisers (each returns (map, None) or (None, why-no-mass)) ----------------------------------------
 
 
-def _clip_box_tokens(box: tuple[float, float, float, float], g: ImageGrid) -> tuple[float, float, float, float] | str:
+def _clip_box_tokens(box: tuple[float, float, float, float], g: Footprint) -> tuple[float, float, float, float] | str:
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
         return _ZERO
@@ -303,38 +344,61 @@ def _clip_box_tokens(box: tuple[float, float, float, float], g: ImageGrid) -> tu
     return cx0, cy0, cx1, cy1
 
 
+def _on_tokens(source_map: np.ndarray, g: Footprint) -> tuple[np.ndarray | None, str]:
+    """A source-cell map pooled onto the tokens; no mass left (evidence only where no token looked) is "outside"."""
+    m = g.pool(source_map)
+    return (m, "") if m.sum() > 0 else (None, _OUTSIDE)
+
+
 def _box_element(
-    box: tuple[float, float, float, float], g: ImageGrid, mode: str, sigma_scale: float, band: float
+    box: tuple[float, float, float, float], g: Footprint, mode: str, sigma_scale: float, band: float
 ) -> tuple[np.ndarray | None, str]:
     clipped = _clip_box_tokens(box, g)
     if isinstance(clipped, str):
         return None, clipped
     x0, y0, x1, y1 = clipped
     if mode == "area":
-        return np.outer(_cover(y0, y1, g.rows), _cover(x0, x1, g.cols)), ""
+        return _on_tokens(np.outer(_cover_cells(y0, y1, g.y), _cover_cells(x0, x1, g.x)), g)
     if mode == "gaussian":
-        m = np.outer(
-            _gauss_1d((y0 + y1) / 2, sigma_scale * (y1 - y0), g.rows),
-            _gauss_1d((x0 + x1) / 2, sigma_scale * (x1 - x0), g.cols),
+        m = g.pool(
+            np.outer(
+                _gauss_1d((y0 + y1) / 2, sigma_scale * (y1 - y0), g.y),
+                _gauss_1d((x0 + x1) / 2, sigma_scale * (x1 - x0), g.x),
+            )
         )
         return m * ((x1 - x0) * (y1 - y0) / m.sum()), ""
     if mode == "centerline":
         yc = (y0 + y1) / 2
-        return np.outer(_cover(yc - band / 2, yc + band / 2, g.rows), _cover(x0, x1, g.cols)), ""
+        return _on_tokens(np.outer(_cover_cells(yc - band / 2, yc + band / 2, g.y), _cover_cells(x0, x1, g.x)), g)
     raise TargetMapError(f"box mode must be one of {list(get_args(BoxMode))}, got {mode!r}")
 
 
-def _point_element(point: tuple[float, float], g: ImageGrid, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
+def _nearest_cell(v: float, axis: AxisCells) -> int:
+    """The source cell containing ``v`` (token units; the last cell owns its end), else the nearest one that saw
+    any image."""
+    if axis.is_uniform:
+        return min(int(math.floor(v)), axis.count - 1)
+    cl, ch = axis.edges()
+    seen = ch > cl
+    inside = np.nonzero(seen & (cl <= v) & (v < ch))[0]
+    if len(inside):
+        return int(inside[0])
+    dist = np.where(seen, np.maximum(cl - v, 0) + np.maximum(v - ch, 0), np.inf)
+    return int(np.argmin(dist))
+
+
+def _point_element(point: tuple[float, float], g: Footprint, mode: str, sigma: float) -> tuple[np.ndarray | None, str]:
     x, y = point
     if x < 0 or y < 0 or x > g.width or y > g.height:
         return None, _OUTSIDE
     xt, yt = x * g.sx, y * g.sy
     if mode == "nearest":
-        m = np.zeros((g.rows, g.cols))
-        m[min(int(math.floor(yt)), g.rows - 1), min(int(math.floor(xt)), g.cols - 1)] = 1.0
-        return m, ""
+        oy, ox = np.zeros(len(g.y.edges()[0])), np.zeros(len(g.x.edges()[0]))
+        oy[_nearest_cell(yt, g.y)] = 1.0
+        ox[_nearest_cell(xt, g.x)] = 1.0
+        return _on_tokens(np.outer(oy, ox), g)
     if mode == "gaussian":
-        m = np.outer(_gauss_1d(yt, sigma, g.rows), _gauss_1d(xt, sigma, g.cols))
+        m = g.pool(np.outer(_gauss_1d(yt, sigma, g.y), _gauss_1d(xt, sigma, g.x)))
         return m / m.sum(), ""
     raise TargetMapError(f"point mode must be one of {list(get_args(PointMode))}, got {mode!r}")
 
@@ -358,11 +422,22 @@ def _clip_segment(a: np.ndarray, b: np.ndarray, w: float, h: float) -> tuple[np.
     return a + t0 * d, a + t1 * d
 
 
-def _polyline_element(verts: np.ndarray, g: ImageGrid, thickness: float) -> tuple[np.ndarray | None, str]:
+def _breaks(axis: AxisCells) -> np.ndarray | None:
+    """Where a brush edge crossing changes the reflected kernel's per-cell shares linearly: the source-cell edges,
+    their mirror images in both image borders, and the borders; None for equal cells (every integer)."""
+    if axis.is_uniform:
+        return None
+    n = float(axis.count)
+    e = np.concatenate(axis.edges())
+    return np.unique(np.concatenate([e, -e, 2 * n - e, [0.0, n]]))
+
+
+def _polyline_element(verts: np.ndarray, g: Footprint, thickness: float) -> tuple[np.ndarray | None, str]:
     pts = verts * np.array([g.sx, g.sy])
     if float(np.sum(np.hypot(*np.diff(pts, axis=0).T))) <= 0:
         return None, _ZERO
     half = thickness / 2
+    breaks = (_breaks(g.x), _breaks(g.y))
     nodes, weights = [], []
     for a, b in zip(pts[:-1], pts[1:]):
         seg = _clip_segment(a, b, float(g.cols), float(g.rows))
@@ -372,22 +447,25 @@ def _polyline_element(verts: np.ndarray, g: ImageGrid, thickness: float) -> tupl
         length = float(np.hypot(*(q - p)))
         if length <= 0:
             continue
-        t, w = _simpson_nodes(p, q, half)
+        t, w = _simpson_nodes(p, q, half, breaks)
         nodes.append(p[None, :] + t[:, None] * (q - p)[None, :])
         weights.append(w * length)
     if not nodes:
         return None, _OUTSIDE
     s = np.concatenate(nodes)
     wts = np.concatenate(weights) * thickness
-    ox = _reflected_kernel(s[:, 0], half, g.cols)
-    oy = _reflected_kernel(s[:, 1], half, g.rows)
-    return (oy * wts[:, None]).T @ ox, ""
+    ox = _reflected_kernel(s[:, 0], half, g.x)
+    oy = _reflected_kernel(s[:, 1], half, g.y)
+    return _on_tokens((oy * wts[:, None]).T @ ox, g)
 
 
-def _simpson_nodes(p: np.ndarray, q: np.ndarray, half: float) -> tuple[np.ndarray, np.ndarray]:
+def _simpson_nodes(
+    p: np.ndarray, q: np.ndarray, half: float, breaks: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes in ``t`` on segment ``p -> q`` and their weights (summing to 1) that integrate the splatted
-    kernel exactly: between the ``t`` where a kernel edge (``x +- half`` or ``y +- half``) crosses a cell border the
-    per-cell share is linear in ``t`` on each axis, so the product is quadratic and Simpson's rule is exact."""
+    kernel exactly: between the ``t`` where a kernel edge (``x +- half`` or ``y +- half``) crosses a cell border
+    (``breaks`` per axis; None: every integer) the per-cell share is linear in ``t`` on each axis, so the product is
+    quadratic and Simpson's rule is exact."""
     cuts = [np.array([0.0, 1.0])]
     for axis in (0, 1):
         d = q[axis] - p[axis]
@@ -395,7 +473,11 @@ def _simpson_nodes(p: np.ndarray, q: np.ndarray, half: float) -> tuple[np.ndarra
             continue
         for off in (-half, half):
             v0, v1 = p[axis] + off, q[axis] + off
-            ks = np.arange(math.ceil(min(v0, v1)), math.floor(max(v0, v1)) + 1, dtype=np.float64)
+            lo, hi = min(v0, v1), max(v0, v1)
+            if breaks[axis] is None:
+                ks = np.arange(math.ceil(lo), math.floor(hi) + 1, dtype=np.float64)
+            else:
+                ks = breaks[axis][(breaks[axis] >= lo) & (breaks[axis] <= hi)]
             cuts.append((ks - v0) / d)
     t = np.unique(np.clip(np.concatenate(cuts), 0.0, 1.0))
     lo, hi = t[:-1], t[1:]
@@ -405,21 +487,30 @@ def _simpson_nodes(p: np.ndarray, q: np.ndarray, half: float) -> tuple[np.ndarra
     return np.concatenate([lo, (lo + hi) / 2, hi]), np.concatenate([dt / 6, 4 * dt / 6, dt / 6])
 
 
-def _reflected_kernel(centers: np.ndarray, half: float, n: int) -> np.ndarray:
-    """Share of a box kernel ``[c - half, c + half]`` falling in each cell, with the part beyond either border
-    mirrored back in (so a line ending at the border stays uniform up to it); ``(len(centers), n)``."""
+def _reflected_kernel(centers: np.ndarray, half: float, axis: AxisCells) -> np.ndarray:
+    """Share of a box kernel ``[c - half, c + half]`` falling in each source cell, with the part beyond either border
+    mirrored back in (so a line ending at the border stays uniform up to it); ``(len(centers), S)``. The share that
+    falls where no cell looked (a margin) is lost, not spread over the cells."""
+    n = axis.count
     lo, hi = centers - half, centers + half
-    share = _cover(lo, hi, n) + _cover(-hi, -lo, n) + _cover(2 * n - hi, 2 * n - lo, n)
+    share = _cover_cells(lo, hi, axis) + _cover_cells(-hi, -lo, axis) + _cover_cells(2 * n - hi, 2 * n - lo, axis)
     # Renormalise: exact already unless the kernel is wider than twice the grid (then one fold is not enough).
-    return share / share.sum(axis=1, keepdims=True)
+    if axis.is_uniform:
+        return share / share.sum(axis=1, keepdims=True)
+
+    def in_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.clip(np.minimum(b, n) - np.maximum(a, 0.0), 0.0, None)
+
+    inside = in_image(lo, hi) + in_image(-hi, -lo) + in_image(2 * n - hi, 2 * n - lo)
+    return share / inside[:, None]
 
 
-def _mask_element(mask: np.ndarray, gh: int, gw: int) -> tuple[np.ndarray | None, str]:
+def _mask_element(mask: np.ndarray, g: Footprint) -> tuple[np.ndarray | None, str]:
     h, w = mask.shape
-    # Pixel column c spans [c, c + 1] * gw / w tokens; the overlap matrices box-filter the mask exactly.
-    ax = _cover(np.arange(w) * (gw / w), np.arange(1, w + 1) * (gw / w), gw)
-    ay = _cover(np.arange(h) * (gh / h), np.arange(1, h + 1) * (gh / h), gh)
-    m = ay.T @ mask @ ax
+    # Pixel column c spans [c, c + 1] * cols / w tokens; the overlap matrices box-filter the mask exactly.
+    ax = _cover_cells(np.arange(w) * (g.cols / w), np.arange(1, w + 1) * (g.cols / w), g.x)
+    ay = _cover_cells(np.arange(h) * (g.rows / h), np.arange(1, h + 1) * (g.rows / h), g.y)
+    m = g.pool(ay.T @ mask @ ax)
     if m.sum() <= 0:
         return None, _ZERO
     return m, ""
@@ -428,7 +519,7 @@ def _mask_element(mask: np.ndarray, gh: int, gw: int) -> tuple[np.ndarray | None
 # -- public rasterisers ------------------------------------------------------------------------------------------------
 
 
-def _summed(g: ImageGrid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.ndarray:
+def _summed(g: Footprint, masses: Iterable[tuple[np.ndarray | None, str]]) -> np.ndarray:
     """``(gh, gw)`` sum of the element masses (elements that leave none add nothing), evaluated one by one."""
     out = np.zeros((g.rows, g.cols))
     for m, _ in masses:
@@ -440,7 +531,7 @@ def _summed(g: ImageGrid, masses: Iterable[tuple[np.ndarray | None, str]]) -> np
 def box_map(
     boxes: Sequence[Sequence[float]] | np.ndarray,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
     mode: BoxMode = "area",
     sigma_scale: float = 0.5,
     centerline_thickness: float = 1.0,
@@ -450,7 +541,8 @@ def box_map(
     Args:
         boxes: ``[[x0, y0, x1, y1], ...]`` in original pixels.
         orig_hw: original image ``(height, width)``.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
         mode: ``area``, ``gaussian`` or ``centerline`` (module docstring).
         sigma_scale: Gaussian sigma per axis as a fraction of the box side.
         centerline_thickness: band height in tokens for ``centerline``.
@@ -471,7 +563,7 @@ def box_map(
 def point_map(
     points: Sequence[Sequence[float]] | np.ndarray,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
     mode: PointMode = "gaussian",
     sigma: float = 1.0,
 ) -> np.ndarray:
@@ -480,7 +572,8 @@ def point_map(
     Args:
         points: ``[[x, y], ...]`` in original pixels.
         orig_hw: original image ``(height, width)``.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
         mode: ``gaussian`` or ``nearest``.
         sigma: Gaussian standard deviation in tokens.
     """
@@ -499,7 +592,7 @@ def point_map(
 def polyline_map(
     polylines: Sequence[Sequence[Sequence[float]]],
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
     thickness: float = 1.0,
 ) -> np.ndarray:
     """Unnormalised mass of polylines (in-image length x thickness, in token units), summed over polylines.
@@ -507,7 +600,8 @@ def polyline_map(
     Args:
         polylines: ``[[[x, y], ...], ...]`` open polylines in original pixels, at least 2 vertices each.
         orig_hw: original image ``(height, width)``.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
         thickness: side of the square drawing kernel in tokens.
     """
     if not (math.isfinite(thickness) and thickness > 0):
@@ -522,19 +616,20 @@ def polyline_map(
     )
 
 
-def mask_map(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def mask_map(mask: np.ndarray, grid: GridLike) -> np.ndarray:
     """Fraction of each token cell covered by a mask given in original pixels.
 
     Args:
         mask: ``(H, W)`` bool or float in ``[0, 1]`` over the original image.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
 
     Returns:
         ``(gh, gw)`` float64 in ``[0, 1]`` (exact box filter of the mask onto the grid).
     """
     arr = _parse_mask(mask, "mask", None)
     g = _make_grid(arr.shape, grid)
-    m, _ = _mask_element(arr, g.rows, g.cols)
+    m, _ = _mask_element(arr, g)
     return np.zeros((g.rows, g.cols)) if m is None else m
 
 
@@ -555,7 +650,7 @@ def _no_map_reason(drops: list[str]) -> str:
 def build_target_map_with_reason(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
     spec: TargetSpec | None = None,
 ) -> tuple[np.ndarray | None, str | None]:
     """Target map and, when there is none, why.
@@ -564,7 +659,8 @@ def build_target_map_with_reason(
         evidence: an :class:`~klal.data.schema.Evidence`, or a dict with any of ``boxes``, ``points``, ``polylines``
             and ``masks`` (a list of ``(H, W)`` arrays or one array), in original pixels.
         orig_hw: original image ``(height, width)``.
-        grid: ``(rows, cols)`` of the image's visual-token grid (:meth:`klal.models.family.VLMFamily.image_grids`).
+        grid: the image's visual-token grid: its tokens' footprints
+            (:meth:`klal.models.family.VLMFamily.footprints`), or ``(rows, cols)`` for equal cells over the image.
         spec: target settings (default :class:`TargetSpec`).
 
     Returns:
@@ -599,7 +695,7 @@ def build_target_map_with_reason(
     for v in lines:
         keep("polylines", _polyline_element(v, g, spec.polyline_thickness))
     for m in masks:
-        keep("masks", _mask_element(m, g.rows, g.cols))
+        keep("masks", _mask_element(m, g))
 
     present = {k: ms for k, ms in per_kind.items() if ms}
     if not present:
@@ -623,7 +719,7 @@ def build_target_map_with_reason(
 def build_target_map(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int],
+    grid: GridLike,
     spec: TargetSpec | None = None,
 ) -> np.ndarray | None:
     """``(gh, gw)`` float64 target distribution summing to 1, or None ("no map"); see
@@ -634,7 +730,7 @@ def build_target_map(
 def explain_no_map(
     evidence: Evidence | Mapping[str, Any] | None,
     orig_hw: tuple[float, float],
-    grid: tuple[int, int] | None = None,
+    grid: GridLike | None = None,
     spec: TargetSpec | None = None,
 ) -> str | None:
     """Why this evidence gives no target map (one of :data:`NO_MAP_REASONS`), or None when it gives one.
@@ -650,3 +746,33 @@ def explain_no_map(
     """
     # Any grid gives the same answer: an element leaves mass on every grid or on none.
     return build_target_map_with_reason(evidence, orig_hw, grid or (1, 1), spec)[1]
+
+
+def grid_target_maps(
+    evidence: Evidence | Mapping[str, Any] | None,
+    orig_hw: tuple[float, float],
+    footprints: Sequence[Footprint | None],
+    spec: TargetSpec | None = None,
+) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """One image's target maps on each of its grids, in sequence order: every grid gets the same evidence, and every
+    grid where it leaves mass an equal share of the image's mass (so the maps sum to 1 together; evidence that only
+    a margin one view does not see goes wholly to the grids that see it).
+
+    Args:
+        evidence: as for :func:`build_target_map_with_reason`.
+        orig_hw: original image ``(height, width)``.
+        footprints: per grid, its tokens' footprints (:meth:`klal.models.family.VLMFamily.footprints`); None for an
+            empty grid, which gets no map and no share.
+        spec: target settings.
+
+    Returns:
+        ``(maps, reasons)``: per grid its ``(rows, cols)`` map or None, and why not (None for an empty grid or a
+        grid with a map).
+
+    Raises:
+        TargetMapError: malformed evidence or sizes.
+    """
+    built = [None if fp is None else build_target_map_with_reason(evidence, orig_hw, fp, spec) for fp in footprints]
+    shares = sum(b is not None and b[0] is not None for b in built)
+    maps = [None if b is None or b[0] is None else b[0] / shares for b in built]
+    return maps, [None if b is None else b[1] for b in built]

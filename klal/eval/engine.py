@@ -282,7 +282,8 @@ def evaluate(cfg: EvalConfig, gm: GroundingModel | None = None) -> dict[str, Any
     if gm is None:
         gm = GroundingModel.load(cfg.model, cfg.adapter)
     prep = prepare_rows(cfg)
-    metrics = GroundingMetrics(spec=cfg.target)
+    # The evidence is laid on each map through its tokens' footprints in the original image (the family's geometry).
+    metrics = GroundingMetrics(spec=cfg.target, footprint_of=lambda h, w: gm.family.map_footprint(gm.processor, h, w))
     runs: dict[str, MethodRun] = {}
     for spec, method in zip(plan.specs, plan.methods):
         with adapter_weights(gm, spec.weights):

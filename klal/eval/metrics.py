@@ -13,11 +13,16 @@ the ranks' states and gives exactly the single-process result over all their sam
 returns ``0.0`` rather than NaN, and the zero count is what tells a table the value is empty. ``summary()`` returns the
 value with the (synced) counts as plain Python numbers.
 
-Inputs. Relevance maps are per-image grids ``(gh, gw)`` over the model's visual-token grid (row-major, one token per
-28 x 28 px cell of the *resized* image, see :mod:`klal.geometry`); they must be finite and non-negative, at any scale:
-the metrics normalise them to sum to 1 (an all-zero map reads as uniform, "no information"). Boxes are
-``(x0, y0, x1, y1)`` in ORIGINAL image pixels. A sample with several images has one map per image, but its evidence
-refers to image 0 (the schema's ``width``/``height`` are image 0's), so the grounding metrics use map 0 only.
+Inputs. Relevance maps are per-image grids ``(gh, gw)`` over the model family's map grid (row-major, one cell per
+visual token; :meth:`klal.models.family.VLMFamily.map_grid`); they must be finite and non-negative, at any scale:
+the metrics normalise them to sum to 1 (an all-zero map reads as uniform, "no information"). The evidence is laid on
+the map through its tokens' footprints (:class:`klal.geometry.Footprint`: what each token's patches saw in the
+original image, from :meth:`klal.models.family.VLMFamily.map_footprint`, given per sample or by ``footprint_of``);
+without one, the map's cells are taken as equal cells covering the whole image, which is exact on the Qwen families
+(28-px tokens of the resized image on Qwen2/2.5-VL, 32 px on Qwen3-VL and Qwen3.5) and not on LLaVA-OneVision.
+Boxes are ``(x0, y0, x1, y1)`` in ORIGINAL image pixels. A sample with several images has one map per image, but its
+evidence refers to image 0 (the schema's ``width``/``height`` are image 0's), so the grounding metrics use map 0
+only.
 
 Metrics (names as in :data:`METRIC_RANGES` and :meth:`GroundingMetrics.compute`):
 
@@ -44,7 +49,7 @@ boxes" and the sample is skipped. Samples without gt boxes are skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +58,7 @@ from torchmetrics import Metric
 from klal.data.targets import TargetSpec, build_target_map, evidence_cells, evidence_parts
 from klal.eval.answers import answer_correct
 from klal.eval.scores import as_grid, best_box_iou, evidence_mass, pointing_score, sample_prefix, target_kl
+from klal.geometry import Footprint
 
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "pointing_game": (0.0, 1.0),
@@ -290,6 +296,9 @@ class GroundingMetrics:
         epsilon: smoothing of ``target_kl``.
         iou_threshold: IoU for ``box_accuracy``.
         device: where the metric states live (e.g. the CUDA device for an NCCL sync); default CPU.
+        footprint_of: ``(height, width) -> Footprint`` of the map grid of an image of that size (e.g. the family's
+            :meth:`~klal.models.family.VLMFamily.map_footprint` with its processor), used when :meth:`update` is not
+            given one; None: equal cells over the whole image.
     """
 
     def __init__(
@@ -298,6 +307,7 @@ class GroundingMetrics:
         epsilon: float = 1e-4,
         iou_threshold: float = 0.5,
         device: torch.device | str | None = None,
+        footprint_of: Callable[[int, int], Footprint] | None = None,
     ) -> None:
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"GroundingMetrics epsilon must be in (0, 1), got {epsilon}")
@@ -307,6 +317,7 @@ class GroundingMetrics:
         self.epsilon = epsilon
         self.iou_threshold = iou_threshold
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.footprint_of = footprint_of
         self._sets: dict[tuple[str, str], dict[str, _MeanMetric]] = {}
 
     def _new_set(self) -> dict[str, _MeanMetric]:
@@ -340,6 +351,7 @@ class GroundingMetrics:
         boxes: Sequence[Sequence[float]] | None,
         answer: str | None,
         record: Mapping[str, Any],
+        footprint: Footprint | None = None,
     ) -> None:
         """Score one sample with every metric of ``(method, task)``.
 
@@ -352,7 +364,9 @@ class GroundingMetrics:
                 (box metrics skip), ``[]`` when it predicted none for this sample (IoU 0).
             answer: predicted answer, or None when the method does not answer.
             record: the dataset row (needs ``id``, ``answer``, ``width``, ``height``, ``evidence``). The evidence
-                is laid on map 0's grid, which covers the whole of image 0 (:class:`klal.geometry.ImageGrid`).
+                is laid on map 0's grid through ``footprint``.
+            footprint: the footprint of map 0's grid in image 0 (default ``footprint_of``, else equal cells over
+                the whole image).
 
         Raises:
             ValueError: a record missing a key, malformed evidence, boxes
@@ -367,8 +381,13 @@ class GroundingMetrics:
         cells = target = None
         if grid is not None:
             try:
-                cells = evidence_cells(record["evidence"], orig_hw, grid.shape)
-                target = build_target_map(record["evidence"], orig_hw, grid.shape, self.spec)
+                if footprint is None and self.footprint_of is not None:
+                    footprint = self.footprint_of(int(record["height"]), int(record["width"]))
+                if footprint is not None and footprint.shape != grid.shape:
+                    raise ValueError(f"map 0 is {grid.shape} but its footprint is of a {footprint.shape} grid")
+                on = footprint if footprint is not None else grid.shape
+                cells = evidence_cells(record["evidence"], orig_hw, on)
+                target = build_target_map(record["evidence"], orig_hw, on, self.spec)
             except ValueError as e:
                 raise type(e)(f"{sample_prefix(sid)}{e}") from e
         ms = self.metrics(method, task)
@@ -386,6 +405,7 @@ class GroundingMetrics:
         result: Any,
         record: Mapping[str, Any],
         predicts_boxes: bool = True,
+        footprint: Footprint | None = None,
     ) -> None:
         """:meth:`update` from a ``GroundingResult``-like object (``.maps``, ``.boxes``, ``.answer``), task from
         ``record["task"]``.
@@ -396,9 +416,10 @@ class GroundingMetrics:
             record: the dataset row.
             predicts_boxes: False for a method that never predicts boxes: its (empty) ``boxes`` are then passed as
                 None, so the box metrics skip its samples instead of scoring them IoU 0.
+            footprint: as for :meth:`update`.
         """
         boxes = result.boxes if predicts_boxes else None
-        self.update(method, str(record["task"]), result.maps, boxes, result.answer, record)
+        self.update(method, str(record["task"]), result.maps, boxes, result.answer, record, footprint)
 
     def compute(self) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
         """``{method: {task: {metric: {"value", "count", "skipped"[, "no_prediction"]}}}}`` over all ranks.

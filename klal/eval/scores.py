@@ -1,10 +1,11 @@
 """Per-sample grounding scores: one relevance map (or box list) of one sample against its evidence.
 
-Relevance maps are per-image grids ``(gh, gw)`` over the model's visual-token grid (row-major, one token per 28 x 28 px
-cell of the *resized* image, see :mod:`klal.geometry`); they must be finite and non-negative, at any scale: the scores
-normalise them to sum to 1 (an all-zero map reads as uniform, "no information"). Boxes are ``(x0, y0, x1, y1)`` in
-ORIGINAL image pixels. Evidence cells come from :func:`klal.data.targets.evidence_cells`, target maps from
-:func:`klal.data.targets.build_target_map`; :mod:`klal.eval.metrics` averages these scores over samples.
+Relevance maps are per-image grids ``(gh, gw)`` over the model family's map grid (row-major, one cell per visual
+token, whatever pixels it covers: :class:`klal.geometry.Footprint`); they must be finite and non-negative, at any
+scale: the scores normalise them to sum to 1 (an all-zero map reads as uniform, "no information"). Boxes are
+``(x0, y0, x1, y1)`` in ORIGINAL image pixels. Evidence cells come from :func:`klal.data.targets.evidence_cells`,
+target maps from :func:`klal.data.targets.build_target_map`, both laid on the map through its tokens' footprints;
+:mod:`klal.eval.metrics` averages these scores over samples.
 
 * :func:`pointing_score`: 1 when the map's peak cell is an evidence cell. Ties: when several cells share the peak
   (within a relative 1e-9), the score is the fraction of them inside the evidence, i.e. the expected hit under random

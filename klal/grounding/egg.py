@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from klal.decode import Decoding
+from klal.geometry import Footprint
 from klal.grounding.base import GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
 from klal.grounding.ops import (
@@ -58,6 +59,7 @@ from klal.grounding.ops import (
     elbow_threshold,
     expand_box,
     extract_regions,
+    footprint_of,
     gaussian_smooth,
     spatial_entropy,
 )
@@ -83,7 +85,7 @@ def entropy_relevance(
     """Relevance grids (one per image) and the next-token entropy, from one forward and one backward pass."""
     inputs = gm.inputs(list(images), question)
     grad, value = gm.visual_embeds_grad(inputs, next_token_entropy)
-    return gm.split_grid(grad, inputs["layout"]), float(value)
+    return gm.split_grid(grad, inputs["layout"], inputs["image_wh"]), float(value)
 
 
 MAX_ROUNDS = 15
@@ -190,10 +192,12 @@ def pool_regions(
     connectivity: int = 4,
     smooth_mode: str = "reflect",
     max_aspect: float | None = 3.0,
+    footprints: Sequence[Footprint | None] | None = None,
 ) -> list[PooledRegion]:
     """The regions of several maps ranked together by raw relevance mass (the authors' pooled region search).
 
-    ``maps[k]`` covers the part of image 0 in ``sources[k]`` (image-0 pixels; image 0 itself is ``(0, 0, W, H)``).
+    ``maps[k]`` covers the part of image 0 in ``sources[k]`` (image-0 pixels; image 0 itself is ``(0, 0, W, H)``),
+    its cells where ``footprints[k]`` says (in the source's pixels; None: equal cells over the source).
     A region's cell box becomes pixels of its source (:func:`klal.grounding.ops.cells_to_pixels`), gets the aspect
     cap there (:func:`klal.grounding.ops.cap_aspect_px`: grown about its centre, clipped at the source's edge) and is
     shifted into image-0 pixels, so a region found on a crop is cut from that crop (zooming into a zoom). Ties in mass
@@ -204,8 +208,9 @@ def pool_regions(
     found: list[PooledRegion] = []
     for k, (grid, (sx0, sy0, sx1, sy1)) in enumerate(zip(maps, sources)):
         size = (sx1 - sx0, sy1 - sy0)
+        cells = footprints[k] if footprints is not None and footprints[k] is not None else grid.shape
         for reg in find_regions(grid, sigma, connectivity, smooth_mode):
-            box = cells_to_pixels(reg.box, grid.shape, size)
+            box = cells_to_pixels(reg.box, cells, size)
             if max_aspect is not None:
                 box = cap_aspect_px(box, max_aspect, size)
             x0, y0, x1, y1 = box
@@ -329,7 +334,14 @@ class EntropyGradientGrounding(GroundingMethod, name="entropy_gradient"):
             return grids
 
         def search(maps: list[np.ndarray], sources: list[PixelBox]) -> tuple[list[PooledRegion], float, list[PixelBox]]:
-            found = pool_regions(maps, sources, opts.sigma, opts.connectivity, opts.smooth_mode, opts.max_aspect)
+            # Each map's cells where its tokens looked: image 0's footprint, a zoomed crop's brought back to the crop.
+            fps = [footprint_of(gm, image0.size)]
+            for sx0, sy0, sx1, sy1 in sources[1:]:
+                zoomed = crop_image(image0, (sx0, sy0, sx1, sy1), opts.zoom)
+                fps.append(footprint_of(gm, zoomed.size).scaled(sy1 - sy0, sx1 - sx0))
+            found = pool_regions(
+                maps, sources, opts.sigma, opts.connectivity, opts.smooth_mode, opts.max_aspect, footprints=fps
+            )
             # The statistic of the map holding the top region; no region anywhere counts as 0 (the release's
             # "no boxes" return), which stops the loop.
             entropy = stopping_entropy(maps[found[0].source], opts.sigma, opts.smooth_mode) if found else 0.0

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from klal.geometry import Footprint
 from klal.grounding import ops
 from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
@@ -101,26 +102,27 @@ def vaq_scores(a_with: torch.Tensor, a_without: torch.Tensor, top_k: int) -> tor
 def grey_out(
     image: Image.Image,
     cell_boxes: Sequence[Sequence[int]],
-    grid_hw: tuple[int, int],
+    grid_hw: tuple[int, int] | Footprint,
     value: tuple[int, int, int] = GREY,
 ) -> Image.Image:
     """A copy of ``image`` with the pixels of the given grid-cell boxes filled with ``value``.
 
-    A cell box ``(r0, c0, r1, c1)`` (end-exclusive) covers ``[round(c0 * W / gw), round(c1 * W / gw))`` x
-    ``[round(r0 * H / gh), round(r1 * H / gh))`` px: rounding both edges the same way makes adjacent cells share no
-    pixel and leave none out.
+    A cell box ``(r0, c0, r1, c1)`` (end-exclusive) covers the pixels of its tokens' footprints,
+    :func:`klal.grounding.ops.cells_to_pixels`, with both edges rounded (with equal cells
+    ``[round(c0 * W / gw), round(c1 * W / gw))`` x ``[round(r0 * H / gh), round(r1 * H / gh))`` px): rounding both
+    edges the same way makes adjacent cells share no pixel and leave none out.
 
     Args:
         image: the original image (any mode; the copy is RGB).
         cell_boxes: boxes in ``grid_hw`` cells.
-        grid_hw: ``(gh, gw)`` of the image's token grid.
+        grid_hw: the image's map-grid footprint (:func:`klal.grounding.ops.footprint_of`), or ``(gh, gw)`` for equal
+            cells.
         value: RGB fill.
     """
-    gh, gw = grid_hw
     out = np.array(image.convert("RGB"))
     h, w = out.shape[:2]
     for box in cell_boxes:
-        x0, y0, x1, y1 = ops.cells_to_pixels(tuple(box), (gh, gw), (w, h))
+        x0, y0, x1, y1 = ops.cells_to_pixels(tuple(box), grid_hw, (w, h))
         out[round(y0) : round(y1), round(x0) : round(x1)] = value
     return Image.fromarray(out)
 
@@ -198,12 +200,14 @@ class Laser(GroundingMethod, name="laser"):
         if fallback:
             rel = a_with[layer].mean(dim=0)
         grids = inputs["grids"]
-        maps = gm.split_grid(rel, inputs["layout"])
+        maps = gm.split_grid(rel, inputs["layout"], inputs["image_wh"])
 
         # 3: Con-ViCrop.
         gh, gw = maps[0].shape
         size = (math.ceil(opts.crop_frac * gh), math.ceil(opts.crop_frac * gw))
-        cell_box, box_px = select_crop(maps[0], [size], images[0].size, opts.min_crop)
+        cell_box, box_px = select_crop(
+            maps[0], [size], images[0].size, opts.min_crop, ops.footprint_of(gm, images[0].size)
+        )
         crop_box = tuple(float(v) for v in whole_pixel_box(images[0], box_px))
         crop = crop_image(images[0], crop_box, opts.zoom)
 
@@ -216,7 +220,7 @@ class Laser(GroundingMethod, name="laser"):
         for im, (h, w) in zip(images, grids):
             cells = [(i - offset) for i in chosen if offset <= i < offset + h * w]
             boxes = [(c // w, c % w, c // w + 1, c % w + 1) for c in cells]
-            negatives.append(grey_out(im, boxes, (h, w)) if boxes else im)
+            negatives.append(grey_out(im, boxes, ops.footprint_of(gm, im.size)) if boxes else im)
             greyed.append(len(boxes))
             offset += h * w
         pos_inputs = gm.inputs([*images, crop], question)

@@ -62,6 +62,7 @@ from klal.grounding.ops import (
     cells_to_pixels,
     connected_components,
     elbow_threshold,
+    footprint_of,
     gaussian_smooth,
     mask_to_box,
     normalize,
@@ -237,7 +238,7 @@ def head_statistics(gm: GroundingModel, sample: dict[str, Any]) -> tuple[np.ndar
     on_image = full[..., visual]  # (L, H, V)
     s_img = on_image.sum(-1)
     # Image 0's map (on a family with several grids per image, merged onto its map grid).
-    grid_maps = gm.split_grid(on_image.double(), inputs["layout"])[0]  # (L, H, gh, gw)
+    grid_maps = gm.split_grid(on_image.double(), inputs["layout"], inputs["image_wh"])[0]  # (L, H, gh, gw)
     return s_img.cpu().numpy().astype(np.float64), grid_maps.astype(np.float64)
 
 
@@ -487,11 +488,11 @@ class LocalizationHeads(GroundingMethod, name="localization_heads"):
     ) -> GroundingResult:
         """Map, mask and boxes from the heads' attention ``att`` ``(len(layers), H, V)`` of one sample."""
         rows = torch.stack([att[layers.index(layer), head] for layer, head in sel.heads])  # (K, V)
-        per_image = gm.split_grid(rows, layout)  # [(K, gh, gw)]
+        per_image = gm.split_grid(rows, layout, sizes)  # [(K, gh, gw)]
         maps = [heads_map(g, self.options.sigma) for g in per_image]
         mask, ranked = map_boxes(maps[0])
-        gh, gw = maps[0].shape
-        boxes = [cells_to_pixels(box, (gh, gw), sizes[0]) for box, _ in ranked]
+        cells = footprint_of(gm, sizes[0])  # where map 0's cells are in image 0
+        boxes = [cells_to_pixels(box, cells, sizes[0]) for box, _ in ranked]
         extras = {
             "heads": [list(h) for h in sel.heads],
             "mask": mask.astype(int).tolist(),

@@ -1,12 +1,16 @@
 """Numpy building blocks shared by the training-free grounding methods.
 
-Grids are 2-D float arrays ``(gh, gw)`` over ONE image's LLM visual-token grid, row-major; one cell is one visual
-token, i.e. a 28 x 28 px cell of the *resized* image. Boxes come in two units:
+Grids are 2-D float arrays ``(gh, gw)`` over ONE image's LLM visual-token grid (the family's map grid), row-major;
+one cell is one visual token. Boxes come in two units:
 
 * cell boxes ``(r0, c0, r1, c1)``: integer grid rows/columns, end-exclusive (cells ``r0 <= r < r1``,
   ``c0 <= c < c1``);
-* pixel boxes ``(x0, y0, x1, y1)``: floats in ORIGINAL image pixels. The processor's resize is proportional per axis,
-  so a cell is ``W / gw`` px wide and ``H / gh`` px tall in the original image.
+* pixel boxes ``(x0, y0, x1, y1)``: floats in ORIGINAL image pixels. Where a cell is in the original image is its
+  token's footprint (:class:`klal.geometry.Footprint`, from the model family:
+  :meth:`klal.models.family.VLMFamily.map_footprint`); the unit changes take one in place of ``grid_hw``. Given only
+  ``(gh, gw)``, a cell is ``W / gw`` px wide and ``H / gh`` px tall (equal cells over the whole image: exact on the
+  Qwen families, whose processors resize the whole image by one scale per axis into 28-px tokens, 32 px on Qwen3-VL
+  and Qwen3.5).
 
 Nothing here touches a model: the functions take and return numpy arrays and python numbers, so they are cheap to test
 and reuse (localization heads, EGG, ViCrop, LASER). Bad input raises ``ValueError`` naming the argument at fault.
@@ -17,11 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from klal.geometry import ImageGrid
+from klal.geometry import Footprint, ImageGrid
 
 CellBox = tuple[int, int, int, int]
 PixelBox = tuple[float, float, float, float]
@@ -465,35 +470,47 @@ def best_window(grid: np.ndarray, sizes: Iterable[tuple[int, int]]) -> tuple[Cel
 # -------------------------------------------------------------------------------------------------- unit changes
 
 
-def cells_to_pixels(box: Sequence[int], grid_hw: Sequence[int], image_wh: Sequence[float]) -> PixelBox:
-    """Cell box ``(r0, c0, r1, c1)`` -> pixel box ``(x0, y0, x1, y1)`` in the original image.
-
-    A cell is ``W / gw`` px wide and ``H / gh`` px tall (:class:`klal.geometry.ImageGrid`, the target maps' geometry).
+def cells_to_pixels(box: Sequence[int], grid_hw: Sequence[int] | Footprint, image_wh: Sequence[float]) -> PixelBox:
+    """Cell box ``(r0, c0, r1, c1)`` -> pixel box ``(x0, y0, x1, y1)`` in the original image: the hull of what its
+    tokens saw.
 
     Args:
         box: cell box, end-exclusive, inside the grid.
-        grid_hw: ``(gh, gw)``.
+        grid_hw: the grid's :class:`~klal.geometry.Footprint`, or ``(gh, gw)`` for equal cells (``W / gw`` px wide,
+            ``H / gh`` px tall, :class:`klal.geometry.ImageGrid`).
         image_wh: original ``(W, H)``.
     """
-    gh, gw = _check_grid_hw(grid_hw)
     width, height = _check_image_wh(image_wh)
+    if isinstance(grid_hw, Footprint):
+        _check_footprint(grid_hw, width, height)
+        return grid_hw.cells_to_pixels(_check_cell_box(box, grid_hw.shape))
+    gh, gw = _check_grid_hw(grid_hw)
     return ImageGrid(height, width, gh, gw).cells_to_pixels(_check_cell_box(box, (gh, gw)))
 
 
-def pixels_to_cells(box_px: Sequence[float], grid_hw: Sequence[int], image_wh: Sequence[float]) -> CellBox:
+def _check_footprint(fp: Footprint, width: float, height: float) -> None:
+    if abs(fp.width - width) > 1e-6 * width or abs(fp.height - height) > 1e-6 * height:
+        raise ValueError(f"footprint of a {fp.width:g} x {fp.height:g} image, not {width:g} x {height:g} (W x H)")
+
+
+def pixels_to_cells(box_px: Sequence[float], grid_hw: Sequence[int] | Footprint, image_wh: Sequence[float]) -> CellBox:
     """Pixel box in the original image -> the smallest cell box covering it (floor the start, ceil the end).
 
     The box is clipped to the grid and always covers at least one cell (a zero-width box gets the cell it lies in).
-    Inverts :func:`cells_to_pixels` exactly (a tolerance absorbs float round-off).
+    Inverts :func:`cells_to_pixels` exactly (a tolerance absorbs float round-off). With a footprint, the cells are
+    those whose footprints overlap the box (the nearest one for a box between footprints).
 
     Args:
         box_px: ``(x0, y0, x1, y1)`` in original pixels.
-        grid_hw: ``(gh, gw)``.
+        grid_hw: the grid's footprint, or ``(gh, gw)`` for equal cells.
         image_wh: original ``(W, H)``.
     """
-    gh, gw = _check_grid_hw(grid_hw)
     width, height = _check_image_wh(image_wh)
     x0, y0, x1, y1 = _check_pixel_box(box_px)
+    if isinstance(grid_hw, Footprint) and not grid_hw.is_uniform:
+        _check_footprint(grid_hw, width, height)
+        return grid_hw.pixels_to_cells((x0, y0, x1, y1))
+    gh, gw = _check_grid_hw(grid_hw.shape if isinstance(grid_hw, Footprint) else grid_hw)
 
     def axis(lo: float, hi: float, n: int, size: float) -> tuple[int, int]:
         a = math.floor(lo * n / size + _CELL_EPS)
@@ -505,6 +522,13 @@ def pixels_to_cells(box_px: Sequence[float], grid_hw: Sequence[int], image_wh: S
     c0, c1 = axis(x0, x1, gw, width)
     r0, r1 = axis(y0, y1, gh, height)
     return r0, c0, r1, c1
+
+
+def footprint_of(gm: Any, image_wh: Sequence[float]) -> Footprint:
+    """The footprint of the map grid of an image of ``image_wh`` (``(W, H)``) under a grounding session ``gm``'s
+    family and processor (:meth:`klal.models.family.VLMFamily.map_footprint`)."""
+    width, height = (int(v) for v in image_wh)
+    return gm.family.map_footprint(gm.processor, height, width)
 
 
 def expand_box(box_px: Sequence[float], min_side: float, image_wh: Sequence[float]) -> PixelBox:

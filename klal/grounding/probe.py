@@ -22,8 +22,9 @@ from PIL import Image
 
 from klal.capture import parse_layers
 from klal.decode import Decoding
+from klal.geometry import Footprint
 from klal.grounding.base import GroundingMethod, GroundingResult
-from klal.grounding.ops import cells_to_pixels, extract_regions
+from klal.grounding.ops import cells_to_pixels, extract_regions, footprint_of
 from klal.grounding.options import option
 from klal.session import GroundingError, GroundingModel
 
@@ -43,11 +44,12 @@ def append_answer(gm: GroundingModel, inputs: dict[str, Any], answer: str) -> tu
 
 
 def map_to_box(
-    grid: np.ndarray, image_wh: tuple[int, int], sigma: float = 1.0
+    grid: np.ndarray, image_wh: tuple[int, int], sigma: float = 1.0, footprint: Footprint | None = None
 ) -> list[tuple[float, float, float, float]]:
-    """The strongest region of a relevance grid as one box in original pixels (empty list for a flat map)."""
+    """The strongest region of a relevance grid as one box in original pixels (empty list for a flat map); its cells
+    are where ``footprint`` says (None: equal cells over the image)."""
     regions = extract_regions(grid, sigma=sigma, top_k=1)
-    return [cells_to_pixels(r.box, grid.shape, image_wh) for r in regions]
+    return [cells_to_pixels(r.box, footprint or grid.shape, image_wh) for r in regions]
 
 
 class AttentionProbe(GroundingMethod, name="attention_probe"):
@@ -81,8 +83,8 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
         layers = parse_layers(opts.layers, gm.num_layers)
         out = []
         for att, layout, sizes in gm.batch_attention(samples, opts.query, layers, per_head=False):  # att: (L, V)
-            maps = gm.split_grid(att.mean(0), layout)
-            boxes = map_to_box(maps[0], sizes[0], opts.sigma) if maps else []
+            maps = gm.split_grid(att.mean(0), layout, sizes)
+            boxes = map_to_box(maps[0], sizes[0], opts.sigma, footprint_of(gm, sizes[0])) if maps else []
             out.append(GroundingResult(maps=maps, boxes=boxes, extras={"layers": layers, "query": opts.query}))
         return out
 
@@ -99,8 +101,9 @@ class AttentionProbe(GroundingMethod, name="attention_probe"):
             if answer:
                 inputs, query_pos = append_answer(gm, inputs, answer)
         att = gm.attention(inputs, query_pos=query_pos, layers=layers, per_head=False)  # (L, V)
-        maps = gm.split_grid(att.mean(0), inputs["layout"])
-        boxes = map_to_box(maps[0], inputs["image_wh"][0], opts.sigma) if maps else []
+        maps = gm.split_grid(att.mean(0), inputs["layout"], inputs["image_wh"])
+        wh = inputs["image_wh"][0]
+        boxes = map_to_box(maps[0], wh, opts.sigma, footprint_of(gm, wh)) if maps else []
         return GroundingResult(maps=maps, boxes=boxes, answer=answer, extras={"layers": layers, "query": opts.query})
 
 

@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 from klal.decode import Decoding
+from klal.geometry import Footprint
 from klal.grounding import ops
 from klal.grounding.base import GENERIC_PROMPT, GroundingMethod, GroundingResult
 from klal.grounding.crop import crop_image, whole_pixel_box
@@ -156,14 +157,16 @@ def select_crop(
     sizes: Sequence[tuple[int, int]],
     image_wh: tuple[float, float],
     min_crop: float,
+    footprint: Footprint | None = None,
 ) -> tuple[ops.CellBox, ops.PixelBox]:
-    """Best window of ``grid`` (over ``sizes``) as a cell box, and as a pixel box grown to ``min_crop`` px per side.
+    """Best window of ``grid`` (over ``sizes``) as a cell box, and as a pixel box grown to ``min_crop`` px per side
+    (the window's tokens' footprints; None: equal cells over the image).
 
     Raises:
         CropTooSmallError: the image is smaller than ``min_crop`` on some axis.
     """
     cell_box, _ = ops.best_window(grid, sizes)
-    box_px = ops.cells_to_pixels(cell_box, grid.shape, image_wh)
+    box_px = ops.cells_to_pixels(cell_box, footprint or grid.shape, image_wh)
     return cell_box, ops.expand_box(box_px, min_crop, image_wh)
 
 
@@ -322,13 +325,14 @@ class _ViCrop(GroundingMethod):
             raise
         except ValueError as e:  # the ratio's zero denominator: name the sample and the option
             raise GroundingError(f"{self.name}: sample {sample.get('id')!r}: {e}") from e
-        maps = gm.split_grid(rel, inputs["layout"])
+        maps = gm.split_grid(rel, inputs["layout"], inputs["image_wh"])
         if opts.crop == "adaptive":
             box_px = ops.expand_box(crop_box(maps[0], images[0].size, opts.box_size), opts.min_crop, images[0].size)
-            cell_box = ops.pixels_to_cells(box_px, maps[0].shape, images[0].size)
+            cell_box = ops.pixels_to_cells(box_px, ops.footprint_of(gm, images[0].size), images[0].size)
         else:
             sizes = square_window_sizes(maps[0].shape, opts.scales)
-            cell_box, box_px = select_crop(maps[0], sizes, images[0].size, opts.min_crop)
+            fp = ops.footprint_of(gm, images[0].size)
+            cell_box, box_px = select_crop(maps[0], sizes, images[0].size, opts.min_crop, fp)
         cut = tuple(float(v) for v in whole_pixel_box(images[0], box_px))
         crop = crop_image(images[0], cut, opts.zoom)
         answer = gm.generate(gm.inputs([*images, crop], question), opts.max_new_tokens, decoding=opts.decoding)

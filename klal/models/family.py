@@ -8,10 +8,22 @@ classes. Nothing outside ``klal/models/<family>/`` names a family's classes or c
 What a family tells (the rest of klal reads nothing else about the architecture):
 
 * **visual-token geometry**: how an image of a given size becomes one or more grids of LLM visual tokens
-  (:meth:`VLMFamily.grids_for_size`), and which grids the processor actually produced
-  (:meth:`VLMFamily.image_grids`). Every grid covers the whole original image with equal cells, row-major, so
-  evidence in original pixels maps onto any grid by a per-axis scale; several grids per image (LLaVA-OneVision's
-  base view and anyres tiles) follow each other in the sequence;
+  (:meth:`VLMFamily.grids_for_size`, :meth:`VLMFamily.processor_grids`), which grids the processor actually produced
+  (:meth:`VLMFamily.image_grids`), and, per grid, each token's **footprint**: the part of the original image its
+  patches saw (:meth:`VLMFamily.footprints`, a :class:`klal.geometry.Footprint`). Target maps, evidence cells,
+  grounding metrics, method boxes and crops all map original pixels to tokens through the footprints and nothing
+  else. The default, equal cells over the whole image, is exact when the processor resizes the whole image by one
+  scale per axis (the Qwen families' ``smart_resize``); a family whose processor pads, tiles, leaves margins or
+  pools overrides it (LLaVA-OneVision). Several grids per image follow each other in the sequence, e.g.
+  LLaVA-OneVision's base view then its anyres tile map. A *tile-major* family (tokens contiguous per tile: SmolVLM /
+  Idefics3 image splitting, InternVL dynamic tiles, each followed or preceded by a global/thumbnail view) gives one
+  grid per tile plus one for the global view, in sequence order, each with its own footprint: a tile's tokens see
+  only that tile's part of the original image (its axis intervals lie inside the tile, with the tile's resize
+  scale), the global view's see the whole image squashed; :meth:`VLMFamily.merge_grids` then stitches the tile
+  maps into one map (and adds the global view resampled through the footprints), and :meth:`VLMFamily.map_grid` /
+  :meth:`VLMFamily.map_footprint` name the stitched grid. Separators between tiles or rows that are image tokens
+  but not cells are left out by :meth:`VLMFamily.visual_token_mask`. A grid may be empty (0 rows or columns: a
+  LLaVA-OneVision tile map that unpads to nothing); it holds no cells and has no footprint;
 * the image token, the model-input keys, where the decoder layers are and which of them are full attention
   (:meth:`VLMFamily.attention_layers`: KLAL and the attention methods act only on those), the eager attention function
   the capture replays, the LoRA layer prefix, the FSDP wrap classes, the positions of prompt and generated tokens for
@@ -30,7 +42,10 @@ import importlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from klal.geometry import Footprint
 
 FAMILY_MODULES: dict[str, str] = {
     "qwen2_5_vl": "klal.models.qwen2_5_vl",
@@ -55,7 +70,8 @@ DEFAULT_MODEL_TYPE = TINY_ALIASES["tiny"]
 """The family options default to where a model type is asked for without a model (Qwen2.5-VL, klal's first)."""
 
 Grid = tuple[int, int]
-"""``(rows, cols)`` of one grid of visual tokens; it covers the whole original image, row-major."""
+"""``(rows, cols)`` of one grid of visual tokens, row-major; where its tokens look is its footprint
+(:meth:`VLMFamily.footprints`). Either may be 0 (an empty grid, no cells)."""
 
 _FAMILIES: dict[str, VLMFamily] = {}
 
@@ -214,17 +230,57 @@ class VLMFamily(abc.ABC):
         """
         return input_ids == image_token_id
 
-    def merge_grids(self, maps: Sequence[Any]) -> Any:
+    def merge_grids(self, maps: Sequence[Any], footprints: Sequence[Footprint | None] | None = None) -> Any:
         """One relevance map per image from the maps on each of its grids (``(..., rows, cols)`` numpy arrays, in
-        sequence order), on the image's map grid (:meth:`map_grid`). Single-grid families return the one map."""
+        sequence order), on the image's map grid (:meth:`map_grid`). Single-grid families return the one map.
+
+        Args:
+            maps: the maps, one per grid.
+            footprints: the grids' footprints (:meth:`footprints`), for families that resample one grid onto another
+                through them; None takes every grid as equal cells over the whole image.
+        """
         if len(maps) != 1:
             raise ValueError(f"{self.label} gives one grid per image, got {len(maps)} maps")
         return maps[0]
 
     @staticmethod
     def map_grid(grids: Sequence[Grid]) -> Grid:
-        """The grid an image's relevance map is reported on: its last (finest) grid."""
-        return tuple(grids[-1])
+        """The grid an image's relevance map is reported on: its last (finest) grid that has cells."""
+        with_cells = [g for g in grids if g[0] * g[1]]
+        return tuple(with_cells[-1] if with_cells else grids[-1])
+
+    def footprints(
+        self, processor: Any, height: int, width: int, grids: Sequence[Grid] | None = None
+    ) -> list[Footprint | None]:
+        """Per grid of an image (sequence order), its tokens' footprints in the original image (None for an empty
+        grid).
+
+        The default is equal cells covering the whole image on every grid, which is exact for a processor that
+        resizes the whole image by one scale per axis into whole tokens (the Qwen families' ``smart_resize``: a
+        token is ``patch * merge`` px of the resized image, ``W / cols`` by ``H / rows`` px of the original).
+
+        Args:
+            processor: the family's processor (its settings fix the geometry).
+            height: original image height in pixels.
+            width: original image width in pixels.
+            grids: the image's grids as :meth:`image_grids` gave them (default :meth:`processor_grids`); a family
+                that computes footprints itself checks that they agree.
+        """
+        from klal.geometry import Footprint
+
+        grids = self.processor_grids(processor, height, width) if grids is None else grids
+        return [Footprint.uniform((height, width), g) if g[0] * g[1] else None for g in grids]
+
+    def map_footprint(self, processor: Any, height: int, width: int) -> Footprint:
+        """The footprint of the grid an image's relevance map is on (:meth:`map_grid`; what the grounding metrics
+        and the methods' boxes use)."""
+        grids = self.processor_grids(processor, height, width)
+        fps = self.footprints(processor, height, width, grids)
+        target = self.map_grid(grids)
+        for g, fp in zip(reversed(grids), reversed(fps)):
+            if tuple(g) == target and fp is not None:
+                return fp
+        raise RuntimeError(f"{self.label}: no footprint for the map grid {target} of a {height} x {width} image")
 
     # -- layers ----------------------------------------------------------------------------------------------------
     def language_model(self, model: Any) -> Any:

@@ -10,12 +10,18 @@ Facts read from the installed transformers classes (``LlavaOnevisionForCondition
   resolution, padded, cut into tower-sized crops; their features are laid out as one ``(p * rows) x (p * cols)`` map,
   the padding is cut off again and, past ``anyres_max_9``, the map is shrunk bilinearly). The prompt holds, per image,
   ``p * p`` base tokens then the tile map row by row with one ``image_newline`` token after each row, all of them
-  the ``<image>`` token. So an image has **two grids**, both covering the whole image (the base squashed, the tiles
-  with the padding removed, up to one row or column of rounding), and the row ends are *separators*, not cells:
+  the ``<image>`` token. So an image has **two grids**, and the row ends are *separators*, not cells:
   :meth:`LlavaOnevisionFamily.visual_token_mask` leaves them out of the visual keys, so KLAL sees the base grid's
-  cells then the tile grid's cells (the target map gives each grid half of the image's mass), and a grounding
-  method's map of an image is the tile map plus the base map resampled onto it by area
+  cells then the tile grid's cells (the target map gives each grid the evidence leaves mass on an equal share), and a
+  grounding method's map of an image is the tile map plus the base map resampled onto it
   (:meth:`LlavaOnevisionFamily.merge_grids`);
+* **footprints** (:mod:`klal.models.llava_onevision.geometry`): neither grid is equal cells over the image. The base
+  view's 27 x 27 patches of 14 px cover 378 of its 384 px (the last 1/64 of the image on each axis is seen by no base
+  token); the tile map's edge rows or columns that ``unpad_image`` keeps may be part padding (unequal edge cells),
+  the 6 px between tiles are seen by no patch, and past ``anyres_max_9`` each token mixes two feature rows and
+  columns bilinearly. :meth:`LlavaOnevisionFamily.footprints` gives each token what it saw, which the target maps,
+  evidence cells, metrics and method boxes use. A long thin image whose tile map unpads to nothing (0 rows or
+  columns; transformers' processor and model accept it) keeps its row ends and has only the base grid's cells;
 * klal feeds each image as a single image (the processor's ``batch_num_images`` is 1 per image), so every image gets
   its tiles, also in a sample with several images; ``min_pixels`` / ``max_pixels`` do not apply.
 """
@@ -30,7 +36,9 @@ from typing import Any
 
 import torch
 
+from klal.geometry import Footprint
 from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, register_family
+from klal.models.llava_onevision.geometry import AnyresLayout, anyres_footprints, anyres_layout
 
 _MODELING = "transformers.models.llava_onevision.modeling_llava_onevision"
 
@@ -242,18 +250,49 @@ class LlavaOnevisionFamily(VLMFamily):
         )
 
     # -- geometry ------------------------------------------------------------------------------------------------
-    def processor_grids(self, processor: Any, height: int, width: int) -> list[Grid]:
-        """``[(p, p), (rows, cols)]``: the base view and the tile map, by the processor's own arithmetic
-        (``select_best_resolution`` and ``_get_unpadded_features``, so the count matches the tokens it inserts)."""
-        from transformers.image_processing_utils import select_best_resolution
+    def layout(self, processor: Any, height: int, width: int) -> AnyresLayout:
+        """The image's anyres layout under ``processor``'s settings (:mod:`klal.models.llava_onevision.geometry`)."""
+        ip = processor.image_processor
+        return anyres_layout(
+            height,
+            width,
+            int(ip.size["height"]),
+            int(ip.size["height"]) // math.isqrt(int(processor.num_image_tokens)),
+            ip.image_grid_pinpoints,
+            processor.vision_aspect_ratio,
+        )
 
-        if height <= 0 or width <= 0:
-            raise ValueError(f"image size must be positive, got height={height}, width={width}")
-        p = math.isqrt(int(processor.num_image_tokens))
-        side = int(processor.image_processor.size["height"])
-        best_h, best_w = select_best_resolution([height, width], processor.image_processor.image_grid_pinpoints)
-        cells, rows = processor._get_unpadded_features(height, width, p, p, best_h // side, best_w // side)
-        return [(p, p), (int(rows), int(cells) // int(rows))]
+    def processor_grids(self, processor: Any, height: int, width: int) -> list[Grid]:
+        """``[(p, p), (rows, cols)]``: the base view and the tile map (either of ``rows``, ``cols`` may be 0 for a
+        long thin image: the tile map then has no cells, only its ``rows`` row ends), by the processor's arithmetic
+        (checked against its own token count)."""
+        lay = self.layout(processor, height, width)
+        p = lay.side
+        rows, cols = lay.tile_grid
+        cells, newlines = processor._get_unpadded_features(height, width, p, p, lay.y.tiles, lay.x.tiles)
+        if (cells, newlines) != (rows * cols, rows):
+            raise RuntimeError(
+                f"{self.label}: the processor counts {cells} tile tokens in {newlines} rows for a {height} x {width} "
+                f"image, klal's layout {rows} x {cols}"
+            )
+        return [(p, p), (rows, cols)]
+
+    def footprints(
+        self, processor: Any, height: int, width: int, grids: Sequence[Grid] | None = None
+    ) -> list[Footprint | None]:
+        """The base view's and the tile map's footprints (:func:`.geometry.anyres_footprints`: base patches covering
+        ``p P`` of ``S`` px, part-padded edge rows, the ``anyres_max`` bilinear pooling); None for an empty tile map."""
+        fps = anyres_footprints(self.layout(processor, height, width))
+        if grids is not None and [None if f is None else f.shape for f in fps] != [
+            None if g[0] * g[1] == 0 else tuple(g) for g in grids
+        ]:
+            raise RuntimeError(f"{self.label}: grids {list(grids)} do not match the {height} x {width} image's layout")
+        return fps
+
+    @staticmethod
+    def map_grid(grids: Sequence[Grid]) -> Grid:
+        """The tile map, or the base view when the tile map is empty (a long thin image)."""
+        return tuple(grids[-1]) if grids[-1][0] * grids[-1][1] else tuple(grids[0])
 
     def image_token_count(self, processor: Any, height: int, width: int) -> int:
         """The two grids' cells plus one row-end token per tile row."""
@@ -297,19 +336,24 @@ class LlavaOnevisionFamily(VLMFamily):
             mask[b, positions] = torch.tensor(layout, dtype=torch.bool, device=mask.device)
         return mask
 
-    def merge_grids(self, maps: Sequence[Any]) -> Any:
-        """The tile map plus the base map resampled onto it by area: each base cell's value is spread over the tile
-        cells it overlaps in proportion to the overlap, so the merged map's total is the sum of both totals."""
+    def merge_grids(self, maps: Sequence[Any], footprints: Sequence[Footprint | None] | None = None) -> Any:
+        """The tile map plus the base map resampled onto it: each base cell's value is spread over the tile tokens
+        whose footprints overlap it, in proportion to the overlap, so the merged map's total is the sum of both
+        totals. Without ``footprints``, both grids are taken as equal cells over the whole image. An empty tile map
+        (a long thin image) leaves the base map."""
         import numpy as np
 
         if len(maps) == 1:
             return maps[0]
         base, tiles = maps
-        rows_t, cols_t = tiles.shape[-2:]
-        resampled = np.einsum(
-            "ik,...kl,jl->...ij", _overlap(rows_t, base.shape[-2]), base, _overlap(cols_t, base.shape[-1])
-        )
-        return tiles + resampled
+        if tiles.shape[-1] * tiles.shape[-2] == 0:
+            return base
+        if footprints is not None and footprints[1] is not None:
+            oy = _footprint_overlap(footprints[1].y, footprints[0].y)
+            ox = _footprint_overlap(footprints[1].x, footprints[0].x)
+        else:
+            oy, ox = _overlap(tiles.shape[-2], base.shape[-2]), _overlap(tiles.shape[-1], base.shape[-1])
+        return tiles + np.einsum("ik,...kl,jl->...ij", oy, base, ox)
 
     # -- positions -----------------------------------------------------------------------------------------------
     def prompt_positions(self, model: Any, inputs: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
@@ -328,6 +372,21 @@ def _overlap(n_out: int, n_in: int) -> Any:
     lo_o, hi_o = np.arange(n_out)[:, None] / n_out, (np.arange(n_out)[:, None] + 1) / n_out
     lo_i, hi_i = np.arange(n_in)[None] / n_in, (np.arange(n_in)[None] + 1) / n_in
     return np.clip(np.minimum(hi_o, hi_i) - np.maximum(lo_o, lo_i), 0, None) * n_in
+
+
+def _footprint_overlap(tokens: Any, base: Any) -> Any:
+    """``(tokens, base cells)`` along one axis: how much of base cell ``k`` token ``i``'s footprint covers (through
+    its pooling weights), each column normalised to sum to 1 (a base cell no token saw is spread evenly)."""
+    import numpy as np
+
+    b_lo, b_hi = base.edges()
+    t_lo, t_hi = tokens.edges()
+    scale = base.scale / tokens.scale  # both in the base grid's token units
+    t_lo, t_hi = t_lo * scale, t_hi * scale
+    inter = np.clip(np.minimum(t_hi[:, None], b_hi[None]) - np.maximum(t_lo[:, None], b_lo[None]), 0, None)
+    o = tokens.pool(inter, 0)
+    total = o.sum(axis=0, keepdims=True)
+    return np.where(total > 0, o / np.where(total > 0, total, 1), 1.0 / o.shape[0])
 
 
 def tiny_tokenizer() -> Any:

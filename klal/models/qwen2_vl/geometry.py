@@ -5,7 +5,11 @@ merger joins ``merge`` x ``merge`` neighbouring patches into one LLM visual toke
 ``patch * merge`` px square of the resized image (28 px on Qwen2/2.5-VL, 32 px on Qwen3-VL and Qwen3.5); the tokens
 are row-major over that grid. The processor resizes every image with ``smart_resize``: both sides become multiples of
 ``patch * merge`` close to the original and the area is brought inside ``[min_pixels, max_pixels]``.
-:func:`smart_resize_hw` gives the same numbers (tested against transformers' own function).
+:func:`smart_resize_hw` gives the same numbers (tested against transformers' own function). Since the whole image
+is scaled by one factor per axis and the patches tile the resized image exactly, every token's footprint in the
+original image is an equal cell, ``W / cols`` by ``H / rows`` px: the family seam's default
+(:meth:`klal.models.family.VLMFamily.footprints`), checked against the processor's own patch order at the real
+checkpoints' geometry in ``tests/test_geometry_real.py``.
 """
 
 from __future__ import annotations
