@@ -120,12 +120,20 @@ def score_answer(
     raise ValueError(f"unknown benchmark {bench!r}")
 
 
-def _grounding(res: Any, row: Mapping[str, Any]) -> dict[str, float | None]:
-    """The sample's pointing score and evidence mass on map 0, or None where there is no map or no evidence."""
+def _grounding(res: Any, row: Mapping[str, Any], footprint_of: Any = None) -> dict[str, float | None]:
+    """The sample's pointing score and evidence mass on map 0, or None where there is no map or no evidence.
+
+    ``footprint_of(height, width)`` gives the map grid's token footprints (the family's exact geometry); a map on
+    another grid, or no ``footprint_of``, is scored on equal cells over the image."""
     if res is None or not getattr(res, "maps", None):
         return {"pointing": None, "mass": None}
-    grid = np.asarray(res.maps[0]).shape
-    cells = evidence_cells(row["evidence"], (int(row["height"]), int(row["width"])), grid)
+    hw = (int(row["height"]), int(row["width"]))
+    grid: Any = np.asarray(res.maps[0]).shape
+    if footprint_of is not None:
+        fp = footprint_of(*hw)
+        if (fp.rows, fp.cols) == tuple(grid):
+            grid = fp
+    cells = evidence_cells(row["evidence"], hw, grid)
     if cells is None:
         return {"pointing": None, "mass": None}
     return {"pointing": pointing_score(res.maps[0], cells), "mass": evidence_mass(res.maps[0], cells)}
@@ -168,6 +176,7 @@ def score_benchmarks(
     datasets: Mapping[str, Any],
     box_convention: str | None,
     resized_hw: Any = None,
+    footprint_of: Any = None,
 ) -> dict[str, Any]:
     """Score every method's answers by their benchmark and attach ``bench`` to each sample record.
 
@@ -177,6 +186,8 @@ def score_benchmarks(
         datasets: dataset name -> rows (the evaluated image rows).
         box_convention: the model family's box convention (RefCOCO).
         resized_hw: ``(height, width) -> (resized height, resized width)`` of the processor (``resized_pixels``).
+        footprint_of: ``(height, width) ->`` the footprint of an image's map grid
+            (:meth:`klal.models.family.VLMFamily.map_footprint`); None scores maps on equal cells.
 
     Returns:
         ``{"metrics": {row: {group: {metric: {"value", "count"}}}}, "benchmarks": {task: benchmark}}``; the rows
@@ -191,7 +202,7 @@ def score_benchmarks(
             row = rows[(rec["dataset"], str(rec["id"]))]
             bench = benchmark_of(row["task"], row["meta"])
             res = res_list[k] if k < len(res_list) else None
-            info: dict[str, Any] = {"benchmark": bench, **_grounding(res, row)}
+            info: dict[str, Any] = {"benchmark": bench, **_grounding(res, row, footprint_of)}
             answer = rec.get("answer")
             if bench is not None:
                 tasks[row["task"]] = bench
@@ -226,6 +237,7 @@ def score_evaluation(runs: Mapping[str, Any], datasets: Mapping[str, Any], gm: A
         datasets,
         family.box_convention,
         resize,
+        lambda h, w: family.map_footprint(gm.processor, h, w),
     )
 
 
