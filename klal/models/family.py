@@ -12,7 +12,10 @@ What a family tells (the rest of klal reads nothing else about the architecture)
   (:meth:`VLMFamily.image_grids`). Every grid covers the whole original image with equal cells, row-major, so
   evidence in original pixels maps onto any grid by a per-axis scale; several grids per image (LLaVA-OneVision's
   base view and anyres tiles) follow each other in the sequence;
-* the image token, the model-input keys, where the decoder layers are and which of them are full attention
+* the chat and processor facts: the end-of-turn token, which token is one grid cell
+  (:meth:`VLMFamily.grid_token_id`), the stop tokens of decoding, whether the processor takes images nested per
+  prompt, the per-token model inputs and how they pad (:attr:`VLMFamily.token_inputs`), the tiny tokenizer;
+* the model-input keys, where the decoder layers are and which of them are full attention
   (:meth:`VLMFamily.attention_layers`: KLAL and the attention methods act only on those), the eager attention function
   the capture replays, the LoRA layer prefix, the FSDP wrap classes, the positions of prompt and generated tokens for
   cached decoding, the stock processor names of an export, and whether the pixel-budget options apply;
@@ -162,6 +165,57 @@ class VLMFamily(abc.ABC):
         gen.bos_token_id = text_cfg.bos_token_id
         gen.do_sample = False
         return model.eval()
+
+    # -- chat and processor facts -----------------------------------------------------------------------------------
+    end_of_turn: ClassVar[str]
+    """The token that closes an assistant turn in the family's chat format (appended to every answer and supervised
+    by NTP; decoding stops there)."""
+
+    token_inputs: ClassVar[Mapping[str, int]] = {}
+    """Per-token model inputs the processor returns beside ``input_ids`` / ``attention_mask`` (Qwen's
+    ``mm_token_type_ids``, Gemma 3's ``token_type_ids``), each with the value that pads it and fills the tokens klal
+    appends (answer, generated tokens: text)."""
+
+    nested_images: ClassVar[bool] = False
+    """Whether the processor takes the images as one list per prompt (Gemma 3) instead of one flat list."""
+
+    def grid_token_id(self, processor: Any) -> int:
+        """The token id of one grid cell in the expanded prompt (the model scatters one visual feature into each).
+
+        The default is the processor's ``image_token_id`` (the Qwen and LLaVA families expand their placeholder into
+        copies of it); a family whose placeholder differs from the cell token overrides it."""
+        return int(processor.image_token_id)
+
+    def stop_token_ids(self, processor: Any) -> list[int]:
+        """Tokens that end a generated answer: the end-of-turn token, the tokenizer's eos, and the image tokens.
+
+        The image tokens are no text: fed back with the prompt's images (LASER's negative view, EGG's rounds) the
+        model would count one image token more than its images fill and refuse the input. Only an untrained model
+        emits them."""
+        tok = processor.tokenizer
+        ends = (
+            tok.convert_tokens_to_ids(self.end_of_turn),
+            tok.eos_token_id,
+            self.grid_token_id(processor),
+            getattr(processor, "image_token_id", None),
+        )
+        return sorted({int(i) for i in ends if isinstance(i, int) and i != tok.unk_token_id})
+
+    def processor_images(self, images_per_prompt: Sequence[Sequence[Any]]) -> list[Any] | None:
+        """The ``images`` argument of one processor call for these prompts' images (None when there is none): one
+        flat list in prompt order, or one list per prompt where :attr:`nested_images` says so."""
+        if not any(len(ims) for ims in images_per_prompt):
+            return None
+        if self.nested_images:
+            return [list(ims) for ims in images_per_prompt]
+        return [im for ims in images_per_prompt for im in ims]
+
+    def tiny_tokenizer(self) -> Any:
+        """The tiny model's tokenizer (built offline: no download), with the family's special tokens and chat
+        template."""
+        from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+        return self.make_tiny_processor(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS).tokenizer
 
     # -- geometry ------------------------------------------------------------------------------------------------
     def grids_for_size(self, height: int, width: int, min_pixels: int, max_pixels: int) -> list[Grid]:

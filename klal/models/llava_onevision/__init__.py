@@ -99,6 +99,7 @@ class LlavaOnevisionFamily(VLMFamily):
     tiny_alias = "tiny-llava-onevision"
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
     image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    end_of_turn = "<|im_end|>"
     pixel_bounds = False
     stock_processor = "LlavaOnevisionProcessor"
 
@@ -120,6 +121,9 @@ class LlavaOnevisionFamily(VLMFamily):
         return eager_attention_forward
 
     # -- processors ----------------------------------------------------------------------------------------------
+    def tiny_tokenizer(self) -> Any:
+        return tiny_tokenizer()
+
     def make_tiny_processor(self, min_pixels: int, max_pixels: int) -> Any:
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,

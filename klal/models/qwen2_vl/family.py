@@ -107,6 +107,9 @@ class QwenVLFamily(VLMFamily):
 
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     image_input_keys = ("pixel_values", "image_grid_thw")
+    end_of_turn = "<|im_end|>"
+    # 0 = text: the model numbers text tokens 1-D and image tokens 3-D from it (dropping it silently gives 1-D).
+    token_inputs = {"mm_token_type_ids": 0}
     modeling: ClassVar[str]
     model_class_name: ClassVar[str]
     config_class_name: ClassVar[str]
@@ -167,6 +170,11 @@ class QwenVLFamily(VLMFamily):
                 f"wanted ({min_pixels}, {max_pixels})"
             )
         return ip
+
+    def tiny_tokenizer(self) -> Any:
+        from klal.models.qwen2_5_vl.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
 
     def make_tiny_processor(self, min_pixels: int, max_pixels: int) -> Any:
         from klal.models.qwen2_5_vl.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
