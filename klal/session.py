@@ -214,9 +214,10 @@ class GroundingModel:
     def _model_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: inputs[k] for k in self.family.input_keys if k in inputs}
 
-    def layer_ids(self, layers: Iterable[int] | None) -> list[int] | None:
-        """Decoder-layer indices of the attention layers numbered ``layers`` (None: all of them)."""
-        return None if layers is None else [self.attention_layers[i] for i in layers]
+    def layer_ids(self, layers: Iterable[int] | None) -> list[int]:
+        """Decoder-layer indices of the attention layers numbered ``layers`` (None: all of them; never a layer the
+        family leaves out, such as Gemma 3's sliding-window ones)."""
+        return list(self.attention_layers) if layers is None else [self.attention_layers[i] for i in layers]
 
     def forward(self, inputs: dict[str, Any], request: CaptureRequest | None = None) -> torch.Tensor:
         """One forward pass; returns the logits ``(1, S, vocab)``."""

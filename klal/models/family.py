@@ -41,6 +41,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_vl": "klal.models.qwen3_vl",
     "qwen3_5": "klal.models.qwen3_5",
     "llava_onevision": "klal.models.llava_onevision",
+    "gemma3": "klal.models.gemma3",
 }
 """``config.model_type`` -> the module whose ``FAMILY`` describes it (imported on first use, so that looking up a
 family does not import every architecture)."""
@@ -51,6 +52,7 @@ TINY_ALIASES: dict[str, str] = {
     "tiny-qwen3-vl": "qwen3_vl",
     "tiny-qwen3.5": "qwen3_5",
     "tiny-llava-onevision": "llava_onevision",
+    "tiny-gemma3": "gemma3",
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
@@ -300,13 +302,15 @@ class VLMFamily(abc.ABC):
         """The family's eager attention function, which the capture replays for the ``eager`` kernel."""
 
     # -- positions for cached decoding ---------------------------------------------------------------------------
-    @abc.abstractmethod
     def prompt_positions(self, model: Any, inputs: Mapping[str, Any], mask: Any) -> Any:
-        """The position ids of left-padded prompts as the model computes them (padding excluded)."""
+        """The position ids of left-padded prompts as the model computes them (padding excluded); the default is
+        1-D: ``(B, S)``, the running count of real tokens (padding at 0)."""
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    @abc.abstractmethod
     def step_positions(self, next_pos: Any) -> Any:
-        """The position ids of one generated token per row, from ``next_pos`` ``(B,)``."""
+        """The position ids of one generated token per row, from ``next_pos`` ``(B,)``; the default is 1-D
+        ``(B, 1)``."""
+        return next_pos[:, None].clone()
 
     @staticmethod
     def next_positions(positions: Any) -> Any:
