@@ -231,7 +231,9 @@ def test_export_merge_reloads_with_the_stock_auto_classes(loaded, tmp_path):
         assert stock.image_token_id == processor.image_token_id
 
 
-FAMILY_NAME = re.compile(r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|qwen2_5_vl\.|TOKEN_PX|PATCH_PX|\bMERGE\b")
+FAMILY_NAME = re.compile(
+    r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|Gemma3|qwen2_5_vl\.|gemma3\.|TOKEN_PX|PATCH_PX|\bMERGE\b"
+)
 
 
 def test_no_family_class_or_constant_outside_klal_models():
@@ -274,3 +276,110 @@ def test_train_py_runs_the_demo_config_on_another_family(tmp_path):
     configs = list(tmp_path.rglob("config.yaml"))
     assert configs and "tiny-qwen3-vl" in configs[0].read_text()
     assert list(tmp_path.rglob("adapter_model.safetensors"))
+
+
+SEAM_SCOPE = ("klal", "train.py", "evaluate.py", "data_gen")
+"""Where no family's chat token, class or constant may be written: the library outside ``klal/models/`` and the
+scripts users run."""
+
+
+def _seam_files() -> list[tuple[str, Path]]:
+    files = []
+    for part in SEAM_SCOPE:
+        path = ROOT / part
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            rel = f.relative_to(ROOT).as_posix()
+            if not rel.startswith("klal/models/"):
+                files.append((rel, f))
+    return files
+
+
+def _family_facts() -> tuple[set[str], set[str]]:
+    """From the registry: every family's chat and special tokens (its tiny tokenizer's, its end-of-turn token) and the
+    names of its classes and module constants."""
+    import ast
+    import importlib
+
+    from klal.models.family import FAMILY_MODULES, family_for_type
+
+    tokens, names = set(), set()
+    for model_type, module_name in FAMILY_MODULES.items():
+        family = family_for_type(model_type)
+        tokens.add(family.end_of_turn)
+        tokens.update(family.tiny_tokenizer().all_special_tokens)
+        names.update({type(family).__name__, family.model_class().__name__})
+        # Every public module constant of the family's folder (FAMILY is the seam's own name for the record).
+        folder = Path(importlib.import_module(module_name).__file__).parent
+        for path in folder.glob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Assign):
+                    targets = node.targets
+                elif isinstance(node, ast.AnnAssign):
+                    targets = [node.target]
+                else:
+                    continue
+                names.update(
+                    t.id
+                    for t in targets
+                    if isinstance(t, ast.Name) and t.id.isupper() and t.id != "FAMILY" and not t.id.startswith("_")
+                )
+    return tokens, names
+
+
+def _code_strings(tree) -> list[tuple[int, str]]:
+    """Every string literal of a module that is not a docstring (docs may name a family's token as an example)."""
+    import ast
+
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
+
+
+def test_no_chat_token_or_family_name_in_code_outside_klal_models():
+    """The chat facts sit behind the seam: no code in klal/ (outside ``klal/models/``), train.py, evaluate.py or
+    data_gen/ writes a family's chat or special token (``<|im_end|>``, ``<end_of_turn>``, ``<image>`` ...), or names a
+    family's class or module constant. Tokens and names come from the registry, so a new family is covered as soon as
+    it is registered. Allowed: docstrings and comments (they may name a token as an example), and the generic
+    ``<unk>`` / ``<pad>`` ... tokens that are no chat fact (none of them occurs in code today either)."""
+    import ast
+
+    tokens, names = _family_facts()
+    assert "<|im_end|>" in tokens and "<end_of_turn>" in tokens and "<image>" in tokens  # the facts were read
+    assert {"Gemma3Family", "Gemma3ForConditionalGeneration", "QWEN2_SPECIAL_TOKENS"} <= names
+    name_re = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
+    offenders = []
+    for rel, path in _seam_files():
+        tree = ast.parse(path.read_text())
+        for line, value in _code_strings(tree):
+            offenders += [f"{rel}:{line}: string {value!r} holds {t!r}" for t in sorted(tokens) if t in value]
+        for node in ast.walk(tree):
+            ident = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    if name_re.search(alias.name):
+                        offenders.append(f"{rel}:{node.lineno}: imports {alias.name}")
+            elif ident is not None and name_re.fullmatch(ident):
+                offenders.append(f"{rel}:{node.lineno}: names {ident}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_seam_test_catches_what_it_forbids():
+    """The checker itself: code that writes ``<|im_end|>`` or names a family constant is reported, a docstring
+    that mentions the token is not."""
+    import ast
+
+    tokens, names = _family_facts()
+    src = '"""Ends at <|im_end|>."""\nEND = "<|im_end|>"\nfrom klal.models.gemma3 import CHAT_TOKENS\n'
+    strings = _code_strings(ast.parse(src))
+    assert [v for _, v in strings if any(t in v for t in tokens)] == ["<|im_end|>"]
+    assert "CHAT_TOKENS" in names
