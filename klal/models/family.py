@@ -405,6 +405,37 @@ def family_for_name(name_or_path: str) -> VLMFamily:
         raise UnsupportedModelError(f"checkpoint {name_or_path!r}: {e}") from None
 
 
+def read_chat_parts(processor_class: type, source: str) -> tuple[dict[str, Any], Any, str]:
+    """What every family's processor needs from a checkpoint folder or cached hub id: the ``processor_class``'s
+    processor dict (``processor_config.json`` ...), the tokenizer (``AutoTokenizer``) and the chat template (the
+    processor's, else the tokenizer's).
+
+    Raises:
+        ValueError: the checkpoint has no chat template.
+    """
+    from transformers import AutoTokenizer
+
+    processor_dict, _ = processor_class.get_processor_dict(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    if not chat_template:
+        raise ValueError(f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)")
+    return processor_dict, tokenizer, chat_template
+
+
+def update_processor_config(out: str, **entries: Any) -> None:
+    """Set ``entries`` in ``<out>/processor_config.json`` (created if missing), keeping its other keys."""
+    path = os.path.join(out, "processor_config.json")
+    config: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    config.update(entries)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
 def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[int]]) -> list[list[list[Grid]]]:
     """Per sample, per image, its grids: from a batch's flat per-sample ``grids`` and the image of each
     (``grid_image``)."""

@@ -29,16 +29,21 @@ tokens and chat format, built offline.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, register_family
+from klal.models.family import (
+    Grid,
+    VLMFamily,
+    apply_tiny_overrides,
+    read_chat_parts,
+    register_family,
+    update_processor_config,
+)
 
 _MODELING = "transformers.models.gemma3.modeling_gemma3"
 
@@ -142,16 +147,10 @@ class Gemma3Family(VLMFamily):
         )
 
     def read_processor(self, source: str, min_pixels: int, max_pixels: int) -> Any:
-        from transformers import AutoTokenizer, Gemma3Processor
+        from transformers import Gemma3Processor
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-        processor_dict, _ = Gemma3Processor.get_processor_dict(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not chat_template:
-            raise ValueError(
-                f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)"
-            )
+        processor_dict, tokenizer, chat_template = read_chat_parts(Gemma3Processor, source)
         return Gemma3Processor(
             Gemma3ImageProcessorPil.from_pretrained(source),
             tokenizer,
@@ -181,18 +180,10 @@ class Gemma3Family(VLMFamily):
     def save_stock_processor(self, processor: Any, out: str) -> None:
         """``processor.save_pretrained`` with the stock image-processor type in ``processor_config.json``."""
         processor.save_pretrained(out)
-        path = os.path.join(out, "processor_config.json")
-        config: dict[str, Any] = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                config = json.load(f)
         image = {k: v for k, v in processor.image_processor.to_dict().items() if not k.startswith("_")}
         image["image_processor_type"] = "Gemma3ImageProcessor"
         image.pop("processor_class", None)
-        config.update(image_processor=image, processor_class=self.stock_processor)
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
+        update_processor_config(out, image_processor=image, processor_class=self.stock_processor)
 
     # -- tiny model ----------------------------------------------------------------------------------------------
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, register_family
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts, register_family
 
 _MODELING = "transformers.models.llava_onevision.modeling_llava_onevision"
 
@@ -142,19 +142,12 @@ class LlavaOnevisionFamily(VLMFamily):
         )
 
     def read_processor(self, source: str, min_pixels: int, max_pixels: int) -> Any:
-        from transformers import AutoTokenizer
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
 
         cls = _processor_class()
-        processor_dict, _ = cls.get_processor_dict(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not chat_template:
-            raise ValueError(
-                f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)"
-            )
+        processor_dict, tokenizer, chat_template = read_chat_parts(cls, source)
         return cls(
             LlavaOnevisionImageProcessorPil.from_pretrained(source),
             tokenizer,

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from klal.models.family import Grid, VLMFamily, apply_tiny_overrides
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts
 from klal.models.qwen2_vl.geometry import smart_resize_hw
 
 # Image-processor fields the stock video processor shares (it reads frames with the same patch geometry).
@@ -184,18 +184,9 @@ class QwenVLFamily(VLMFamily):
         )
 
     def read_processor(self, source: str, min_pixels: int, max_pixels: int) -> Any:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = self.image_processor(min_pixels, max_pixels, source)
         cls = self.processor_class()
-        processor_dict, _ = cls.get_processor_dict(source)
-        chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not chat_template:
-            raise ValueError(
-                f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)"
-            )
-        return cls(image_processor, tokenizer, chat_template=chat_template)
+        _, tokenizer, chat_template = read_chat_parts(cls, source)
+        return cls(self.image_processor(min_pixels, max_pixels, source), tokenizer, chat_template=chat_template)
 
     def check_pair(self, model: Any, processor: Any, source: str) -> None:
         cfg, vis, ip = model.config, model.config.vision_config, processor.image_processor
