@@ -11,7 +11,8 @@ Facts read from the installed transformers classes (``Gemma3ForConditionalGenera
   processor's defaults; klal refuses a processor with it on;
 * the prompt's ``<start_of_image>`` placeholder is expanded by the processor into ``\\n\\n<start_of_image>``, 256
   ``<image_soft_token>`` and ``<end_of_image>\\n\\n``: the *soft* token is one grid cell
-  (:meth:`Gemma3Family.grid_token_id`), while ``processor.image_token_id`` is the ``<start_of_image>`` placeholder;
+  (:meth:`Gemma3Family.grid_token_id`), while ``processor.image_token_id`` is the ``<start_of_image>`` placeholder
+  (in transformers 5.25; older releases set it to the soft token, so klal reads the tokenizer's ``image_token``);
 * ``token_type_ids`` (1 on the soft tokens) make the model's mask bidirectional inside each image; the collator keeps
   and pads them (:attr:`Gemma3Family.token_inputs`). The processor takes the images nested per prompt;
 * the language model alternates **sliding-window** layers (a query sees the last ``sliding_window`` keys) with
@@ -159,10 +160,10 @@ class Gemma3Family(VLMFamily):
         )
 
     def check_pair(self, model: Any, processor: Any, source: str) -> None:
-        cfg, ip = model.config, processor.image_processor
+        cfg, ip, tok = model.config, processor.image_processor, processor.tokenizer
         pairs = {
             "image_token_id / grid token": (cfg.image_token_id, self.grid_token_id(processor)),
-            "boi_token_id / image placeholder": (cfg.boi_token_id, processor.image_token_id),
+            "boi_token_id / <start_of_image>": (cfg.boi_token_id, tok.convert_tokens_to_ids(tok.boi_token)),
             "mm_tokens_per_image / image_seq_length": (cfg.mm_tokens_per_image, processor.image_seq_length),
             "image_size": (cfg.vision_config.image_size, ip.size["height"]),
             "image_size (width)": (cfg.vision_config.image_size, ip.size["width"]),
