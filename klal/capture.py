@@ -8,10 +8,14 @@ registers an attention function with transformers' ``AttentionInterface`` that
 2. for the selected query positions of each sample, recomputes ``softmax(q_sel k_vis^T * scale)`` over that sample's
    visual-token keys only (post-rotary q and k, GQA heads repeated), then averages over heads.
 
-Memory therefore grows with ``layers x heads x selected queries x visual tokens``, never with ``S^2``. Because the
-softmax runs over visual keys only, the result equals the eager attention row renormalised over visual tokens per head
-(the causal mask never hides a visual key from a query that comes after the image, and padding is never a visual
-token).
+Memory therefore grows with ``layers x heads x selected queries x visual tokens``, never with ``S^2``. The scores
+are those of the model's own attention: the same scale, the logit soft-capping the layer passes (``softcap``: Gemma 2)
+and the mask the model built for that layer, read at the selected rows and visual keys (sliding windows that hide
+visual keys from far queries, Gemma 3's bidirectional image blocks, padding; without a 4-D mask, the kernel's
+causality and the ``sliding_window`` it is given). So the result equals the eager attention row renormalised over
+visual tokens per head. Attention sinks (``s_aux``) add one logit to every row's denominator and cancel in that
+renormalisation. A query that sees no visual key at a layer gets a uniform row (its attention over visual keys is
+undefined; the loss's gradient through it is zero).
 
 The request travels as a forward keyword (``klal_capture=request``) so it reaches every decoder layer through
 transformers' ``**kwargs`` plumbing, and is replayed by non-reentrant gradient checkpointing during backward. The
@@ -130,6 +134,8 @@ def visual_attention_log_probs(
     key_index: torch.Tensor,
     key_valid: torch.Tensor,
     per_head: bool = False,
+    softcap: float | None = None,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log head-mean (or per-head) attention of selected queries over visual keys.
 
@@ -142,6 +148,8 @@ def visual_attention_log_probs(
         key_index: ``(B, V)`` visual key positions.
         key_valid: ``(B, V)`` validity of ``key_index``.
         per_head: return every head's map instead of the head mean.
+        softcap: logit soft-capping ``softcap * tanh(score / softcap)`` after scaling, as the layer's kernel does.
+        visible: ``(B, A, V)`` bool, False where the layer's mask hides the key from the query (:func:`visible_keys`).
 
     Returns:
         ``(B, A, V)`` float32 ``log(mean_h softmax_v(q_h k_v * scaling))``, or ``(B, H, A, V)`` per head.
@@ -157,7 +165,12 @@ def visual_attention_log_probs(
     # Query head h uses KV head h // g (transformers' repeat_kv layout), so group queries instead of repeating keys.
     scores = torch.matmul(q_sel.view(b, hkv, g * a, d), k_vis.transpose(-1, -2)).view(b, hkv, g, a, v)
     scores = scores.float() * scaling  # (B, Hkv, G, A, V)
-    keep = (key_valid[:, None, None, None, :] & query_valid[:, None, None, :, None]).expand_as(scores)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    keep = key_valid[:, None, :] & query_valid[:, :, None]  # (B, A, V)
+    if visible is not None:
+        keep = keep & visible
+    keep = keep[:, None, None].expand_as(scores)
     # Finite fill keeps fully masked rows uniform instead of NaN; those rows are ignored by the loss.
     scores = scores.masked_fill(~keep, -1e9)
     log_p = torch.log_softmax(scores, dim=-1)  # (B, Hkv, G, A, V)
@@ -175,6 +188,10 @@ def _make_capture_fn(base: str):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
+            softcap = kwargs.get("softcap")
+            visible = visible_keys(
+                attention_mask, module, kwargs, request.query_index, request.key_index, query.shape[2], key.shape[2]
+            )
             log_q = visual_attention_log_probs(
                 query,
                 key,
@@ -184,11 +201,14 @@ def _make_capture_fn(base: str):
                 request.key_index,
                 request.key_valid,
                 per_head=request.per_head,
+                softcap=softcap,
+                visible=visible,
             )
             # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
             request.log_maps.setdefault(layer_idx, log_q)
             if request.differentiable_rows or request.key_bias is not None:
-                out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx), *out[1:])
+                mask = (attention_mask, module, kwargs, softcap)
+                out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx, mask), *out[1:])
         return out
 
     capture_attention.__name__ = f"klal_capture_{base}"
@@ -203,8 +223,11 @@ def _route_rows(
     scaling: float,
     request: CaptureRequest,
     layer_idx: int,
+    mask: tuple[Any, torch.nn.Module | None, dict[str, Any], float | None] = (None, None, {}, None),
 ) -> torch.Tensor:
-    """Recompute the selected rows' output as ``softmax(q k^T + bias) v`` over all earlier keys and splice it in.
+    """Recompute the selected rows' output as ``softmax(q k^T + bias) v`` over the keys the layer's mask shows them,
+    and splice it in (``mask``: the attention function's mask, module, keyword arguments and soft-capping; the
+    default is plain causal attention).
 
     The kernel's output carries no handle on its attention weights; this explicit path keeps one (``full_probs``)
     so that a gradient of the model output reaches them. Without ``key_bias`` values agree with the kernel to float
@@ -213,6 +236,9 @@ def _route_rows(
     b, h, s, d = query.shape
     if b != 1:
         raise ValueError("differentiable_rows and key_bias captures need batch size 1")
+    attention_mask, module, kwargs, softcap = mask
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("differentiable_rows and key_bias captures do not support attention sinks (s_aux)")
     hkv = key.shape[1]
     g = h // hkv
     pos = request.query_index[0][request.query_valid[0]]  # (A,)
@@ -220,12 +246,15 @@ def _route_rows(
     k = key[0].repeat_interleave(g, dim=0)  # (H, S, D)
     v = value[0].repeat_interleave(g, dim=0)  # (H, S, D)
     scores = torch.matmul(q_sel, k.transpose(-1, -2)).float() * scaling  # (H, A, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if request.key_bias is not None:
         keys = request.key_index[0][request.key_valid[0]]  # (V,)
         bias = request.key_bias[0][request.query_valid[0]][:, : len(keys)].float()  # (A, V)
         scores = scores.index_add(-1, keys, bias[None].expand(scores.shape[0], -1, -1))
-    causal = torch.arange(s, device=query.device)[None, :] > pos[:, None]  # (A, S)
-    probs = torch.softmax(scores.masked_fill(causal[None], float("-inf")), dim=-1)[None]  # (1, H, A, S)
+    all_keys = torch.arange(key.shape[2], device=query.device)[None]  # (1, S_k)
+    hidden = ~visible_keys(attention_mask, module, kwargs, pos[None], all_keys, s, key.shape[2])[0]  # (A, S_k)
+    probs = torch.softmax(scores.masked_fill(hidden[None], float("-inf")), dim=-1)[None]  # (1, H, A, S_k)
     if torch.is_grad_enabled():
         # With frozen weights nothing upstream needs grad; a leaf keeps d(output)/d(probs) available all the same.
         if not probs.requires_grad:
@@ -237,6 +266,49 @@ def _route_rows(
     attn_out = attn_out.clone()
     attn_out[0, pos] = rows.transpose(0, 1).to(attn_out.dtype)  # kernel output is (B, S, H, D)
     return attn_out
+
+
+def visible_keys(
+    attention_mask: torch.Tensor | None,
+    module: torch.nn.Module | None,
+    kwargs: dict[str, Any],
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    q_len: int,
+    k_len: int,
+) -> torch.Tensor:
+    """``(B, A, V)`` bool: which of the keys ``key_index`` the layer lets each query ``query_index`` see.
+
+    With a 4-D mask (what sdpa and eager receive: bool, True = attend, or additive float, 0 = attend) it is that
+    mask read at those rows and keys, so whatever the model built for the layer (causal, sliding window, bidirectional
+    image blocks, padding) applies. Without one (sdpa's causal fast path, flash attention's 2-D padding mask) the
+    kernel applies causality when ``module.is_causal`` and the ``sliding_window`` it is given
+    (``key > query - window``, transformers' window), so those are applied here.
+
+    Args:
+        attention_mask: the mask the attention function received.
+        module: the attention module (``is_causal``).
+        kwargs: the attention function's keyword arguments (``sliding_window``).
+        query_index: ``(B, A)`` query positions among the ``q_len`` queries.
+        key_index: ``(B, V)`` key positions among the ``k_len`` keys.
+        q_len: number of queries (the last ``q_len`` positions of the ``k_len`` keys).
+        k_len: number of keys.
+    """
+    b = query_index.shape[0]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask[:, 0].expand(b, -1, -1)  # (B, q_len, k_len); the head axis is broadcast
+        rows = torch.arange(b, device=m.device)[:, None, None]
+        got = m[rows, query_index[:, :, None].to(m.device), key_index[:, None, :].to(m.device)]  # (B, A, V)
+        return (got if got.dtype == torch.bool else got > torch.finfo(got.dtype).min / 2).to(query_index.device)
+    q_pos = query_index[:, :, None] + (k_len - q_len)  # (B, A, 1) positions among the keys
+    k_pos = key_index[:, None, :]  # (B, 1, V)
+    visible = torch.ones(b, query_index.shape[1], key_index.shape[1], dtype=torch.bool, device=query_index.device)
+    if getattr(module, "is_causal", True):
+        visible = visible & (k_pos <= q_pos)
+    window = kwargs.get("sliding_window")
+    if window:
+        visible = visible & (k_pos > q_pos - int(window))
+    return visible
 
 
 def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] | None = None) -> str:

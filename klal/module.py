@@ -151,8 +151,8 @@ class KLALModule(L.LightningModule):
 
     @property
     def image_token_id(self) -> int:
-        """Id of the image token (``<|image_pad|>`` on the Qwen families)."""
-        return int(self.processor.image_token_id)
+        """Id of the token of one grid cell (:meth:`klal.models.family.VLMFamily.grid_token_id`)."""
+        return self.family.grid_token_id(self.processor)
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, batch: KLALBatch, capture: bool = True, query_mode: QueryMode | None = None):

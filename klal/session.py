@@ -130,7 +130,7 @@ class GroundingModel:
         self.processor = processor
         self.family = family_of(model)
         self.collator = KLALCollator(processor, prompt=prompt, family=self.family)
-        self.image_token_id = int(processor.image_token_id)
+        self.image_token_id = self.family.grid_token_id(processor)
         self.text_config = text_config(model)
         self.attention_layers = self.family.attention_layers(self.text_config)
         self.num_layers = len(self.attention_layers)
@@ -195,7 +195,12 @@ class GroundingModel:
             ``visual_mask`` ``(1, S)`` (the grid cells' positions).
         """
         text = self.collator.prompt_text(question, len(images))
-        enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+        enc = self.processor(
+            text=[text],
+            images=self.family.processor_images([list(images)]),
+            return_tensors="pt",
+            add_special_tokens=False,  # the chat template wrote them, as in training
+        )
         out: dict[str, Any] = {k: v.to(self.device) for k, v in enc.items() if torch.is_tensor(v)}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
@@ -209,9 +214,10 @@ class GroundingModel:
     def _model_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: inputs[k] for k in self.family.input_keys if k in inputs}
 
-    def layer_ids(self, layers: Iterable[int] | None) -> list[int] | None:
-        """Decoder-layer indices of the attention layers numbered ``layers`` (None: all of them)."""
-        return None if layers is None else [self.attention_layers[i] for i in layers]
+    def layer_ids(self, layers: Iterable[int] | None) -> list[int]:
+        """Decoder-layer indices of the attention layers numbered ``layers`` (None: all of them; never a layer the
+        family leaves out, such as Gemma 3's sliding-window ones)."""
+        return list(self.attention_layers) if layers is None else [self.attention_layers[i] for i in layers]
 
     def forward(self, inputs: dict[str, Any], request: CaptureRequest | None = None) -> torch.Tensor:
         """One forward pass; returns the logits ``(1, S, vocab)``."""
@@ -372,9 +378,10 @@ class GroundingModel:
     def append_tokens(self, inputs: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
         """``inputs`` (one prompt, from :meth:`inputs`) with the token ``ids`` appended, as the model reads them.
 
-        The attention mask grows with ones and ``mm_token_type_ids`` (Qwen) with zeros (the new tokens are text), so
-        the model gives the appended tokens the positions they get when they are part of the encoded text; the other
-        keys (images, grids, sizes) are kept and ``visual_mask`` is recomputed.
+        The attention mask grows with ones and the family's per-token inputs
+        (:attr:`klal.models.family.VLMFamily.token_inputs`) with their text value, so the model reads the appended
+        tokens as it reads them when they are part of the encoded text; the other keys (images, grids, sizes) are
+        kept and ``visual_mask`` is recomputed.
         """
         ids_t = inputs["input_ids"]
         extra = torch.tensor([list(ids)], dtype=ids_t.dtype, device=ids_t.device)  # (1, n)
@@ -382,21 +389,17 @@ class GroundingModel:
         out["input_ids"] = torch.cat([ids_t, extra], dim=1)
         mask = inputs.get("attention_mask", torch.ones_like(ids_t))
         out["attention_mask"] = torch.cat([mask, torch.ones_like(extra, dtype=mask.dtype)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra.shape[1]))
+        for key, fill in self.family.token_inputs.items():
+            if key in inputs:
+                out[key] = torch.nn.functional.pad(inputs[key], (0, extra.shape[1]), value=fill)
         out["visual_mask"] = self.family.visual_token_mask(out["input_ids"], self.image_token_id, [inputs["layout"]])
         return out
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an answer: ``<|im_end|>``, the tokenizer's eos, and the image placeholder token.
-
-        The placeholder is no text: fed back with the prompt's images (LASER's negative view, EGG's rounds) the model
-        would count one image token more than its images fill and refuse the input. Only an untrained model emits it.
-        """
-        tok = self.processor.tokenizer
-        ends = (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, self.image_token_id)
-        return sorted({i for i in ends if isinstance(i, int)})
+        """Tokens that end an answer: the family's end-of-turn token, the tokenizer's eos and the image tokens
+        (:meth:`klal.models.family.VLMFamily.stop_token_ids`)."""
+        return self.family.stop_token_ids(self.processor)
 
     def generate(
         self,
@@ -406,7 +409,7 @@ class GroundingModel:
         decoding: Decoding = "greedy",
     ) -> str:
         """Decoding of the answer, by default greedy (:func:`klal.decode.greedy_generate`: truly greedy, whatever the
-        checkpoint's generation config says); stops at ``<|im_end|>`` or the tokenizer's eos.
+        checkpoint's generation config says); stops at the end-of-turn token or the tokenizer's eos.
 
         Args:
             inputs: from :meth:`inputs`.

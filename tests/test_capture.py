@@ -338,3 +338,75 @@ def test_key_bias_on_the_model(models, tiny_processor, mixed_rows):
         moved = cap(**inputs, klal_capture=req).logits
     pos = int(query[0].nonzero())
     assert not torch.allclose(moved[0, pos], plain[0, pos], atol=1e-3)
+
+
+@pytest.mark.parametrize(("base", "softcap"), [("eager", 2.0), ("sdpa", None)])
+def test_capture_applies_the_layers_softcap_and_sliding_window(base, softcap):
+    """A Gemma 2 language model (the transformers class that passes ``softcap`` to its attention function), with a
+    window smaller than the sequence and logit soft-capping on (eager; transformers' sdpa refuses ``softcap``): the
+    capture over a block of "visual" keys equals the eager rows renormalised over that block, on its sliding and full
+    layers; the window hides part of the block from the later queries, and the soft-capping matters (the capture
+    without it is far off)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=6,
+        attn_logit_softcapping=softcap,
+        final_logit_softcapping=None,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # large scores, so that tanh capping bends them
+            layer.self_attn.q_proj.weight.mul_(30)
+    ids = torch.randint(5, 64, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    visual = torch.zeros_like(ids, dtype=torch.bool)
+    visual[:, 4:12] = True
+    queries = torch.zeros_like(visual)
+    queries[:, [12, 14, 16, 19]] = True
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    model.config._attn_implementation = register_capture_attention(base, model_eager_fn(model))
+    req = CaptureRequest.from_masks(queries, visual)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, klal_capture=req)
+    got = req.stacked().exp()  # (L, B, A, V)
+    q_idx, k_idx = torch.tensor([12, 14, 16, 19]), torch.arange(4, 12)
+    hidden = 0
+    for layer, att in enumerate(eager):
+        for b in range(2):
+            want = _eager_reference(att[b], q_idx, k_idx)
+            # Query 19 at the sliding layer sees no visual key (undefined for eager): the capture's row is uniform.
+            unseen = want.isnan().any(-1)
+            assert unseen.tolist() == [False, False, False, layer == 0], (layer, b)
+            want[unseen] = 1 / len(k_idx)
+            assert torch.allclose(got[layer, b].double(), want.double(), atol=1e-6), (layer, b)
+            hidden += int((att[b][:, q_idx][:, :, k_idx] == 0).all(0).sum())
+    assert hidden > 8, "the window must hide some visual keys from some queries"
+    if softcap is None:
+        return
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    req = CaptureRequest.from_masks(queries, visual)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, klal_capture=req)
+    assert (req.stacked().exp() - got).abs().max() > 1e-2
+
+
+def model_eager_fn(model):
+    """The model's own eager attention function (for the ``eager`` base)."""
+    import sys
+
+    return sys.modules[type(model.model.layers[0].self_attn).__module__].eager_attention_forward

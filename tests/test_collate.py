@@ -174,10 +174,12 @@ def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mix
     from klal.data.collate import KLALBatch
 
     required, optional = KLALBatch.__required_keys__, KLALBatch.__optional_keys__
-    assert optional == {"pixel_values", "image_grid_thw", "image_sizes", "word_mask"} and len(required | optional) == 16
+    per_token = {"mm_token_type_ids", "token_type_ids"}  # the families' token_inputs: Qwen's, Gemma 3's
+    assert optional == {"pixel_values", "image_grid_thw", "image_sizes", "word_mask"} | per_token
+    assert len(required | optional) == 17
     batch = KLALCollator(tiny_processor)(mixed_rows)
-    # The Qwen families' image inputs; image_sizes is LLaVA-OneVision's.
-    assert set(batch) == required | {"pixel_values", "image_grid_thw"}
+    # The Qwen families' image inputs and per-token input; image_sizes is LLaVA-OneVision's.
+    assert set(batch) == required | {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
     assert batch["grid_image"] == [list(range(len(g))) for g in batch["grids"]]  # one grid per image
     b, s = batch["input_ids"].shape
     for key in ("attention_mask", "labels", "answer_mask", "mm_token_type_ids"):
@@ -190,4 +192,4 @@ def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mix
     assert thw.shape == (len(mixed_rows), 3) and batch["pixel_values"].shape == (int(thw.prod(1).sum()), 1176)
     assert int(thw.prod(1).sum()) == 4 * sum(n_tokens)
     text_only = KLALCollator(tiny_processor)([make_text_row(0)])
-    assert set(text_only) == required
+    assert set(text_only) == required | {"mm_token_type_ids"}

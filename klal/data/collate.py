@@ -1,11 +1,13 @@
 """Collator: schema rows -> VLM model inputs, answer-only labels, and target maps on each image's token grids.
 
 Each row is rendered with the processor's chat template as ``user: <image> question`` followed by the
-assistant answer. The prompt goes through the processor (which expands the image token to the image's token count;
-on the Qwen families it also returns ``mm_token_type_ids``, without which the model silently falls back to 1-D
-positions, so the collator keeps it); the answer is
-tokenised separately and appended, so the answer-token positions are exact. Labels are ``-100`` everywhere except the
-answer and its end-of-turn token.
+assistant answer. The prompt goes through the processor (which expands the image placeholder to the image's tokens;
+the chat template writes any special tokens, so the tokenizer adds none). The family's per-token inputs
+(:attr:`klal.models.family.VLMFamily.token_inputs`: on the Qwen families ``mm_token_type_ids``, without which the model
+silently falls back to 1-D positions; on Gemma 3 ``token_type_ids``, which open the bidirectional attention inside an
+image) are kept and padded with the family's value. The answer is tokenised separately and appended with the family's
+end-of-turn token (:attr:`~klal.models.family.VLMFamily.end_of_turn`), so the answer-token positions are exact. Labels
+are ``-100`` everywhere except the answer and its end-of-turn token.
 
 Target maps are built on every grid the processor actually produced (the model family's
 :meth:`~klal.models.family.VLMFamily.image_grids`: ``image_grid_thw`` h/2 x w/2 on the Qwen families, a base view and
@@ -18,7 +20,7 @@ one per image (an empty dict for an image without evidence). With ``joint`` supe
 an equal share of the target mass.
 
 Text-only samples: a row whose ``image`` is None or an empty list renders without an image placeholder, so it has no
-``<|image_pad|>`` tokens and its ``mm_token_type_ids`` are all 0 (text). It gets no target map, counted in
+image tokens and its per-token inputs hold the text value. It gets no target map, counted in
 :class:`NoMapCounter` with the reason ``no image``, and trains with next-token loss only. Its evidence must be empty.
 Text-only and image rows can share a batch (the model's 3-D positions give text rows plain 1-D ones). A batch without
 any image has no ``pixel_values`` / ``image_grid_thw``: the model then skips the vision tower and numbers the positions
@@ -49,7 +51,7 @@ NO_IMAGE_REASON = "no image"
 
 class _BatchTensors(TypedDict):
     input_ids: torch.Tensor
-    """(B, S) long: chat-formatted prompt (with ``<|image_pad|>`` expanded to the image's tokens), answer and
+    """(B, S) long: chat-formatted prompt (with the image placeholder expanded to the image's tokens), answer and
     end-of-turn token ids; padded with the pad id on the right (training) or left (generation)."""
     attention_mask: torch.Tensor
     """(B, S) long: 1 for real tokens, 0 for padding."""
@@ -58,8 +60,6 @@ class _BatchTensors(TypedDict):
     the model shifts them)."""
     answer_mask: torch.Tensor
     """(B, S) bool: the answer's content tokens (not the end-of-turn token): where the KLAL queries are chosen."""
-    mm_token_type_ids: torch.Tensor
-    """(B, S) long: 0 text, 1 image token; the model derives its 3-D mrope positions from it."""
     target: torch.Tensor
     """(B, V) float32: each sample's target distribution over its visual tokens in sequence order (images in order,
     row-major per image), summing to 1 where ``has_target``; V is the batch's largest visual-token count (at least 1),
@@ -92,6 +92,10 @@ class KLALBatch(_BatchTensors, total=False):
     """(N, 3) long, Qwen families: per image, its patch grid (t, h, w); visual tokens = t*h*w / 4."""
     image_sizes: torch.Tensor
     """(N, 2) long, LLaVA-OneVision: per image, its original (height, width)."""
+    mm_token_type_ids: torch.Tensor
+    """(B, S) long, Qwen families: 0 text, 1 image token; the model derives its 3-D mrope positions from it."""
+    token_type_ids: torch.Tensor
+    """(B, S) long, Gemma 3: 0 text, 1 image token; the model lets the tokens of one image attend to each other."""
     word_mask: torch.Tensor
     """(B, S) bool, only when some row's meta names a ``query_word``: True on that word's tokens in the question
     (its last occurrence; the ``word`` KLAL query supervises the last of them)."""
@@ -105,8 +109,9 @@ class PromptSettings:
     """System message; None keeps the chat template's default."""
     question_suffix: str = ""
     """Text appended to every question (e.g. an answer-format instruction)."""
-    end_of_turn: str = "<|im_end|>"
-    """Token that ends the assistant turn; it is appended to the answer and supervised by NTP."""
+    end_of_turn: str | None = None
+    """Token that ends the assistant turn; it is appended to the answer and supervised by NTP. None: the model
+    family's (:attr:`klal.models.family.VLMFamily.end_of_turn`)."""
 
 
 @dataclass
@@ -154,8 +159,9 @@ class KLALCollator:
         self.prompt = prompt or PromptSettings()
         self.padding_side = padding_side
         self.max_length = max_length
-        self.image_token_id = int(processor.image_token_id)
         self.family = family or processor_family(processor)
+        self.image_token_id = self.family.grid_token_id(processor)
+        self.end_of_turn = self.prompt.end_of_turn or self.family.end_of_turn
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.no_map = NoMapCounter()
@@ -174,7 +180,7 @@ class KLALCollator:
     def answer_ids(self, answer: str) -> tuple[list[int], int]:
         """Token ids of ``answer + end_of_turn`` and the count of answer content tokens among them."""
         content = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        end = self.tokenizer(self.prompt.end_of_turn, add_special_tokens=False)["input_ids"]
+        end = self.tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
         return list(content) + list(end), len(content)
 
     def word_span(self, prompt_ids: list[int], row: dict[str, Any], index: int) -> tuple[int, int] | None:
@@ -210,14 +216,20 @@ class KLALCollator:
         ]
         images = [im for ims in images_per_row for im in ims]
         prompts = [self.prompt_text(r["question"], len(ims)) for r, ims in zip(rows, images_per_row)]
-        enc = self.processor(text=prompts, images=images or None, padding=False, return_tensors=None)
+        enc = self.processor(
+            text=prompts,
+            images=self.family.processor_images(images_per_row),
+            padding=False,
+            return_tensors=None,
+            add_special_tokens=False,  # the chat template wrote them (a bos the tokenizer added would be a second)
+        )
         image_grids = self.family.image_grids(self.processor, enc, len(images))
 
-        seqs, labels, answer_masks, mm_types, word_masks = [], [], [], [], []
+        seqs, labels, answer_masks, word_masks = [], [], [], []
+        token_inputs: dict[str, list[list[int]]] = {k: [] for k in self.family.token_inputs}
         for i, row in enumerate(rows):
             p_ids = list(enc["input_ids"][i])
             word = self.word_span(p_ids, row, i)
-            mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(p_ids)
             a_ids, n_content = self.answer_ids(str(row["answer"]))
             if n_content == 0 or not str(row["answer"]).strip():
                 raise ValueError(f"sample {row.get('id', i)!r}: empty answer {row['answer']!r} (nothing to supervise)")
@@ -230,10 +242,12 @@ class KLALCollator:
             seqs.append(ids)
             labels.append([IGNORE_INDEX] * len(p_ids) + a_ids)
             answer_masks.append([0] * len(p_ids) + [1] * n_content + [0] * (len(a_ids) - n_content))
-            mm_types.append(mm + [0] * len(a_ids))
+            for key, fill in self.family.token_inputs.items():
+                values = list(enc[key][i]) if key in enc else [fill] * len(p_ids)
+                token_inputs[key].append(values + [fill] * len(a_ids))
             word_masks.append(None if word is None else [word[0] <= k < word[1] for k in range(len(ids))])
 
-        batch = self._pad(seqs, labels, answer_masks, mm_types, word_masks)
+        batch = self._pad(seqs, labels, answer_masks, token_inputs, word_masks)
         if images:
             # Without any image the keys stay out: the model runs its vision tower only when pixel_values is given,
             # and an empty pixel tensor would still enter it.
@@ -244,7 +258,7 @@ class KLALCollator:
         batch["ids"] = [str(r.get("id", i)) for i, r in enumerate(rows)]
         return batch
 
-    def _pad(self, seqs, labels, answer_masks, mm_types, word_masks) -> dict[str, torch.Tensor]:
+    def _pad(self, seqs, labels, answer_masks, token_inputs, word_masks) -> dict[str, torch.Tensor]:
         n = max(len(s) for s in seqs)
         b = len(seqs)
         out = {
@@ -252,18 +266,20 @@ class KLALCollator:
             "attention_mask": torch.zeros((b, n), dtype=torch.long),
             "labels": torch.full((b, n), IGNORE_INDEX, dtype=torch.long),
             "answer_mask": torch.zeros((b, n), dtype=torch.bool),
-            "mm_token_type_ids": torch.zeros((b, n), dtype=torch.long),
         }
+        for key, fill in self.family.token_inputs.items():
+            out[key] = torch.full((b, n), fill, dtype=torch.long)
         # Only when some row names a question word: the key's absence tells the ``word`` query there is none.
         if any(w is not None for w in word_masks):
             out["word_mask"] = torch.zeros((b, n), dtype=torch.bool)
-        for i, (s, lab, am, mm, wm) in enumerate(zip(seqs, labels, answer_masks, mm_types, word_masks)):
+        for i, (s, lab, am, wm) in enumerate(zip(seqs, labels, answer_masks, word_masks)):
             sl = slice(n - len(s), n) if self.padding_side == "left" else slice(0, len(s))
             out["input_ids"][i, sl] = torch.tensor(s)
             out["attention_mask"][i, sl] = 1
             out["labels"][i, sl] = torch.tensor(lab)
             out["answer_mask"][i, sl] = torch.tensor(am, dtype=torch.bool)
-            out["mm_token_type_ids"][i, sl] = torch.tensor(mm)
+            for key, values in token_inputs.items():
+                out[key][i, sl] = torch.tensor(values[i])
             if wm is not None:
                 out["word_mask"][i, sl] = torch.tensor(wm, dtype=torch.bool)
         return out

@@ -77,7 +77,7 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
     collator = KLALCollator(processor, prompt=prompt)
     family = collator.family
     tok = processor.tokenizer
-    n_end = len(tok(prompt.end_of_turn, add_special_tokens=False)["input_ids"])
+    n_end = len(tok(collator.end_of_turn, add_special_tokens=False)["input_ids"])
     overhead = len(tok(collator.prompt_text("", 1), add_special_tokens=False)["input_ids"]) - 1 + n_end
     overhead_text = len(tok(collator.prompt_text("", 0), add_special_tokens=False)["input_ids"]) + n_end
     questions = [str(q) for q in cols["question"]]

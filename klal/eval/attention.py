@@ -6,15 +6,15 @@ answer rendered as in training (:class:`klal.data.collate.KLALCollator`). This m
 * :func:`query_grids`: per-sample ``(gh, gw)`` grids of a capture's maps, averaged over the valid query tokens and the
   captured layers (the capture renormalises over visual tokens per head, then averages the heads);
 * :func:`teacher_forced_exact`, :func:`token_accuracy`, :func:`answer_nll`: per-sample scores of the same pass's
-  logits against the gold answer (token accuracy is dominated by format tokens such as ``(``, ``,`` and
-  ``<|im_end|>``; exact match needs every answer token right, see :func:`teacher_forced_exact`);
+  logits against the gold answer (token accuracy is dominated by format tokens such as ``(``, ``,`` and the
+  end-of-turn token; exact match needs every answer token right, see :func:`teacher_forced_exact`);
 * :class:`TeacherForcedAttention`: both as a grounding method, so the engine (:mod:`klal.eval.engine`) runs it like any
   other: the study's evaluation and learning curves and the demo use it, with greedy answers (:mod:`klal.eval.generate`)
   when asked.
 
-Exact match in one teacher-forced pass: greedy decoding produces the gold answer token sequence followed by
-``<|im_end|>`` exactly when, with the gold prefix fed in, every gold answer token and the closing ``<|im_end|>`` is
-the argmax at its position (each greedy step then reproduces the next gold token, and the first wrong argmax is where
+Exact match in one teacher-forced pass: greedy decoding produces the gold answer token sequence followed by the
+end-of-turn token exactly when, with the gold prefix fed in, every gold answer token and the closing end-of-turn token
+is the argmax at its position (each greedy step then reproduces the next gold token, and the first wrong argmax is where
 greedy decoding would leave the gold sequence). It is token-exact (another tokenisation of the same string counts as
 wrong), which is why real greedy generation scored by the normalised match is reported beside it.
 """
@@ -67,7 +67,7 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: every supervised label (answer tokens and ``<|im_end|>``) is the argmax at its position.
+    """``(B,)`` bool: every supervised label (answer tokens and the end-of-turn token) is the argmax at its position.
 
     Equals greedy-decoding exact match on the token sequence (module docstring). A sample without a supervised label
     is never right.

@@ -1,5 +1,5 @@
 """Models: the model-family seam (:mod:`klal.models.family`), one folder per family (``qwen2_5_vl/``, ``qwen2_vl/``,
-``qwen3_vl/``, ``qwen3_5/``, ``llava_onevision/``), the loader for tiny models and real checkpoints, and
+``qwen3_vl/``, ``qwen3_5/``, ``llava_onevision/``, ``gemma3/``), the loader for tiny models and real checkpoints, and
 language-model-only LoRA.
 
 Also here: :mod:`klal.models.identity` (which base model is this, by content); the Qwen2.5-VL folder holds the

@@ -24,7 +24,10 @@ What a family tells (the rest of klal reads nothing else about the architecture)
   :meth:`VLMFamily.map_footprint` name the stitched grid. Separators between tiles or rows that are image tokens
   but not cells are left out by :meth:`VLMFamily.visual_token_mask`. A grid may be empty (0 rows or columns: a
   LLaVA-OneVision tile map that unpads to nothing); it holds no cells and has no footprint;
-* the image token, the model-input keys, where the decoder layers are and which of them are full attention
+* the chat and processor facts: the end-of-turn token, which token is one grid cell
+  (:meth:`VLMFamily.grid_token_id`), the stop tokens of decoding, whether the processor takes images nested per
+  prompt, the per-token model inputs and how they pad (:attr:`VLMFamily.token_inputs`), the tiny tokenizer;
+* the model-input keys, where the decoder layers are and which of them are full attention
   (:meth:`VLMFamily.attention_layers`: KLAL and the attention methods act only on those), the eager attention function
   the capture replays, the LoRA layer prefix, the FSDP wrap classes, the positions of prompt and generated tokens for
   cached decoding, the stock processor names of an export, and whether the pixel-budget options apply;
@@ -53,6 +56,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_vl": "klal.models.qwen3_vl",
     "qwen3_5": "klal.models.qwen3_5",
     "llava_onevision": "klal.models.llava_onevision",
+    "gemma3": "klal.models.gemma3",
 }
 """``config.model_type`` -> the module whose ``FAMILY`` describes it (imported on first use, so that looking up a
 family does not import every architecture)."""
@@ -63,6 +67,7 @@ TINY_ALIASES: dict[str, str] = {
     "tiny-qwen3-vl": "qwen3_vl",
     "tiny-qwen3.5": "qwen3_5",
     "tiny-llava-onevision": "llava_onevision",
+    "tiny-gemma3": "gemma3",
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
@@ -182,6 +187,57 @@ class VLMFamily(abc.ABC):
         gen.bos_token_id = text_cfg.bos_token_id
         gen.do_sample = False
         return model.eval()
+
+    # -- chat and processor facts -----------------------------------------------------------------------------------
+    end_of_turn: ClassVar[str]
+    """The token that closes an assistant turn in the family's chat format (appended to every answer and supervised
+    by NTP; decoding stops there)."""
+
+    token_inputs: ClassVar[Mapping[str, int]] = {}
+    """Per-token model inputs the processor returns beside ``input_ids`` / ``attention_mask`` (Qwen's
+    ``mm_token_type_ids``, Gemma 3's ``token_type_ids``), each with the value that pads it and fills the tokens klal
+    appends (answer, generated tokens: text)."""
+
+    nested_images: ClassVar[bool] = False
+    """Whether the processor takes the images as one list per prompt (Gemma 3) instead of one flat list."""
+
+    def grid_token_id(self, processor: Any) -> int:
+        """The token id of one grid cell in the expanded prompt (the model scatters one visual feature into each).
+
+        The default is the processor's ``image_token_id`` (the Qwen and LLaVA families expand their placeholder into
+        copies of it); a family whose placeholder differs from the cell token overrides it."""
+        return int(processor.image_token_id)
+
+    def stop_token_ids(self, processor: Any) -> list[int]:
+        """Tokens that end a generated answer: the end-of-turn token, the tokenizer's eos, and the image tokens.
+
+        The image tokens are no text: fed back with the prompt's images (LASER's negative view, EGG's rounds) the
+        model would count one image token more than its images fill and refuse the input. Only an untrained model
+        emits them."""
+        tok = processor.tokenizer
+        ends = (
+            tok.convert_tokens_to_ids(self.end_of_turn),
+            tok.eos_token_id,
+            self.grid_token_id(processor),
+            getattr(processor, "image_token_id", None),
+        )
+        return sorted({int(i) for i in ends if isinstance(i, int) and i != tok.unk_token_id})
+
+    def processor_images(self, images_per_prompt: Sequence[Sequence[Any]]) -> list[Any] | None:
+        """The ``images`` argument of one processor call for these prompts' images (None when there is none): one
+        flat list in prompt order, or one list per prompt where :attr:`nested_images` says so."""
+        if not any(len(ims) for ims in images_per_prompt):
+            return None
+        if self.nested_images:
+            return [list(ims) for ims in images_per_prompt]
+        return [im for ims in images_per_prompt for im in ims]
+
+    def tiny_tokenizer(self) -> Any:
+        """The tiny model's tokenizer (built offline: no download), with the family's special tokens and chat
+        template."""
+        from klal.geometry import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+        return self.make_tiny_processor(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS).tokenizer
 
     # -- geometry ------------------------------------------------------------------------------------------------
     def grids_for_size(self, height: int, width: int, min_pixels: int, max_pixels: int) -> list[Grid]:
@@ -306,13 +362,15 @@ class VLMFamily(abc.ABC):
         """The family's eager attention function, which the capture replays for the ``eager`` kernel."""
 
     # -- positions for cached decoding ---------------------------------------------------------------------------
-    @abc.abstractmethod
     def prompt_positions(self, model: Any, inputs: Mapping[str, Any], mask: Any) -> Any:
-        """The position ids of left-padded prompts as the model computes them (padding excluded)."""
+        """The position ids of left-padded prompts as the model computes them (padding excluded); the default is
+        1-D: ``(B, S)``, the running count of real tokens (padding at 0)."""
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    @abc.abstractmethod
     def step_positions(self, next_pos: Any) -> Any:
-        """The position ids of one generated token per row, from ``next_pos`` ``(B,)``."""
+        """The position ids of one generated token per row, from ``next_pos`` ``(B,)``; the default is 1-D
+        ``(B, 1)``."""
+        return next_pos[:, None].clone()
 
     @staticmethod
     def next_positions(positions: Any) -> Any:
@@ -405,6 +463,37 @@ def family_for_name(name_or_path: str) -> VLMFamily:
         return family_for_type(model_type)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"checkpoint {name_or_path!r}: {e}") from None
+
+
+def read_chat_parts(processor_class: type, source: str) -> tuple[dict[str, Any], Any, str]:
+    """What every family's processor needs from a checkpoint folder or cached hub id: the ``processor_class``'s
+    processor dict (``processor_config.json`` ...), the tokenizer (``AutoTokenizer``) and the chat template (the
+    processor's, else the tokenizer's).
+
+    Raises:
+        ValueError: the checkpoint has no chat template.
+    """
+    from transformers import AutoTokenizer
+
+    processor_dict, _ = processor_class.get_processor_dict(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    if not chat_template:
+        raise ValueError(f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)")
+    return processor_dict, tokenizer, chat_template
+
+
+def update_processor_config(out: str, **entries: Any) -> None:
+    """Set ``entries`` in ``<out>/processor_config.json`` (created if missing), keeping its other keys."""
+    path = os.path.join(out, "processor_config.json")
+    config: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    config.update(entries)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
 
 
 def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[int]]) -> list[list[list[Grid]]]:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from klal.geometry import Footprint
-from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, register_family
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts, register_family
 from klal.models.llava_onevision.geometry import AnyresLayout, anyres_footprints, anyres_layout
 
 _MODELING = "transformers.models.llava_onevision.modeling_llava_onevision"
@@ -107,6 +107,7 @@ class LlavaOnevisionFamily(VLMFamily):
     tiny_alias = "tiny-llava-onevision"
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
     image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    end_of_turn = "<|im_end|>"
     pixel_bounds = False
     stock_processor = "LlavaOnevisionProcessor"
     box_convention = "normalized_1"
@@ -129,6 +130,9 @@ class LlavaOnevisionFamily(VLMFamily):
         return eager_attention_forward
 
     # -- processors ----------------------------------------------------------------------------------------------
+    def tiny_tokenizer(self) -> Any:
+        return tiny_tokenizer()
+
     def make_tiny_processor(self, min_pixels: int, max_pixels: int) -> Any:
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
@@ -147,19 +151,12 @@ class LlavaOnevisionFamily(VLMFamily):
         )
 
     def read_processor(self, source: str, min_pixels: int, max_pixels: int) -> Any:
-        from transformers import AutoTokenizer
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
 
         cls = _processor_class()
-        processor_dict, _ = cls.get_processor_dict(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not chat_template:
-            raise ValueError(
-                f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)"
-            )
+        processor_dict, tokenizer, chat_template = read_chat_parts(cls, source)
         return cls(
             LlavaOnevisionImageProcessorPil.from_pretrained(source),
             tokenizer,

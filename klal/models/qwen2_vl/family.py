@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from klal.models.family import Grid, VLMFamily, apply_tiny_overrides
+from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts
 from klal.models.qwen2_vl.geometry import smart_resize_hw
 
 # Image-processor fields the stock video processor shares (it reads frames with the same patch geometry).
@@ -107,6 +107,9 @@ class QwenVLFamily(VLMFamily):
 
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     image_input_keys = ("pixel_values", "image_grid_thw")
+    end_of_turn = "<|im_end|>"
+    # 0 = text: the model numbers text tokens 1-D and image tokens 3-D from it (dropping it silently gives 1-D).
+    token_inputs = {"mm_token_type_ids": 0}
     modeling: ClassVar[str]
     model_class_name: ClassVar[str]
     config_class_name: ClassVar[str]
@@ -168,6 +171,11 @@ class QwenVLFamily(VLMFamily):
             )
         return ip
 
+    def tiny_tokenizer(self) -> Any:
+        from klal.models.qwen2_5_vl.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+
     def make_tiny_processor(self, min_pixels: int, max_pixels: int) -> Any:
         from klal.models.qwen2_5_vl.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
 
@@ -176,18 +184,9 @@ class QwenVLFamily(VLMFamily):
         )
 
     def read_processor(self, source: str, min_pixels: int, max_pixels: int) -> Any:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = self.image_processor(min_pixels, max_pixels, source)
         cls = self.processor_class()
-        processor_dict, _ = cls.get_processor_dict(source)
-        chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not chat_template:
-            raise ValueError(
-                f"checkpoint {source!r} has no chat template (chat_template.jinja/.json or tokenizer config)"
-            )
-        return cls(image_processor, tokenizer, chat_template=chat_template)
+        _, tokenizer, chat_template = read_chat_parts(cls, source)
+        return cls(self.image_processor(min_pixels, max_pixels, source), tokenizer, chat_template=chat_template)
 
     def check_pair(self, model: Any, processor: Any, source: str) -> None:
         cfg, vis, ip = model.config, model.config.vision_config, processor.image_processor
