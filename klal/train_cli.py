@@ -110,6 +110,15 @@ class KLALCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def parse_arguments(self, parser, args) -> None:
+        # sys.argv holds the command that starts this run again in another process (main()); LightningCLI warns when
+        # it sees both that and ``args``, which are the same words here.
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            self._parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+    def _parse_arguments(self, parser, args) -> None:
         # jsonargparse prints its whole usage (~100 lines) before the one line that matters; keep that line, and
         # name the closest valid key when the mistake is an unknown one.
         if debug_enabled():
@@ -195,12 +204,21 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
     # Show the config dataclasses' field docstrings in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # `--data.paths DIR` (one folder, no brackets) is read as the list `[DIR]`, as `--data.paths A B` is `[A, B]`.
+    # Lightning's DDP launchers (subprocess spawn on CPU and GPU) start the other processes by running
+    # ``sys.executable sys.argv...`` again (or ``-m`` the ``__main__`` module), so sys.argv must stay the whole command:
+    # for ``klal train fit ...`` that is ``klal train`` followed by ``argv`` (the words ``klal`` passes on). torchrun
+    # and SLURM start every process with the user's command themselves.
     if argv is not None:
-        argv = list_options(model_shorthands(list(argv)), LIST_OPTIONS)
-        # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
-        sys.argv = sys.argv[:1]
+        argv = list(argv)
+        head = len(sys.argv) - len(argv)
+        rewritten = list_options(model_shorthands(argv), LIST_OPTIONS)
+        if argv and head >= 1 and sys.argv[head:] == argv:  # `klal train ...`: keep `klal train`, rewritten args
+            sys.argv[head:] = rewritten
+        else:  # called from Python: the explicit argv is the whole command line
+            sys.argv = sys.argv[:1]
+        argv = rewritten
     else:
-        # Rewritten in place: Lightning's DDP launcher starts the other processes with this sys.argv.
+        # Rewritten in place, for the same reason.
         sys.argv[1:] = list_options(model_shorthands(sys.argv[1:]), LIST_OPTIONS)
     quiet()
     name = prog or os.path.basename(sys.argv[0]) or "train.py"

@@ -850,3 +850,22 @@ def test_readme_evaluate_section_names_the_datasets_its_config_reads():
     section = (ROOT / "README.md").read_text().split("## Evaluate", 1)[1].split("\n## ", 1)[0]
     for path in config["data"]:
         assert f"--out {path}" in section, path
+
+
+# ============================================================================================== issue 28, item by item
+@pytest.mark.slow
+def test_klal_train_launches_two_ddp_processes_like_train_py(grid, work):
+    """``klal train fit ... --trainer.devices 2`` (CPU, gloo, Lightning's subprocess launcher): the second process
+    runs the same ``klal train`` command (it used to run bare ``klal`` and print the command list while the first
+    waited forever). Both ranks train; the run exits 0 with one adapter in one version folder."""
+    root = work / "ddp_run"
+    flags = train_args(grid, root, "--data.max_train_samples", "8", steps=2)[1:]
+    flags += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    proc = run_klal(["train", *flags], OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err and "Starting with 2 processes" in err, err[-3000:]
+    assert "usage: klal COMMAND" not in proc.stdout + err
+    assert sorted(p.name for p in (root / "klal").iterdir()) == ["version_0"]
+    adapters = sorted(root.rglob("adapter_model.safetensors"))
+    assert adapters == [root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors"], adapters
