@@ -26,17 +26,19 @@ from collections.abc import Sequence
 
 from klal.cli import user_errors
 from klal.helpcache import cached_help
+from klal.plugins import load_entry_point
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("klal.train_cli", "train with NTP + KLAL (LightningCLI: fit / validate / test)"),
     "evaluate": ("klal.eval.cli", "compare grounding methods and adapters on klal datasets"),
-    "generate": ("data_gen.cli", "generate a synthetic grounding dataset, or preview one"),
+    "generate": ("klal.commands:generate", "generate a synthetic grounding dataset, or preview one"),
     "convert-refcoco": ("klal.data.refcoco", "convert RefCOCO / RefCOCO+ / RefCOCOg into the klal schema"),
     "convert-pixmo": ("klal.data.pixmo", "convert PixMo-Points into the klal schema"),
     "discover-heads": ("klal.grounding.loc_heads", "find a model's localization heads and save them as JSON"),
     "export": ("klal.export", "export a trained adapter (optionally merged) as a stock checkpoint"),
 }
-"""Subcommand -> (module whose ``main(argv, prog)`` runs it, one-line description)."""
+"""Subcommand -> (module whose ``main(argv, prog)`` runs it, one-line description). ``GROUP:NAME`` names an entry
+point instead (:mod:`klal.plugins`): ``klal generate`` is data_gen's, which the library does not import by name."""
 
 
 def usage() -> str:
@@ -65,9 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"klal {name}"
 
     def run() -> object:
+        target = COMMANDS[name][0]
         with user_errors(prog):  # Ctrl-C while torch & co. are imported is "interrupted", not a traceback
-            module = importlib.import_module(COMMANDS[name][0])
-        return module.main(rest, prog=prog)
+            if ":" in target:
+                command = load_entry_point(*target.split(":"), needed_for=prog)
+            else:
+                command = importlib.import_module(target).main
+        return command(rest, prog=prog)
 
     result = cached_help(prog, rest, run)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -18,13 +18,14 @@ environment variable ``KLAL_DEBUG`` is set to a non-empty value other than ``0``
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
+
+from klal.noise import debug_enabled, quiet
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 """Exception types that mean "the input is wrong" (bad values, missing or unreadable files, unknown names). Library
@@ -35,11 +36,6 @@ EXIT_USAGE = 2
 
 EXIT_INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT)."""
-
-
-def debug_enabled() -> bool:
-    """True when ``KLAL_DEBUG`` asks for full tracebacks."""
-    return os.environ.get("KLAL_DEBUG", "") not in ("", "0")
 
 
 def fail(prog: str, message: Any, code: int = EXIT_USAGE) -> NoReturn:
@@ -108,9 +104,6 @@ def run(fn: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | N
     Returns:
         What ``fn`` returns. A parse error or a :data:`USER_ERRORS` exception exits with one line and status 2.
     """
-
-    from klal.noise import quiet
-
     quiet()  # third-party warnings about third-party code (klal.noise), as train.py does
     prog = prog or f"python -m {fn.__module__}"
     names = sequence_options(typing.get_type_hints(fn))

@@ -59,17 +59,11 @@ def synthetic_generator() -> Callable[[GenerateSettings], None]:
     ``klal.generators``.
 
     Raises:
-        RuntimeError: no such entry point (klal installed without its metadata: reinstall with ``pip install -e .``).
+        LookupError: no such entry point (klal installed without its metadata: reinstall with ``pip install -e .``).
     """
-    from importlib.metadata import entry_points
+    from klal.plugins import load_entry_point
 
-    found = [ep for ep in entry_points(group="klal.generators") if ep.name == "synthetic"]
-    if not found:
-        raise RuntimeError(
-            "data.generate needs the synthetic-data generator (entry point klal.generators:synthetic), which is not "
-            "installed; reinstall klal (pip install -e .) or give data.paths"
-        )
-    return found[0].load()
+    return load_entry_point("klal.generators", "synthetic", "data.generate (or give data.paths)")
 
 
 class NamedRows(Dataset):
