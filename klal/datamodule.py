@@ -102,7 +102,7 @@ class KLALDataModule(L.LightningDataModule):
 
     Args:
         paths: dataset directories written with ``save_to_disk`` (splits train/validation/test); several are
-            concatenated per split.
+            concatenated per split. One folder may be given as a string (``paths: DIR``).
         generate: generate a synthetic dataset (written once, reused after) instead of reading ``paths``; setting
             both is an error.
         batch_size: samples per device per step (global batch = batch_size x devices x num_nodes x
@@ -128,7 +128,7 @@ class KLALDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        paths: list[str] | None = None,
+        paths: list[str] | str | None = None,
         generate: GenerateSettings | None = None,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
@@ -148,6 +148,8 @@ class KLALDataModule(L.LightningDataModule):
         test_split: str = "test",
     ) -> None:
         super().__init__()
+        if isinstance(paths, str):  # one folder: the same data (and stored hyperparameters) as [DIR]
+            paths = [paths]
         # Stored in checkpoints (datamodule_hyper_parameters), so a resume with other data is noticed.
         self.save_hyperparameters()
         if not paths and generate is None:

@@ -48,7 +48,7 @@ from klal.checkpoint import (
     resolve_ckpt_path,
     use_atomic_checkpoint_io,
 )
-from klal.cli import debug_enabled, fail, list_options, user_errors
+from klal.cli import debug_enabled, fail, list_options, union_message, user_errors
 from klal.datamodule import KLALDataModule
 from klal.guards import (
     EXIT_SIGTERM,
@@ -141,7 +141,7 @@ class KLALCLI(LightningCLI):
         if start is None:
             return " ".join(ln.strip() for ln in lines if ln.strip()) or "invalid arguments"
         message = " ".join(ln.strip() for ln in [lines[start][len("error: ") :], *lines[start + 1 :]] if ln.strip())
-        message = re.sub(r'Parser key "([\w.]+)"', r"\1", message)
+        message = union_message(re.sub(r'Parser key "([\w.]+)"', r"\1", message))
         words = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
         sub = next((w for w in words if w in self.subcommands()), None)
         parser = getattr(self, "_subcommand_parsers", {}).get(sub) if sub else None
@@ -167,6 +167,8 @@ class KLALCLI(LightningCLI):
         if self.subcommand == "fit":
             check_trains_something(self.trainer)
         ckpt_path = check_ckpt_path(resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer))
+        if ckpt_path and os.path.isfile(ckpt_path):
+            check_is_torch_file(ckpt_path)
         cfg["ckpt_path"] = ckpt_path
         # Known now that "last" has chosen its version: a folder this command creates is removed again if it fails.
         self._new_run_dir = new_run_dir(self.trainer)
@@ -191,6 +193,24 @@ class KLALCLI(LightningCLI):
             if self._new_run_dir is not None and self.trainer.is_global_zero:
                 remove_unless_checkpointed(self._new_run_dir)
             raise
+
+
+def check_is_torch_file(path: str) -> None:
+    """Refuse a ``--ckpt_path`` file that ``torch.save`` did not write, by its first bytes: torch writes a zip archive
+    (``PK``) or, in its legacy format, a pickle (protocol 2+ starts with byte 0x80). torch's own message does not
+    name the file.
+
+    Raises:
+        ValueError: naming the file and what it starts with.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return
+    raise ValueError(
+        f"--ckpt_path {path} is not a checkpoint (torch.save writes a zip archive; this file starts with {head!r}); "
+        "name a .ckpt file a klal run saved, or --ckpt_path last"
+    )
 
 
 def main(argv: list[str] | None = None, run: bool = True, prog: str | None = None) -> LightningCLI:
