@@ -52,11 +52,13 @@ def user_errors(prog: str) -> Iterator[None]:
     """Turn :data:`USER_ERRORS` raised inside the block into one line and exit status 2 (see the module docstring)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug_enabled():
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        # A SIGTERM turned into KeyboardInterrupt for its clean-up carries its own status (data_gen's Terminated).
+        code = getattr(e, "exit_status", EXIT_INTERRUPTED)
+        print(f"{prog}: {'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}", file=sys.stderr)
+        raise SystemExit(code) from None
     except USER_ERRORS as e:
         if debug_enabled():
             raise
