@@ -114,7 +114,7 @@ class KLALCLI(LightningCLI):
         # it sees both that and ``args``, which are the same words here.
         argv, sys.argv = sys.argv, sys.argv[:1]
         try:
-            self._parse_arguments(parser, args)
+            self._parse_arguments(parser, argv[1:] if args is None else args)
         finally:
             sys.argv = argv
 
