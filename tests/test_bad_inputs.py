@@ -885,3 +885,111 @@ def test_klal_train_launches_two_ddp_processes_like_train_py(grid, work):
     assert sorted(p.name for p in (root / "klal").iterdir()) == ["version_0"]
     adapters = sorted(root.rglob("adapter_model.safetensors"))
     assert adapters == [root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors"], adapters
+
+
+def test_an_image_the_processor_refuses_names_the_sample(grid, work):
+    """A 1 x 5000 image (aspect ratio over the processor's 200): one line naming the sample and its size."""
+    from PIL import Image
+
+    thin = work / "v_thin"
+    if not thin.exists():
+        image = image_bytes(Image.new("RGB", (1, 5000), "white"))
+        empty = {"boxes": [], "points": [], "polylines": []}
+        with_rows(
+            grid,
+            thin,
+            lambda s, i, r: {**r, "image": image, "width": 1, "height": 5000, "evidence": empty}
+            if (s, i) == ("train", 3)
+            else r,
+        )
+    root = work / "thin_run"
+    proc = run_klal(["train", *train_args(thin, root)[1:]])
+    error_line(proc, "klal train", "sample 'grid_patch-0-000003'", "1 x 5000", "aspect ratio")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
+
+
+def test_ckpt_path_that_is_not_a_checkpoint_names_the_file(grid, work):
+    bad = work / "notes.ckpt"
+    bad.write_text("not a checkpoint\n")
+    root = work / "not_ckpt_run"
+    proc = run_klal(["train", *train_args(grid, root, "--ckpt_path", str(bad))[1:]])
+    error_line(proc, "klal train", f"--ckpt_path {bad} is not a checkpoint")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
+
+
+def test_preview_draws_text_only_rows(grid, work):
+    """Text-only rows are valid data: the preview draws them as cards (it raised AttributeError on None)."""
+    mixed = work / "v_text_only"
+    if not mixed.exists():
+        empty = {"boxes": [], "points": [], "polylines": []}
+        with_rows(
+            grid,
+            mixed,
+            lambda s, i, r: {**r, "image": None, "width": 0, "height": 0, "evidence": empty} if i % 2 else r,
+        )
+    out = work / "text_only_preview.png"
+    proc = run_klal(["generate", "preview", str(mixed), "--out", str(out), "--num", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and out.is_file() and out.stat().st_size > 0
+
+
+def test_generate_refuses_a_dataset_larger_than_the_disk(tmp_path):
+    proc = run_klal(["generate", "grid_patch", "--num", "1000000000", "--out", str(tmp_path / "OUT")])
+    error_line(proc, "klal generate", "--num 1000000000", "disk space", "free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_generate_removes_its_partial_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
+    proc = subprocess.Popen(
+        [KLAL, "generate", "grid_patch", "--num", "200000", "--out", str(tmp_path / "OUT"), "--quiet"],
+        cwd=ROOT,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + HANG_S
+    while not partials(tmp_path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "klal generate: terminated"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_data_paths_as_one_yaml_string_trains(grid, work):
+    config = work / "paths_string.yaml"
+    config.write_text(f"data:\n  paths: {grid}\n")
+    root = work / "paths_string_run"
+    proc = run_klal(["train", *train_args(None, root, "--config", str(config))[1:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_union_typed_option_error_is_one_line_saying_what_was_expected(work):
+    proc = run_klal(["train", "fit", "--config", "configs/demo.yaml", "--model.lora.targets", "5"])
+    line = error_line(proc, "klal train", "model.lora.targets: expected one of 'attention'", "or a list of str", "'5'")
+    assert "Union subtypes" not in line
+
+
+def test_evaluate_adapter_rows_without_adapter_are_refused_before_loading(work):
+    """The README's compare config has a fine-tuned row: without --adapter it is refused before torch is imported."""
+    proc = subprocess.run(
+        [PY, "-X", "importtime", "-m", "klal", "evaluate", "--config", "configs/eval/synthetic_compare.yaml"]
+        + ["--out", str(work / "no_adapter_eval")],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"},
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    timing = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert timing and not any(ln.rsplit("|", 1)[-1].strip() == "torch" for ln in timing), "torch was imported"
+    proc.stderr = "".join(ln for ln in proc.stderr.splitlines(keepends=True) if not ln.startswith("import time:"))
+    error_line(proc, "klal evaluate", "'KLAL fine-tuned attention' runs on the adapter", "--adapter")
+    assert not (work / "no_adapter_eval").exists()
