@@ -993,3 +993,16 @@ def test_evaluate_adapter_rows_without_adapter_are_refused_before_loading(work):
     proc.stderr = "".join(ln for ln in proc.stderr.splitlines(keepends=True) if not ln.startswith("import time:"))
     error_line(proc, "klal evaluate", "'KLAL fine-tuned attention' runs on the adapter", "--adapter")
     assert not (work / "no_adapter_eval").exists()
+
+
+def test_a_sample_over_the_length_limit_is_refused_before_training(grid, work):
+    """A long answer is measured before the first step: one line naming the sample, its length and the limit (the
+    limit here is data.max_length; without it the model's context, max_position_embeddings)."""
+    long_answer = work / "v_long_answer"
+    if not long_answer.exists():
+        words = " ".join(["word"] * 300)
+        with_rows(grid, long_answer, lambda s, i, r: {**r, "answer": words} if (s, i) == ("train", 5) else r)
+    root = work / "long_answer_run"
+    proc = run_klal(["train", *train_args(long_answer, root, "--data.max_length", "200")[1:]])
+    error_line(proc, "klal train", "sample 'grid_patch-0-000005' (row 5)", "tokens", "data.max_length of 200")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
