@@ -10,8 +10,12 @@ Usage::
 
 ``python -m klal`` is the same command. Each subcommand is also its module's own entry point (``python -m
 klal.export``); both spellings parse the same typed signature (:mod:`klal.cli`). Only the chosen subcommand's module
-is imported, and ``klal NAME --help`` is answered from a stored text after its first use (:mod:`klal.helpcache`), so
-it loads no torch.
+is imported, and ``klal NAME --help`` is answered from the help texts shipped with the package (or stored after a
+first use; :mod:`klal.helpcache`), so it loads no torch. ``klal generate`` is data_gen's command, found through the
+``klal.commands`` entry point (:mod:`klal.plugins`), as ``data.generate`` finds data_gen's writer.
+
+Multi-process training (``klal train fit ... --trainer.devices N``) starts its other processes by running this same
+command line again (Lightning's DDP launcher; :func:`klal.train_cli.main` keeps ``sys.argv`` whole for it).
 
 Exit status: 0 when the subcommand succeeds (what it returns is not printed), 2 for a mistake in the input, 130 after
 Ctrl-C (also while the subcommand's libraries are being imported), so ``klal train fit ... && klal evaluate ...``
