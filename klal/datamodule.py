@@ -265,7 +265,10 @@ class KLALDataModule(L.LightningDataModule):
             return
         for key in keys:
             ds = self.splits[key]
-            lengths = self.train_lengths() if key == "train" else estimate_lengths(ds, self.processor, self.prompt)
+            try:
+                lengths = self.train_lengths() if key == "train" else estimate_lengths(ds, self.processor, self.prompt)
+            except ValueError as e:  # an image the processor refuses (an aspect ratio over 200), named by the sampler
+                raise ValueError(f"{where} [{self.split_names[key]}]: {e}") from None
             longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
             if longest is None:
                 continue

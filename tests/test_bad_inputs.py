@@ -904,7 +904,7 @@ def test_an_image_the_processor_refuses_names_the_sample(grid, work):
         )
     root = work / "thin_run"
     proc = run_klal(["train", *train_args(thin, root)[1:]])
-    error_line(proc, "klal train", "sample 'grid_patch-0-000003'", "1 x 5000", "aspect ratio")
+    error_line(proc, "klal train", "[train]", "sample 'grid_patch-0-000003'", "1 x 5000", "aspect ratio")
     assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
 
 
