@@ -55,7 +55,7 @@ def test_estimated_lengths_equal_collated_lengths(tiny_processor, prompt):
         estimate_lengths(ds.remove_columns("width"), tiny_processor)
     # Only a 0 x 0 (or unknown) size means "no image"; one zero side is an error naming the sample.
     assert estimate_lengths([dict(rows[-1], width=None, height=None)], tiny_processor, prompt) == real[-1:]
-    with pytest.raises(ValueError, match="sample 0.*positive"):
+    with pytest.raises(ValueError, match=r"sample .row-0. \(row 0\), image 0 x 224.*positive"):
         estimate_lengths([dict(rows[0], width=0)], tiny_processor, prompt)
 
 
