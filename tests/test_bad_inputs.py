@@ -898,9 +898,9 @@ def test_an_image_the_processor_refuses_names_the_sample(grid, work):
         with_rows(
             grid,
             thin,
-            lambda s, i, r: {**r, "image": image, "width": 1, "height": 5000, "evidence": empty}
-            if (s, i) == ("train", 3)
-            else r,
+            lambda s, i, r: (
+                {**r, "image": image, "width": 1, "height": 5000, "evidence": empty} if (s, i) == ("train", 3) else r
+            ),
         )
     root = work / "thin_run"
     proc = run_klal(["train", *train_args(thin, root)[1:]])
