@@ -9,6 +9,8 @@ Each panel shows the original image with
   stretched back over the original image as a semi-transparent heat map, with the token grid as faint dotted lines;
 * the question (wrapped) above and the answer, row id and token-grid size below.
 
+A text-only row (no image) is drawn as a card with its question and answer.
+
 Run it as ``python -m data_gen preview DIR --out preview.png [--split train] [--num 8]``; drawing uses matplotlib's
 Agg canvas directly, so no display is needed and the global pyplot backend is left alone.
 """
@@ -126,7 +128,14 @@ def render_preview(
     fig = Figure(figsize=(panel_w * ncols, panel_h * nrows), dpi=100)
     for k, (row, title) in enumerate(zip(rows, titles)):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        image = row["image"].convert("RGB")
+        if row.get("image") is None:  # a text-only row: a card with its question and answer, no image or map
+            ax.text(0.5, 0.5, "text-only sample\n(no image, no target map)", ha="center", va="center", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=7, loc="left")
+            ax.set_xlabel(f"A: {row['answer']}\n" + textwrap.fill(f"{row['id']}, text-only", width=52), fontsize=7)
+            continue
+        image = row["image"]  # RGB and upright already (read_row)
         w, h = image.size
         evidence = Evidence.from_dict(row["evidence"])
         ax.imshow(image)

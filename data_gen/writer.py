@@ -328,6 +328,8 @@ def generate_dataset(
     if not out.parent.is_dir():
         raise DatasetWriteError(f"parent directory of output {str(out)!r} does not exist")
 
+    check_disk_space(task, seed, num, out)
+
     ranges: dict[str, tuple[int, int]] = {}
     start = 0
     for name, n in sizes.items():
@@ -339,6 +341,7 @@ def generate_dataset(
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise _write_error(out, e) from None
+    previous_sigterm = _raise_on_sigterm()
     try:
         _claim(work)
         scratch = work / "scratch"
@@ -398,7 +401,69 @@ def generate_dataset(
         raise _write_error(out, e) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return datasets.load_from_disk(str(out))
+
+
+ESTIMATE_SAMPLES = 4
+"""Samples drawn to estimate the dataset's size before it is written (:func:`check_disk_space`)."""
+BUILD_COPIES = 2
+"""Copies of the data on disk at once while a dataset is built: the scratch Arrow files and the staged dataset."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during :func:`generate_dataset`: it stops like Ctrl-C (the build folder is removed, workers stop), with
+    exit status 143 (128 + SIGTERM, :func:`klal.cli.user_errors`)."""
+
+    exit_status = 143
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (the default action kills the process before any clean-up); returns
+    the previous handler to restore, or None off the main thread (where signals cannot be caught)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def check_disk_space(task: Task, seed: int, num: int, out: Path) -> None:
+    """Refuse ``num`` samples that would not fit on the disk of ``out``.
+
+    The size of a sample is measured on the first :data:`ESTIMATE_SAMPLES` samples (their PNG bytes and text); the
+    build needs :data:`BUILD_COPIES` copies at once.
+
+    Raises:
+        DatasetWriteError: the estimate exceeds the free space, naming the folder, the sizes and ``--num``.
+    """
+    k = min(num, ESTIMATE_SAMPLES)
+    recs = [sample_record(task, seed, i) for i in range(k)]
+    per_sample = sum(len(r["image"]["bytes"]) + len(json.dumps({**r, "image": None})) for r in recs) / k
+    need = per_sample * num * BUILD_COPIES
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), out.parent)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write will name what is wrong with the folder
+    if need > free:
+        raise DatasetWriteError(
+            f"--num {num}: {task.name} samples take about {_size(per_sample)} each, so building {out} needs about "
+            f"{_size(need)} of disk space ({BUILD_COPIES} copies while it is built) but {folder} has {_size(free)} "
+            "free; lower --num or write elsewhere"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 @contextmanager

@@ -10,8 +10,12 @@ Usage::
 
 ``python -m klal`` is the same command. Each subcommand is also its module's own entry point (``python -m
 klal.export``); both spellings parse the same typed signature (:mod:`klal.cli`). Only the chosen subcommand's module
-is imported, and ``klal NAME --help`` is answered from a stored text after its first use (:mod:`klal.helpcache`), so
-it loads no torch.
+is imported, and ``klal NAME --help`` is answered from the help texts shipped with the package (or stored after a
+first use; :mod:`klal.helpcache`), so it loads no torch. ``klal generate`` is data_gen's command, found through the
+``klal.commands`` entry point (:mod:`klal.plugins`), as ``data.generate`` finds data_gen's writer.
+
+Multi-process training (``klal train fit ... --trainer.devices N``) starts its other processes by running this same
+command line again (Lightning's DDP launcher; :func:`klal.train_cli.main` keeps ``sys.argv`` whole for it).
 
 Exit status: 0 when the subcommand succeeds (what it returns is not printed), 2 for a mistake in the input, 130 after
 Ctrl-C (also while the subcommand's libraries are being imported), so ``klal train fit ... && klal evaluate ...``
@@ -26,11 +30,12 @@ from collections.abc import Sequence
 
 from klal.cli import user_errors
 from klal.helpcache import cached_help
+from klal.plugins import load_entry_point
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("klal.train_cli", "train with NTP + KLAL (LightningCLI: fit / validate / test)"),
     "evaluate": ("klal.eval.cli", "compare grounding methods and adapters on klal datasets"),
-    "generate": ("data_gen.cli", "generate a synthetic grounding dataset, or preview one"),
+    "generate": ("klal.commands:generate", "generate a synthetic grounding dataset, or preview one"),
     "convert-refcoco": ("klal.data.refcoco", "convert RefCOCO / RefCOCO+ / RefCOCOg into the klal schema"),
     "convert-pixmo": ("klal.data.pixmo", "convert PixMo-Points into the klal schema"),
     "convert-vstar": ("klal.data.vstar", "convert V* Bench into the klal schema"),
@@ -39,7 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "discover-heads": ("klal.grounding.loc_heads", "find a model's localization heads and save them as JSON"),
     "export": ("klal.export", "export a trained adapter (optionally merged) as a stock checkpoint"),
 }
-"""Subcommand -> (module whose ``main(argv, prog)`` runs it, one-line description)."""
+"""Subcommand -> (module whose ``main(argv, prog)`` runs it, one-line description). ``GROUP:NAME`` names an entry
+point instead (:mod:`klal.plugins`): ``klal generate`` is data_gen's, which the library does not import by name."""
 
 
 def usage() -> str:
@@ -68,9 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"klal {name}"
 
     def run() -> object:
+        target = COMMANDS[name][0]
         with user_errors(prog):  # Ctrl-C while torch & co. are imported is "interrupted", not a traceback
-            module = importlib.import_module(COMMANDS[name][0])
-        return module.main(rest, prog=prog)
+            if ":" in target:
+                command = load_entry_point(*target.split(":"), needed_for=prog)
+            else:
+                command = importlib.import_module(target).main
+        return command(rest, prog=prog)
 
     result = cached_help(prog, rest, run)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -18,13 +18,14 @@ environment variable ``KLAL_DEBUG`` is set to a non-empty value other than ``0``
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
+
+from klal.noise import debug_enabled, quiet
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 """Exception types that mean "the input is wrong" (bad values, missing or unreadable files, unknown names). Library
@@ -35,11 +36,6 @@ EXIT_USAGE = 2
 
 EXIT_INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT)."""
-
-
-def debug_enabled() -> bool:
-    """True when ``KLAL_DEBUG`` asks for full tracebacks."""
-    return os.environ.get("KLAL_DEBUG", "") not in ("", "0")
 
 
 def fail(prog: str, message: Any, code: int = EXIT_USAGE) -> NoReturn:
@@ -56,11 +52,13 @@ def user_errors(prog: str) -> Iterator[None]:
     """Turn :data:`USER_ERRORS` raised inside the block into one line and exit status 2 (see the module docstring)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug_enabled():
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        # A SIGTERM turned into KeyboardInterrupt for its clean-up carries its own status (data_gen's Terminated).
+        code = getattr(e, "exit_status", EXIT_INTERRUPTED)
+        print(f"{prog}: {'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}", file=sys.stderr)
+        raise SystemExit(code) from None
     except USER_ERRORS as e:
         if debug_enabled():
             raise
@@ -108,9 +106,6 @@ def run(fn: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | N
     Returns:
         What ``fn`` returns. A parse error or a :data:`USER_ERRORS` exception exits with one line and status 2.
     """
-
-    from klal.noise import quiet
-
     quiet()  # third-party warnings about third-party code (klal.noise), as train.py does
     prog = prog or f"python -m {fn.__module__}"
     names = sequence_options(typing.get_type_hints(fn))
@@ -211,10 +206,51 @@ def list_options(argv: Sequence[str], names: set[str]) -> list[str]:
     return out
 
 
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"A[x, y], B"`` -> ``["A[x, y]", "B"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [p for p in [*parts, text[start:].strip()] if p]
+
+
+def _type_words(tp: str) -> str:
+    """A type as jsonargparse prints it, in words: ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
+    tp = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", tp.strip())
+    literal = re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", tp)
+    if literal:
+        return "one of " + literal.group(1)
+    if tp == "NoneType":
+        return "null"
+    seq = re.fullmatch(r"(?:typing\.)?(?:list|List|tuple|Tuple|Sequence)\[(.*)\]", tp)
+    if seq:
+        return f"a list of {seq.group(1).replace('typing.', '')} (e.g. [a, b])"
+    return "a " + tp.replace("typing.", "")
+
+
+def union_message(text: str) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes" dump (one line) as ``KEY: expected A or B,
+    got VALUE``; any other message is returned as it is."""
+    m = re.match(r"(.*?):? Does not validate against any of the Union subtypes Subtypes: \[(.*?)\] Errors: ", text)
+    if not m:
+        return text
+    given = re.search(r"Given value: (.*)$", text)
+    expected = " or ".join(_type_words(t) for t in _split_top(m.group(2)))
+    got = f", got {given.group(1).strip()!r}" if given else ""
+    return f"{m.group(1)}: expected {expected}{got}"
+
+
 def one_line_error(message: str) -> str:
-    """jsonargparse's message as one line that names the flag: ``Parser key "num": ...`` -> ``--num: ...``."""
+    """jsonargparse's message as one line that names the flag: ``Parser key "num": ...`` -> ``--num: ...``; a union
+    type's dump becomes what was expected (:func:`union_message`)."""
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
-    text = re.sub(r'Parser key "([\w.]+)"', r"--\1", text)
+    text = union_message(re.sub(r'Parser key "([\w.]+)"', r"--\1", text))
     m = re.match(r"(.*the following arguments are required: )(.*)$", text)
     if m:
         text = m.group(1) + ", ".join("--" + n.strip().lstrip("-") for n in m.group(2).split(","))

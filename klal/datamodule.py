@@ -24,6 +24,7 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from klal.data.collate import KLALCollator, PromptSettings
@@ -54,22 +55,22 @@ class GenerateSettings:
     """Generator processes."""
 
 
+LONG_SAMPLE_RATIO = 8
+LONG_SAMPLE_TOKENS = 2048
+"""A sample over both ``LONG_SAMPLE_RATIO`` x the median length and ``LONG_SAMPLE_TOKENS`` tokens is named in a warning
+before training (it fits the context but makes its steps slow; :meth:`KLALDataModule.check_lengths`)."""
+
+
 def synthetic_generator() -> Callable[[GenerateSettings], None]:
     """The function that writes a ``data.generate`` dataset: the ``synthetic`` entry point of group
     ``klal.generators``.
 
     Raises:
-        RuntimeError: no such entry point (klal installed without its metadata: reinstall with ``pip install -e .``).
+        LookupError: no such entry point (klal installed without its metadata: reinstall with ``pip install -e .``).
     """
-    from importlib.metadata import entry_points
+    from klal.plugins import load_entry_point
 
-    found = [ep for ep in entry_points(group="klal.generators") if ep.name == "synthetic"]
-    if not found:
-        raise RuntimeError(
-            "data.generate needs the synthetic-data generator (entry point klal.generators:synthetic), which is not "
-            "installed; reinstall klal (pip install -e .) or give data.paths"
-        )
-    return found[0].load()
+    return load_entry_point("klal.generators", "synthetic", "data.generate (or give data.paths)")
 
 
 class NamedRows(Dataset):
@@ -108,7 +109,7 @@ class KLALDataModule(L.LightningDataModule):
 
     Args:
         paths: dataset directories written with ``save_to_disk`` (splits train/validation/test); several are
-            concatenated per split.
+            concatenated per split. One folder may be given as a string (``paths: DIR``).
         generate: generate a synthetic dataset (written once, reused after) instead of reading ``paths``; setting
             both is an error.
         batch_size: samples per device per step (global batch = batch_size x devices x num_nodes x
@@ -134,7 +135,7 @@ class KLALDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        paths: list[str] | None = None,
+        paths: list[str] | str | None = None,
         generate: GenerateSettings | None = None,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
@@ -154,6 +155,8 @@ class KLALDataModule(L.LightningDataModule):
         test_split: str = "test",
     ) -> None:
         super().__init__()
+        if isinstance(paths, str):  # one folder: the same data (and stored hyperparameters) as [DIR]
+            paths = [paths]
         # Stored in checkpoints (datamodule_hyper_parameters), so a resume with other data is noticed.
         self.save_hyperparameters()
         if not paths and generate is None:
@@ -193,6 +196,7 @@ class KLALDataModule(L.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}
         self.collator: KLALCollator | None = None
         self._train_lengths: list[int] | None = None
+        self._lengths_checked: set[str] = set()
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset once (Lightning calls this on local rank 0 of every node).
@@ -237,6 +241,54 @@ class KLALDataModule(L.LightningDataModule):
         check_unique_ids(by_name, ", ".join(paths))
         check_answers(by_name, ", ".join(paths))
 
+    def context_length(self) -> int | None:
+        """The most tokens a sample may have: ``max_length``, else the attached model's context
+        (``max_position_embeddings`` of its text config); None when neither is known (no model built yet)."""
+        if self.max_length is not None:
+            return int(self.max_length)
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        config = getattr(getattr(module, "model", None), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = getattr(text, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_lengths(self, keys: list[str], where: str) -> None:
+        """Refuse, before any step, a sample longer than :meth:`context_length` (question, answer, template and image
+        tokens, :func:`klal.data.sampler.estimate_lengths`); the collator would meet it only in its batch, after a
+        long run, or the model would run past its positions.
+
+        Raises:
+            ValueError: naming the split, the sample, its length and the limit.
+        """
+        limit = self.context_length()
+        if limit is None:
+            return
+        for key in keys:
+            ds = self.splits[key]
+            try:
+                lengths = self.train_lengths() if key == "train" else estimate_lengths(ds, self.processor, self.prompt)
+            except ValueError as e:  # an image the processor refuses (an aspect ratio over 200), named by the sampler
+                raise ValueError(f"{where} [{self.split_names[key]}]: {e}") from None
+            longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+            if longest is None:
+                continue
+            median = sorted(lengths)[len(lengths) // 2]
+            if lengths[longest] > max(LONG_SAMPLE_RATIO * median, LONG_SAMPLE_TOKENS) and lengths[longest] <= limit:
+                sample = ds.with_format("arrow")[longest].column("id")[0].as_py()
+                rank_zero_warn(
+                    f"{where} [{self.split_names[key]}]: sample {sample!r} (row {longest}) is about "
+                    f"{lengths[longest]} tokens, {lengths[longest] / max(median, 1):.0f}x the median {median}: "
+                    "steps with it are that much slower"
+                )
+            if lengths[longest] > limit:
+                sample = ds.with_format("arrow")[longest].column("id")[0].as_py()
+                source = "data.max_length" if self.max_length is not None else "the model's context"
+                raise ValueError(
+                    f"{where} [{self.split_names[key]}]: sample {sample!r} (row {longest}) is about {lengths[longest]} "
+                    f"tokens (question, answer and image), over {source} of {limit}; shorten its question or answer, "
+                    "lower model.backbone.max_pixels, or leave it out"
+                )
+
     @staticmethod
     def _load(path: str) -> datasets.DatasetDict:
         if not os.path.isdir(path):
@@ -266,8 +318,14 @@ class KLALDataModule(L.LightningDataModule):
         )
 
     def named_rows(self, key: str) -> NamedRows:
-        """The split ``key`` (``train``, ``val``, ``test``) for a loader: rows whose decoding errors name the sample."""
+        """The split ``key`` (``train``, ``val``, ``test``) for a loader: rows whose decoding errors name the sample.
+
+        Its samples' lengths are checked here (:meth:`check_lengths`), once the model exists (Lightning builds it
+        after ``setup``) and before the first step."""
         paths = self.paths or ([self.generate.out] if self.generate is not None else [])
+        if key not in self._lengths_checked:
+            self.check_lengths([key], ", ".join(paths))
+            self._lengths_checked.add(key)
         return NamedRows(self.splits[key], f"{', '.join(paths)} [{self.split_names[key]}]")
 
     def world(self) -> tuple[int, int]:

@@ -15,6 +15,14 @@ subcommand words and ``-h`` / ``--help``, nothing else (a ``--config`` file coul
 The store is ``$KLAL_CACHE_DIR/help`` (default ``$XDG_CACHE_HOME/klal/help``, else ``~/.cache/klal/help``); one file
 per key, written atomically. It is an optimisation only: an unwritable or missing store just means the slow path, and
 ``KLAL_HELP_CACHE=0`` turns it off.
+
+Shipped texts. The help of every ``klal`` command (:data:`SHIPPED_COMMANDS`) also ships with the package, in
+``klal/help_texts.json``, so the first ``--help`` after installing is as fast as a stored one. The key is the same
+key, so a shipped text is used only with the source and the package versions it was generated from; it therefore
+holds nothing that varies between machines: source files are named relative to the package, the Python version is
+``major.minor``, and help is always laid out at :data:`HELP_COLUMNS` columns, whatever the terminal's width. Regenerate
+the file after changing any source file (``python -m klal.helpcache``); ``tests/test_helpcache.py`` fails while it is
+stale.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,7 +53,28 @@ PACKAGES = (
 """Installed distributions whose versions are part of the key (their classes and docstrings make up the help)."""
 
 HELP_FLAGS = ("-h", "--help")
-_ENV_KEYS = ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM", "JSONARGPARSE_DEFAULT_ENV")
+HELP_COLUMNS = 100
+"""Width every help text is laid out at (``COLUMNS`` while help is built), so a text does not depend on the
+terminal."""
+_ENV_KEYS = ("JSONARGPARSE_DEFAULT_ENV",)
+_COLOUR_KEYS = ("NO_COLOR", "FORCE_COLOR", "TERM")
+"""Colour settings: part of the key from Python 3.14 on, whose argparse colours help."""
+
+SHIPPED = Path(__file__).with_name("help_texts.json")
+"""The shipped texts: ``{key: text}``."""
+SHIPPED_COMMANDS: tuple[tuple[str, ...], ...] = (
+    ("klal train", "fit", "--help"),
+    ("klal train", "validate", "--help"),
+    ("klal train", "test", "--help"),
+    ("klal train", "--help"),
+    ("klal evaluate", "--help"),
+    ("klal generate", "--help"),
+    ("klal convert-refcoco", "--help"),
+    ("klal convert-pixmo", "--help"),
+    ("klal discover-heads", "--help"),
+    ("klal export", "--help"),
+)
+"""``(prog, *argv)`` of the help texts that ship (:data:`SHIPPED`)."""
 
 
 def is_help_request(argv: Sequence[str]) -> bool:
@@ -94,16 +123,26 @@ def help_key(prog: str, argv: Sequence[str], script: str | None = None) -> str:
     add(prog)
     for arg in argv:
         add(arg)
-    add(sys.version)
+    add(f"python {sys.version_info[0]}.{sys.version_info[1]}")
     for version in _versions():
         add(version)
-    for name in _ENV_KEYS:
+    env_keys = _ENV_KEYS + (_COLOUR_KEYS if sys.version_info >= (3, 14) else ())
+    for name in env_keys:
         add(f"{name}={os.environ.get(name)}")
-    add(f"columns={shutil.get_terminal_size().columns} tty={sys.stdout.isatty()}")
+    add(f"columns={HELP_COLUMNS}")
+    root = Path(__file__).resolve().parent.parent
     for path in source_files(script):
-        add(str(path))
+        add(str(path.relative_to(root)) if path.is_relative_to(root) else path.name)
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def shipped_texts() -> dict[str, str]:
+    """The shipped help texts (:data:`SHIPPED`), ``{}`` when the file is absent or unreadable."""
+    try:
+        return json.loads(SHIPPED.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 class _Tee(io.TextIOBase):
@@ -160,11 +199,15 @@ def cached_help(prog: str, argv: Sequence[str], run: Callable[[], Any], script: 
     Returns:
         What ``run()`` returns. A help request served from the store prints it and raises ``SystemExit(0)``.
     """
-    if os.environ.get("KLAL_HELP_CACHE", "1") == "0" or not is_help_request(argv):
+    if not is_help_request(argv):
+        return run()
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)  # the same layout in every terminal (and in the shipped texts)
+    if os.environ.get("KLAL_HELP_CACHE", "1") == "0":
         return run()
     try:
-        path = cache_dir() / f"{help_key(prog, argv, script)}.txt"
-        stored = path.read_text(encoding="utf-8") if path.is_file() else None
+        key = help_key(prog, argv, script)
+        path = cache_dir() / f"{key}.txt"
+        stored = shipped_texts().get(key) or (path.read_text(encoding="utf-8") if path.is_file() else None)
     except OSError:
         return run()
     if stored:
@@ -182,4 +225,40 @@ def cached_help(prog: str, argv: Sequence[str], run: Callable[[], Any], script: 
         raise
 
 
-__all__ = ["HELP_FLAGS", "PACKAGES", "cache_dir", "cached_help", "help_key", "is_help_request", "source_files"]
+def generate_shipped() -> dict[str, str]:
+    """Build every text of :data:`SHIPPED_COMMANDS` through the installed ``klal`` command (a fresh process each, the
+    store off) and write :data:`SHIPPED`; returns ``{key: text}``."""
+    import subprocess
+
+    texts: dict[str, str] = {}
+    env = dict(os.environ, KLAL_HELP_CACHE="0")
+    for prog, *argv in SHIPPED_COMMANDS:
+        name = prog.split(" ", 1)[1]
+        cmd = [sys.executable, "-m", "klal", name, *argv]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not proc.stdout:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        texts[help_key(prog, argv)] = proc.stdout
+    _store(SHIPPED, json.dumps(texts, indent=1, sort_keys=True) + "\n")
+    return texts
+
+
+__all__ = [
+    "HELP_COLUMNS",
+    "HELP_FLAGS",
+    "PACKAGES",
+    "SHIPPED",
+    "SHIPPED_COMMANDS",
+    "cache_dir",
+    "cached_help",
+    "generate_shipped",
+    "help_key",
+    "is_help_request",
+    "shipped_texts",
+    "source_files",
+]
+
+
+if __name__ == "__main__":
+    for k in generate_shipped():
+        print(k)

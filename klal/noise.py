@@ -5,15 +5,21 @@ its cloud products, a transformers deprecation triggered inside peft (``is_gradi
 deprecation triggered by its own pytree code, and peft's failed network look-up of the base model's config on every
 adapter save (fixed where klal saves adapters, not here). :func:`quiet` removes exactly those, by message, and
 nothing else: every other warning and log line still shows. ``KLAL_DEBUG=1`` leaves everything on. ``train.py`` and
-every command run by :func:`klal.cli.run` (export, evaluate, head discovery, the converters) call it.
+every command run by :func:`klal.cli.run` (export, evaluate, head discovery, the converters) call it. This module
+imports nothing of klal: :mod:`klal.cli` builds on it, not the other way round.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
-from klal.cli import debug_enabled
+
+def debug_enabled() -> bool:
+    """True when ``KLAL_DEBUG`` asks for everything: full tracebacks (:mod:`klal.cli`) and every console line."""
+    return os.environ.get("KLAL_DEBUG", "") not in ("", "0")
+
 
 ADVERTISEMENTS = ("💡 Tip: For seamless cloud",)
 """Starts of Lightning info lines that advertise products (logged on every Trainer construction)."""

@@ -48,7 +48,7 @@ from klal.checkpoint import (
     resolve_ckpt_path,
     use_atomic_checkpoint_io,
 )
-from klal.cli import debug_enabled, fail, list_options, user_errors
+from klal.cli import debug_enabled, fail, list_options, union_message, user_errors
 from klal.datamodule import KLALDataModule
 from klal.guards import (
     EXIT_SIGTERM,
@@ -110,6 +110,15 @@ class KLALCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def parse_arguments(self, parser, args) -> None:
+        # sys.argv holds the command that starts this run again in another process (main()); LightningCLI warns when
+        # it sees both that and ``args``, which are the same words here.
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            self._parse_arguments(parser, argv[1:] if args is None else args)
+        finally:
+            sys.argv = argv
+
+    def _parse_arguments(self, parser, args) -> None:
         # jsonargparse prints its whole usage (~100 lines) before the one line that matters; keep that line, and
         # name the closest valid key when the mistake is an unknown one.
         if debug_enabled():
@@ -132,7 +141,7 @@ class KLALCLI(LightningCLI):
         if start is None:
             return " ".join(ln.strip() for ln in lines if ln.strip()) or "invalid arguments"
         message = " ".join(ln.strip() for ln in [lines[start][len("error: ") :], *lines[start + 1 :]] if ln.strip())
-        message = re.sub(r'Parser key "([\w.]+)"', r"\1", message)
+        message = union_message(re.sub(r'Parser key "([\w.]+)"', r"\1", message))
         words = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
         sub = next((w for w in words if w in self.subcommands()), None)
         parser = getattr(self, "_subcommand_parsers", {}).get(sub) if sub else None
@@ -158,6 +167,8 @@ class KLALCLI(LightningCLI):
         if self.subcommand == "fit":
             check_trains_something(self.trainer)
         ckpt_path = check_ckpt_path(resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer))
+        if ckpt_path and os.path.isfile(ckpt_path):
+            check_is_torch_file(ckpt_path)
         cfg["ckpt_path"] = ckpt_path
         # Known now that "last" has chosen its version: a folder this command creates is removed again if it fails.
         self._new_run_dir = new_run_dir(self.trainer)
@@ -184,6 +195,24 @@ class KLALCLI(LightningCLI):
             raise
 
 
+def check_is_torch_file(path: str) -> None:
+    """Refuse a ``--ckpt_path`` file that ``torch.save`` did not write, by its first bytes: torch writes a zip archive
+    (``PK``) or, in its legacy format, a pickle (protocol 2+ starts with byte 0x80). torch's own message does not
+    name the file.
+
+    Raises:
+        ValueError: naming the file and what it starts with.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return
+    raise ValueError(
+        f"--ckpt_path {path} is not a checkpoint (torch.save writes a zip archive; this file starts with {head!r}); "
+        "name a .ckpt file a klal run saved, or --ckpt_path last"
+    )
+
+
 def main(argv: list[str] | None = None, run: bool = True, prog: str | None = None) -> LightningCLI:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return it (``cli.model``, ``cli.trainer``).
 
@@ -195,12 +224,21 @@ def main(argv: list[str] | None = None, run: bool = True, prog: str | None = Non
     # Show the config dataclasses' field docstrings in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # `--data.paths DIR` (one folder, no brackets) is read as the list `[DIR]`, as `--data.paths A B` is `[A, B]`.
+    # Lightning's DDP launchers (subprocess spawn on CPU and GPU) start the other processes by running
+    # ``sys.executable sys.argv...`` again (or ``-m`` the ``__main__`` module), so sys.argv must stay the whole command:
+    # for ``klal train fit ...`` that is ``klal train`` followed by ``argv`` (the words ``klal`` passes on). torchrun
+    # and SLURM start every process with the user's command themselves.
     if argv is not None:
-        argv = list_options(model_shorthands(list(argv)), LIST_OPTIONS)
-        # LightningCLI also inspects sys.argv; when called from Python the explicit argv is the whole command line.
-        sys.argv = sys.argv[:1]
+        argv = list(argv)
+        head = len(sys.argv) - len(argv)
+        rewritten = list_options(model_shorthands(argv), LIST_OPTIONS)
+        if argv and head >= 1 and sys.argv[head:] == argv:  # `klal train ...`: keep `klal train`, rewritten args
+            sys.argv[head:] = rewritten
+        else:  # called from Python: the explicit argv is the whole command line
+            sys.argv = sys.argv[:1]
+        argv = rewritten
     else:
-        # Rewritten in place: Lightning's DDP launcher starts the other processes with this sys.argv.
+        # Rewritten in place, for the same reason.
         sys.argv[1:] = list_options(model_shorthands(sys.argv[1:]), LIST_OPTIONS)
     quiet()
     name = prog or os.path.basename(sys.argv[0]) or "train.py"

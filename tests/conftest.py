@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+HANG_S = 3600
+"""The one wall-clock limit in the tests: a guard against a hung process (a deadlock, a worker that never exits), set
+far beyond any run on a loaded machine, so it never decides a verdict by itself. Nothing else in the tests is timed."""
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 # Stored --help texts (klal.helpcache) go to a folder of this test session, not the user's ~/.cache.

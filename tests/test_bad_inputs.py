@@ -21,12 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def run_cmd(args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+def run_cmd(args: list[str], timeout: float = HANG_S, **kw) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` from the repository root, without KLAL_DEBUG, stdout and stderr captured."""
     env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -245,7 +247,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(grid, work):
         env={k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"},
     )
     csv = root / "klal" / "version_0" / "metrics.csv"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_S
     # metrics.csv holds a row once a step is done (it is flushed before every batch).
     while time.monotonic() < deadline and proc.poll() is None:
         if csv.is_file() and len(csv.read_text().splitlines()) >= 3:
@@ -253,7 +255,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(grid, work):
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err
     ckpt = root / "klal" / "version_0" / "checkpoints" / "last.ckpt"
@@ -278,7 +280,7 @@ def _start_datagen(out: Path, workers: int) -> subprocess.Popen:
 
 
 def _wait_for_partial(folder: Path, proc: subprocess.Popen, workers: int) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline and proc.poll() is None:
         if partials(folder) and len(children(proc.pid)) >= workers:
             time.sleep(1.0)  # let the workers start on their jobs
@@ -297,7 +299,7 @@ def test_kill_9_leaves_no_orphans_and_the_next_run_cleans_up(work):
     workers = children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_S  # SIGKILL by the kernel (parent-death signal): the loop ends at once
     while time.monotonic() < deadline and any(alive(p) for p in workers):
         time.sleep(0.1)
     left = [p for p in workers if alive(p)]
@@ -312,19 +314,19 @@ def test_kill_9_leaves_no_orphans_and_the_next_run_cleans_up(work):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_within_a_second(work, workers):
+def test_ctrl_c_stops_the_work_and_leaves_nothing(work, workers):
+    """Ctrl-C mid-run: exit 130 with one line, the build folder removed, no worker left. That it stops the work rather
+    than finishing it is checked by what is on disk (4000 samples were asked for; no dataset appears), not by a
+    clock: a timed assert fails on a busy machine (it used to assert < 1.5 s)."""
     folder = work / f"ctrl_c_{workers}"
     folder.mkdir()
     proc = _start_datagen(folder / "data", workers)
     _wait_for_partial(folder, proc, workers if workers > 1 else 0)
     pids = children(proc.pid)
-    t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
-    _, err = proc.communicate(timeout=60)
-    took = time.monotonic() - t0
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     assert err.strip() == "data_gen: interrupted"
-    assert took < 1.5, f"took {took:.1f} s to stop"
     assert partials(folder) == [] and not (folder / "data").exists()
     assert not any(alive(p) for p in pids)
 
@@ -337,7 +339,8 @@ def test_unwritable_out_is_one_line(work):
 def test_full_disk_is_one_line_and_leaves_nothing(work):
     with small_disk(work / "tiny_disk", "256k") as disk:
         proc = generate(disk / "data", 64)
-        error_line(proc, "data_gen", str(disk / "data"), "No space left on device")
+        # Refused before writing: 64 samples, two copies while built, do not fit in 256 kB (issue 28).
+        error_line(proc, "data_gen", str(disk / "data"), "--num 64", "disk space", "free")
         assert list(disk.iterdir()) == []
 
 
@@ -416,7 +419,7 @@ def test_train_traceback_with_klal_debug(work):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_S,
         check=False,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
@@ -454,7 +457,7 @@ def test_converters_refuse_to_write_an_empty_dataset(work, module):
 KLAL = shutil.which("klal")
 
 
-def run_klal(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+def run_klal(args: list[str], timeout: float = HANG_S, **env: str) -> subprocess.CompletedProcess:
     """The installed ``klal`` console script (the repository on PYTHONPATH, so this checkout's code runs)."""
     assert KLAL, "the klal console script is not installed (pip install -e .)"
     full = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
@@ -604,14 +607,14 @@ def test_demo_config_killed_mid_training_resumes_to_the_uninterrupted_adapter(gr
         [PY, *args(crashed_root)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     last = crashed_root / "klal" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_S
     while not last.is_file():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     assert proc.poll() is None, "the run must still be training when it is killed"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG_S)
     assert proc.returncode == -signal.SIGKILL
     version = crashed_root / "klal" / "version_0"
     assert not (version / "adapter").exists(), "a killed run has not finished"
@@ -706,13 +709,13 @@ def test_ctrl_c_while_evaluate_writes_leaves_nothing(grid, work):
     env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
     args = ["evaluate.py", "--data", str(grid), "--split", "validation", "--out", str(out), "--progress", "false"]
     proc = subprocess.Popen([PY, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_S
     while not list(work.glob(".eval_interrupted.*.tmp")):
         assert proc.poll() is None, "the evaluation finished before its outputs were seen being written"
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "evaluate.py: interrupted"
     assert not out.exists() and not list(work.glob(".eval_interrupted.*")), "no results, no .tmp.png, no temp folder"
@@ -740,7 +743,7 @@ def test_hub_id_not_cached_offline_names_the_model_and_the_setting(grid, work):
     env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "empty_hub_cache"))
     args = train_args(grid, work / "offline_run", "--model.backbone.name_or_path", "nobody/no-such-vlm")
-    proc = subprocess.run([PY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run([PY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S, check=False)
     error_line(proc, "train.py", "'nobody/no-such-vlm'", "HF_HUB_OFFLINE=1")
 
 
@@ -784,12 +787,23 @@ def test_evaluate_model_given_a_bare_name_says_which_option(grid, work):
     ids=["train", "evaluate", "klal"],
 )
 def test_ctrl_c_during_imports_is_one_line(cmd):
-    """SIGINT while torch & co. are still being imported (2 s after the start): 'PROG: interrupted', status 130."""
+    """SIGINT while torch & co. are still being imported: 'PROG: interrupted', status 130.
+
+    The signal is sent once ``-X importtime`` reports the first module of torch imported (torch itself is still
+    being imported), not after a fixed sleep, which a busy machine can make land before start-up ends."""
     env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
-    proc = subprocess.Popen([PY, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)  # past the interpreter's start-up (before it no Python handler exists), within the imports
+    proc = subprocess.Popen(
+        [PY, "-X", "importtime", *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("import time:") and line.rsplit("|", 1)[-1].strip().startswith("torch."):
+            break
+    assert not any(ln.rstrip().endswith("| torch") for ln in seen), "torch was imported before the signal"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
+    err = "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("import time:"))
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith(": interrupted"), err[-2000:]
@@ -804,13 +818,15 @@ def test_help_is_answered_from_its_stored_text(work, cmd):
     cache = work / f"help_cache_{cmd[-2]}"
     env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
     env.update(KLAL_CACHE_DIR=str(cache), COLUMNS="100")
-    first = subprocess.run([PY, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    first = subprocess.run([PY, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S, check=False)
     assert first.returncode == 0 and first.stdout.startswith("usage:"), first.stderr[-2000:]
-    t0 = time.monotonic()
-    second = subprocess.run([PY, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    took = time.monotonic() - t0
+    # What makes help slow is importing torch & co.; the stored text must not (checked by -X importtime, not a clock).
+    second = subprocess.run(
+        [PY, "-X", "importtime", *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S, check=False
+    )
     assert second.returncode == 0 and second.stdout == first.stdout
-    assert took < 3.0, f"stored help took {took:.1f} s"  # 0.2 s on an idle 2-core machine; the goal is <= 1.5 s
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in second.stderr.splitlines() if ln.startswith("import time:")}
+    assert imported and not imported & {"torch", "transformers", "lightning", "jsonargparse"}, sorted(imported)
 
 
 # -- item 8: README commands run as written -----------------------------------------------------------------------
@@ -829,7 +845,7 @@ def test_readme_discover_heads_command_runs_as_written(grid, tmp_path):
     shutil.copytree(grid, small / "data" / "grid_patch")
     for command, cwd in ((generate_line, fresh), (discover_line, small)):
         proc = subprocess.run(
-            [KLAL, *command.split()[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
+            [KLAL, *command.split()[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_S, check=False
         )
         assert proc.returncode == 0, f"{command}: {proc.stderr[-2000:]}"
     assert (fresh / "data" / "grid_patch" / "dataset_dict.json").is_file()  # data/ did not exist: it was made
@@ -850,3 +866,143 @@ def test_readme_evaluate_section_names_the_datasets_its_config_reads():
     section = (ROOT / "README.md").read_text().split("## Evaluate", 1)[1].split("\n## ", 1)[0]
     for path in config["data"]:
         assert f"--out {path}" in section, path
+
+
+# ============================================================================================== issue 28, item by item
+@pytest.mark.slow
+def test_klal_train_launches_two_ddp_processes_like_train_py(grid, work):
+    """``klal train fit ... --trainer.devices 2`` (CPU, gloo, Lightning's subprocess launcher): the second process
+    runs the same ``klal train`` command (it used to run bare ``klal`` and print the command list while the first
+    waited forever). Both ranks train; the run exits 0 with one adapter in one version folder."""
+    root = work / "ddp_run"
+    flags = train_args(grid, root, "--data.max_train_samples", "8", steps=2)[1:]
+    flags += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    proc = run_klal(["train", *flags], OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err and "Starting with 2 processes" in err, err[-3000:]
+    assert "usage: klal COMMAND" not in proc.stdout + err
+    assert sorted(p.name for p in (root / "klal").iterdir()) == ["version_0"]
+    adapters = sorted(root.rglob("adapter_model.safetensors"))
+    assert adapters == [root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors"], adapters
+
+
+def test_an_image_the_processor_refuses_names_the_sample(grid, work):
+    """A 1 x 5000 image (aspect ratio over the processor's 200): one line naming the sample and its size."""
+    from PIL import Image
+
+    thin = work / "v_thin"
+    if not thin.exists():
+        image = image_bytes(Image.new("RGB", (1, 5000), "white"))
+        empty = {"boxes": [], "points": [], "polylines": []}
+        with_rows(
+            grid,
+            thin,
+            lambda s, i, r: (
+                {**r, "image": image, "width": 1, "height": 5000, "evidence": empty} if (s, i) == ("train", 3) else r
+            ),
+        )
+    root = work / "thin_run"
+    proc = run_klal(["train", *train_args(thin, root)[1:]])
+    error_line(proc, "klal train", "[train]", "sample 'grid_patch-0-000003'", "1 x 5000", "aspect ratio")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
+
+
+def test_ckpt_path_that_is_not_a_checkpoint_names_the_file(grid, work):
+    bad = work / "notes.ckpt"
+    bad.write_text("not a checkpoint\n")
+    root = work / "not_ckpt_run"
+    proc = run_klal(["train", *train_args(grid, root, "--ckpt_path", str(bad))[1:]])
+    error_line(proc, "klal train", f"--ckpt_path {bad} is not a checkpoint")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []
+
+
+def test_preview_draws_text_only_rows(grid, work):
+    """Text-only rows are valid data: the preview draws them as cards (it raised AttributeError on None)."""
+    mixed = work / "v_text_only"
+    if not mixed.exists():
+        empty = {"boxes": [], "points": [], "polylines": []}
+        with_rows(
+            grid,
+            mixed,
+            lambda s, i, r: {**r, "image": None, "width": 0, "height": 0, "evidence": empty} if i % 2 else r,
+        )
+    out = work / "text_only_preview.png"
+    proc = run_klal(["generate", "preview", str(mixed), "--out", str(out), "--num", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and out.is_file() and out.stat().st_size > 0
+
+
+def test_generate_refuses_a_dataset_larger_than_the_disk(tmp_path):
+    proc = run_klal(["generate", "grid_patch", "--num", "1000000000", "--out", str(tmp_path / "OUT")])
+    error_line(proc, "klal generate", "--num 1000000000", "disk space", "free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_generate_removes_its_partial_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
+    proc = subprocess.Popen(
+        [KLAL, "generate", "grid_patch", "--num", "200000", "--out", str(tmp_path / "OUT"), "--quiet"],
+        cwd=ROOT,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + HANG_S
+    while not partials(tmp_path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "klal generate: terminated"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_data_paths_as_one_yaml_string_trains(grid, work):
+    config = work / "paths_string.yaml"
+    config.write_text(f"data:\n  paths: {grid}\n")
+    root = work / "paths_string_run"
+    proc = run_klal(["train", *train_args(None, root, "--config", str(config))[1:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_union_typed_option_error_is_one_line_saying_what_was_expected(work):
+    proc = run_klal(["train", "fit", "--config", "configs/demo.yaml", "--model.lora.targets", "5"])
+    line = error_line(proc, "klal train", "model.lora.targets: expected one of 'attention'", "or a list of str", "'5'")
+    assert "Union subtypes" not in line
+
+
+def test_evaluate_adapter_rows_without_adapter_are_refused_before_loading(work):
+    """The README's compare config has a fine-tuned row: without --adapter it is refused before torch is imported."""
+    proc = subprocess.run(
+        [PY, "-X", "importtime", "-m", "klal", "evaluate", "--config", "configs/eval/synthetic_compare.yaml"]
+        + ["--out", str(work / "no_adapter_eval")],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"},
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
+    timing = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert timing and not any(ln.rsplit("|", 1)[-1].strip() == "torch" for ln in timing), "torch was imported"
+    proc.stderr = "".join(ln for ln in proc.stderr.splitlines(keepends=True) if not ln.startswith("import time:"))
+    error_line(proc, "klal evaluate", "'KLAL fine-tuned attention' runs on the adapter", "--adapter")
+    assert not (work / "no_adapter_eval").exists()
+
+
+def test_a_sample_over_the_length_limit_is_refused_before_training(grid, work):
+    """A long answer is measured before the first step: one line naming the sample, its length and the limit (the
+    limit here is data.max_length; without it the model's context, max_position_embeddings)."""
+    long_answer = work / "v_long_answer"
+    if not long_answer.exists():
+        words = " ".join(["word"] * 300)
+        with_rows(grid, long_answer, lambda s, i, r: {**r, "answer": words} if (s, i) == ("train", 5) else r)
+    root = work / "long_answer_run"
+    proc = run_klal(["train", *train_args(long_answer, root, "--data.max_length", "200")[1:]])
+    error_line(proc, "klal train", "sample 'grid_patch-0-000005' (row 5)", "tokens", "data.max_length of 200")
+    assert not (root / "klal").exists() or list((root / "klal").iterdir()) == []

@@ -36,8 +36,10 @@ def test_batched_evaluation_equals_one_sample_at_a_time(tmp_path, task_data):
 
     gm = GroundingModel.load(ModelConfig(max_pixels=224 * 224))
     methods = [
-        MethodSpec("attention_probe", "prompt attention", options={"query": "prompt_last"}),
-        MethodSpec("attention_probe", "answer attention", options={"query": "answer_last"}),
+        # 4-token answers: batched and one-at-a-time decoding are still compared (the random model never stops, so
+        # the default 16 tokens only made it slower).
+        MethodSpec("attention_probe", "prompt attention", options={"query": "prompt_last", "max_new_tokens": 4}),
+        MethodSpec("attention_probe", "answer attention", options={"query": "answer_last", "max_new_tokens": 4}),
         MethodSpec("localization_heads", options={"top_k": 3, "floor": 0.0}),
     ]
     data = [task_data["grid_patch"], task_data["line_tracing"]]

@@ -24,6 +24,7 @@ from klal.eval.metrics import (
     PointingGame,
     TargetKL,
 )
+from tests.conftest import HANG_S
 from tests.eval_samples import BOX_CELLS, GRID4, HW, MAP_A, ev, kl_by_hand, record
 
 
@@ -175,12 +176,12 @@ def test_ddp_sync_equals_single_process(tmp_path):
     method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
     args = (2, str(tmp_path / "init"), str(tmp_path))
     ctx = torch.multiprocessing.start_processes(_ddp_worker, args=args, nprocs=2, join=False, start_method=method)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("DDP workers did not finish within 60 s")
+            pytest.fail(f"DDP workers did not finish within {HANG_S} s (hung)")
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for which in ("first", "second"):

@@ -23,6 +23,7 @@ from klal.data.collate import KLALCollator
 from klal.models.config import ModelConfig
 from klal.models.family import TINY_ALIASES, family_of, nest_grids
 from klal.models.loader import load_model_and_processor, set_text_attn_implementation
+from tests.conftest import HANG_S
 
 ALIASES = sorted(TINY_ALIASES)
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +275,7 @@ def test_train_py_runs_the_demo_config_on_another_family(tmp_path):
         "--data.generate.out",
         str(tmp_path / "data"),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     configs = list(tmp_path.rglob("config.yaml"))
     assert configs and "tiny-qwen3-vl" in configs[0].read_text()

@@ -33,7 +33,7 @@ from klal.data.resumable import ResumableDataLoader
 from klal.models.loader import ModelConfig
 from klal.models.lora import LoraSettings
 from klal.module import KLALModule, OptimSettings
-from tests.conftest import make_row
+from tests.conftest import HANG_S, make_row
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -140,7 +140,7 @@ def _start(config: Path, cwd: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = HANG_S) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -165,7 +165,7 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_matches_uninterrupted_run(tmp_pat
     ref = _start(_run_config(tmp_path, tiny_dataset, ref_root, steps), tmp_path)
     # Blocks once 7 steps are done: last.ckpt (every 2 steps) is step 6 = epoch 1, batch 2 of 4 (mid-epoch).
     crashed = _start(_run_config(tmp_path, tiny_dataset, run_root, steps, hang=(7, str(marker))), tmp_path)
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_S
     while not marker.exists():
         assert crashed.poll() is None, crashed.communicate()[0][-4000:]
         assert time.time() < deadline, "the run to be killed never reached step 7"
@@ -174,7 +174,7 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_matches_uninterrupted_run(tmp_pat
     assert safe_load(last)["global_step"] == 6
     assert crashed.poll() is None, "the run must still be alive when it is killed"
     os.kill(crashed.pid, signal.SIGKILL)
-    crashed.communicate(timeout=60)
+    crashed.communicate(timeout=HANG_S)
     assert crashed.returncode == -signal.SIGKILL
     assert not (run_root / "klal" / "version_0" / "adapter").exists(), "a killed run must not have finished"
 

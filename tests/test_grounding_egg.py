@@ -147,3 +147,51 @@ def test_egg_refuses_an_image_smaller_than_min_crop(gm):
 def test_bad_options_are_named():
     with pytest.raises(GroundingError, match="max_rounds"):
         egg.EntropyGradientGrounding(max_rounds=-1)
+
+
+# -------------------------------------------------------------------------------------- the returned round's plumbing
+
+
+def _blobs(shape: tuple[int, int], *blobs: tuple[str, float]) -> np.ndarray:
+    """A relevance grid: small noise plus 2 x 2 blobs at the named corners ("tl", "br") with the given value."""
+    h, w = shape
+    grid = np.full((h, w), 1e-3)
+    for corner, value in blobs:
+        rows, cols = (slice(0, 2), slice(0, 2)) if corner == "tl" else (slice(h - 2, h), slice(w - 2, w))
+        grid[rows, cols] = value
+    return grid
+
+
+def test_egg_returns_the_returned_rounds_maps_and_the_top_regions_statistic(gm, rows, monkeypatch):
+    """Scripted relevance (the model's own passes are checked elsewhere), max_rounds 1, top_k 1:
+
+    * round 0, image 0: two blobs (top-left 1.0, bottom-right 0.6), so H_0 > 0 and the loop goes on with one crop;
+    * round 1, image 0: one faint blob (bottom-right, 0.1); the crop: two strong blobs (5.0 and 3.0). The top region
+      is on the crop, so H_1 is the crop map's statistic (> 0), not image 0's (one blob: 0), as the authors index
+      ``ents[stack_idx]``; round 1 is returned (the cap), so the result's map is round 1's image-0 map, not round 0's.
+    """
+    row = rows[1]
+    calls = []
+
+    def scripted(gm_, images, question):
+        shapes = gm_.inputs(images, question)["grids"]
+        shapes = [s[0] if isinstance(s, list) else s for s in shapes]
+        if len(images) == 1:
+            grids = [_blobs(shapes[0], ("tl", 1.0), ("br", 0.6))]
+        else:
+            grids = [_blobs(shapes[0], ("br", 0.1)), _blobs(shapes[1], ("tl", 5.0), ("br", 3.0))]
+        calls.append(grids)
+        return grids, 1.0
+
+    monkeypatch.setattr(egg, "entropy_relevance", scripted)
+    res = build_method("entropy_gradient", max_rounds=1, top_k=1, max_new_tokens=1).run(gm, row)
+    assert len(calls) == 2 and res.extras["returned_round"] == 1
+    round0, round1 = res.extras["rounds"]
+    assert round0["sources"] == [0] and round1["sources"] == [1]  # round 1's top region lies on the crop
+    h0 = egg.stopping_entropy(calls[0][0])
+    crop_h, image0_h = egg.stopping_entropy(calls[1][1]), egg.stopping_entropy(calls[1][0])
+    assert 0 < h0 < egg.START_ENTROPY and image0_h == 0 < crop_h
+    assert round0["stop_entropy"] == pytest.approx(h0) and round1["stop_entropy"] == pytest.approx(crop_h)
+    (got,) = res.maps
+    want = calls[1][0]
+    np.testing.assert_allclose(got / got.sum(), want / want.sum(), rtol=1e-6)

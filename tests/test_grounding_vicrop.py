@@ -219,3 +219,16 @@ def test_end_to_end(gm, row, name):
         assert 0 <= res.extras["layer"] < gm.num_layers
         assert int(np.argmax(res.extras["vaq"])) == res.extras["layer"]
         assert sum(res.extras["greyed_cells"]) == max(1, round(0.1 * grids[0][0] * grids[0][1]))
+
+
+def test_window_skip_needs_the_whole_grid_on_both_axes():
+    """A window that spans the grid's height but not its width is scored, not skipped (the authors skip a window only
+    when it covers both axes). Worked by hand: a 1000 x 200 image on a 4 x 20 grid (50 px blocks), attention on
+    column 10. Ratio 1: 224 px = 4 x 4 blocks (all 4 rows); the first window holding column 10 starts at x = 7
+    (sum 4; neighbours x = 6: 0, x = 8: 4), sharpness (4 - 2) / 16 = 0.125, above ratio 1.2's (4 - 2) / 20 and the
+    larger ones'. Centre cx = int(7 * 50 + 50 * 4 / 2) = 450, cy = int(0 + 50 * 4 / 2) = 100 clamped to
+    200 - 112 = 88; half = 112: (338, 0, 562, 200). Skipping on either axis would return the whole image."""
+    grid = np.zeros((4, 20))
+    grid[:, 10] = 1.0
+    assert vicrop.crop_box(grid, (1000, 200), 224) == (338, 0, 562, 200)
+    assert vicrop.crop_box(grid.T, (200, 1000), 224) == (0, 338, 200, 562)  # the same, transposed

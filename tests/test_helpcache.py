@@ -70,3 +70,31 @@ def test_the_key_follows_the_source_files(tmp_path, monkeypatch):
     assert help_key("prog", ["--help"]) == before
     (package / "module.py").write_text((package / "module.py").read_text() + "\n# changed\n")
     assert help_key("prog", ["--help"]) != before
+
+
+def test_shipped_help_texts_are_current():
+    """Every klal command's help ships with the package (klal/help_texts.json) for this source and these package
+    versions; after a source change this fails until ``python -m klal.helpcache`` regenerates the file."""
+    texts = helpcache.shipped_texts()
+    stale = [" ".join(c) for c in helpcache.SHIPPED_COMMANDS if help_key(c[0], list(c[1:])) not in texts]
+    assert not stale, f"klal/help_texts.json is stale for {stale}: run `python -m klal.helpcache` and commit it"
+
+
+def test_first_help_after_install_imports_nothing_heavy(tmp_path):
+    """With an empty store (a fresh install), ``klal NAME --help`` prints the shipped text without importing torch,
+    transformers, Lightning or jsonargparse (what made the first call take 9-10 CPU-seconds)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KLAL_DEBUG", "KLAL_HELP_CACHE")}
+    env["KLAL_CACHE_DIR"] = str(tmp_path / "empty")
+    for name, *argv in (("train", "fit", "--help"), ("discover-heads", "--help")):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "klal", name, *argv], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout == helpcache.shipped_texts()[help_key(f"klal {name}", argv)]
+        imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+        assert imported and not imported & {"torch", "transformers", "lightning", "jsonargparse"}
+    assert not (tmp_path / "empty").exists()  # nothing had to be built and stored

@@ -102,3 +102,100 @@ def test_declared_size_must_match_the_image():
         check_declared_size({"width": 448, "height": 100}, im, "d [train]: sample 'a' (row 0)")
     with pytest.raises(ValueError, match=r"declares width x height 0 x 0"):
         check_declared_size({"width": 0, "height": 0}, im, "x")
+
+
+# -- EXIF orientation: one decode, as datasets decodes --------------------------------------------------------------
+
+# The upright image is 112 x 168 (4 x 6 tokens of 28 px); the object, red, fills tokens (rows 1-2, columns 0-1), a
+# place no flip or turn maps onto itself. Each orientation stores the pixels turned the other way with the tag that
+# turns them back (PIL's own table, ImageOps.exif_transpose).
+UPRIGHT_W, UPRIGHT_H, OBJECT_BOX = 112, 168, [0.0, 28.0, 56.0, 84.0]
+UNDO = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # orientation 6 is undone by ROTATE_270
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,  # orientation 8 is undone by ROTATE_90
+}
+
+
+def oriented_jpeg(orientation: int) -> bytes:
+    upright = np.full((UPRIGHT_H, UPRIGHT_W, 3), 235, np.uint8)
+    x0, y0, x1, y1 = map(int, OBJECT_BOX)
+    upright[y0:y1, x0:x1] = (220, 20, 20)
+    im = Image.fromarray(upright)
+    if UNDO[orientation] is not None:
+        im = im.transpose(UNDO[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exif_dataset(tmp_path_factory):
+    """One split, a row per EXIF orientation 1-8 declaring the upright size; saved once with the image column decoded
+    and once undecoded (``datasets.Image(decode=False)``, the original bytes)."""
+    import datasets
+
+    from klal.data.schema import FEATURES
+
+    rows = [
+        {
+            "id": f"exif-{o}",
+            "task": "test",
+            "image": {"bytes": oriented_jpeg(o), "path": None},
+            "question": "Where is the red square?",
+            "answer": "left",
+            "width": UPRIGHT_W,
+            "height": UPRIGHT_H,
+            "evidence": {"boxes": [OBJECT_BOX], "points": [], "polylines": []},
+            "meta": "{}",
+        }
+        for o in range(1, 9)
+    ]
+    ds = datasets.Dataset.from_list(rows, features=FEATURES)
+    out = {}
+    for kind, column in (("decoded", ds), ("undecoded", ds.cast_column("image", datasets.Image(decode=False)))):
+        out[kind] = str(tmp_path_factory.mktemp(kind) / "ds")
+        datasets.DatasetDict({"train": column}).save_to_disk(out[kind])
+    return out
+
+
+def test_exif_orientation_header_size_is_the_upright_size():
+    from klal.data.images import upright_size
+
+    for o in range(1, 9):
+        with Image.open(io.BytesIO(oriented_jpeg(o))) as im:
+            assert upright_size(im) == (UPRIGHT_W, UPRIGHT_H), o
+
+
+@pytest.mark.parametrize("kind", ["decoded", "undecoded"])
+def test_exif_orientation_map_lies_on_the_object_the_model_sees(kind, exif_dataset, tiny_processor):
+    """For each orientation the collated target map puts its mass on the red object in the image the collator feeds
+    the processor, and the decoded and undecoded columns give the same pixels (what datasets' decoding gives)."""
+    import datasets
+
+    from klal.data.collate import KLALCollator
+    from klal.data.io import load_split, read_row
+
+    ds = load_split(exif_dataset[kind], "train")
+    assert isinstance(ds.features["image"], datasets.Image) and ds.features["image"].decode == (kind == "decoded")
+    reference = datasets.load_from_disk(exif_dataset["decoded"])["train"]  # datasets' own decoding
+    rows = [read_row(ds, i, exif_dataset[kind]) for i in range(len(ds))]
+    batch = KLALCollator(tiny_processor)(rows)
+    for i, row in enumerate(rows):
+        fed = np.asarray(row["image"].convert("RGB"), dtype=np.float64)
+        np.testing.assert_array_equal(fed, np.asarray(reference[i]["image"].convert("RGB"), dtype=np.float64))
+        assert batch["grids"][i] == [(6, 4)]
+        # Per token, whether the fed image is red there (independent of the evidence and of klal's map).
+        red = (fed[..., 0] > 150) & (fed[..., 1] < 100)
+        on_object = red.reshape(6, 28, 4, 28).mean(axis=(1, 3)) > 0.5  # (6, 4)
+        assert on_object.sum() == 4, row["id"]
+        target = batch["target"][i, :24].reshape(6, 4).numpy()
+        mass = float(target[on_object].sum() / target.sum())
+        assert mass > 0.99, f"{row['id']}: {mass:.3f} of the map on the object"

@@ -25,7 +25,7 @@ from klal.data.schema import FEATURES
 from klal.fsdp import KLALFSDPStrategy, mixed_dtype_units, strip_wrapper_prefixes
 from klal.global_batch import global_share
 from klal.kernels import flash_attention_available, resolve_attn_implementation
-from tests.conftest import make_row, make_text_row
+from tests.conftest import HANG_S, make_row, make_text_row
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo config's pixel bounds, which the DDP runs below use.
@@ -55,7 +55,7 @@ def test_estimated_lengths_equal_collated_lengths(tiny_processor, prompt):
         estimate_lengths(ds.remove_columns("width"), tiny_processor)
     # Only a 0 x 0 (or unknown) size means "no image"; one zero side is an error naming the sample.
     assert estimate_lengths([dict(rows[-1], width=None, height=None)], tiny_processor, prompt) == real[-1:]
-    with pytest.raises(ValueError, match="sample 0.*positive"):
+    with pytest.raises(ValueError, match=r"sample .row-0. \(row 0\), image 0 x 224.*positive"):
         estimate_lengths([dict(rows[0], width=0)], tiny_processor, prompt)
 
 
@@ -349,7 +349,9 @@ CHECKPOINT_EVERY_STEP = (
 )
 
 
-def _run_ddp(tmp_path: Path, args: list[str], timeout: int = 240, strategy: str = "ddp") -> subprocess.CompletedProcess:
+def _run_ddp(
+    tmp_path: Path, args: list[str], timeout: float = HANG_S, strategy: str = "ddp"
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "train.py"), *args]
     cmd += ["--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.accelerator", "cpu"]
@@ -455,7 +457,7 @@ def test_ddp_with_a_rank_whose_batch_has_no_image_finishes(tmp_path):
     data = _write_dataset(tmp_path / "data", rows, val)
     # ddp_find_unused_parameters_false: Lightning's DDP with find_unused_parameters=False spelled out.
     args = _train_cmd(tmp_path, data, steps, batch, ["--data.seed", "0"])
-    _run_ddp(tmp_path, args, timeout=300, strategy="ddp_find_unused_parameters_false")
+    _run_ddp(tmp_path, args, strategy="ddp_find_unused_parameters_false")
     names = ("train/loss_step", "train/ntp_step", "train/klal_step", "val/loss", "val/no_map")
     m = _step_metrics(tmp_path, names)
     for name in names[:3]:
@@ -509,7 +511,7 @@ def test_multi_node_launchers_give_each_process_its_rank(tmp_path, launcher):
     for rank in (0, 1):
         env = dict(base, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", **_launcher_env(rank, launcher))
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+            [sys.executable, "-c", _PROBE, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE"))

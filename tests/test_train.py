@@ -17,6 +17,7 @@ import yaml
 # the moment, which must not be a test's captured, later closed, stream.
 import klal.train_cli  # noqa: F401
 import train
+from tests.conftest import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -128,7 +129,7 @@ def _fit_two_process_ddp(tmp_path: Path, data: str, *extra: str) -> subprocess.C
         "cpu",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

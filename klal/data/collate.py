@@ -209,6 +209,23 @@ class KLALCollator:
             f"(question {row.get('question')!r})"
         )
 
+    def _refused_sample(self, rows: list[dict[str, Any]], images_per_row: list[list[Any]], prompts: list[str]) -> str:
+        """``sample 'ID'`` (with its image size) of the first row the processor refuses on its own; ``samples ...``
+        naming the whole batch when none is refused alone."""
+        for i, (row, ims, prompt) in enumerate(zip(rows, images_per_row, prompts)):
+            try:
+                self.processor(
+                    text=[prompt],
+                    images=self.family.processor_images([ims]),
+                    padding=False,
+                    return_tensors=None,
+                    add_special_tokens=False,
+                )
+            except ValueError:
+                sizes = ", ".join(f"{im.width} x {im.height}" for im in ims)
+                return f"sample {_sample_id(row, i)!r} (image {sizes})" if ims else f"sample {_sample_id(row, i)!r}"
+        return "samples " + ", ".join(repr(_sample_id(r, i)) for i, r in enumerate(rows))
+
     # -- main entry -----------------------------------------------------------------------------------------------
     def __call__(self, rows: list[dict[str, Any]]) -> KLALBatch:
         images_per_row = [
@@ -216,13 +233,16 @@ class KLALCollator:
         ]
         images = [im for ims in images_per_row for im in ims]
         prompts = [self.prompt_text(r["question"], len(ims)) for r, ims in zip(rows, images_per_row)]
-        enc = self.processor(
-            text=prompts,
-            images=self.family.processor_images(images_per_row),
-            padding=False,
-            return_tensors=None,
-            add_special_tokens=False,  # the chat template wrote them (a bos the tokenizer added would be a second)
-        )
+        try:
+            enc = self.processor(
+                text=prompts,
+                images=self.family.processor_images(images_per_row),
+                padding=False,
+                return_tensors=None,
+                add_special_tokens=False,  # the chat template wrote them (a bos the tokenizer added would be a second)
+            )
+        except ValueError as e:  # the processor refuses an image (an aspect ratio over 200) without naming it
+            raise ValueError(f"{self._refused_sample(rows, images_per_row, prompts)}: {e}") from None
         image_grids = self.family.image_grids(self.processor, enc, len(images))
 
         seqs, labels, answer_masks, word_masks = [], [], [], []

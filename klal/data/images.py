@@ -18,8 +18,12 @@ Every PIL mode is converted by what its pixels mean, never by PIL's plain ``conv
 * Any other mode (``LAB``, which PIL cannot convert colorimetrically, ``La``, multi-band float modes) is refused with
   the sample named.
 
-An undecoded image (``{"bytes", "path"}``, a ``datasets.Image(decode=False)`` column) is decoded here; one that
-cannot be decoded is an :class:`ImageReadError` naming the sample and the file (or "its stored bytes").
+An undecoded image (``{"bytes", "path"}``, a ``datasets.Image(decode=False)`` column) is decoded here, as
+``datasets.Image`` decodes it: bytes first, then the EXIF orientation applied (:func:`upright`), so a photo stored
+sideways with an orientation tag gives the same pixels, size and target map in a decoded and an undecoded column. One
+that cannot be decoded is an :class:`ImageReadError` naming the sample and the file (or "its stored bytes").
+Wherever klal reads only an image's header for its size (the converters), :func:`upright_size` gives the size after
+that orientation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import re
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 """What PIL raises on data it cannot decode: ``UnidentifiedImageError`` and "image file is truncated" (OSError),
@@ -54,13 +58,34 @@ def is_stored_image(value: Any) -> bool:
     return isinstance(value, dict) and ("bytes" in value or "path" in value)
 
 
+ORIENTATION_TAG = 0x0112
+"""The EXIF tag that says how a stored image is to be turned for display (values 1-8)."""
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+"""Orientations that transpose the image: its displayed width is its stored height."""
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says, as ``datasets.Image`` does when it decodes (an image without the tag
+    is returned as it is)."""
+    if im.getexif().get(ORIENTATION_TAG) is None:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``im`` (opened, not necessarily decoded) after :func:`upright`, read from the header."""
+    width, height = im.size
+    return (height, width) if im.getexif().get(ORIENTATION_TAG) in SWAPPING_ORIENTATIONS else (width, height)
+
+
 def decode_stored(value: dict[str, Any]) -> Image.Image:
-    """Decode an undecoded image ``{"bytes", "path"}`` completely (bytes first, as ``datasets`` does); PIL's errors
-    (:data:`DECODE_ERRORS`) pass through for the caller to name the sample."""
+    """Decode an undecoded image ``{"bytes", "path"}`` completely and turn it upright, as ``datasets.Image`` does
+    (bytes first, then the EXIF orientation); PIL's errors (:data:`DECODE_ERRORS`) pass through for the caller to name
+    the sample."""
     data, path = value.get("bytes"), value.get("path")
     im = Image.open(io.BytesIO(data)) if data else Image.open(path)
     im.load()
-    return im
+    return upright(im)
 
 
 def decode_message(error: BaseException) -> str:
@@ -172,12 +197,16 @@ __all__ = [
     "DECODE_ERRORS",
     "DIRECT_MODES",
     "ImageReadError",
+    "ORIENTATION_TAG",
     "RANGE_MODES",
     "SIXTEEN_BIT_MODES",
+    "SWAPPING_ORIENTATIONS",
     "check_declared_size",
     "decode_message",
     "decode_stored",
     "is_stored_image",
     "open_image",
     "to_rgb",
+    "upright",
+    "upright_size",
 ]

@@ -45,7 +45,14 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from klal.data.images import check_declared_size, decode_message, decode_stored, is_stored_image, to_rgb
+from klal.data.images import (
+    check_declared_size,
+    decode_message,
+    decode_stored,
+    is_stored_image,
+    to_rgb,
+    upright_size,
+)
 from klal.data.schema import FEATURES, SPLITS, check_columns
 
 logger = logging.getLogger("klal.data")
@@ -537,7 +544,7 @@ def _image_size(value: Any) -> tuple[int, int] | None:
         Image.MAX_IMAGE_PIXELS = None  # only the header is read
         source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
         with Image.open(source) as im:
-            return im.size
+            return upright_size(im)
     except Exception:  # noqa: BLE001 - the size only improves a message that is raised anyway
         return None
     finally:
@@ -652,7 +659,7 @@ class ImageResolver:
     def _read_size(self, name: str, opener: Any) -> tuple[int, int] | str:
         try:
             with opener() as im:
-                size = (int(im.width), int(im.height))
+                size = upright_size(im)  # the size datasets decodes it at (EXIF orientation applied)
                 if self.verify:
                     im.verify()
         except Exception as e:  # any decoder failure means "unreadable"; the message is reported

@@ -36,6 +36,15 @@ __all__ = ["LengthGroupedSampler", "TokenBudgetBatchSampler", "estimate_lengths"
 _LENGTH_COLUMNS = ("width", "height", "question", "answer")
 
 
+def _sample_name(dataset: Any, index: int) -> str:
+    """``sample 'ID' (row N)`` for row ``index`` of a dataset or a list of rows (``row N`` without an id column)."""
+    if hasattr(dataset, "select_columns") and hasattr(dataset, "column_names"):
+        sample = dataset.select_columns(["id"])[index]["id"] if "id" in dataset.column_names else None
+    else:
+        sample = dataset[index].get("id")
+    return f"sample {sample!r} (row {index})" if sample is not None else f"row {index}"
+
+
 def _columns(dataset: Any) -> dict[str, list[Any]]:
     """The length-relevant columns of a ``datasets.Dataset`` (without decoding images) or a list of row dicts."""
     if hasattr(dataset, "select_columns") and hasattr(dataset, "column_names"):
@@ -91,7 +100,8 @@ def estimate_lengths(dataset: Any, processor: Any, prompt: PromptSettings | None
         try:
             n_image = family.image_token_count(processor, int(h or 0), int(w or 0))
         except ValueError as e:
-            raise ValueError(f"estimate_lengths: sample {i}: {e}") from e
+            where = f"{_sample_name(dataset, i)}, image {int(w or 0)} x {int(h or 0)}"
+            raise ValueError(f"estimate_lengths: {where}: {e}") from e
         lengths.append(overhead + n_image + n_question[i] + n_answer[i])
     return lengths
 

@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         return {}
     cfg = EvalConfig(**{f.name: getattr(cmd, f.name) for f in fields(EvalConfig)})
     with user_errors(prog):  # Ctrl-C while torch & co. are imported is "interrupted", not a traceback
+        cfg.check_adapter_rows()  # before torch & co. are imported
         from klal.eval.engine import evaluate
         from klal.eval.report import check_ranges
 

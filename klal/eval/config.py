@@ -89,6 +89,23 @@ class EvalConfig:
         if self.methods:
             self.methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in self.methods]
 
+    def check_adapter_rows(self) -> None:
+        """Refuse rows that run on the adapter when no ``adapter`` is given; a check on the config alone, made before
+        anything is imported or loaded.
+
+        Raises:
+            ValueError: naming the first such row.
+        """
+        if self.adapter:
+            return
+        rows = list(self.methods) if self.methods else default_methods(False)
+        for m in rows:
+            if m.weights == "adapter":
+                raise ValueError(
+                    f"method row {m.row!r} runs on the adapter, but no --adapter was given (add --adapter RUN/adapter, "
+                    "e.g. runs/demo/klal/version_0/adapter, or leave the row out)"
+                )
+
     def method_rows(self) -> list[MethodSpec]:
         """The rows of the table: ``methods``, or the defaults (:func:`default_methods`), with ``decoding`` given to
         the rows that take it.

@@ -215,14 +215,13 @@ def check_config(cfg: EvalConfig) -> EvalPlan:
     """
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    cfg.check_adapter_rows()
     specs = cfg.method_rows()
     methods = []
     for m in specs:
         methods.append(build_method(m.name, **m.options))  # unknown names and options fail here, before any model
         if m.weights not in ("base", "adapter"):
             raise GroundingError(f"method row {m.row!r}: 'weights' must be base or adapter, got {m.weights!r}")
-        if m.weights == "adapter" and not cfg.adapter:
-            raise GroundingError(f"method row {m.row!r} runs on the adapter, but no --adapter was given")
     labels = [m.row for m in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
