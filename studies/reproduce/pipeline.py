@@ -42,8 +42,19 @@ import torch
 from klal.data.targets import TargetSpec
 from klal.geometry import DEFAULT_MIN_PIXELS
 from klal.models.lora import BASE_PARTS, LoraSettings
+from studies.reproduce.wrong_answer import WRONG_ANSWER
 
-TASKS = ("grid_patch", "line_intersection", "line_tracing", "shape_lookup", "colour_lookup", "neighbour_lookup")
+TASKS = (
+    "grid_patch",
+    "line_intersection",
+    "line_tracing",
+    "shape_lookup",
+    "colour_lookup",
+    "neighbour_lookup",
+    "ring_colour",
+    "outline_colour",
+    "beside_colour",
+)
 T = TypeVar("T")
 
 
@@ -249,8 +260,6 @@ class StudyConfig:
             )
 
     def _check_leak(self) -> None:
-        from studies.reproduce.leak import WRONG_ANSWER
-
         bad = [a for a in self.leak_arms if a not in self.arms]
         if bad:
             raise ValueError(f"repro config: leak_arms {bad} are not arms ({list(self.arms)})")
