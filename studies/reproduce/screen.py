@@ -18,7 +18,9 @@ of ``python -m studies.reproduce`` measures each, per task, with the thresholds 
 With the oracle run on the NTP models themselves, (2) and (3) compare the same oracle with the same models, on
 ``samples`` items in (2) and on the eval's ``test_samples`` in (3); both are reported. It writes
 ``results_dir/screen.md`` (its own table: every number, each criterion's verdict, the reference rows) and
-``screen.json``; each run's oracle is cached in its folder (``screen.json``), the readout in the run folder of Base.
+``screen.json``, and per item the base's readout answers and the NTP runs' test answers
+(``screen_predictions/<task>.jsonl``); each run's oracle is cached in its folder (``screen.json``), the readout in
+the run folder of Base.
 """
 
 from __future__ import annotations
@@ -286,7 +288,17 @@ def stage_screen(cfg: StudyConfig, command: str, force: bool = False) -> Path:
             flush=True,
         )
     out = Path(cfg.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "screen_predictions").mkdir(parents=True, exist_ok=True)
+    for task in cfg.tasks:
+        # Per item: the base's readout answers, and the NTP runs' test answers the gap is computed from.
+        lines = [{"part": "readout", "arm": "base", "seed": None, **it} for it in readout(cfg, task)["items"]]
+        ref = repro.reference_arm(cfg)
+        for (t, arm, seed), spec in repro.main_runs(cfg).items():
+            if t == task and arm == ref:
+                items = json.loads((repro.run_path(cfg, spec) / "eval.json").read_text())["items"]
+                lines += [{"part": "test", "arm": arm, "seed": seed, **it} for it in items]
+        text = "".join(json.dumps({"task": task, **x}) + "\n" for x in lines)
+        (out / "screen_predictions" / f"{task}.jsonl").write_text(text)
     (out / "screen.json").write_text(json.dumps({"command": command, "screen": result}, indent=1))
     (out / "screen.md").write_text(render(cfg, result, command))
     return out / "screen.md"
