@@ -64,7 +64,14 @@ def test_screen_stage_toy(tmp_path: Path) -> None:
         "probe_arms": [],
         "answer_render": "fewest_tokens",
         "confirmatory_scan": str(tmp_path),
-        "screen": {"samples": 4, "readout_samples": 5, "betas": [1.0, 1.0e4]},
+        "screen": {
+            "samples": 4,
+            "readout_samples": 5,
+            "betas": [1.0, 1.0e4],
+            "readout_phrasings": {
+                "ring_colour": ["What colour is the object?", "Which colour is in the {selector} ring?"]
+            },
+        },
     }
     cfg_p = tmp_path / "toy.yaml"
     cfg_p.write_text(yaml.safe_dump(toy))
@@ -93,9 +100,24 @@ def test_screen_stage_toy(tmp_path: Path) -> None:
     assert not res["verdict"]["passed"] and "readout" in res["verdict"]["failed"]
     md = (tmp_path / "results" / "screen.md").read_text()
     assert "| ring_colour |" in md and "fail: readout" in md and "Dropped (not studied): ring_colour" in md
+    assert set(res["readout"]["phrasings"]) == set(toy["screen"]["readout_phrasings"]["ring_colour"])
+    assert "| ring_colour | Which colour is in the {selector} ring? |" in md
     preds = [json.loads(x) for x in (tmp_path / "results" / "screen_predictions" / "ring_colour.jsonl").open()]
     assert [p["part"] for p in preds] == ["readout"] * 5 + ["test"] * 4
     assert [p["exact_tf"] for p in preds[5:]] == [it["exact_tf"] for it in items]
+
+
+def test_rephrase_names_the_selector() -> None:
+    from studies.reproduce.screen import _rephrase
+
+    row = {"question": "q", "meta": json.dumps({"query_word": "cyan", "objects": []})}
+    named = _rephrase(row, "Which colour is in the {selector} ring?")
+    assert (
+        named["question"] == "Which colour is in the cyan ring?" and json.loads(named["meta"])["query_word"] == "cyan"
+    )
+    # A phrasing without the selector drops it from the meta: the collator would look for it in the question.
+    plain = _rephrase(row, "What colour is the object?")
+    assert plain["question"] == "What colour is the object?" and "query_word" not in json.loads(plain["meta"])
 
 
 def repro_cfg(path: Path):

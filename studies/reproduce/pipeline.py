@@ -132,6 +132,9 @@ class ScreenSettings:
     """Generator overrides (on top of each task's own) that make the one-object images."""
     readout_seed: int = 1
     """Data seed of the one-object images."""
+    readout_phrasings: dict[str, list[str]] = field(default_factory=dict)
+    """Task -> other phrasings the base's readout is also scored with, on the same images (``{selector}``: the
+    colour the question names); reported beside criterion 1, not part of it."""
     betas: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
     """Oracle biases tried; the best one (mean accuracy over seeds) is the oracle's, and the control uses it too."""
     min_readout: float = 0.9

@@ -77,7 +77,8 @@ def readout(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, Any]:
 
     Returns:
         ``{"n", "exact" (teacher-forced exact match), "answers_a_fill" / "names_selector" (shares of the greedy answers
-        naming one of the task's answers / the object's selector colour, the meta's ``query_word``), "items"}``.
+        naming one of the task's answers / the object's selector colour, the meta's ``query_word``), "items",
+        "phrasings": {phrasing: the same numbers, the images asked with ``screen.readout_phrasings``}}``.
     """
     path = Path(cfg.run_dir) / task / "base" / "readout.json"
     fp = {"screen": dataclasses.asdict(cfg.screen), "render": cfg.answer_render, "backbone": cfg.backbone}
@@ -87,22 +88,39 @@ def readout(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, Any]:
             return cached
     rows = readout_rows(cfg, task)
     module = repro.build_module(cfg)
-    m = repro.evaluate_model(module, rows, batch_size=cfg.eval_batch_size, generate=True, max_new_tokens=4)
     answers = {a.strip() for a in repro.generator(cfg, task).answer_classes() or []}
-    metas = [repro.parse_meta(x) for x in rows["meta"]]
+    out = {**_readout_scores(cfg, module, rows, answers), "fingerprint": fp, "phrasings": {}}
+    for phrasing in cfg.screen.readout_phrasings.get(task, []):
+        asked = rows.map(lambda r, q=phrasing: _rephrase(r, q))
+        scores = _readout_scores(cfg, module, asked, answers)
+        out["phrasings"][phrasing] = {k: v for k, v in scores.items() if k != "items"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _rephrase(row: dict[str, Any], phrasing: str) -> dict[str, Any]:
+    """``row`` asked with ``phrasing`` (``{selector}``: the meta's ``query_word``, which is dropped from the meta when
+    the phrasing does not name it, as the collator looks for it in the question)."""
+    meta = repro.parse_meta(row["meta"])
+    selector = meta.get("query_word", "")
+    if "{selector}" not in phrasing:
+        meta.pop("query_word", None)
+    return {"question": phrasing.format(selector=selector), "meta": json.dumps(meta)}
+
+
+def _readout_scores(cfg: StudyConfig, module: Any, rows: Any, answers: set[str]) -> dict[str, Any]:
+    """Teacher-forced exact match of ``rows`` and what the greedy answers name (see :func:`readout`)."""
+    m = repro.evaluate_model(module, rows, batch_size=cfg.eval_batch_size, generate=True, max_new_tokens=4)
+    selector = [str(repro.parse_meta(x).get("query_word", "")) for x in rows["meta"]]
     first = [(it["prediction"] or "").strip().split(" ")[0] for it in m["items"]]
-    selector = [str(meta.get("query_word", "")) for meta in metas]
-    out = {
+    return {
         "n": m["n"],
         "exact": m["exact_tf"],
         "answers_a_fill": float(np.mean([f in answers for f in first])),
         "names_selector": float(np.mean([bool(q) and f == q for f, q in zip(first, selector)])),
         "items": m["items"],
-        "fingerprint": fp,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    return out
 
 
 def run_oracle(cfg: StudyConfig, spec: repro.RunSpec, force: bool = False) -> dict[str, Any]:
@@ -252,6 +270,21 @@ def render(cfg: StudyConfig, result: dict[str, dict[str, Any]], command: str) ->
         lines.append(
             f"| {task} | {b['n']} | {_pct(b['exact'])} | {_pct(b['answers_a_fill'])} | {_pct(b['names_selector'])} |"
         )
+    extra = [(t, q, v) for t, r in result.items() for q, v in (r["readout"].get("phrasings") or {}).items()]
+    if extra:
+        lines += [
+            "",
+            "Base readout on the same one-object images asked with other phrasings (`screen.readout_phrasings`; "
+            "`{selector}` = the named colour; not a criterion: it tells a phrasing the base does not follow from a "
+            "colour it does not read):",
+            "",
+            "| task | phrasing | exact | answers a fill colour | names the selector |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for t, q, v in extra:
+            lines.append(
+                f"| {t} | {q} | {_pct(v['exact'])} | {_pct(v['answers_a_fill'])} | {_pct(v['names_selector'])} |"
+            )
     lines += [
         "",
         "Oracle per beta (mean over seeds; beta 0 = the model as it is): accuracy with the bias on the asked-for "
