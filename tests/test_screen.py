@@ -101,7 +101,7 @@ def test_screen_stage_toy(tmp_path: Path) -> None:
     md = (tmp_path / "results" / "screen.md").read_text()
     assert "| ring_colour |" in md and "fail: readout" in md and "Dropped (not studied): ring_colour" in md
     assert set(res["readout"]["phrasings"]) == set(toy["screen"]["readout_phrasings"]["ring_colour"])
-    assert "| ring_colour | Which colour is in the {selector} ring? |" in md
+    assert "| ring_colour | Which colour is in the {selector} ring? | 5 |" in md
     preds = [json.loads(x) for x in (tmp_path / "results" / "screen_predictions" / "ring_colour.jsonl").open()]
     assert [p["part"] for p in preds] == ["readout"] * 5 + ["test"] * 4
     assert [p["exact_tf"] for p in preds[5:]] == [it["exact_tf"] for it in items]

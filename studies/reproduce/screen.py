@@ -220,6 +220,12 @@ def _mean_std(xs: list[float]) -> str:
     return repro.fmt(*repro.mean_std(list(xs)))
 
 
+def _table(intro: str, columns: list[str], text_columns: int = 1) -> list[str]:
+    """Markdown lines: a paragraph, then a table head (the first ``text_columns`` left-aligned, numbers right)."""
+    aligns = ["---"] * text_columns + ["---:"] * (len(columns) - text_columns)
+    return ["", intro, "", "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
+
+
 def render(cfg: StudyConfig, result: dict[str, dict[str, Any]], command: str) -> str:
     """``screen.md``: the screen's table (one row per task) and the oracle per beta."""
     s = cfg.screen
@@ -257,43 +263,27 @@ def render(cfg: StudyConfig, result: dict[str, dict[str, Any]], command: str) ->
             f"{100 * r['control_gain']:+.1f} ({ok(v['control'])}) | {_mean_std(r['control_names_other'])} | "
             f"{100 * r['ntp_gap']:+.1f} ({ok(v['ntp_gap'])}) | {verdict} |"
         )
-    lines += [
-        "",
-        "Base readout, greedy answers: share naming one of the task's answers / naming the selector colour the "
-        "question gives (the marker's):",
-        "",
-        "| task | items | exact | answers a fill colour | names the selector |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    lines += _table(
+        "Base readout on the one-object images: with the task's phrasing (criterion 1) and with the other phrasings of "
+        "`screen.readout_phrasings` (`{selector}` = the named colour; not a criterion: they tell a phrasing the base "
+        "does not follow from a colour it does not read). Greedy answers naming one of the task's answers / the "
+        "selector colour the question gives (the marker's):",
+        ["task", "phrasing", "items", "exact", "answers a fill colour", "names the selector"],
+        text_columns=2,
+    )
     for task, r in result.items():
         b = r["readout"]
-        lines.append(
-            f"| {task} | {b['n']} | {_pct(b['exact'])} | {_pct(b['answers_a_fill'])} | {_pct(b['names_selector'])} |"
-        )
-    extra = [(t, q, v) for t, r in result.items() for q, v in (r["readout"].get("phrasings") or {}).items()]
-    if extra:
-        lines += [
-            "",
-            "Base readout on the same one-object images asked with other phrasings (`screen.readout_phrasings`; "
-            "`{selector}` = the named colour; not a criterion: it tells a phrasing the base does not follow from a "
-            "colour it does not read):",
-            "",
-            "| task | phrasing | exact | answers a fill colour | names the selector |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for t, q, v in extra:
+        for q, v in [("the task's (criterion 1)", b), *(b.get("phrasings") or {}).items()]:
             lines.append(
-                f"| {t} | {q} | {_pct(v['exact'])} | {_pct(v['answers_a_fill'])} | {_pct(v['names_selector'])} |"
+                f"| {task} | {q} | {v['n']} | {_pct(v['exact'])} | {_pct(v['answers_a_fill'])} | "
+                f"{_pct(v['names_selector'])} |"
             )
-    lines += [
-        "",
+    lines += _table(
         "Oracle per beta (mean over seeds; beta 0 = the model as it is): accuracy with the bias on the asked-for "
         "object / on another object (still the asked-for answer) / on another object, first answer token = that "
         "object's colour:",
-        "",
-        "| task | beta | asked | control | control answers the other |",
-        "|---|---:|---:|---:|---:|",
-    ]
+        ["task", "beta", "asked", "control", "control answers the other"],
+    )
     for task, r in result.items():
         pb = r["per_beta"]
         for i, b in enumerate(r["betas"]):
