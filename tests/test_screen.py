@@ -87,6 +87,9 @@ def test_screen_stage_toy(tmp_path: Path) -> None:
     assert res["oracle_gain"] == pytest.approx(res["oracle"][0] - res["plain"][0])
     assert res["control_gain"] == pytest.approx(res["control"][0] - res["plain"][0])
     assert res["ntp_gap"] == pytest.approx(res["oracle"][0] - res["ntp_test"][0])
+    # The most frequent first answer token's share, counted from the oracle's per-item tokens at beta 0.
+    first = json.loads((tmp_path / "runs" / "ring_colour" / "ntp_s0" / "screen.json").read_text())["first"][0]
+    assert len(first) == 4 and res["top_answer_share"] == [pytest.approx(max(map(first.count, first)) / 4)]
     # The readout's images hold one object and its ring; its exact match is its items' mean.
     rows = load_split(readout_path(repro_cfg(cfg_p), "ring_colour"), "test")
     assert len(rows) == 5 and all(len(json.loads(m)["objects"]) == 1 for m in rows["meta"])

@@ -113,7 +113,8 @@ def oracle(
     Returns:
         ``{"betas", "exact"`` (asked-for colour, bias on it), ``"control_exact"`` (asked-for colour, bias on the other
         object), ``"control_other"`` (bias on the other object: the first predicted token is the other object's
-        colour's), ``"n"}``, one value per beta.
+        colour's), ``"first"`` (bias on the asked-for object: the predicted first answer token of each row, to tell a
+        model that answers one constant), ``"n"}``, one value (or list) per beta.
     """
     from klal.capture import CaptureRequest, select_queries
     from klal.data.targets import evidence_cells
@@ -122,6 +123,7 @@ def oracle(
 
     gm = GroundingModel(module.model, module.processor)
     exact, control_exact, control_other = defaultdict(list), defaultdict(list), defaultdict(list)
+    first: dict[float, list[int]] = defaultdict(list)
     with gm.borrowed(), torch.no_grad():
         for row in rows:
             target, other = repro.parse_meta(row["meta"])["objects"][:2]
@@ -143,6 +145,7 @@ def oracle(
                     ok = bool(teacher_forced_exact(logits, labels)[0])
                     if is_target:
                         exact[beta].append(ok)
+                        first[beta].append(int(logits[0, pos].argmax()))
                     else:
                         control_exact[beta].append(ok)
                         control_other[beta].append(int(logits[0, pos].argmax()) == other_first)
@@ -151,6 +154,7 @@ def oracle(
         "exact": [float(np.mean(exact[b])) for b in betas],
         "control_exact": [float(np.mean(control_exact[b])) for b in betas],
         "control_other": [float(np.mean(control_other[b])) for b in betas],
+        "first": [first[b] for b in betas],
         "n": len(rows),
     }
 

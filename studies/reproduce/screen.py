@@ -130,7 +130,7 @@ def run_oracle(cfg: StudyConfig, spec: repro.RunSpec, force: bool = False) -> di
 
     path = repro.run_path(cfg, spec) / "screen.json"
     betas = (0.0, *(float(b) for b in cfg.screen.betas))
-    fp = {"samples": cfg.screen.samples, "betas": list(betas), "render": cfg.answer_render}
+    fp = {"samples": cfg.screen.samples, "betas": list(betas), "render": cfg.answer_render, "first": True}
     if path.is_file() and not force:
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fp:
@@ -184,6 +184,11 @@ def screen_task(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, A
         if not p.is_file():
             raise FileNotFoundError(f"run {task}/{spec.name} has no evaluation: run --stages eval first")
         evals.append(json.loads(p.read_text())["exact_tf"])
+    # What the models answer: the share of the screen items given each run's most frequent first answer token, without
+    # and with the oracle (a model that answers one constant cannot show any oracle effect).
+    top = [
+        max(np.unique(o["first"][i], return_counts=True)[1]) / len(o["first"][i]) for o in per_seed for i in (0, best)
+    ]
     gain = float(np.mean(acc[:, best] - acc[:, 0]))
     control_gain = float(np.mean(ctrl[:, best] - acc[:, 0]))
     gap = float(np.mean(acc[:, best]) - np.mean(evals))
@@ -201,6 +206,8 @@ def screen_task(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, A
         "control_names_other": other[:, best].tolist(),
         "per_beta": {"exact": acc.tolist(), "control_exact": ctrl.tolist(), "control_other": other.tolist()},
         "ntp_test": evals,
+        "top_answer_share": top[0::2],
+        "top_answer_share_oracle": top[1::2],
         "oracle_gain": gain,
         "control_gain": control_gain,
         "ntp_gap": gap,
@@ -242,13 +249,14 @@ def render(cfg: StudyConfig, result: dict[str, dict[str, Any]], command: str) ->
         f"layer; best beta of {s.betas} by mean over seeds) raises the NTP models' accuracy on the first "
         f"{s.samples} test items by >= {_pct(s.min_gain)} points over the same models without it, and the same "
         f"bias on another object (control) by < {_pct(s.max_control_gain)}; (3) the NTP models' test accuracy "
-        f"({cfg.test_samples} items, stage eval) is >= {_pct(s.min_gap)} points below the oracle's. Accuracies in "
-        "%, mean ± std over seeds.",
+        f"({cfg.test_samples} items, stage eval) is >= {_pct(s.min_gap)} points below the oracle's. *NTP's most "
+        "frequent answer*: the share of the screen items given each NTP model's most frequent first answer token "
+        "(100 %: one constant answer). Accuracies in %, mean ± std over seeds.",
         "",
         "| task | chance | most frequent | question-blind | (1) base readout | NTP (test) | NTP, screen items | "
-        "oracle | (2) oracle gain | control | control gain | control answers the other object | (3) NTP gap "
-        "| verdict |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "NTP's most frequent answer | oracle | (2) oracle gain | control | control gain | control answers the other "
+        "object | (3) NTP gap | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for task, r in result.items():
         refs, v = r["refs"] or {}, r["verdict"]
@@ -258,7 +266,8 @@ def render(cfg: StudyConfig, result: dict[str, dict[str, Any]], command: str) ->
             f"| {task} | {_pct(refs['chance']['accuracy']) if refs else '—'} | "
             f"{_pct(refs['majority']['accuracy']) if refs else '—'} | "
             f"{_pct(qb['accuracy']) if qb else '—'} | {_pct(r['readout']['exact'])} ({ok(v['readout'])}) | "
-            f"{_mean_std(r['ntp_test'])} | {_mean_std(r['plain'])} | {_mean_std(r['oracle'])} (beta {r['beta']:g}) | "
+            f"{_mean_std(r['ntp_test'])} | {_mean_std(r['plain'])} | {_mean_std(r['top_answer_share'])} | "
+            f"{_mean_std(r['oracle'])} (beta {r['beta']:g}) | "
             f"{100 * r['oracle_gain']:+.1f} ({ok(v['oracle_gain'])}) | {_mean_std(r['control'])} | "
             f"{100 * r['control_gain']:+.1f} ({ok(v['control'])}) | {_mean_std(r['control_names_other'])} | "
             f"{100 * r['ntp_gap']:+.1f} ({ok(v['ntp_gap'])}) | {verdict} |"
