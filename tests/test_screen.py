@@ -104,10 +104,17 @@ def test_screen_stage_toy(tmp_path: Path) -> None:
     md = (tmp_path / "results" / "screen.md").read_text()
     assert "| ring_colour |" in md and "fail: readout" in md and "Dropped (not studied): ring_colour" in md
     assert set(res["readout"]["phrasings"]) == set(toy["screen"]["readout_phrasings"]["ring_colour"])
+    # "names the selector" counts greedy answers naming the image's marker colour, also for a phrasing without it.
+    marker = [json.loads(m)["query_word"] for m in rows["meta"]]
+    for q, got in [(None, res["readout"]), *res["readout"]["phrasings"].items()]:
+        its = base["items"] if q is None else base["phrasings"][q]["items"]
+        named = [(it["prediction"] or "").strip().split(" ")[0] == k for it, k in zip(its, marker)]
+        assert got["names_selector"] == pytest.approx(np.mean(named))
     assert "| ring_colour | Which colour is in the {selector} ring? | 5 |" in md
     preds = [json.loads(x) for x in (tmp_path / "results" / "screen_predictions" / "ring_colour.jsonl").open()]
-    assert [p["part"] for p in preds] == ["readout"] * 5 + ["test"] * 4
-    assert [p["exact_tf"] for p in preds[5:]] == [it["exact_tf"] for it in items]
+    parts = ["readout"] + [f"readout: {q}" for q in toy["screen"]["readout_phrasings"]["ring_colour"]]
+    assert [p["part"] for p in preds] == [x for x in parts for _ in range(5)] + ["test"] * 4
+    assert [p["exact_tf"] for p in preds[15:]] == [it["exact_tf"] for it in items]
 
 
 def test_rephrase_names_the_selector() -> None:

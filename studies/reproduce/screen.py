@@ -81,7 +81,7 @@ def readout(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, Any]:
         "phrasings": {phrasing: the same numbers, the images asked with ``screen.readout_phrasings``}}``.
     """
     path = Path(cfg.run_dir) / task / "base" / "readout.json"
-    fp = {"screen": dataclasses.asdict(cfg.screen), "render": cfg.answer_render, "backbone": cfg.backbone}
+    fp = {"screen": dataclasses.asdict(cfg.screen), "render": cfg.answer_render, "backbone": cfg.backbone, "v": 2}
     if path.is_file() and not force:
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fp:
@@ -89,11 +89,12 @@ def readout(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, Any]:
     rows = readout_rows(cfg, task)
     module = repro.build_module(cfg)
     answers = {a.strip() for a in repro.generator(cfg, task).answer_classes() or []}
-    out = {**_readout_scores(cfg, module, rows, answers), "fingerprint": fp, "phrasings": {}}
+    # The selector colour of each image, read before a phrasing without it drops it from the meta.
+    selectors = [str(repro.parse_meta(x).get("query_word", "")) for x in rows["meta"]]
+    out = {**_readout_scores(cfg, module, rows, answers, selectors), "fingerprint": fp, "phrasings": {}}
     for phrasing in cfg.screen.readout_phrasings.get(task, []):
         asked = rows.map(lambda r, q=phrasing: _rephrase(r, q))
-        scores = _readout_scores(cfg, module, asked, answers)
-        out["phrasings"][phrasing] = {k: v for k, v in scores.items() if k != "items"}
+        out["phrasings"][phrasing] = _readout_scores(cfg, module, asked, answers, selectors)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
@@ -109,10 +110,10 @@ def _rephrase(row: dict[str, Any], phrasing: str) -> dict[str, Any]:
     return {"question": phrasing.format(selector=selector), "meta": json.dumps(meta)}
 
 
-def _readout_scores(cfg: StudyConfig, module: Any, rows: Any, answers: set[str]) -> dict[str, Any]:
-    """Teacher-forced exact match of ``rows`` and what the greedy answers name (see :func:`readout`)."""
+def _readout_scores(cfg: StudyConfig, module: Any, rows: Any, answers: set[str], selector: list[str]) -> dict[str, Any]:
+    """Teacher-forced exact match of ``rows`` and what the greedy answers name (see :func:`readout`); ``selector``: each
+    image's selector colour."""
     m = repro.evaluate_model(module, rows, batch_size=cfg.eval_batch_size, generate=True, max_new_tokens=4)
-    selector = [str(repro.parse_meta(x).get("query_word", "")) for x in rows["meta"]]
     first = [(it["prediction"] or "").strip().split(" ")[0] for it in m["items"]]
     return {
         "n": m["n"],
@@ -197,7 +198,10 @@ def screen_task(cfg: StudyConfig, task: str, force: bool = False) -> dict[str, A
         "arm": ref,
         "seeds": [s.seed for s in specs],
         "refs": baselines(cfg, task),
-        "readout": {k: v for k, v in base.items() if k != "items"},
+        "readout": {
+            **{k: v for k, v in base.items() if k not in ("items", "phrasings")},
+            "phrasings": {q: {k: v for k, v in x.items() if k != "items"} for q, x in base["phrasings"].items()},
+        },
         "betas": betas,
         "beta": betas[best],
         "plain": acc[:, 0].tolist(),
@@ -323,7 +327,10 @@ def stage_screen(cfg: StudyConfig, command: str, force: bool = False) -> Path:
     (out / "screen_predictions").mkdir(parents=True, exist_ok=True)
     for task in cfg.tasks:
         # Per item: the base's readout answers, and the NTP runs' test answers the gap is computed from.
-        lines = [{"part": "readout", "arm": "base", "seed": None, **it} for it in readout(cfg, task)["items"]]
+        base = readout(cfg, task)
+        lines = [{"part": "readout", "arm": "base", "seed": None, **it} for it in base["items"]]
+        for q, x in base["phrasings"].items():
+            lines += [{"part": f"readout: {q}", "arm": "base", "seed": None, **it} for it in x["items"]]
         ref = repro.reference_arm(cfg)
         for (t, arm, seed), spec in repro.main_runs(cfg).items():
             if t == task and arm == ref:
