@@ -24,6 +24,9 @@ TASKS: dict[str, tuple[str, str]] = {
     "shape_lookup": ("data_gen.tasks.lookup", "ShapeLookupTask"),
     "colour_lookup": ("data_gen.tasks.lookup", "ColourLookupTask"),
     "neighbour_lookup": ("data_gen.tasks.lookup", "NeighbourLookupTask"),
+    "ring_colour": ("data_gen.tasks.marked", "RingColourTask"),
+    "outline_colour": ("data_gen.tasks.marked", "OutlineColourTask"),
+    "beside_colour": ("data_gen.tasks.marked", "BesideColourTask"),
 }
 """Task name -> (module, class name)."""
 

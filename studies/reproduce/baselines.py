@@ -73,6 +73,9 @@ def _connected_pair_majority(meta: dict[str, Any], gold: str) -> float:
 
 QUESTION_BLIND: dict[str, tuple[str, Callable[[dict[str, Any], str], float]]] = {
     "colour_lookup": ("a colour present in the image, uniformly", _objects_attribute("colour")),
+    "ring_colour": ("a fill colour present in the image, uniformly", _objects_attribute("colour")),
+    "outline_colour": ("a fill colour present in the image, uniformly", _objects_attribute("colour")),
+    "beside_colour": ("a fill colour present in the image, uniformly", _objects_attribute("colour")),
     "shape_lookup": ("a shape present in the image, uniformly", _objects_attribute("shape")),
     "neighbour_lookup": ("a shape present in the image, uniformly", _objects_attribute("shape")),
     "grid_patch": ("a cell that holds a shape, uniformly", _occupied_cell),

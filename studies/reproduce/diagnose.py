@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,21 @@ def layer_masses(module: Any, rows: Any, batch_size: int, queries: tuple[str, ..
     return out
 
 
-def oracle(module: Any, rows: Any, betas: tuple[float, ...] = BETAS) -> dict[str, Any]:
+def oracle(
+    module: Any, rows: Any, betas: tuple[float, ...] = BETAS, render: Callable[[str], str] | None = None
+) -> dict[str, Any]:
     """Teacher-forced accuracy with the last prompt token's attention pushed onto the asked-for object, and, as the
     control, onto another object of the image, for each ``beta`` (added to that token's attention scores on the
     object's visual tokens, in every layer and head).
 
+    ``render`` writes a colour as the dataset's answers are written (the study's ``answer_render``; None: as the
+    generator wrote it), so that the control's first token is compared with the token the model would answer.
+
     Returns:
         ``{"betas", "exact"`` (asked-for colour, bias on it), ``"control_exact"`` (asked-for colour, bias on the other
         object), ``"control_other"`` (bias on the other object: the first predicted token is the other object's
-        colour's), ``"n"}``, one value per beta.
+        colour's), ``"first"`` (bias on the asked-for object: the predicted first answer token of each row, to tell a
+        model that answers one constant), ``"n"}``, one value (or list) per beta.
     """
     from klal.capture import CaptureRequest, select_queries
     from klal.data.targets import evidence_cells
@@ -116,10 +123,11 @@ def oracle(module: Any, rows: Any, betas: tuple[float, ...] = BETAS) -> dict[str
 
     gm = GroundingModel(module.model, module.processor)
     exact, control_exact, control_other = defaultdict(list), defaultdict(list), defaultdict(list)
+    first: dict[float, list[int]] = defaultdict(list)
     with gm.borrowed(), torch.no_grad():
         for row in rows:
             target, other = repro.parse_meta(row["meta"])["objects"][:2]
-            other_first = gm.collator.answer_ids(other["colour"])[0][0]
+            other_first = gm.collator.answer_ids(render(other["colour"]) if render else other["colour"])[0][0]
             # One collated row serves every bias: only the request changes.
             batch = gm.collator([row])
             kw = {k: batch[k].to(gm.device) for k in gm.family.input_keys if k in batch}
@@ -137,6 +145,7 @@ def oracle(module: Any, rows: Any, betas: tuple[float, ...] = BETAS) -> dict[str
                     ok = bool(teacher_forced_exact(logits, labels)[0])
                     if is_target:
                         exact[beta].append(ok)
+                        first[beta].append(int(logits[0, pos].argmax()))
                     else:
                         control_exact[beta].append(ok)
                         control_other[beta].append(int(logits[0, pos].argmax()) == other_first)
@@ -145,6 +154,7 @@ def oracle(module: Any, rows: Any, betas: tuple[float, ...] = BETAS) -> dict[str
         "exact": [float(np.mean(exact[b])) for b in betas],
         "control_exact": [float(np.mean(control_exact[b])) for b in betas],
         "control_other": [float(np.mean(control_other[b])) for b in betas],
+        "first": [first[b] for b in betas],
         "n": len(rows),
     }
 

@@ -5,7 +5,8 @@ matching the answer (the colour "red" -> the red object) instead of reading what
 every test question once with its gold answer and once with a WRONG answer, and measures, per query choice, the
 attention mass on the gold evidence, and on the evidence of the fed wrong answer where the task has one:
 
-* ``colour_lookup``: the colour of another object of the image (object 1, a distractor of another colour); its box;
+* ``colour_lookup`` and the marked lookups (``ring_colour``, ...): the colour of another object of the image (object 1,
+  a distractor of another colour); its box;
 * ``grid_patch``: another occupied cell, ``(row, column)``; that cell;
 * ``line_intersection``: the gold count plus one; no evidence of its own;
 * ``line_tracing``: the other of Yes / No; no evidence of its own.
@@ -21,43 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from studies.reproduce import pipeline as repro
+from studies.reproduce.wrong_answer import WRONG_ANSWER
 
 QUERIES = ("last", "all", "prompt_last")
 """Query choices measured: the answer's last token, every answer token, and the last prompt token (the control)."""
-
-Box = list[float]
-
-
-def _colour_lookup(meta: dict[str, Any], gold: str) -> tuple[str, Box | None]:
-    other = meta["objects"][1]  # object 0 is the target; 1 a distractor of another colour (colours are unique)
-    return other["colour"], list(other["box"])
-
-
-def _grid_patch(meta: dict[str, Any], gold: str) -> tuple[str, Box | None]:
-    t = meta["target"]
-    xs, ys = meta["x_edges"], meta["y_edges"]
-    for r, row in enumerate(meta["cells"]):
-        for c, obj in enumerate(row):
-            if obj is not None and (r + 1, c + 1) != (t["row"], t["col"]):
-                return f"({r + 1}, {c + 1})", [float(xs[c]), float(ys[r]), float(xs[c + 1]), float(ys[r + 1])]
-    raise ValueError(f"grid_patch item without a distractor cell: {meta['cells']}")
-
-
-def _line_intersection(meta: dict[str, Any], gold: str) -> tuple[str, Box | None]:
-    return str(int(gold) + 1), None
-
-
-def _line_tracing(meta: dict[str, Any], gold: str) -> tuple[str, Box | None]:
-    return ("No" if gold == "Yes" else "Yes"), None
-
-
-WRONG_ANSWER: dict[str, Callable[[dict[str, Any], str], tuple[str, Box | None]]] = {
-    "colour_lookup": _colour_lookup,
-    "grid_patch": _grid_patch,
-    "line_intersection": _line_intersection,
-    "line_tracing": _line_tracing,
-}
-"""Task -> (generator meta, gold answer as generated) -> (a wrong answer, the box of its evidence or None)."""
 
 
 def wrong_answer_rows(task: str, rows: Any, render: Callable[[str], str]) -> tuple[list[dict], list[dict], list[dict]]:

@@ -42,8 +42,19 @@ import torch
 from klal.data.targets import TargetSpec
 from klal.geometry import DEFAULT_MIN_PIXELS
 from klal.models.lora import BASE_PARTS, LoraSettings
+from studies.reproduce.wrong_answer import WRONG_ANSWER
 
-TASKS = ("grid_patch", "line_intersection", "line_tracing", "shape_lookup", "colour_lookup", "neighbour_lookup")
+TASKS = (
+    "grid_patch",
+    "line_intersection",
+    "line_tracing",
+    "shape_lookup",
+    "colour_lookup",
+    "neighbour_lookup",
+    "ring_colour",
+    "outline_colour",
+    "beside_colour",
+)
 T = TypeVar("T")
 
 
@@ -95,6 +106,45 @@ class PrimaryTest:
     (paired t-test), ``sign_flip`` (exact permutation), ``sign`` (sign test). All two-sided."""
     alpha: float = 0.05
     """Significance level."""
+
+
+@dataclass
+class ScreenSettings:
+    """The screen every candidate testbed passes before a confirmatory study of it (stage ``screen``,
+    :mod:`studies.reproduce.screen`; issue 30). A task passes when all three hold:
+
+    1. **readout**: the untrained base answers the task's answer attribute on one-object images (the task's generator
+       with ``readout_overrides``), with the task's phrasing, at >= ``min_readout``;
+    2. **oracle gain**: on the study's NTP models (the reference arm, every seed, trained at the study's data size),
+       pushing the last prompt token's attention onto the asked-for object (the oracle of
+       :func:`studies.reproduce.diagnose.oracle`, bias ``beta`` on that object's visual tokens in every layer) raises
+       teacher-forced accuracy on the first ``samples`` test items by >= ``min_gain`` over the same models without it,
+       at the beta of ``betas`` that does best (mean over seeds), while the same bias on another object of the image
+       (the control) raises it by less than ``max_control_gain``;
+    3. **NTP gap**: the NTP models' test accuracy (stage ``eval``) is >= ``min_gap`` below the oracle's accuracy.
+    """
+
+    samples: int = 200
+    """Test items the oracle scores (the first ones of the test split)."""
+    readout_samples: int = 200
+    """One-object images the base's readout is scored on."""
+    readout_overrides: dict[str, Any] = field(default_factory=lambda: {"num_objects": [1, 1]})
+    """Generator overrides (on top of each task's own) that make the one-object images."""
+    readout_seed: int = 1
+    """Data seed of the one-object images."""
+    readout_phrasings: dict[str, list[str]] = field(default_factory=dict)
+    """Task -> other phrasings the base's readout is also scored with, on the same images (``{selector}``: the
+    colour the question names); reported beside criterion 1, not part of it."""
+    betas: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
+    """Oracle biases tried; the best one (mean accuracy over seeds) is the oracle's, and the control uses it too."""
+    min_readout: float = 0.9
+    """Criterion 1."""
+    min_gain: float = 0.10
+    """Criterion 2: oracle accuracy minus accuracy without it, same models and items."""
+    max_control_gain: float = 0.10
+    """Criterion 2's control: the bias on another object must raise accuracy by less than this."""
+    min_gap: float = 0.10
+    """Criterion 3: oracle accuracy minus the NTP models' test accuracy."""
 
 
 ANSWER_RENDERS = ("as_generated", "leading_space", "fewest_tokens")
@@ -199,6 +249,8 @@ class StudyConfig:
     """Seeds of those arms it runs on (None: every seed)."""
     leak_samples: int = 200
     """Test items of the diagnostic (the first ones of the test split)."""
+    screen: ScreenSettings = field(default_factory=ScreenSettings)
+    """The testbed screen (stage ``screen``): readout of the base, oracle gain and control, NTP gap."""
     confirmatory: bool = False
     """A confirmatory study: the runner refuses to run it unless this file is committed in git, unchanged since, in a
     commit that holds no result files of the study; it needs ``primary`` and >= 1000 test items. False: a pilot, which
@@ -220,6 +272,7 @@ class StudyConfig:
         self.tasks = {k: typed(TaskSettings, v, f"repro config: tasks.{k}") for k, v in self.tasks.items()}
         self.lora = typed(LoraSettings, self.lora, "repro config: lora", base=_default_lora())
         self.target = typed(TargetSpec, self.target, "repro config: target")
+        self.screen = typed(ScreenSettings, self.screen, "repro config: screen")
         self.extra_runs = [typed(ExtraRun, e, f"repro config: extra_runs[{k}]") for k, e in enumerate(self.extra_runs)]
         if self.primary is not None:
             self.primary = typed(PrimaryTest, self.primary, "repro config: primary")
@@ -249,8 +302,6 @@ class StudyConfig:
             )
 
     def _check_leak(self) -> None:
-        from studies.reproduce.leak import WRONG_ANSWER
-
         bad = [a for a in self.leak_arms if a not in self.arms]
         if bad:
             raise ValueError(f"repro config: leak_arms {bad} are not arms ({list(self.arms)})")

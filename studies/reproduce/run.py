@@ -17,6 +17,8 @@ Stages (in this order; each reuses what earlier ones wrote, so any stage can be 
   exact match and greedy generation), pointing game and attention mass inside the evidence cells.
 * ``leak``: the wrong-answer diagnostic (:mod:`studies.reproduce.leak`) on the runs of ``leak_arms``: is the answer
   tokens' attention keyed on the teacher-forced answer?
+* ``screen``: the testbed screen (:mod:`studies.reproduce.screen`): the base's readout on one-object images, the
+  oracle's gain (and its control) on the NTP runs, the NTP gap; its own table, ``results_dir/screen.md``.
 * ``probes``: the training-free methods of :mod:`klal.grounding` on the models named by ``probe_arms``.
 * ``report``: ``results_dir/``: ``table.md``, ``results.json``, ``curves.png``, ``sweep.png``, and
   ``predictions/<task>.jsonl`` (every test item's gold answer, prediction and correctness per arm and seed). The table
@@ -67,7 +69,7 @@ from studies.reproduce.stats import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-STAGES = ("data", "train", "eval", "leak", "probes", "report")
+STAGES = ("data", "train", "eval", "leak", "screen", "probes", "report")
 EVAL_QUERIES = ("last", "prompt_last")
 # Which paper column an arm of the default config stands for.
 PAPER_COLUMN = {"base": 0, "ntp": 1, "klal": 2}
@@ -778,8 +780,9 @@ DEFAULT_CONFIG = str(REPO / "configs" / "repro" / "small.yaml")
 class StudyRun:
     """Which stages to run and how; the study itself is the ``--config`` YAML (:class:`StudyConfig`)."""
 
-    stages: str = ",".join(STAGES)
-    """Comma-separated subset of data, train, eval, probes, report (they run in that order)."""
+    stages: str = ",".join(s for s in STAGES if s != "screen")
+    """Comma-separated subset of data, train, eval, leak, screen, probes, report (they run in that order; the default
+    is every stage but screen)."""
     shard: str = "0/1"
     """I/N: this process takes every N-th job of the train, eval and probes stages."""
     threads: PositiveInt = 1
@@ -857,6 +860,10 @@ def _run_stages(
             stage_eval(cfg, shard, run.force, provenance)
         elif stage == "leak":
             stage_leak(cfg, shard, run.force, provenance)
+        elif stage == "screen":
+            from studies.reproduce.screen import stage_screen
+
+            stage_screen(cfg, command, run.force)
         elif stage == "probes":
             stage_probes(cfg, shard, run.force)
         elif stage == "report":
