@@ -20,15 +20,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from klal.models.loader import ModelConfig, load_model_and_processor, load_processor, set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora, language_lora_regex, trainable_parameter_summary
-from klal.models.qwen2_5_vl.tiny import (
-    QWEN2_SPECIAL_TOKENS,
-    _byte_alphabet,
-    _learn_merges,
-    build_tiny_model,
-    build_tiny_processor,
-    build_tiny_tokenizer,
-    tiny_config,
-)
+from klal.models.qwen2_5_vl.tiny import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_config
+from klal.models.qwen2_vl.tiny import QWEN2_SPECIAL_TOKENS, _byte_alphabet, _learn_merges
 
 torch.set_num_threads(2)
 
