@@ -470,7 +470,7 @@ def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.
 
     from peft import PeftModel
 
-    from klal.checkpoint import check_adapter_base
+    from klal.checkpoint.adapter import check_adapter_base
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise GroundingError(f"adapter {adapter!r} has no adapter_config.json")

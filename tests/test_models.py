@@ -547,7 +547,7 @@ def test_model_names_that_may_be_one_model():
 
 
 def test_identity_by_content_ignores_dtype_and_name_and_sees_other_weights():
-    from klal.checkpoint import base_fingerprint
+    from klal.checkpoint.compat import base_fingerprint
     from klal.models.identity import base_identity, identity_mismatch
 
     fp32 = build_tiny_model(seed=0)
