@@ -114,7 +114,6 @@ class KLALModule(L.LightningModule):
         self.processor = load_processor(self.backbone)
         self.model: torch.nn.Module | None = None
         self.layers: list[int] = []
-        self._no_map_seen = {"train": 0, "val": 0}
 
     # -- model ------------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -364,11 +364,6 @@ class GroundingModel:
         vis = inputs["visual_mask"][0]
         return grad[vis].float().norm(dim=-1).detach(), value.detach()
 
-    def next_token_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Logits ``(vocab,)`` of the token after the prompt."""
-        with torch.no_grad():
-            return self.forward(inputs)[0, -1].float()
-
     def append_tokens(self, inputs: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
         """``inputs`` (one prompt, from :meth:`inputs`) with the token ``ids`` appended, as the model reads them.
 
