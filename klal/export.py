@@ -68,7 +68,7 @@ def resolve_base(adapter: str, model: str | None = None, dtype: str = "auto") ->
         ValueError: no base model is recorded and ``model`` is not given, or a bad dtype.
     """
     _check_adapter_dir(adapter)
-    from klal.checkpoint import read_adapter_info
+    from klal.checkpoint.adapter import read_adapter_info
     from klal.models.loader import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -158,13 +158,8 @@ def export(
     """
     from peft import PeftModel
 
-    from klal.checkpoint import (
-        ADAPTER_INFO,
-        atomic_save_dir,
-        check_adapter_base,
-        embedding_layers_trained,
-        read_adapter_info,
-    )
+    from klal.atomic import atomic_save_dir
+    from klal.checkpoint.adapter import ADAPTER_INFO, check_adapter_base, embedding_layers_trained, read_adapter_info
     from klal.models.family import family_of
     from klal.models.loader import load_model_and_processor
 

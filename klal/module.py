@@ -21,16 +21,10 @@ import lightning as L
 import torch
 
 from klal.capture import CaptureRequest, QueryMode, attention_layer_ids, enable_capture, select_queries
-from klal.checkpoint import (
-    base_fingerprint,
-    check_compatible,
-    check_trainable_keys,
-    flush_csv_metrics,
-    gather_rng_states,
-    lora_fingerprint,
-    restore_rng_states,
-    save_adapter,
-)
+from klal.checkpoint.adapter import save_adapter
+from klal.checkpoint.compat import base_fingerprint, check_compatible, check_trainable_keys, lora_fingerprint
+from klal.checkpoint.resume import flush_csv_metrics
+from klal.checkpoint.rng import gather_rng_states, restore_rng_states
 from klal.data.collate import IGNORE_INDEX, KLALBatch
 from klal.fsdp import adapter_state_dict, strip_wrapper_prefixes
 from klal.global_batch import global_share
@@ -120,7 +114,6 @@ class KLALModule(L.LightningModule):
         self.processor = load_processor(self.backbone)
         self.model: torch.nn.Module | None = None
         self.layers: list[int] = []
-        self._no_map_seen = {"train": 0, "val": 0}
 
     # -- model ------------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

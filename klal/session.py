@@ -370,11 +370,6 @@ class GroundingModel:
         vis = inputs["visual_mask"][0]
         return grad[vis].float().norm(dim=-1).detach(), value.detach()
 
-    def next_token_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Logits ``(vocab,)`` of the token after the prompt."""
-        with torch.no_grad():
-            return self.forward(inputs)[0, -1].float()
-
     def append_tokens(self, inputs: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
         """``inputs`` (one prompt, from :meth:`inputs`) with the token ``ids`` appended, as the model reads them.
 
@@ -486,7 +481,7 @@ def load_adapter(model: torch.nn.Module, adapter: str, base_name: str) -> torch.
 
     from peft import PeftModel
 
-    from klal.checkpoint import check_adapter_base
+    from klal.checkpoint.adapter import check_adapter_base
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise GroundingError(f"adapter {adapter!r} has no adapter_config.json")

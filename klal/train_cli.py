@@ -40,14 +40,10 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from klal.checkpoint import (
-    check_ckpt_path,
-    check_resume_hparams,
-    checkpoint_state,
-    continue_csv_metrics,
-    resolve_ckpt_path,
-    use_atomic_checkpoint_io,
-)
+from klal.checkpoint.compat import check_resume_hparams
+from klal.checkpoint.lightning_io import use_atomic_checkpoint_io
+from klal.checkpoint.loading import checkpoint_state
+from klal.checkpoint.resume import check_ckpt_path, continue_csv_metrics, resolve_ckpt_path
 from klal.cli import debug_enabled, fail, list_options, union_message, user_errors
 from klal.datamodule import KLALDataModule
 from klal.guards import (

@@ -260,7 +260,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(grid, work):
     assert "Traceback" not in err
     ckpt = root / "klal" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"saved {ckpt}" in out + err
-    from klal.checkpoint import safe_load
+    from klal.checkpoint.loading import safe_load
 
     assert safe_load(ckpt)["global_step"] >= 2
 
@@ -618,7 +618,7 @@ def test_demo_config_killed_mid_training_resumes_to_the_uninterrupted_adapter(gr
     assert proc.returncode == -signal.SIGKILL
     version = crashed_root / "klal" / "version_0"
     assert not (version / "adapter").exists(), "a killed run has not finished"
-    from klal.checkpoint import safe_load
+    from klal.checkpoint.loading import safe_load
 
     assert 3 <= safe_load(last)["global_step"] < steps
 

@@ -19,15 +19,11 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
-from klal.checkpoint import (
-    ADAPTER_INFO,
-    AtomicCheckpointIO,
-    UnsafeCheckpointError,
-    atomic_output_dir,
-    find_last_checkpoint,
-    safe_load,
-    save_adapter,
-)
+from klal.atomic import atomic_output_dir
+from klal.checkpoint.adapter import ADAPTER_INFO, save_adapter
+from klal.checkpoint.lightning_io import AtomicCheckpointIO
+from klal.checkpoint.loading import UnsafeCheckpointError, safe_load
+from klal.checkpoint.resume import find_last_checkpoint
 from klal.data.collate import KLALCollator
 from klal.data.resumable import ResumableDataLoader
 from klal.models.loader import ModelConfig

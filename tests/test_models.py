@@ -20,15 +20,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from klal.models.loader import ModelConfig, load_model_and_processor, load_processor, set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora, language_lora_regex, trainable_parameter_summary
-from klal.models.qwen2_5_vl.tiny import (
-    QWEN2_SPECIAL_TOKENS,
-    _byte_alphabet,
-    _learn_merges,
-    build_tiny_model,
-    build_tiny_processor,
-    build_tiny_tokenizer,
-    tiny_config,
-)
+from klal.models.qwen2_5_vl.tiny import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_config
+from klal.models.qwen2_vl.tiny import QWEN2_SPECIAL_TOKENS, _byte_alphabet, _learn_merges
 
 torch.set_num_threads(2)
 
@@ -554,7 +547,7 @@ def test_model_names_that_may_be_one_model():
 
 
 def test_identity_by_content_ignores_dtype_and_name_and_sees_other_weights():
-    from klal.checkpoint import base_fingerprint
+    from klal.checkpoint.compat import base_fingerprint
     from klal.models.identity import base_identity, identity_mismatch
 
     fp32 = build_tiny_model(seed=0)

@@ -227,7 +227,7 @@ def _linked_copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.slow
 def test_identity_accepts_every_path_to_the_model_and_refuses_other_weights(tmp_path, replica, hub_cache):
-    from klal.checkpoint import base_fingerprint, check_compatible
+    from klal.checkpoint.compat import base_fingerprint, check_compatible
     from klal.models.identity import identity_mismatch
 
     copy = _linked_copy(replica, tmp_path / "my-qwen-copy")
@@ -313,7 +313,7 @@ def test_train_with_the_hub_id_then_export_from_the_snapshot_path(tmp_path, repl
         for n, p in module.model.named_parameters():
             if "lora_B" in n:  # B starts at zero: make the adapter matter for the logit comparison
                 p.add_(torch.randn_like(p) * 0.05)
-    from klal.checkpoint import save_adapter
+    from klal.checkpoint.adapter import save_adapter
 
     save_adapter(
         module.model, str(adapter), module.backbone, module.lora, module.checkpoint_fingerprint(), module.processor
@@ -388,12 +388,12 @@ def test_stock_export_loads_with_auto_processor(tmp_path, replica):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from klal import export
-    from klal.checkpoint import save_adapter
+    from klal.checkpoint.adapter import save_adapter
     from klal.models.lora import LoraSettings, apply_lora
 
     cfg = ModelConfig(name_or_path=str(replica), **PIXELS)
     model, processor = load_model_and_processor(cfg)
-    from klal.checkpoint import base_fingerprint
+    from klal.checkpoint.compat import base_fingerprint
 
     base_id = base_fingerprint(cfg, model)
     peft_model = apply_lora(model, LoraSettings(r=2, alpha=4, layers=[0]))

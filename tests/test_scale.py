@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from klal.checkpoint import safe_load
+from klal.checkpoint.loading import safe_load
 from klal.data.collate import NO_IMAGE_REASON, KLALCollator, PromptSettings
 from klal.data.sampler import LengthGroupedSampler, TokenBudgetBatchSampler, estimate_lengths, padding_fraction
 from klal.data.schema import FEATURES

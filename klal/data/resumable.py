@@ -14,7 +14,7 @@ that
   the loader's own ``shuffle=True``/sequential sampler, which draws from the loader's generator;
 - owns a ``torch.Generator`` reseeded from ``(seed, epoch)`` at every pass (unless one is passed in), so worker seeds
   are reproducible and creating an iterator never draws from the global torch RNG. Dropout and other training
-  randomness then depend only on the steps taken, which lets :mod:`klal.checkpoint` restore the RNG exactly.
+  randomness then depend only on the steps taken, which lets :mod:`klal.checkpoint.rng` restore the RNG exactly.
 
 The batch count is exact because Lightning does not prefetch from loaders with a length: when a checkpoint is written
 at the end of step ``k`` exactly the epoch's batches up to step ``k`` have left the loader.

@@ -10,7 +10,7 @@ row), updates the metrics, checks the maps, and collects one record per sample, 
 cost per sample) and a gallery PNG per method. Each dataset is loaded and filtered once, each method built once, and
 everything that can be checked (options, rows, data, crop sizes, a writable ``--out``) is checked before any model
 loads. The outputs are written all or none: into a temporary folder moved into ``--out`` at the end
-(:func:`klal.checkpoint.atomic_output_dir`), so a full disk or Ctrl-C leaves nothing half-written, and an OS error
+(:func:`klal.atomic.atomic_output_dir`), so a full disk or Ctrl-C leaves nothing half-written, and an OS error
 names the output folder.
 
 The base model is loaded once. With an adapter, methods marked ``weights: adapter`` run on the LoRA model and the
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from klal.checkpoint import atomic_output_dir, check_writable
+from klal.atomic import atomic_output_dir, check_writable
 from klal.data.io import load_split, read_row
 from klal.eval.benchmarks import benchmark_table, score_evaluation
 from klal.eval.config import EvalConfig, MethodSpec

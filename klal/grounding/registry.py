@@ -7,14 +7,13 @@ a decorator. Importing :mod:`klal.grounding` registers the built-in methods.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klal.session import GroundingError
 
-if TYPE_CHECKING:
-    from klal.grounding.base import GroundingMethod
-
-_REGISTRY: dict[str, type[GroundingMethod]] = {}
+# The registry sits below klal.grounding.base (whose classes register here as they are defined), so it names the
+# base class in words only: every value is a GroundingMethod subclass.
+_REGISTRY: dict[str, type] = {}
 """Every registered method by name; read it through :func:`method_class` / :func:`available_methods`."""
 
 
@@ -39,8 +38,9 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_method(name: str, **options: Any) -> GroundingMethod:
-    """Instantiate a registered method by name with its keyword options.
+def build_method(name: str, **options: Any) -> Any:
+    """Instantiate a registered method by name with its keyword options (a
+    :class:`~klal.grounding.base.GroundingMethod`).
 
     Raises:
         GroundingError: unknown method name, unknown option or bad option value (naming it).
@@ -48,8 +48,8 @@ def build_method(name: str, **options: Any) -> GroundingMethod:
     return method_class(name)(**options)
 
 
-def method_class(name: str) -> type[GroundingMethod]:
-    """The registered class of method ``name``.
+def method_class(name: str) -> type:
+    """The registered class of method ``name`` (a :class:`~klal.grounding.base.GroundingMethod` subclass).
 
     Raises:
         GroundingError: unknown method name (listing the available ones).

@@ -219,7 +219,7 @@ def pretrain(
         ValueError: ``out`` exists without ``--overwrite``, the weights would exceed 30 MB, a bad schedule, or a
             dataset folder made with other settings.
     """
-    from klal.checkpoint import atomic_save_dir
+    from klal.atomic import atomic_save_dir
     from klal.data.io import load_split
     from klal.datamodule import KLALDataModule
     from klal.geometry import DEFAULT_MIN_PIXELS

@@ -359,7 +359,7 @@ def build_replica(
     Returns:
         ``<cache_dir>/models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/<hash>``; ``refs/main`` names that hash.
     """
-    from klal.checkpoint import atomic_save_dir
+    from klal.atomic import atomic_save_dir
 
     root = Path(cache_dir) if cache_dir is not None else replica_cache_dir()
     recipe = {"version": RECIPE_VERSION, "layers": num_hidden_layers, "vision_depth": vision_depth, "seed": seed}

@@ -31,6 +31,13 @@ import torch
 
 from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts
 from klal.models.qwen2_vl.geometry import smart_resize_hw
+from klal.models.qwen2_vl.tiny import (
+    CHAT_TEMPLATE,
+    QWEN2_SPECIAL_TOKENS,
+    TINY_TEXT_DEFAULTS,
+    build_tiny_tokenizer,
+    default_mrope_section,
+)
 
 # Image-processor fields the stock video processor shares (it reads frames with the same patch geometry).
 _VIDEO_FIELDS = (
@@ -177,8 +184,6 @@ class QwenVLFamily(VLMFamily):
         return build_tiny_tokenizer()
 
     def make_tiny_processor(self, min_pixels: int, max_pixels: int) -> Any:
-        from klal.models.qwen2_5_vl.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
-
         return self.processor_class()(
             self.image_processor(min_pixels, max_pixels), build_tiny_tokenizer(), chat_template=CHAT_TEMPLATE
         )
@@ -242,7 +247,7 @@ class QwenVLFamily(VLMFamily):
 
     # -- tiny model ----------------------------------------------------------------------------------------------
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> Any:
-        """The tiny config: the shared tiny sizes (:mod:`klal.models.qwen2_5_vl.tiny`) with this family's fields.
+        """The tiny config: the shared tiny sizes (:mod:`klal.models.qwen2_vl.tiny`) with this family's fields.
 
         ``overrides`` are text-config fields by name, vision fields with a ``vision_`` prefix, or whole
         ``text_config`` / ``vision_config`` dicts merged in.
@@ -250,8 +255,6 @@ class QwenVLFamily(VLMFamily):
         Raises:
             ValueError: an unknown override.
         """
-        from klal.models.qwen2_5_vl.tiny import TINY_TEXT_DEFAULTS, default_mrope_section
-
         cls = self.config_class()
         text = {k: v for k, v in TINY_TEXT_DEFAULTS.items() if k not in ("use_sliding_window", "max_window_layers")}
         text.update(self.tiny_text)
@@ -325,8 +328,6 @@ def _rope_owner(model: torch.nn.Module) -> torch.nn.Module:
 
 def qwen_config(cls: type, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any) -> Any:
     """A Qwen-VL config of class ``cls`` whose token ids are the Qwen2 special tokens of ``tokenizer``."""
-    from klal.models.qwen2_5_vl.tiny import QWEN2_SPECIAL_TOKENS
-
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS}
     text = {
         **text,
