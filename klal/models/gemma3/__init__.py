@@ -264,7 +264,7 @@ class Gemma3Family(VLMFamily):
 def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Gemma-style pieces: special tokens, the 256 byte-fallback tokens, the corpus's characters, BPE merges learned
     over ``▁``-prefixed words of klal's tiny corpus, then the chat and image tokens."""
-    from klal.models.qwen2_5_vl.tiny import _CORPUS, _learn_merges
+    from klal.models.qwen2_vl.tiny import _CORPUS, _learn_merges
 
     words: Counter[str] = Counter()
     for line in _CORPUS.strip().splitlines():

@@ -219,7 +219,7 @@ class LlavaOnevisionFamily(VLMFamily):
         """
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-        from klal.models.qwen2_5_vl.tiny import TINY_TEXT_DEFAULTS
+        from klal.models.qwen2_vl.tiny import TINY_TEXT_DEFAULTS
 
         text = {k: v for k, v in TINY_TEXT_DEFAULTS.items() if k not in ("use_sliding_window", "max_window_layers")}
         vision: dict[str, Any] = {
@@ -389,7 +389,7 @@ def _footprint_overlap(tokens: Any, base: Any) -> Any:
 def tiny_tokenizer() -> Any:
     """The tiny Qwen2 tokenizer (:func:`klal.models.qwen2_5_vl.tiny.build_tiny_tokenizer`) with ``<image>`` and
     ``<video>`` added as special tokens, as the LLaVA-OneVision checkpoints add them."""
-    from klal.models.qwen2_5_vl.tiny import build_tiny_tokenizer
+    from klal.models.qwen2_vl.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})

@@ -179,7 +179,7 @@ class QwenVLFamily(VLMFamily):
         return ip
 
     def tiny_tokenizer(self) -> Any:
-        from klal.models.qwen2_5_vl.tiny import build_tiny_tokenizer
+        from klal.models.qwen2_vl.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
 
