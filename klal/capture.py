@@ -15,8 +15,12 @@ token).
 
 The request travels as a forward keyword (``klal_capture=request``) so it reaches every decoder layer through
 transformers' ``**kwargs`` plumbing, and is replayed by non-reentrant gradient checkpointing during backward. The
-recomputation must run the same ops (its saved tensors are matched by order) but must not replace the forward's maps,
-so each layer stores its map only once.
+recomputation must run the same ops (its saved tensors are matched by order) but must not store its maps: a recomputed
+map's autograd graph holds the whole recomputed layer, so a map kept past its layer's backward keeps every layer's
+activations alive and undoes the checkpointing. A request therefore stores each layer's map once, and nothing after
+:meth:`CaptureRequest.clear` (the step has consumed the maps; what runs later is the recomputation). Reentrant
+checkpointing (``use_reentrant=True``, DeepSpeed's activation checkpointing) runs the forward without autograd, so no
+gradient could reach the maps: a request that needs gradients refuses it in one line.
 
 Usage::
 
@@ -69,6 +73,12 @@ class CaptureRequest:
             every requested layer), the rows then recomputed as with ``differentiable_rows`` (batch size 1): an
             intervention, e.g. an oracle that makes a query look at the evidence, not a measurement. The captured maps
             stay those of the unbiased scores.
+        needs_grad: whether the maps must carry gradients (KLAL is trained from them). None follows the grad mode;
+            False computes them without autograd (a measurement: nothing saved for backward, nothing recomputed);
+            True refuses a layer that runs without autograd (reentrant gradient checkpointing), where KLAL would
+            silently get no gradient.
+        closed: set by :meth:`clear`: the maps were consumed, later calls (the gradient-checkpoint recomputation
+            during backward) store nothing.
     """
 
     query_index: torch.Tensor
@@ -81,6 +91,8 @@ class CaptureRequest:
     log_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     full_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     key_bias: torch.Tensor | None = None
+    needs_grad: bool | None = None
+    closed: bool = False
 
     @classmethod
     def from_masks(
@@ -105,9 +117,11 @@ class CaptureRequest:
         return torch.stack([self.log_maps[i] for i in sorted(self.log_maps)])
 
     def clear(self) -> None:
-        """Drop the captured maps (and the autograd graph they hold)."""
+        """Drop the captured maps (and the autograd graph they hold) and close the request: a gradient-checkpoint
+        recomputation that runs later (during backward) stores no maps again."""
         self.log_maps.clear()
         self.full_probs.clear()
+        self.closed = True
 
 
 def _mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +185,21 @@ def _make_capture_fn(base: str):
         request: CaptureRequest | None = kwargs.pop(CAPTURE_KWARG, None)
         out = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
         layer_idx = getattr(module, "layer_idx", None)
-        if request is not None and request.wants(layer_idx):
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = query.shape[-1] ** -0.5
+        if request is None or not request.wants(layer_idx):
+            return out
+        rows = request.differentiable_rows or request.key_bias is not None
+        if request.closed and not rows and request.needs_grad is False:
+            return out  # recomputation of a measurement: nothing of it is saved for backward, nothing to replay
+        if request.needs_grad and not request.closed and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "KLAL needs gradients through the attention maps, but this decoder layer runs without autograd: "
+                "reentrant gradient checkpointing (use_reentrant=True, DeepSpeed activation checkpointing) hides them; "
+                "use non-reentrant checkpointing (klal's gradient_checkpointing, FSDP activation checkpointing)"
+            )
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        with torch.set_grad_enabled(torch.is_grad_enabled() and request.needs_grad is not False):
             log_q = visual_attention_log_probs(
                 query,
                 key,
@@ -185,10 +210,12 @@ def _make_capture_fn(base: str):
                 request.key_valid,
                 per_head=request.per_head,
             )
-            # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
+        # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map only (see the
+        # module docstring), and none once the request is closed.
+        if not request.closed:
             request.log_maps.setdefault(layer_idx, log_q)
-            if request.differentiable_rows or request.key_bias is not None:
-                out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx), *out[1:])
+        if rows:
+            out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx), *out[1:])
         return out
 
     capture_attention.__name__ = f"klal_capture_{base}"
@@ -232,7 +259,8 @@ def _route_rows(
             probs = probs.detach().requires_grad_(True)
         else:
             probs.retain_grad()
-    request.full_probs.setdefault(layer_idx, probs)
+    if not request.closed:
+        request.full_probs.setdefault(layer_idx, probs)
     rows = torch.matmul(probs[0].to(v.dtype), v)  # (H, A, D)
     attn_out = attn_out.clone()
     attn_out[0, pos] = rows.transpose(0, 1).to(attn_out.dtype)  # kernel output is (B, S, H, D)
