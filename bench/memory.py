@@ -10,6 +10,7 @@ fragmentation included.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -63,10 +64,8 @@ def rss_bytes(field: str = "VmRSS") -> int:
 def reset_rss_peak() -> int:
     """Return freed memory to the OS and reset the RSS high-water mark to the current RSS; returns that RSS."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc: the mark then includes what malloc kept
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the mark then includes what malloc kept
-        pass
     with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
         f.write("5")
     return rss_bytes()
