@@ -156,6 +156,7 @@ def step(model, inputs, cfg, mode: str) -> None:
         req.stacked()
         req.clear()
         loss = out.loss
+        del out  # as in NTP mode: the logits are not held through backward
     elif mode == "capture":
         req = CaptureRequest.from_masks(query, vis)
         req.needs_grad = True
@@ -169,6 +170,7 @@ def step(model, inputs, cfg, mode: str) -> None:
         )
         req.clear()
         loss = out.loss + res.klal
+        del out
     else:  # eager output_attentions
         req = CaptureRequest.from_masks(query, vis)
         out = model(**kw, use_cache=False, output_attentions=True)
@@ -191,6 +193,7 @@ def step(model, inputs, cfg, mode: str) -> None:
             req.key_valid,
         )
         loss = out.loss + res.klal
+        del out, maps
     loss.backward()
     model.zero_grad(set_to_none=True)
 

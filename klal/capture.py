@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +46,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_KWARG = "klal_capture"
 CAPTURE_PREFIX = "klal_"
+_BASE_OF: dict[str, str] = {}
+"""Registered capture name -> the kernel it wraps (a hub kernel's ``org/repo`` cannot appear in a name: transformers
+would read ``klal_org/repo`` as another hub kernel)."""
 
 QueryMode = Literal["last", "all", "first", "prompt_last", "word"]
 
@@ -271,7 +275,9 @@ def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] 
     """Register ``klal_<base>`` (attention + mask function) with transformers and return the name.
 
     Args:
-        base: the kernel that computes the layer output: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        base: the kernel that computes the layer output: ``sdpa``, ``eager``, or any other name registered with
+            transformers' ``AttentionInterface`` (flash-attention, ``flex_attention``, a loaded hub kernel; see
+            :func:`klal.kernels.resolve_attn_implementation`).
         eager_fn: for ``eager``, the model family's eager attention function
             (:meth:`klal.models.family.VLMFamily.eager_attention`). The families' functions compute the same thing
             (repeat the KV heads, softmax of ``q k^T * scale + mask``, dropout, times ``v``), so the last one
@@ -281,7 +287,9 @@ def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] 
         return base
     if base not in ALL_ATTENTION_FUNCTIONS and base != "eager":
         raise ValueError(f"attention implementation {base!r} is not available; choose sdpa, eager or flash_attention_2")
-    name = f"{CAPTURE_PREFIX}{base}"
+    # Keeps the base's name in it: transformers reads "flash" / "flex_attention" / "sdpa" in a name to prepare inputs.
+    name = CAPTURE_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", base)
+    _BASE_OF[name] = base
     if base == "eager":
         if eager_fn is None:
             raise ValueError("register_capture_attention('eager') needs the model family's eager_fn")
@@ -302,7 +310,9 @@ def enable_capture(model: torch.nn.Module, base: str | None = None) -> str:
 
     text_cfg = text_config(model)
     current = text_cfg._attn_implementation or "sdpa"
-    base = base or (current[len(CAPTURE_PREFIX) :] if current.startswith(CAPTURE_PREFIX) else current)
+    base = base or (
+        _BASE_OF.get(current, current[len(CAPTURE_PREFIX) :]) if current.startswith(CAPTURE_PREFIX) else current
+    )
     name = register_capture_attention(base, family_of(model).eager_attention() if base == "eager" else None)
     set_text_attn_implementation(model, name)
     return name

@@ -260,10 +260,10 @@ def test_global_share_is_one_without_a_process_group():
 def test_flash_attention_falls_back_to_sdpa_only_when_unavailable(monkeypatch):
     import klal.kernels as st
 
-    monkeypatch.setattr(st, "flash_attention_available", lambda: False)
+    monkeypatch.setattr(st, "flash_attention_available", lambda version=2: False)
     assert resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert resolve_attn_implementation("eager") == "eager"
-    monkeypatch.setattr(st, "flash_attention_available", lambda: True)
+    monkeypatch.setattr(st, "flash_attention_available", lambda version=2: True)
     assert resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
 
 
