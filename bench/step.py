@@ -135,7 +135,7 @@ def collated_inputs(
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}, cfg
 
 
-def target_for(inputs, cfg) -> torch.Tensor:
+def target_for(inputs) -> torch.Tensor:
     vis = inputs["visual_mask"]
     v = int(vis.sum(-1).max())
     t = torch.zeros(vis.shape[0], v, device=vis.device)
@@ -144,6 +144,14 @@ def target_for(inputs, cfg) -> torch.Tensor:
 
 
 def step(model, inputs, cfg, mode: str) -> None:
+    """One forward + backward of ``mode`` (gradients dropped after)."""
+    step_loss(model, inputs, mode).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step_loss(model, inputs, mode: str) -> torch.Tensor:
+    """The loss of one forward pass of ``mode`` (``ntp``, ``measure``, ``capture``, ``eager``); the text backbone
+    must already run the capture attention (``eager``: eager attention)."""
     kw = {k: inputs[k] for k in (*family_of(model).input_keys, "labels") if k in inputs}
     vis = inputs["visual_mask"]
     query = select_queries(inputs["answer_mask"], "last")
@@ -163,7 +171,7 @@ def step(model, inputs, cfg, mode: str) -> None:
         out = model(**kw, use_cache=False, klal_capture=req)
         res = klal_loss(
             req.stacked(),
-            target_for(inputs, cfg),
+            target_for(inputs),
             torch.ones(vis.shape[0], dtype=torch.bool, device=vis.device),
             req.query_valid,
             req.key_valid,
@@ -187,15 +195,14 @@ def step(model, inputs, cfg, mode: str) -> None:
             maps.append(torch.log(rows.mean(-1).clamp_min(1e-30)))
         res = klal_loss(
             torch.stack(maps),
-            target_for(inputs, cfg),
+            target_for(inputs),
             torch.ones(vis.shape[0], dtype=torch.bool, device=vis.device),
             req.query_valid,
             req.key_valid,
         )
         loss = out.loss + res.klal
         del out, maps
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+    return loss
 
 
 def saved_bytes(fn) -> int:
