@@ -182,3 +182,12 @@ def test_reentrant_checkpointing_is_refused_when_klal_trains(deep):
         m.model.zero_grad(set_to_none=True)
     finally:
         m.model.gradient_checkpointing_disable()
+
+
+def test_bench_step_reaches_the_requested_visual_tokens_or_refuses_naming_the_maximum():
+    from bench.step import collated_inputs
+
+    inputs, cfg = collated_inputs("tiny", 1, 1024, torch.device("cpu"), layers=28)
+    assert int(inputs["visual_mask"][0].sum()) == 1024 and cfg.tiny_overrides == {"num_hidden_layers": 28}
+    with pytest.raises(ValueError, match=r"tiny-llava-onevision reaches at most \d+ visual tokens"):
+        collated_inputs("tiny-llava-onevision", 1, 1024, torch.device("cpu"))
