@@ -3,11 +3,15 @@ write a markdown block ready for BENCHMARKS.md.
 
 Made for one H100 / H200 with the repository but no package registry (DESIGN: its Python has torch, transformers,
 lightning, peft, torchmetrics, accelerate, pyarrow, scipy, matplotlib and pytest, but not ``datasets`` or ``wandb``).
-In under 8 minutes it runs
+In under 10 minutes (``--budget_s``) it runs
 
 1. the GPU-marked tests (``pytest -m gpu``),
-2. ``bench.step`` at the 3B and 7B architectures (random weights at the published sizes), 1024 visual tokens,
-   bfloat16, without and with gradient checkpointing,
+2. ``bench.step`` at the 3B and 7B architectures (random weights at the published sizes and depths: 36 and 28
+   layers), 1024 visual tokens, bfloat16, without and with gradient checkpointing, and the full-depth
+   checkpointing rows at 4096 visual tokens (NTP, NTP with attention measured, NTP + KLAL; eager would materialise
+   ``(B, H, S, S)`` per layer),
+   plus the attention-kernel tests (``tests/test_kernels.py``: flash-attention 2/3/4 and hub kernels where they
+   load),
 3. ``bench.throughput`` at 3B and 7B, 1024 visual tokens, bfloat16, both gradient-checkpointing settings,
 4. one ``bench.probes`` row at 3B (``attention_probe``),
 
@@ -78,11 +82,17 @@ def plan(python: str, wheels: str, out_dir: str, install: list[str]) -> list[Ste
         pip = [python, "-m", "pip", "install", "--no-index", "--find-links", wheels, *install]
         steps.append(Step("install", pip, 120))
     steps.append(Step("gpu tests", [python, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider"], 150))
+    kernels = [python, "-m", "pytest", "-q", "tests/test_kernels.py", "-p", "no:cacheprovider"]
+    steps.append(Step("attention kernels", kernels, 90))
     common = ["--device", "cuda", "--dtype", "bfloat16", "--visual_tokens", str(VISUAL_TOKENS)]
     for arch in ("3b", "7b"):
         for ckpt in ("false", "true"):
             argv = [python, "-m", "bench.step", "--arch", arch, *common, "--steps", "3"]
             steps.append(Step(f"step {arch} ckpt={ckpt}", [*argv, "--gradient_checkpointing", ckpt], 90))
+    for arch in ("3b", "7b"):  # full depth, checkpointing on, long visual context: the path real configs take
+        argv = [python, "-m", "bench.step", "--arch", arch, "--device", "cuda", "--dtype", "bfloat16"]
+        argv += ["--visual_tokens", "4096", "--steps", "3", "--gradient_checkpointing", "true"]
+        steps.append(Step(f"step {arch} 4096 ckpt=true", [*argv, "--modes", "ntp,measure,capture"], 120))
     for arch in ("3b", "7b"):
         json_out = os.path.join(out_dir, f"throughput_{arch}.json")
         argv = [python, "-m", "bench.throughput", "--arch", arch, *common, "--gradient_checkpointing", "both"]
@@ -114,7 +124,7 @@ def gpu_suite(
     dry_run: bool = False,
     out: str = "results/gpu_suite.md",
     wheels: str = "wheels",
-    budget_s: int = 480,
+    budget_s: int = 560,
     python: str | None = None,
 ) -> list[Step]:
     """Install missing packages from carried wheels, run the GPU tests and benches, write a BENCHMARKS.md block.

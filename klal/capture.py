@@ -19,8 +19,12 @@ undefined; the loss's gradient through it is zero).
 
 The request travels as a forward keyword (``klal_capture=request``) so it reaches every decoder layer through
 transformers' ``**kwargs`` plumbing, and is replayed by non-reentrant gradient checkpointing during backward. The
-recomputation must run the same ops (its saved tensors are matched by order) but must not replace the forward's maps,
-so each layer stores its map only once.
+recomputation must run the same ops (its saved tensors are matched by order) but must not store its maps: a recomputed
+map's autograd graph holds the whole recomputed layer, so a map kept past its layer's backward keeps every layer's
+activations alive and undoes the checkpointing. A request therefore stores each layer's map once, and nothing after
+:meth:`CaptureRequest.clear` (the step has consumed the maps; what runs later is the recomputation). Reentrant
+checkpointing (``use_reentrant=True``, DeepSpeed's activation checkpointing) runs the forward without autograd, so no
+gradient could reach the maps: a request that needs gradients refuses it in one line.
 
 Usage::
 
@@ -34,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +50,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_KWARG = "klal_capture"
 CAPTURE_PREFIX = "klal_"
+_BASE_OF: dict[str, str] = {}
+"""Registered capture name -> the kernel it wraps (a hub kernel's ``org/repo`` cannot appear in a name: transformers
+would read ``klal_org/repo`` as another hub kernel)."""
 
 QueryMode = Literal["last", "all", "first", "prompt_last", "word"]
 
@@ -73,6 +81,12 @@ class CaptureRequest:
             every requested layer), the rows then recomputed as with ``differentiable_rows`` (batch size 1): an
             intervention, e.g. an oracle that makes a query look at the evidence, not a measurement. The captured maps
             stay those of the unbiased scores.
+        needs_grad: whether the maps must carry gradients (KLAL is trained from them). None follows the grad mode;
+            False computes them without autograd (a measurement: nothing saved for backward, nothing recomputed);
+            True refuses a layer that runs without autograd (reentrant gradient checkpointing), where KLAL would
+            silently get no gradient.
+        closed: set by :meth:`clear`: the maps were consumed, later calls (the gradient-checkpoint recomputation
+            during backward) store nothing.
     """
 
     query_index: torch.Tensor
@@ -85,6 +99,8 @@ class CaptureRequest:
     log_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     full_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     key_bias: torch.Tensor | None = None
+    needs_grad: bool | None = None
+    closed: bool = False
 
     @classmethod
     def from_masks(
@@ -109,9 +125,11 @@ class CaptureRequest:
         return torch.stack([self.log_maps[i] for i in sorted(self.log_maps)])
 
     def clear(self) -> None:
-        """Drop the captured maps (and the autograd graph they hold)."""
+        """Drop the captured maps (and the autograd graph they hold) and close the request: a gradient-checkpoint
+        recomputation that runs later (during backward) stores no maps again."""
         self.log_maps.clear()
         self.full_probs.clear()
+        self.closed = True
 
 
 def _mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,14 +202,25 @@ def _make_capture_fn(base: str):
         request: CaptureRequest | None = kwargs.pop(CAPTURE_KWARG, None)
         out = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
         layer_idx = getattr(module, "layer_idx", None)
-        if request is not None and request.wants(layer_idx):
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = query.shape[-1] ** -0.5
-            softcap = kwargs.get("softcap")
-            visible = visible_keys(
-                attention_mask, module, kwargs, request.query_index, request.key_index, query.shape[2], key.shape[2]
+        if request is None or not request.wants(layer_idx):
+            return out
+        rows = request.differentiable_rows or request.key_bias is not None
+        if request.closed and not rows and request.needs_grad is False:
+            return out  # recomputation of a measurement: nothing of it is saved for backward, nothing to replay
+        if request.needs_grad and not request.closed and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "KLAL needs gradients through the attention maps, but this decoder layer runs without autograd: "
+                "reentrant gradient checkpointing (use_reentrant=True, DeepSpeed activation checkpointing) hides them; "
+                "use non-reentrant checkpointing (klal's gradient_checkpointing, FSDP activation checkpointing)"
             )
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        softcap = kwargs.get("softcap")
+        visible = visible_keys(
+            attention_mask, module, kwargs, request.query_index, request.key_index, query.shape[2], key.shape[2]
+        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and request.needs_grad is not False):
             log_q = visual_attention_log_probs(
                 query,
                 key,
@@ -204,11 +233,13 @@ def _make_capture_fn(base: str):
                 softcap=softcap,
                 visible=visible,
             )
-            # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map.
+        # Gradient-checkpoint recomputation runs this again during backward: keep the forward's map only (see the
+        # module docstring), and none once the request is closed.
+        if not request.closed:
             request.log_maps.setdefault(layer_idx, log_q)
-            if request.differentiable_rows or request.key_bias is not None:
-                mask = (attention_mask, module, kwargs, softcap)
-                out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx, mask), *out[1:])
+        if rows:
+            mask = (attention_mask, module, kwargs, softcap)
+            out = (_route_rows(out[0], query, key, value, scaling, request, layer_idx, mask), *out[1:])
         return out
 
     capture_attention.__name__ = f"klal_capture_{base}"
@@ -261,7 +292,8 @@ def _route_rows(
             probs = probs.detach().requires_grad_(True)
         else:
             probs.retain_grad()
-    request.full_probs.setdefault(layer_idx, probs)
+    if not request.closed:
+        request.full_probs.setdefault(layer_idx, probs)
     rows = torch.matmul(probs[0].to(v.dtype), v)  # (H, A, D)
     attn_out = attn_out.clone()
     attn_out[0, pos] = rows.transpose(0, 1).to(attn_out.dtype)  # kernel output is (B, S, H, D)
@@ -315,7 +347,9 @@ def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] 
     """Register ``klal_<base>`` (attention + mask function) with transformers and return the name.
 
     Args:
-        base: the kernel that computes the layer output: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        base: the kernel that computes the layer output: ``sdpa``, ``eager``, or any other name registered with
+            transformers' ``AttentionInterface`` (flash-attention, ``flex_attention``, a loaded hub kernel; see
+            :func:`klal.kernels.resolve_attn_implementation`).
         eager_fn: for ``eager``, the model family's eager attention function
             (:meth:`klal.models.family.VLMFamily.eager_attention`). The families' functions compute the same thing
             (repeat the KV heads, softmax of ``q k^T * scale + mask``, dropout, times ``v``), so the last one
@@ -325,7 +359,9 @@ def register_capture_attention(base: str = "sdpa", eager_fn: Callable[..., Any] 
         return base
     if base not in ALL_ATTENTION_FUNCTIONS and base != "eager":
         raise ValueError(f"attention implementation {base!r} is not available; choose sdpa, eager or flash_attention_2")
-    name = f"{CAPTURE_PREFIX}{base}"
+    # Keeps the base's name in it: transformers reads "flash" / "flex_attention" / "sdpa" in a name to prepare inputs.
+    name = CAPTURE_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", base)
+    _BASE_OF[name] = base
     if base == "eager":
         if eager_fn is None:
             raise ValueError("register_capture_attention('eager') needs the model family's eager_fn")
@@ -346,7 +382,9 @@ def enable_capture(model: torch.nn.Module, base: str | None = None) -> str:
 
     text_cfg = text_config(model)
     current = text_cfg._attn_implementation or "sdpa"
-    base = base or (current[len(CAPTURE_PREFIX) :] if current.startswith(CAPTURE_PREFIX) else current)
+    base = base or (
+        _BASE_OF.get(current, current[len(CAPTURE_PREFIX) :]) if current.startswith(CAPTURE_PREFIX) else current
+    )
     name = register_capture_attention(base, family_of(model).eager_attention() if base == "eager" else None)
     set_text_attn_implementation(model, name)
     return name

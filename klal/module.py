@@ -69,8 +69,11 @@ class KLALModule(L.LightningModule):
             full-attention layers only (every layer except on hybrid models such as Qwen3.5).
         klal_epsilon: smoothing weight of the target map (keeps KL finite).
         klal_image_mode: several images per sample: ``joint`` or ``per_image`` (see :mod:`klal.loss`).
-        measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``target_mass``.
-        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        measure_attention_when_unweighted: with ``klal_weight=0``, still capture attention to log ``klal`` and
+            ``target_mass`` (measured without autograd: the maps only, ``(L, B, A, V)`` floats; docs/performance.md).
+            False skips the capture: the NTP arm then logs neither.
+        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers (the capture keeps one
+            set of maps per step; the recomputation during backward stores none).
         optim: optimizer and schedule.
         adapter_dir: where the final peft adapter is written (default: ``<log_dir>/adapter``).
     """
@@ -157,12 +160,16 @@ class KLALModule(L.LightningModule):
             visual = self.family.visual_token_mask(batch["input_ids"], self.image_token_id, grids)
             query = select_queries(batch["answer_mask"], query_mode or self.klal_query, batch.get("word_mask"))
             request = CaptureRequest.from_masks(query, visual, self.layers)
+            # Maps that only feed logged metrics (klal_weight 0, validation) are measured without autograd: nothing
+            # saved for backward, nothing recomputed under gradient checkpointing.
+            request.needs_grad = self.klal_weight > 0 and torch.is_grad_enabled()
             inputs["klal_capture"] = request
         out = self.model(**inputs, use_cache=False)
         return out, request
 
     def klal_result(self, request: CaptureRequest, batch: KLALBatch) -> KLALResult:
-        """KLAL and target mass of the maps a forward pass captured into ``request`` (the maps are released)."""
+        """KLAL and target mass of the maps a forward pass captured into ``request`` (the maps are released and the
+        request closed, so the gradient-checkpoint recomputation during backward stores none again)."""
         log_q = request.stacked()  # (L, B, A, V)
         request.clear()
         return klal_loss(

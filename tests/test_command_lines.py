@@ -35,7 +35,11 @@ def test_bench_step_flags_as_quoted(monkeypatch):
         "visual_tokens": 1024,
         "batch": 2,
         "steps": 5,
+        "layers": None,
         "gradient_checkpointing": True,
+        "modes": "ntp,measure,capture,eager",
+        "threads": None,
+        "seed": 0,
     }
 
 

@@ -260,10 +260,10 @@ def test_global_share_is_one_without_a_process_group():
 def test_flash_attention_falls_back_to_sdpa_only_when_unavailable(monkeypatch):
     import klal.kernels as st
 
-    monkeypatch.setattr(st, "flash_attention_available", lambda: False)
+    monkeypatch.setattr(st, "flash_attention_available", lambda version=2: False)
     assert resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert resolve_attn_implementation("eager") == "eager"
-    monkeypatch.setattr(st, "flash_attention_available", lambda: True)
+    monkeypatch.setattr(st, "flash_attention_available", lambda version=2: True)
     assert resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
 
 
@@ -643,10 +643,13 @@ def test_gpu_suite_dry_run_plans_commands_the_benches_accept(capsys, monkeypatch
     assert [s.name for s in steps] == [
         "install",
         "gpu tests",
+        "attention kernels",
         "step 3b ckpt=false",
         "step 3b ckpt=true",
         "step 7b ckpt=false",
         "step 7b ckpt=true",
+        "step 3b 4096 ckpt=true",
+        "step 7b 4096 ckpt=true",
         "throughput 3b",
         "throughput 7b",
         "probes 3b",
@@ -658,7 +661,8 @@ def test_gpu_suite_dry_run_plans_commands_the_benches_accept(capsys, monkeypatch
     ]
     assert steps[1].argv[1:5] == ["-m", "pytest", "-q", "-m"] and steps[1].argv[5] == "gpu"
     seen = []
-    for step in steps[2:]:
+    assert steps[2].argv[1:4] == ["-m", "pytest", "-q"] and steps[2].argv[4] == "tests/test_kernels.py"
+    for step in steps[3:]:
         module = importlib.import_module(step.argv[2])
         original = module.benchmark
 
@@ -668,11 +672,11 @@ def test_gpu_suite_dry_run_plans_commands_the_benches_accept(capsys, monkeypatch
 
         monkeypatch.setattr(module, "benchmark", record)
         module.main(step.argv[3:])
-    for got, arch in zip(seen, ["3b", "3b", "7b", "7b", "3b", "7b", "3b"]):
+    for got, arch in zip(seen, ["3b", "3b", "7b", "7b", "3b", "7b", "3b", "7b", "3b"], strict=True):
         assert (got["arch"], got["device"], got["dtype"]) == (arch, "cuda", "bfloat16")
-    assert [s["visual_tokens"] for s in seen[:6]] == [1024] * 6
-    assert [s["gradient_checkpointing"] for s in seen[:6]] == [False, True, False, True, "both", "both"]
-    assert seen[6]["methods"] == ["attention_probe"]
+    assert [s["visual_tokens"] for s in seen[:8]] == [1024] * 4 + [4096] * 2 + [1024] * 2
+    assert [s["gradient_checkpointing"] for s in seen[:8]] == [False, True, False, True, True, True, "both", "both"]
+    assert seen[8]["methods"] == ["attention_probe"]
     # Without --dry_run the missing packages need the wheels folder: one clear line.
     with pytest.raises(SystemExit) as e:
         gpu_suite.main(["--wheels", str(tmp_path / "nowhere")])

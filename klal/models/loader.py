@@ -159,11 +159,12 @@ def load_model_and_processor(cfg: ModelConfig, processor: Any = None) -> tuple[t
     from klal.kernels import resolve_attn_implementation
 
     dtype = resolve_dtype(cfg)
-    # flash_attention_2 falls back to sdpa where flash-attn cannot run, so one config serves every machine.
-    text_attn = resolve_attn_implementation(cfg.attn_implementation)
+    family = model_family(cfg)
+    # A kernel that cannot run here (flash-attn, flex, hub kernels) falls back to sdpa, so one config serves every
+    # machine.
+    text_attn = resolve_attn_implementation(cfg.attn_implementation, family.model_class())
     _check_attn_name(text_attn)
     attn = {"text_config": text_attn, "vision_config": "sdpa"}
-    family = model_family(cfg)
     processor = processor if processor is not None else load_processor(cfg)
     if cfg.is_tiny:
         config = family.tiny_config(processor.tokenizer, **(cfg.tiny_overrides or {}))
