@@ -311,7 +311,8 @@ def visible_keys(
 ) -> torch.Tensor:
     """``(B, A, V)`` bool: which of the keys ``key_index`` the layer lets each query ``query_index`` see.
 
-    With a 4-D mask (what sdpa and eager receive: bool, True = attend, or additive float, 0 = attend) it is that
+    With flex attention's ``BlockMask`` it is the block mask's own ``mask_mod`` asked at those rows and keys. With a
+    4-D mask (what sdpa and eager receive: bool, True = attend, or additive float, 0 = attend) it is that
     mask read at those rows and keys, so whatever the model built for the layer (causal, sliding window, bidirectional
     image blocks, padding) applies. Without one (sdpa's causal fast path, flash attention's 2-D padding mask) the
     kernel applies causality when ``module.is_causal`` and the ``sliding_window`` it is given
@@ -327,6 +328,11 @@ def visible_keys(
         k_len: number of keys.
     """
     b = query_index.shape[0]
+    mask_mod = getattr(attention_mask, "mask_mod", None)
+    if mask_mod is not None:  # flex attention's BlockMask: ask its mask function at exactly these rows and keys
+        batch = torch.arange(b, device=query_index.device)[:, None, None]  # (B, 1, 1)
+        got = mask_mod(batch, torch.zeros_like(batch), query_index[:, :, None], key_index[:, None, :])  # (B, A, V)
+        return got.to(torch.bool).expand(b, query_index.shape[1], key_index.shape[1])
     if attention_mask is not None and attention_mask.dim() == 4:
         m = attention_mask[:, 0].expand(b, -1, -1)  # (B, q_len, k_len); the head axis is broadcast
         rows = torch.arange(b, device=m.device)[:, None, None]
