@@ -57,6 +57,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_5": "klal.models.qwen3_5",
     "llava_onevision": "klal.models.llava_onevision",
     "gemma3": "klal.models.gemma3",
+    "idefics3": "klal.models.smolvlm",
 }
 """``config.model_type`` -> the module whose ``FAMILY`` describes it (imported on first use, so that looking up a
 family does not import every architecture)."""
@@ -68,6 +69,7 @@ TINY_ALIASES: dict[str, str] = {
     "tiny-qwen3.5": "qwen3_5",
     "tiny-llava-onevision": "llava_onevision",
     "tiny-gemma3": "gemma3",
+    "tiny-smolvlm": "idefics3",
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
