@@ -235,7 +235,7 @@ def test_export_merge_reloads_with_the_stock_auto_classes(loaded, tmp_path):
 
 
 FAMILY_NAME = re.compile(
-    r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|Gemma3|Idefics3|SmolVLM|qwen2_5_vl\.|gemma3\.|smolvlm\."
+    r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|Gemma3|Idefics3|SmolVLMFamily|qwen2_5_vl\.|gemma3\.|smolvlm\."
     r"|TOKEN_PX|PATCH_PX|\bMERGE\b"
 )
 

@@ -281,3 +281,22 @@ def test_base_identity_reads_the_text_model_weights():
     a = FAMILY.build_tiny_model(seed=0)
     assert base_identity(a, "x")["weights"] is not None
     assert "weights" in identity_mismatch(base_identity(a, "x"), base_identity(FAMILY.build_tiny_model(seed=1), "x"))
+
+
+def test_teacher_forced_attention_merges_the_tiles_as_the_probe_does():
+    """The collator's image sizes let the teacher-forced attention merge an image's tile and global maps through their
+    footprints: the stitched map equals the attention probe's answer_last map and keeps the attention's mass."""
+    from klal.eval.attention import TeacherForcedAttention
+    from klal.grounding import GroundingModel, build_method
+    from klal.models.loader import ModelConfig
+    from tests.conftest import make_row
+
+    gm = GroundingModel.load(ModelConfig("tiny-smolvlm"))
+    rows = [make_row(1, 224, 168, [28.0, 28.0, 84.0, 56.0]), make_row(2, 60, 200, None, answer="(1, 1)")]
+    batched = TeacherForcedAttention(query="last", layers="all").run_batch(gm, rows)
+    probe = build_method("attention_probe", query="answer_last").run_batch(gm, rows)
+    for res, want, row in zip(batched, probe, rows):
+        w, h = row["image"].size
+        assert res.maps[0].shape == FAMILY.map_footprint(gm.processor, h, w).shape
+        np.testing.assert_allclose(res.maps[0], want.maps[0], rtol=1e-5, atol=1e-8)
+        assert res.maps[0].sum() == pytest.approx(1.0, rel=1e-5)
