@@ -498,6 +498,28 @@ def update_processor_config(out: str, **entries: Any) -> None:
         f.write("\n")
 
 
+def refuse_mismatch(pairs: Mapping[str, tuple[Any, Any]], source: str) -> None:
+    """:meth:`VLMFamily.check_pair`'s refusal: ``pairs`` maps a fact to its ``(model, processor)`` values.
+
+    Raises:
+        ValueError: some pair differs, naming each and ``source``.
+    """
+    bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
+    if bad:
+        detail = ", ".join(f"{k}: model {m} vs processor {p}" for k, (m, p) in bad.items())
+        raise ValueError(f"processor does not match model {source!r}: {detail}")
+
+
+def save_with_stock_image_processor(processor: Any, out: str, image_processor_type: str, processor_class: str) -> None:
+    """``processor.save_pretrained(out)``, with ``processor_config.json`` naming the stock image-processor type and
+    processor class (klal builds the PIL image processors, whose own names the stock Auto classes may not map)."""
+    processor.save_pretrained(out)
+    image = {k: v for k, v in processor.image_processor.to_dict().items() if not k.startswith("_")}
+    image["image_processor_type"] = image_processor_type
+    image.pop("processor_class", None)
+    update_processor_config(out, image_processor=image, processor_class=processor_class)
+
+
 def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[int]]) -> list[list[list[Grid]]]:
     """Per sample, per image, its grids: from a batch's flat per-sample ``grids`` and the image of each
     (``grid_image``)."""

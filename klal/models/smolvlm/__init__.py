@@ -40,8 +40,9 @@ from klal.models.family import (
     VLMFamily,
     apply_tiny_overrides,
     read_chat_parts,
+    refuse_mismatch,
     register_family,
-    update_processor_config,
+    save_with_stock_image_processor,
 )
 from klal.models.smolvlm.geometry import (
     SplitLayout,
@@ -151,10 +152,7 @@ class SmolVLMFamily(VLMFamily):
             "tokens per view / image_seq_len": (side * side, processor.image_seq_len),
             "vision image_size / max_image_size": (vc.image_size, ip.max_image_size["longest_edge"]),
         }
-        bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
-        if bad:
-            detail = ", ".join(f"{k}: model {m} vs processor {p}" for k, (m, p) in bad.items())
-            raise ValueError(f"processor does not match model {source!r}: {detail}")
+        refuse_mismatch(pairs, source)
         if not (ip.do_resize and ip.do_image_splitting and ip.size.get("longest_edge")):
             raise ValueError(
                 f"processor of {source!r}: klal supports SmolVLM with do_resize, do_image_splitting and a "
@@ -163,11 +161,7 @@ class SmolVLMFamily(VLMFamily):
 
     def save_stock_processor(self, processor: Any, out: str) -> None:
         """``processor.save_pretrained`` with the stock image-processor type in ``processor_config.json``."""
-        processor.save_pretrained(out)
-        image = {k: v for k, v in processor.image_processor.to_dict().items() if not k.startswith("_")}
-        image["image_processor_type"] = "Idefics3ImageProcessor"
-        image.pop("processor_class", None)
-        update_processor_config(out, image_processor=image, processor_class=self.stock_processor)
+        save_with_stock_image_processor(processor, out, "Idefics3ImageProcessor", self.stock_processor)
 
     # -- tiny model ----------------------------------------------------------------------------------------------
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> Any:
