@@ -29,28 +29,21 @@ SmolVLM's image and chat tokens added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from klal.geometry import Footprint, footprint_overlap
 from klal.models.family import (
     Grid,
-    VLMFamily,
     apply_tiny_overrides,
     read_chat_parts,
     refuse_mismatch,
     register_family,
     save_with_stock_image_processor,
 )
-from klal.models.smolvlm.geometry import (
-    SplitLayout,
-    split_footprints,
-    split_layout,
-    stitch_footprints,
-    stitched_footprint,
-)
+from klal.models.smolvlm.geometry import split_layout
+from klal.models.tiles import TileLayout, TileMajorFamily
 
 TINY_TILE = 64
 TINY_LONGEST = 128
@@ -73,7 +66,7 @@ CHAT_TEMPLATE = (
 """SmolVLM-Instruct's chat format: ``<|im_start|>User:<image>question<end_of_utterance>\\nAssistant:``."""
 
 
-class SmolVLMFamily(VLMFamily):
+class SmolVLMFamily(TileMajorFamily):
     """SmolVLM / Idefics3: image splitting into tiles plus a global view (tile-major grids), pixel shuffle."""
 
     name = "smolvlm"
@@ -151,6 +144,7 @@ class SmolVLMFamily(VLMFamily):
             "image_token_id": (cfg.image_token_id, processor.image_token_id),
             "tokens per view / image_seq_len": (side * side, processor.image_seq_len),
             "vision image_size / max_image_size": (vc.image_size, ip.max_image_size["longest_edge"]),
+            "patches cover the view": (vc.image_size, side * cfg.scale_factor * vc.patch_size),
         }
         refuse_mismatch(pairs, source)
         if not (ip.do_resize and ip.do_image_splitting and ip.size.get("longest_edge")):
@@ -212,17 +206,12 @@ class SmolVLMFamily(VLMFamily):
         )
 
     # -- geometry ------------------------------------------------------------------------------------------------
-    def layout(self, processor: Any, height: int, width: int) -> SplitLayout:
+    def layout(self, processor: Any, height: int, width: int) -> TileLayout:
         """The image's splitting layout under ``processor``'s settings (:func:`split_layout`)."""
         ip = processor.image_processor
         side = int(round(float(processor.image_seq_len) ** 0.5))
         tile = int(ip.max_image_size["longest_edge"])
         return split_layout(height, width, int(ip.size["longest_edge"]), tile, side)
-
-    def processor_grids(self, processor: Any, height: int, width: int) -> list[Grid]:
-        """One ``n x n`` grid per tile (row-major over the tiles), then the global view's."""
-        lay = self.layout(processor, height, width)
-        return [(lay.side, lay.side)] * (lay.rows * lay.cols + 1)
 
     def image_token_count(self, processor: Any, height: int, width: int) -> int:
         """The ``<image>`` cells plus the separators: a ``<fake_token_around_image>`` and a ``<row_r_col_c>`` per
@@ -260,52 +249,6 @@ class SmolVLMFamily(VLMFamily):
         if len(out) != num_images:
             raise RuntimeError(f"the processor's prompts hold {len(out)} images for {num_images} images")
         return out
-
-    def footprints(
-        self, processor: Any, height: int, width: int, grids: Sequence[Grid] | None = None
-    ) -> list[Footprint | None]:
-        """Each tile's tokens see their tile's share of the image (the two squashes' scale), the global view's the
-        whole image (:func:`split_footprints`)."""
-        fps: list[Footprint | None] = list(split_footprints(self.layout(processor, height, width)))
-        if grids is not None and [f.shape for f in fps if f is not None] != [tuple(g) for g in grids]:
-            raise RuntimeError(f"{self.label}: grids {list(grids)} do not match the {height} x {width} image's tiles")
-        return fps
-
-    @staticmethod
-    def map_grid(grids: Sequence[Grid]) -> Grid:
-        """Not defined by the grids alone (the tiling's rows and columns are not in them): use
-        :meth:`map_footprint`."""
-        raise ValueError("SmolVLM's map grid depends on the image's tiling; use map_footprint(processor, h, w)")
-
-    def map_footprint(self, processor: Any, height: int, width: int) -> Footprint:
-        """The stitched tiles' footprint (``(R n) x (C n)``), or the global view's when the image has no tiles."""
-        return stitched_footprint(self.layout(processor, height, width))
-
-    def merge_grids(self, maps: Sequence[Any], footprints: Sequence[Footprint | None] | None = None) -> Any:
-        """The tile maps stitched into one ``(R n) x (C n)`` map (tiles placed by their footprints), plus the global
-        map resampled onto it: each global cell's value is spread over the stitched tokens whose footprints overlap
-        it, in proportion to the overlap, so the merged map's total is the sum of all totals.
-
-        Raises:
-            ValueError: several grids without footprints (the tiles' places are not in the maps).
-        """
-        if len(maps) == 1:
-            return maps[0]
-        if footprints is None or any(f is None for f in footprints):
-            raise ValueError(f"{self.label}: merging an image's tile maps needs their footprints (the image size)")
-        tiles, fps = maps[:-1], footprints[:-1]
-        y0 = sorted({float(f.y.lo[0]) for f in fps})
-        x0 = sorted({float(f.x.lo[0]) for f in fps})
-        n = tiles[0].shape[-1]
-        lead = tiles[0].shape[:-2]
-        out = np.zeros((*lead, len(y0) * n, len(x0) * n))
-        for m, f in zip(tiles, fps):
-            r, c = y0.index(float(f.y.lo[0])), x0.index(float(f.x.lo[0]))
-            out[..., r * n : (r + 1) * n, c * n : (c + 1) * n] = m
-        whole = stitch_footprints(fps, len(y0), len(x0))
-        g = footprints[-1]
-        oy, ox = footprint_overlap(whole.y, g.y), footprint_overlap(whole.x, g.x)
-        return out + np.einsum("ik,...kl,jl->...ij", oy, maps[-1], ox)
 
 
 def tiny_tokenizer() -> Any:

@@ -15,46 +15,14 @@ squashed to ``M x M``) and of the connector's pixel shuffle (``s x s`` neighbour
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
-
-from klal.geometry import AxisCells, Footprint
+from klal.models.tiles import TileLayout
 
 MAX_IMAGE_SIDE = 4096
 """transformers' cap on the first resize's longest edge (``MAX_IMAGE_SIZE`` of the Idefics3 image processor)."""
 
 
-@dataclass(frozen=True)
-class SplitLayout:
-    """An image's splitting on SmolVLM (module docstring).
-
-    Attributes:
-        height: original height in pixels.
-        width: original width in pixels.
-        resized: ``(H2, W2)``, the second resize (whole multiples of ``tile``).
-        tile: ``M``, the tile (and global view) side in pixels.
-        side: ``n``, tokens per side of a tile or the global view.
-        rows: tile rows ``R`` (0 when the image has only the global view).
-        cols: tile columns ``C``.
-    """
-
-    height: int
-    width: int
-    resized: tuple[int, int]
-    tile: int
-    side: int
-    rows: int
-    cols: int
-
-    @property
-    def token_px(self) -> float:
-        """Resized pixels one token spans along an axis (``s P = M / n`` when the patches tile the view)."""
-        return self.tile / self.side
-
-
-def split_layout(height: int, width: int, longest: int, tile: int, side: int) -> SplitLayout:
+def split_layout(height: int, width: int, longest: int, tile: int, side: int) -> TileLayout:
     """The splitting of a ``height x width`` image, by the image processor's arithmetic.
 
     Args:
@@ -94,45 +62,4 @@ def split_layout(height: int, width: int, longest: int, tile: int, side: int) ->
     if h2 == 0 or w2 == 0:
         raise ValueError(f"a {width} x {height} image is too thin for SmolVLM's processor (it resizes to {w2} x {h2})")
     rows, cols = (h2 // tile, w2 // tile) if (h2 > tile or w2 > tile) else (0, 0)
-    return SplitLayout(height, width, (h2, w2), tile, side, rows, cols)
-
-
-def _tile_axis(size: int, resized: int, tile: int, index: int, lay: SplitLayout) -> AxisCells:
-    """Tile ``index`` along one axis: its tokens' original-pixel intervals."""
-    k = np.arange(lay.side, dtype=np.float64)
-    lo = (index * tile + k * lay.token_px) * size / resized
-    return AxisCells(lay.side, float(size), lo=lo, hi=lo + lay.token_px * size / resized)
-
-
-def split_footprints(lay: SplitLayout) -> list[Footprint]:
-    """Per grid in sequence order: the tiles row-major, then the global view."""
-    h, w = float(lay.height), float(lay.width)
-    (h2, w2), m = lay.resized, lay.tile
-    out = [
-        Footprint(h, w, _tile_axis(lay.height, h2, m, r, lay), _tile_axis(lay.width, w2, m, c, lay))
-        for r in range(lay.rows)
-        for c in range(lay.cols)
-    ]
-    # The global view is the whole image squashed to M x M: one tile of a 1 x 1 split.
-    out.append(Footprint(h, w, _tile_axis(lay.height, m, m, 0, lay), _tile_axis(lay.width, m, m, 0, lay)))
-    return out
-
-
-def stitch_footprints(tiles: Sequence[Footprint], rows: int, cols: int) -> Footprint:
-    """One footprint for ``rows x cols`` tile footprints laid side by side (given row-major)."""
-    ys, xs = [tiles[r * cols].y for r in range(rows)], [tiles[c].x for c in range(cols)]
-
-    def axis(parts: list[AxisCells]) -> AxisCells:
-        lo = np.concatenate([p.lo for p in parts])
-        hi = np.concatenate([p.hi for p in parts])
-        return AxisCells(len(lo), parts[0].size, lo=lo, hi=hi)
-
-    return Footprint(tiles[0].height, tiles[0].width, axis(ys), axis(xs))
-
-
-def stitched_footprint(lay: SplitLayout) -> Footprint:
-    """The footprint of an image's merged map: its tiles stitched, or its global view when it has no tiles."""
-    fps = split_footprints(lay)
-    if lay.rows == 0:
-        return fps[-1]
-    return stitch_footprints(fps[:-1], lay.rows, lay.cols)
+    return TileLayout(height, width, (h2, w2), tile, side, rows, cols)
