@@ -4,7 +4,7 @@ family's names leave ``klal/models/``.
 
 Each family runs on its tiny random model built offline from the real transformers classes (every alias of
 :data:`klal.models.family.TINY_ALIASES`: ``tiny``, ``tiny-qwen2-vl``, ``tiny-qwen3-vl``, ``tiny-qwen3.5``,
-``tiny-llava-onevision``, ``tiny-gemma3``, ``tiny-smolvlm``).
+``tiny-llava-onevision``, ``tiny-gemma3``, ``tiny-smolvlm``, ``tiny-internvl``).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_export_merge_reloads_with_the_stock_auto_classes(loaded, tmp_path):
 
 
 FAMILY_NAME = re.compile(
-    r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|Gemma3|Idefics3|SmolVLMFamily|qwen2_5_vl\.|gemma3\.|smolvlm\."
+    r"Qwen2_5_VL|Qwen2VL|Qwen3VL|Qwen3_5|LlavaOnevision|Gemma3|Idefics3|SmolVLMFamily|InternVL|qwen2_5_vl\.|gemma3\.|smolvlm\.|internvl\."
     r"|TOKEN_PX|PATCH_PX|\bMERGE\b"
 )
 

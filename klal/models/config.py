@@ -29,9 +29,9 @@ class ModelConfig:
 
     name_or_path: str = TINY
     """``tiny`` (embedded random Qwen2.5-VL), another family's tiny model (``tiny-qwen2-vl``, ``tiny-qwen3-vl``,
-    ``tiny-qwen3.5``, ``tiny-llava-onevision``, ``tiny-gemma3``, ``tiny-smolvlm``), ``tiny-base`` (klal's small
-    pretrained Qwen2.5-VL, shipped with klal), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder of
-    any supported family (:mod:`klal.models.family`)."""
+    ``tiny-qwen3.5``, ``tiny-llava-onevision``, ``tiny-gemma3``, ``tiny-smolvlm``, ``tiny-internvl``), ``tiny-base``
+    (klal's small pretrained Qwen2.5-VL, shipped with klal), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a
+    local folder of any supported family (:mod:`klal.models.family`)."""
     dtype: str = "auto"
     """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny and ``tiny-base``), ``float32``,
     ``bfloat16`` or ``float16``."""

@@ -58,6 +58,7 @@ FAMILY_MODULES: dict[str, str] = {
     "llava_onevision": "klal.models.llava_onevision",
     "gemma3": "klal.models.gemma3",
     "idefics3": "klal.models.smolvlm",
+    "internvl": "klal.models.internvl",
 }
 """``config.model_type`` -> the module whose ``FAMILY`` describes it (imported on first use, so that looking up a
 family does not import every architecture)."""
@@ -70,6 +71,7 @@ TINY_ALIASES: dict[str, str] = {
     "tiny-llava-onevision": "llava_onevision",
     "tiny-gemma3": "gemma3",
     "tiny-smolvlm": "idefics3",
+    "tiny-internvl": "internvl",
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
