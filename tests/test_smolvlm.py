@@ -19,6 +19,14 @@ from PIL import Image
 
 from klal.data.collate import KLALCollator
 from klal.models.family import family_for_type
+from tests.tile_replica import (
+    averaging_projection,
+    box_for,
+    coordinate_features,
+    noise_row,
+    reference_target,
+    token_patches,
+)
 
 FAMILY = family_for_type("idefics3")
 REAL = {"longest": 2048, "tile": 512, "patch": 16, "scale": 4, "tokens": 64}
@@ -26,13 +34,6 @@ REAL = {"longest": 2048, "tile": 512, "patch": 16, "scale": 4, "tokens": 64}
 SIZES_WH = [(350, 220), (200, 330), (640, 480), (500, 333), (1000, 300), (57, 1000), (1000, 57), (2048, 2048), (40, 30)]
 """(width, height) of the images checked: odd and long thin ones, 2048 x 2048 for the largest tiling (4 x 4 tiles),
 and a small one the processor upscales."""
-
-
-def _box(w: int, h: int) -> list[float]:
-    """A corner box on 1000 x 300 (cuts the first tile only), else an off-centre box across tiles."""
-    if (w, h) == (1000, 300):
-        return [0.0, 0.0, 130.0, 70.0]
-    return [0.23 * w, 0.31 * h, 0.61 * w, 0.77 * h]
 
 
 class _Contiguous(torch.nn.Module):
@@ -78,46 +79,11 @@ def replica():
     s2 = REAL["scale"] ** 2
     with torch.no_grad():
         vision.embeddings.position_embedding.weight.zero_()
-        proj = model.model.connector.modality_projection.proj
-        proj.weight.zero_()
-        for k in range(5):
-            for b in range(s2):
-                proj.weight[k, b * d + k] = 1.0 / s2
+    averaging_projection(model.model.connector.modality_projection.proj.weight, d, s2)
     vision.post_layernorm = _Contiguous()  # no norm; the connector's pixel shuffle needs a contiguous tensor
 
-    def coordinates(_module, _args, out):  # (frames, D, 32, 32): the conv's own layout names each patch
-        n = out.shape[-1]
-        r, c = torch.meshgrid(torch.arange(n, dtype=out.dtype), torch.arange(n, dtype=out.dtype), indexing="ij")
-        feat = torch.zeros_like(out)
-        feat[:, 0], feat[:, 1], feat[:, 2], feat[:, 3] = r, c, r * r, c * c
-        feat[:, 4] = torch.arange(out.shape[0], dtype=out.dtype)[:, None, None]
-        return feat
-
-    vision.embeddings.patch_embedding.register_forward_hook(coordinates)
+    vision.embeddings.patch_embedding.register_forward_hook(coordinate_features)
     return model, processor
-
-
-def _token_patches(model, processor, batch) -> np.ndarray:
-    """``(V, 5)`` per ``<image>`` token in sequence order: ``(view, r0, c0, r1, c1)``, the view it came from and the
-    patch rows / columns ``[r0, r1)`` x ``[c0, c1)`` it folds in, from what the model scattered at that position."""
-    seen = {}
-
-    def grab(_module, _args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].detach()
-
-    handle = FAMILY.language_model(model).register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**{k: batch[k] for k in FAMILY.input_keys if k in batch})
-    finally:
-        handle.remove()
-    cells = batch["input_ids"][0] == processor.image_token_id
-    f = seen["embeds"][0, cells, :5].double()  # (V, 5): mean r, mean c, mean r^2, mean c^2, view
-    mr, mc = f[:, 0], f[:, 1]
-    # k consecutive patches have variance (k^2 - 1) / 12 along that axis.
-    kr, kc = (12 * (f[:, 2] - mr**2) + 1).sqrt(), (12 * (f[:, 3] - mc**2) + 1).sqrt()
-    out = torch.stack([f[:, 4], mr - (kr - 1) / 2, mc - (kc - 1) / 2, mr + (kr + 1) / 2, mc + (kc + 1) / 2], 1)
-    return out.numpy()
 
 
 def _views(processor, w: int, h: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
@@ -139,16 +105,9 @@ def _views(processor, w: int, h: int) -> tuple[tuple[int, int], list[tuple[int, 
 def test_target_maps_match_the_models_own_token_footprints_at_real_geometry(replica, size):
     model, processor = replica
     w, h = size
-    box = _box(w, h)
-    row = {
-        "id": f"{w}x{h}",
-        "image": Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype("uint8")),
-        "question": "Where is it?",
-        "answer": "here",
-        "evidence": {"boxes": [box], "points": [], "polylines": []},
-    }
-    batch = KLALCollator(processor)([row])
-    patches = _token_patches(model, processor, batch)
+    box = box_for(w, h)
+    batch = KLALCollator(processor)([noise_row(w, h, box)])
+    patches = token_patches(FAMILY, model, processor.image_token_id, batch)
     (h2, w2), tiles = _views(processor, w, h)
     n_views = len(tiles) + 1
     assert sorted(set(patches[:, 0].round().astype(int))) == list(range(n_views))
@@ -166,15 +125,7 @@ def test_target_maps_match_the_models_own_token_footprints_at_real_geometry(repl
             t = REAL["tile"]
             ref[i] = [c0 * p * w / t, r0 * p * h / t, c1 * p * w / t, r1 * p * h / t]
     assert np.allclose(patches[:, 3] - patches[:, 1], 4) and np.allclose(patches[:, 4] - patches[:, 2], 4)
-    ov = np.clip(np.minimum(ref[:, 2], box[2]) - np.maximum(ref[:, 0], box[0]), 0, None) * np.clip(
-        np.minimum(ref[:, 3], box[3]) - np.maximum(ref[:, 1], box[1]), 0, None
-    )
-    # The family's policy: every view the box leaves mass on gets an equal share.
-    views = patches[:, 0].round().astype(int)
-    hit = [v for v in range(n_views) if ov[views == v].sum() > 0]
-    want = np.zeros(len(ov))
-    for v in hit:
-        want[views == v] = ov[views == v] / ov[views == v].sum() / len(hit)
+    want = reference_target(ref, patches[:, 0].round().astype(int), box)
     got = batch["target"][0].numpy()
     assert np.abs(got - want).max() <= 1e-6, (size, np.abs(got - want).max())
 
