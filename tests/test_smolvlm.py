@@ -221,7 +221,9 @@ def test_tiny_processor_expands_tiles_and_the_global_view():
     ids = batch["input_ids"][1].tolist()
     assert tok.convert_tokens_to_ids("<row_1_col_2>") in ids and tok.convert_tokens_to_ids("<row_2_col_1>") not in ids
     end = tok.convert_tokens_to_ids("<end_of_utterance>")
-    assert batch["labels"][0][batch["labels"][0] != -100].tolist()[-1] == end
+    answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    # The answer turn as the chat template writes it: "Assistant: yes<end_of_utterance>".
+    assert answer[-1] == end and tok.decode(answer) == " yes<end_of_utterance>"
     assert end in FAMILY.stop_token_ids(processor) and processor.image_token_id in FAMILY.stop_token_ids(processor)
 
 

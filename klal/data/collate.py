@@ -183,8 +183,9 @@ class KLALCollator:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def answer_ids(self, answer: str) -> tuple[list[int], int]:
-        """Token ids of ``answer + end_of_turn`` and the count of answer content tokens among them."""
-        content = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        """Token ids of ``answer + end_of_turn`` (after the family's answer prefix) and the count of answer content
+        tokens among them."""
+        content = self.tokenizer(self.family.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         end = self.tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
         return list(content) + list(end), len(content)
 

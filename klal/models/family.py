@@ -197,6 +197,11 @@ class VLMFamily(abc.ABC):
     """The token that closes an assistant turn in the family's chat format (appended to every answer and supervised
     by NTP; decoding stops there)."""
 
+    answer_prefix: ClassVar[str] = ""
+    """Text the family's chat format writes between the assistant header and the answer, which the generation prompt
+    leaves to the model (SmolVLM's ``Assistant:`` is followed by a space): training answers start with it, so they
+    read as the instruct checkpoints' own turns."""
+
     token_inputs: ClassVar[Mapping[str, int]] = {}
     """Per-token model inputs the processor returns beside ``input_ids`` / ``attention_mask`` (Qwen's
     ``mm_token_type_ids``, Gemma 3's ``token_type_ids``), each with the value that pads it and fills the tokens klal

@@ -78,6 +78,8 @@ class SmolVLMFamily(TileMajorFamily):
     pixel_bounds = False
     stock_processor = "Idefics3Processor"
     end_of_turn = "<end_of_utterance>"
+    # The template writes "Assistant: answer" but its generation prompt ends at "Assistant:".
+    answer_prefix = " "
     lora_layers_pattern = r"text_model\.layers"
 
     # -- classes -----------------------------------------------------------------------------------------------------
