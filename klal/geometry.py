@@ -261,6 +261,19 @@ class Footprint:
         return r0, c0, r1, c1
 
 
+def footprint_overlap(tokens: AxisCells, base: AxisCells) -> np.ndarray:
+    """``(tokens, base cells)`` along one axis: how much of base cell ``k`` token ``i``'s footprint covers (through
+    its pooling weights), each column normalised to sum to 1 (a base cell no token saw is spread evenly)."""
+    b_lo, b_hi = base.edges()
+    t_lo, t_hi = tokens.edges()
+    scale = base.scale / tokens.scale  # both in the base grid's token units
+    t_lo, t_hi = t_lo * scale, t_hi * scale
+    inter = np.clip(np.minimum(t_hi[:, None], b_hi[None]) - np.maximum(t_lo[:, None], b_lo[None]), 0, None)
+    o = tokens.pool(inter, 0)
+    total = o.sum(axis=0, keepdims=True)
+    return np.where(total > 0, o / np.where(total > 0, total, 1), 1.0 / o.shape[0])
+
+
 @dataclass(frozen=True)
 class ImageGrid:
     """A grid of ``rows x cols`` visual tokens laid over a ``height x width`` original image.

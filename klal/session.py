@@ -206,7 +206,7 @@ class GroundingModel:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
         per_image = self.family.image_grids(self.processor, enc, len(images))
         out["layout"] = per_image
-        out["grids"] = [self.family.map_grid(grids) for grids in per_image]
+        out["grids"] = [self.family.map_footprint(self.processor, im.height, im.width).shape for im in images]
         out["image_wh"] = [(im.width, im.height) for im in images]
         out["visual_mask"] = self.family.visual_token_mask(out["input_ids"], self.image_token_id, [per_image])
         return out

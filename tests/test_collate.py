@@ -175,12 +175,14 @@ def test_batch_keys_and_shapes_are_those_klal_batch_declares(tiny_processor, mix
 
     required, optional = KLALBatch.__required_keys__, KLALBatch.__optional_keys__
     per_token = {"mm_token_type_ids", "token_type_ids"}  # the families' token_inputs: Qwen's, Gemma 3's
-    assert optional == {"pixel_values", "image_grid_thw", "image_sizes", "word_mask"} | per_token
-    assert len(required | optional) == 17
+    image_keys = {"pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"}  # Qwen, LLaVA, SmolVLM
+    assert optional == image_keys | {"word_mask"} | per_token
+    assert len(required | optional) == 19
     batch = KLALCollator(tiny_processor)(mixed_rows)
     # The Qwen families' image inputs and per-token input; image_sizes is LLaVA-OneVision's.
     assert set(batch) == required | {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
     assert batch["grid_image"] == [list(range(len(g))) for g in batch["grids"]]  # one grid per image
+    assert batch["image_wh"] == [[r["image"].size] for r in mixed_rows]  # (W, H) per image, for the footprints
     b, s = batch["input_ids"].shape
     for key in ("attention_mask", "labels", "answer_mask", "mm_token_type_ids"):
         assert batch[key].shape == (b, s), key

@@ -73,6 +73,8 @@ class _BatchTensors(TypedDict):
     :meth:`klal.models.family.VLMFamily.image_grids`)."""
     grid_image: list[list[int]]
     """Per sample, per grid: the index (within the sample) of the image the grid belongs to."""
+    image_wh: list[list[tuple[int, int]]]
+    """Per sample, per image: its original ``(width, height)`` (what the grids' footprints are computed from)."""
     no_map_reason: list[str | None]
     """Per sample: why it has no target map (one of :data:`klal.data.targets.NO_MAP_REASONS`, ``no image``, ...),
     or None."""
@@ -92,6 +94,9 @@ class KLALBatch(_BatchTensors, total=False):
     """(N, 3) long, Qwen families: per image, its patch grid (t, h, w); visual tokens = t*h*w / 4."""
     image_sizes: torch.Tensor
     """(N, 2) long, LLaVA-OneVision: per image, its original (height, width)."""
+    pixel_attention_mask: torch.Tensor
+    """(B, N, M, M) long, SmolVLM: per sample, per view (tile or global, padded to the batch's most), its valid
+    pixels."""
     mm_token_type_ids: torch.Tensor
     """(B, S) long, Qwen families: 0 text, 1 image token; the model derives its 3-D mrope positions from it."""
     token_type_ids: torch.Tensor
@@ -178,8 +183,9 @@ class KLALCollator:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def answer_ids(self, answer: str) -> tuple[list[int], int]:
-        """Token ids of ``answer + end_of_turn`` and the count of answer content tokens among them."""
-        content = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        """Token ids of ``answer + end_of_turn`` (after the family's answer prefix) and the count of answer content
+        tokens among them."""
+        content = self.tokenizer(self.family.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         end = self.tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
         return list(content) + list(end), len(content)
 
@@ -275,6 +281,7 @@ class KLALCollator:
                 value = np.asarray(enc[key])
                 batch[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
         batch.update(self._targets(rows, images_per_row, image_grids))
+        batch["image_wh"] = [[(im.width, im.height) for im in ims] for ims in images_per_row]
         batch["ids"] = [str(r.get("id", i)) for i, r in enumerate(rows)]
         return batch
 

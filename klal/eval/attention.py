@@ -35,7 +35,11 @@ from klal.session import GroundingModel
 
 
 def query_grids(
-    gm: GroundingModel, request: CaptureRequest, grids: list[list[tuple[int, int]]], grid_image: list[list[int]]
+    gm: GroundingModel,
+    request: CaptureRequest,
+    grids: list[list[tuple[int, int]]],
+    grid_image: list[list[int]],
+    image_wh: list[list[tuple[int, int]]] | None = None,
 ) -> list[list[np.ndarray]]:
     """Captured attention per sample and image, on each image's token grid.
 
@@ -44,6 +48,8 @@ def query_grids(
         gm: the model session (its family merges an image's grids into one map).
         grids: per sample, its visual-token grids (the collator's ``grids``).
         grid_image: per sample, the image of each grid (the collator's ``grid_image``).
+        image_wh: per sample, its images' ``(W, H)`` (the collator's ``image_wh``), so that an image's several grids
+            merge through their footprints; None merges them as equal cells (a tile-major family refuses that).
 
     Returns:
         ``maps[b][j]``: ``(gh, gw)`` float64 attention of sample ``b`` over image ``j``: the mean over the captured
@@ -56,7 +62,7 @@ def query_grids(
     out = []
     for b, layout in enumerate(nest_grids(grids, grid_image)):
         n = sum(h * w for g in layout for h, w in g)
-        out.append(gm.split_grid(q[b, :n], layout))
+        out.append(gm.split_grid(q[b, :n], layout, None if image_wh is None else image_wh[b]))
     return out
 
 
@@ -137,7 +143,7 @@ class TeacherForcedAttention(GroundingMethod):
         gm.passes["forward"] += 1
         with torch.no_grad():
             logits = gm.model(**kw, klal_capture=req, use_cache=False).logits
-        maps = query_grids(gm, req, batch["grids"], batch["grid_image"])
+        maps = query_grids(gm, req, batch["grids"], batch["grid_image"], batch["image_wh"])
         req.clear()
         labels = batch["labels"]
         exact = teacher_forced_exact(logits, labels).tolist()

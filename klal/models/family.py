@@ -57,6 +57,8 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_5": "klal.models.qwen3_5",
     "llava_onevision": "klal.models.llava_onevision",
     "gemma3": "klal.models.gemma3",
+    "idefics3": "klal.models.smolvlm",
+    "internvl": "klal.models.internvl",
 }
 """``config.model_type`` -> the module whose ``FAMILY`` describes it (imported on first use, so that looking up a
 family does not import every architecture)."""
@@ -68,6 +70,8 @@ TINY_ALIASES: dict[str, str] = {
     "tiny-qwen3.5": "qwen3_5",
     "tiny-llava-onevision": "llava_onevision",
     "tiny-gemma3": "gemma3",
+    "tiny-smolvlm": "idefics3",
+    "tiny-internvl": "internvl",
 }
 """``ModelConfig.name_or_path`` names of the embedded tiny random models, one per family (``tiny`` is Qwen2.5-VL)."""
 
@@ -192,6 +196,11 @@ class VLMFamily(abc.ABC):
     end_of_turn: ClassVar[str]
     """The token that closes an assistant turn in the family's chat format (appended to every answer and supervised
     by NTP; decoding stops there)."""
+
+    answer_prefix: ClassVar[str] = ""
+    """Text the family's chat format writes between the assistant header and the answer, which the generation prompt
+    leaves to the model (SmolVLM's ``Assistant:`` is followed by a space): training answers start with it, so they
+    read as the instruct checkpoints' own turns."""
 
     token_inputs: ClassVar[Mapping[str, int]] = {}
     """Per-token model inputs the processor returns beside ``input_ids`` / ``attention_mask`` (Qwen's
@@ -494,6 +503,28 @@ def update_processor_config(out: str, **entries: Any) -> None:
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
+
+
+def refuse_mismatch(pairs: Mapping[str, tuple[Any, Any]], source: str) -> None:
+    """:meth:`VLMFamily.check_pair`'s refusal: ``pairs`` maps a fact to its ``(model, processor)`` values.
+
+    Raises:
+        ValueError: some pair differs, naming each and ``source``.
+    """
+    bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
+    if bad:
+        detail = ", ".join(f"{k}: model {m} vs processor {p}" for k, (m, p) in bad.items())
+        raise ValueError(f"processor does not match model {source!r}: {detail}")
+
+
+def save_with_stock_image_processor(processor: Any, out: str, image_processor_type: str, processor_class: str) -> None:
+    """``processor.save_pretrained(out)``, with ``processor_config.json`` naming the stock image-processor type and
+    processor class (klal builds the PIL image processors, whose own names the stock Auto classes may not map)."""
+    processor.save_pretrained(out)
+    image = {k: v for k, v in processor.image_processor.to_dict().items() if not k.startswith("_")}
+    image["image_processor_type"] = image_processor_type
+    image.pop("processor_class", None)
+    update_processor_config(out, image_processor=image, processor_class=processor_class)
 
 
 def nest_grids(grids: Sequence[Sequence[Grid]], grid_image: Sequence[Sequence[int]]) -> list[list[list[Grid]]]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from klal.models.config import TINY
-from klal.models.family import TINY_ALIASES
+from klal.models.family import TINY_ALIASES, family_of
 from klal.models.loader import text_config
 
 __all__ = [
@@ -125,9 +125,10 @@ def weight_sample(model: torch.nn.Module) -> list[float] | None:
     the identity is then the architecture alone.
     """
     n_layers = int(text_config(model).num_hidden_layers)
+    lm = family_of(model).language_model(model)  # the family names its decoder (language_model, text_model)
     values: list[float] = []
-    for suffix in ("language_model.layers.0.self_attn.q_proj", f"language_model.layers.{n_layers - 1}.mlp.down_proj"):
-        w = _base_weight(model, suffix)
+    for suffix in ("layers.0.self_attn.q_proj", f"layers.{n_layers - 1}.mlp.down_proj"):
+        w = _base_weight(lm, suffix)
         if w is None or w.is_meta or w.dim() != 2 or w.numel() == 0 or hasattr(w, "ds_numel"):
             return None
         flat = w.detach().reshape(-1)

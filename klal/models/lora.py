@@ -1,8 +1,9 @@
-"""LoRA on the language model of a VLM only (every supported family keeps it under ``language_model.layers``).
+"""LoRA on the language model of a VLM only (under the family's decoder-layer path, e.g. ``language_model.layers``).
 
 The vision tower reuses the module names ``gate_proj``/``up_proj``/``down_proj`` for its MLP, so targeting LoRA by bare
 names would also wrap the vision blocks (peft issue 2615). klal instead passes peft one regular expression, anchored on
-``language_model.layers.<i>``, that names exactly the chosen projections of the chosen decoder layers. Everything else
+the family's decoder layers (``language_model.layers.<i>``; SmolVLM's ``text_model.layers.<i>``), that names exactly
+the chosen projections of the chosen decoder layers. Everything else
 (vision tower, merger, embeddings, norms, ``lm_head``) stays frozen.
 """
 
@@ -142,10 +143,11 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     if not 0.0 <= settings.dropout < 1.0:
         raise ValueError(f"lora dropout must be in [0, 1), got {settings.dropout}")
     num_layers = text_config(model).num_hidden_layers
-    regex = language_lora_regex(settings.targets, settings.layers, num_layers, family_of(model).lora_layers_pattern)
+    pattern = family_of(model).lora_layers_pattern
+    regex = language_lora_regex(settings.targets, settings.layers, num_layers, pattern)
     # A hybrid model (Qwen3.5) has the attention projections only in its full-attention layers: expect the chosen
     # projections that the chosen layers actually have.
-    present = {_layer_relative(n) for n, _ in model.named_modules() if ".language_model.layers." in f".{n}"}
+    present = {r for r in (_layer_relative(n, pattern) for n, _ in model.named_modules()) if r is not None}
     expected = {
         f"layers.{i}.{p}"
         for i in _resolve_layers(settings.layers, num_layers)
@@ -164,7 +166,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
         bias="none",
     )
     wrapped = get_peft_model(model, peft_cfg)
-    found = {_layer_relative(n) for n in lora_module_names(wrapped)}
+    found = {_layer_relative(n, pattern) or n for n in lora_module_names(wrapped)}
     if found != expected:
         raise RuntimeError(
             f"LoRA regex {regex!r} wrapped {sorted(found)} but {sorted(expected)} were expected; "
@@ -173,10 +175,11 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     return wrapped
 
 
-def _layer_relative(name: str) -> str:
-    """``...language_model.layers.3.self_attn.q_proj`` -> ``layers.3.self_attn.q_proj``."""
-    i = name.find("language_model.layers.")
-    return name[i + len("language_model.") :] if i >= 0 else name
+def _layer_relative(name: str, layers_pattern: str) -> str | None:
+    """``...language_model.layers.3.self_attn.q_proj`` -> ``layers.3.self_attn.q_proj`` (None for a module outside
+    the decoder layers that ``layers_pattern`` names)."""
+    m = re.search(rf"(?:^|\.){layers_pattern}\.(.+)$", name)
+    return f"layers.{m.group(1)}" if m else None
 
 
 def lora_module_names(model: torch.nn.Module) -> list[str]:

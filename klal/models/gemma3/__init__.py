@@ -42,8 +42,9 @@ from klal.models.family import (
     VLMFamily,
     apply_tiny_overrides,
     read_chat_parts,
+    refuse_mismatch,
     register_family,
-    update_processor_config,
+    save_with_stock_image_processor,
 )
 
 _MODELING = "transformers.models.gemma3.modeling_gemma3"
@@ -168,10 +169,7 @@ class Gemma3Family(VLMFamily):
             "image_size": (cfg.vision_config.image_size, ip.size["height"]),
             "image_size (width)": (cfg.vision_config.image_size, ip.size["width"]),
         }
-        bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
-        if bad:
-            detail = ", ".join(f"{k}: model {m} vs processor {p}" for k, (m, p) in bad.items())
-            raise ValueError(f"processor does not match model {source!r}: {detail}")
+        refuse_mismatch(pairs, source)
         if getattr(ip, "do_pan_and_scan", None):
             raise ValueError(
                 f"processor of {source!r} has do_pan_and_scan on: klal supports Gemma 3 with one view per image "
@@ -180,11 +178,7 @@ class Gemma3Family(VLMFamily):
 
     def save_stock_processor(self, processor: Any, out: str) -> None:
         """``processor.save_pretrained`` with the stock image-processor type in ``processor_config.json``."""
-        processor.save_pretrained(out)
-        image = {k: v for k, v in processor.image_processor.to_dict().items() if not k.startswith("_")}
-        image["image_processor_type"] = "Gemma3ImageProcessor"
-        image.pop("processor_class", None)
-        update_processor_config(out, image_processor=image, processor_class=self.stock_processor)
+        save_with_stock_image_processor(processor, out, "Gemma3ImageProcessor", self.stock_processor)
 
     # -- tiny model ----------------------------------------------------------------------------------------------
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> Any:

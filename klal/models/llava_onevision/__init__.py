@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from klal.geometry import Footprint
+from klal.geometry import Footprint, footprint_overlap
 from klal.models.family import Grid, VLMFamily, apply_tiny_overrides, read_chat_parts, register_family
 from klal.models.llava_onevision.geometry import AnyresLayout, anyres_footprints, anyres_layout
 
@@ -346,8 +346,8 @@ class LlavaOnevisionFamily(VLMFamily):
         if tiles.shape[-1] * tiles.shape[-2] == 0:
             return base
         if footprints is not None and footprints[1] is not None:
-            oy = _footprint_overlap(footprints[1].y, footprints[0].y)
-            ox = _footprint_overlap(footprints[1].x, footprints[0].x)
+            oy = footprint_overlap(footprints[1].y, footprints[0].y)
+            ox = footprint_overlap(footprints[1].x, footprints[0].x)
         else:
             oy, ox = _overlap(tiles.shape[-2], base.shape[-2]), _overlap(tiles.shape[-1], base.shape[-1])
         return tiles + np.einsum("ik,...kl,jl->...ij", oy, base, ox)
@@ -369,21 +369,6 @@ def _overlap(n_out: int, n_in: int) -> Any:
     lo_o, hi_o = np.arange(n_out)[:, None] / n_out, (np.arange(n_out)[:, None] + 1) / n_out
     lo_i, hi_i = np.arange(n_in)[None] / n_in, (np.arange(n_in)[None] + 1) / n_in
     return np.clip(np.minimum(hi_o, hi_i) - np.maximum(lo_o, lo_i), 0, None) * n_in
-
-
-def _footprint_overlap(tokens: Any, base: Any) -> Any:
-    """``(tokens, base cells)`` along one axis: how much of base cell ``k`` token ``i``'s footprint covers (through
-    its pooling weights), each column normalised to sum to 1 (a base cell no token saw is spread evenly)."""
-    import numpy as np
-
-    b_lo, b_hi = base.edges()
-    t_lo, t_hi = tokens.edges()
-    scale = base.scale / tokens.scale  # both in the base grid's token units
-    t_lo, t_hi = t_lo * scale, t_hi * scale
-    inter = np.clip(np.minimum(t_hi[:, None], b_hi[None]) - np.maximum(t_lo[:, None], b_lo[None]), 0, None)
-    o = tokens.pool(inter, 0)
-    total = o.sum(axis=0, keepdims=True)
-    return np.where(total > 0, o / np.where(total > 0, total, 1), 1.0 / o.shape[0])
 
 
 def tiny_tokenizer() -> Any:
