@@ -53,6 +53,12 @@ def test_vqa_normalize_edge_cases(raw: str, normal: str) -> None:
     assert vqa_normalize(raw) == normal
 
 
+def test_vqa_normalize_removes_at_most_32_periods() -> None:
+    # vqaEval.py and lmms-eval pass re.UNICODE (32) where re.sub takes ``count``: the 33rd period onwards stays.
+    assert vqa_normalize("x." * 40) == "x" * 32 + "x." * 8
+    assert vqa_normalize("x." * 32) == "x" * 32
+
+
 def test_vqa_soft_accuracy_normalises_both_sides() -> None:
     answers = ["Coca-Cola", "coca cola", "COCA COLA.", "pepsi"] + ["coke"] * 6
     assert vqa_soft_accuracy("The coca cola", answers) == pytest.approx(0.9)  # three humans match
@@ -133,7 +139,7 @@ def test_pope_metrics_hand_worked() -> None:
     # tp 2 (rows 0, 4), fp 1 (row 1), fn 1 (row 2), tn 1 (row 3).
     m = pope_metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "yes", "no", "yes"])
     assert m == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.6})
-    # All "no": precision has no predicted positive (0, as POPE's code gives it), F1 0, yes-ratio 0.
+    # All "no": precision has no predicted positive (0 as lmms-eval gives it; POPE's script raises), F1 0, yes-ratio 0.
     m = pope_metrics(["no", "no"], ["yes", "no"])
     assert m == pytest.approx({"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0})
     with pytest.raises(ValueError, match="yes' or 'no"):

@@ -6,8 +6,9 @@ Layouts read:
 * the authors' files (``RUCAIBox/POPE``, ``output/coco/coco_pope_{adversarial,popular,random}.json``: JSON lines
   ``{"question_id", "image", "text", "label"}``), images (``COCO_val2014_*.jpg``) in ``image_dir``; the split comes from
   the file name. ``source`` is one such file or a folder of them;
-* flat records (``lmms-lab/POPE``: ``question_id``, ``question``, ``answer``, ``image_source``, ``image``,
-  ``category``), from a saved dataset, parquet/jsonl or a hub name.
+* flat records (``lmms-lab/POPE``: ``id``, ``question_id``, ``question``, ``answer``, ``image_source``, ``image``,
+  ``category``; configs ``default`` (split ``test``) and ``Full`` (splits ``adversarial``, ``popular``, ``random``)),
+  from a saved dataset, parquet/jsonl or a hub name. A row without ``category`` takes its split's name when it is one.
 
 Every row lands in the ``test`` split (``task`` ``pope``); the scores are reported per category and overall
 (:mod:`klal.eval.benchmarks`). Text, as lmms-eval's ``pope`` task renders it: the question then ``"\\nAnswer the

@@ -5,10 +5,10 @@ klal differs from lmms-eval (the harness most users compare against), are in doc
 
 * TextVQA (:func:`vqa_soft_accuracy`): the VQA accuracy. Prediction and each of the ten human answers are normalised
   (:func:`vqa_normalize`: lower case, commas and question marks dropped, ``'s`` split off, punctuation removed or
-  spaced, periods not followed by a digit removed, number words zero-ten and "none" as digits, articles dropped,
-  apostrophe-less contractions restored); then for each of the ten answers the prediction scores
-  ``min(#matches among the other nine / 3, 1)``, and the sample's score is the mean over the ten leave-one-out subsets
-  (so 1 matching human gives 0.3, 2 give 0.6, 3 give 0.9, 4 or more give 1.0).
+  spaced, periods not followed by a digit removed (at most 32, as the official code does), number words zero-ten and
+  "none" as digits, articles dropped, apostrophe-less contractions restored); then for each of the ten answers the
+  prediction scores ``min(#matches among the other nine / 3, 1)``, and the sample's score is the mean over the ten
+  leave-one-out subsets (so 1 matching human gives 0.3, 2 give 0.6, 3 give 0.9, 4 or more give 1.0).
 * V* Bench (:func:`mc_letter`, :func:`mc_choice`): the option letter parsed from the answer as lmms-eval's
   ``vstar_bench`` parses it (a leading letter, "answer is X", "(X)", "X." / "X)", a standalone letter, the only
   letter A-D in the text); :func:`mc_choice` reads a clean letter, then the option *text* (the answer names exactly
@@ -63,9 +63,12 @@ _VQA_NUMBERS = {
 } | {"none": "0"}
 _VQA_ARTICLES = {"a", "an", "the"}
 _VQA_PUNCT = ';/[]"{}()=+\\_->@`,?!<'
-# The VQA evaluation's period pattern is written "(?!<=\d)(\.)(?!\d)": the first group is a lookahead for the literal
-# "<=" + digit (a typo for a lookbehind), so in effect every period not followed by a digit is removed. Kept as it acts.
+# The VQA evaluation's period pattern is written "(?!<=\d)(\.)(?!\d)": the first group is a negative lookahead for the
+# literal "<=" + digit (a typo for a lookbehind) that always holds before a period, so in effect a period not followed
+# by a digit is removed. The official vqaEval.py and lmms-eval both call ``sub("", text, re.UNICODE)``: the flag lands
+# in the ``count`` argument, so at most re.UNICODE = 32 periods go. Kept as both act.
 _VQA_PERIOD = re.compile(r"\.(?!\d)")
+_VQA_PERIOD_COUNT = int(re.UNICODE)  # 32
 _VQA_DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 
 
@@ -75,7 +78,7 @@ def _vqa_punctuation(text: str) -> str:
     for p in _VQA_PUNCT:
         # A mark next to a space (or any text with a comma between digits) is deleted; elsewhere it becomes a space.
         out = out.replace(p, "" if (p + " " in text or " " + p in text or digit_comma) else " ")
-    return _VQA_PERIOD.sub("", out)
+    return _VQA_PERIOD.sub("", out, count=_VQA_PERIOD_COUNT)
 
 
 def vqa_normalize(text: str) -> str:
@@ -173,7 +176,8 @@ def pope_label(pred: str) -> str:
 
 def pope_metrics(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
     """``accuracy``, ``precision``, ``recall``, ``f1`` (yes = positive) and ``yes_ratio`` (share of predicted yes) of
-    ``yes``/``no`` labels; a ratio with an empty denominator is 0 (as POPE's and lmms-eval's code give it).
+    ``yes``/``no`` labels; a ratio with an empty denominator is 0, as lmms-eval gives it (POPE's own evaluate.py
+    divides by zero there and stops).
 
     Raises:
         ValueError: different lengths, no sample, or a label other than yes/no.
