@@ -833,7 +833,7 @@ def test_help_is_answered_from_its_stored_text(work, cmd):
 @pytest.mark.slow
 def test_readme_discover_heads_command_runs_as_written(grid, tmp_path):
     """The README's ``klal generate grid_patch ...`` and ``klal discover-heads ...`` lines, run as written (the second
-    on a 16-sample copy of the first's data/grid_patch: the same command, the tiny model's attention, less time)."""
+    on a 16-sample copy of the first's output folder: the same command, the tiny model's attention, less time)."""
     block = (ROOT / "README.md").read_text().split("## The `klal` command", 1)[1].split("```", 2)[1]
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("klal ")]
     generate_line = next(c for c in commands if c.startswith("klal generate grid_patch"))
@@ -841,14 +841,15 @@ def test_readme_discover_heads_command_runs_as_written(grid, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}, "PYTHONPATH": str(ROOT)}
     fresh, small = tmp_path / "fresh_checkout", tmp_path / "small"
     fresh.mkdir()
-    (small / "data").mkdir(parents=True)
-    shutil.copytree(grid, small / "data" / "grid_patch")
+    out = generate_line.split("--out ", 1)[1].split()[0]  # the folder the README's generate line writes
+    (small / out).parent.mkdir(parents=True)
+    shutil.copytree(grid, small / out)
     for command, cwd in ((generate_line, fresh), (discover_line, small)):
         proc = subprocess.run(
             [KLAL, *command.split()[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_S, check=False
         )
         assert proc.returncode == 0, f"{command}: {proc.stderr[-2000:]}"
-    assert (fresh / "data" / "grid_patch" / "dataset_dict.json").is_file()  # data/ did not exist: it was made
+    assert (fresh / out / "dataset_dict.json").is_file()  # data/ did not exist: it was made
     assert (small / "heads.json").is_file()
 
 
