@@ -26,7 +26,8 @@ Sizes made small (the README command + what is appended or replaced; bash keeps 
 Skipped (with the reason):
 
 - ``pip install ... && python -m studies.demo``: installs packages (needs a registry, and this environment is already
-  installed); the demo itself trains 400 steps (its small version is tests/test_demo*.py territory, not this test's).
+  installed); the demo itself trains 400 steps on 200 samples (minutes). Not run by any test:
+  tests/test_command_lines.py checks only its options.
 - ``python -m pytest -q``: the suite this test is part of.
 - ``klal evaluate --config configs/eval/synthetic_compare.yaml ...`` (the ``klal`` block): reads data/eval_* that only
   a later README command writes; the same evaluation runs below, after that data exists.
