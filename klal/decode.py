@@ -61,7 +61,8 @@ def greedy_generate(
             ones), and the family's image inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` on the
             Qwen families) for prompts with images. Keys the family does not read are ignored.
         max_new_tokens: most tokens generated per row (>= 1).
-        eos_token_ids: tokens that end a row's answer (e.g. ``<|im_end|>`` and the tokenizer's eos).
+        eos_token_ids: tokens that end a row's answer (the family's end-of-turn token and the tokenizer's eos:
+            :meth:`klal.models.family.VLMFamily.stop_token_ids`).
         logits_hook: optional change of each step's logits before the argmax (see :data:`LogitsHook`).
 
     Returns:
