@@ -44,6 +44,7 @@ import abc
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -348,19 +349,26 @@ class VLMFamily(abc.ABC):
         raise RuntimeError(f"{self.label}: no footprint for the map grid {target} of a {height} x {width} image")
 
     # -- layers ----------------------------------------------------------------------------------------------------
+    decoder_name: ClassVar[str] = "language_model"
+    """The attribute name of the text decoder (the module with ``.layers``) in the model tree (Idefics3's is
+    ``text_model``); :meth:`language_model` and :attr:`lora_layers_pattern` both follow from it."""
+
     def language_model(self, model: Any) -> Any:
         """The text decoder module (the one with ``.layers``) of a plain or peft-wrapped model."""
         for name, mod in model.named_modules():
-            if name.endswith("language_model") and hasattr(mod, "layers"):
+            if name.endswith(self.decoder_name) and hasattr(mod, "layers"):
                 return mod
-        raise RuntimeError(f"could not find the language model of a {self.label} model (a '*language_model')")
+        raise RuntimeError(f"could not find the language model of a {self.label} model (a '*{self.decoder_name}')")
 
     def attention_layers(self, text_config: Any) -> list[int]:
         """Indices of the decoder layers with full (softmax) attention: every layer unless the family is hybrid."""
         return list(range(int(text_config.num_hidden_layers)))
 
-    lora_layers_pattern: ClassVar[str] = r"language_model\.layers"
-    """Regex, anchored in LoRA target patterns, for the language model's decoder layers (never the vision tower's)."""
+    @property
+    def lora_layers_pattern(self) -> str:
+        """Regex, anchored in LoRA target patterns, for the language model's decoder layers (never the vision
+        tower's)."""
+        return rf"{re.escape(self.decoder_name)}\.layers"
 
     @abc.abstractmethod
     def fsdp_wrap_classes(self, vision_blocks: bool) -> set[type]:

@@ -80,7 +80,7 @@ class SmolVLMFamily(TileMajorFamily):
     end_of_turn = "<end_of_utterance>"
     # The template writes "Assistant: answer" but its generation prompt ends at "Assistant:".
     answer_prefix = " "
-    lora_layers_pattern = r"text_model\.layers"
+    decoder_name = "text_model"  # Idefics3 does not call its Llama decoder language_model
 
     # -- classes -----------------------------------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -98,13 +98,6 @@ class SmolVLMFamily(TileMajorFamily):
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         return eager_attention_forward
-
-    def language_model(self, model: Any) -> Any:
-        """The Llama decoder: ``model.text_model`` (Idefics3 does not call it ``language_model``)."""
-        for name, mod in model.named_modules():
-            if name.endswith("text_model") and hasattr(mod, "layers"):
-                return mod
-        raise RuntimeError(f"could not find the language model of a {self.label} model (a '*text_model')")
 
     # -- processors ----------------------------------------------------------------------------------------------
     def tiny_tokenizer(self) -> Any:
