@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,13 +20,13 @@ SMALL = cur.CurriculumConfig(image_size=112, diameter=(10, 20), gap=4, max_objec
 def test_curriculum_answers_follow_the_scene_and_avoid_the_evaluation_tasks() -> None:
     task = cur.CurriculumTask(cur.CurriculumConfig())
     patterns = cur.evaluation_templates()
-    assert len(patterns) == 4 + 8 + 4 + 4 + 4 + 3  # every phrasing of the six evaluation tasks
+    assert len(patterns) == 4 + 8 + 4 + 4 + 4 + 3 + 9  # every phrasing of the nine evaluation tasks
     seen = set()
     for i in range(240):
         s = task.sample(0, i)
         skill, objs = s.meta["skill"], s.meta["objects"]
         seen.add(skill)
-        assert skill == cur.SKILLS[i % len(cur.SKILLS)]  # every skill in turn
+        assert skill == cur.FIRST_SKILLS[i % len(cur.FIRST_SKILLS)]  # every skill of the default mix in turn
         assert not any(p.fullmatch(s.question) for p in patterns), s.question
         boxes = [o["box"] for o in objs]
         assert s.evidence.boxes == boxes
@@ -48,9 +49,52 @@ def test_curriculum_answers_follow_the_scene_and_avoid_the_evaluation_tasks() ->
             order = sorted(range(len(objs)), key=lambda k: centre[k][0])
             assert order == list(range(len(objs)))  # described left to right
             assert all(f"{o['colour']} {o['shape']}" in s.answer for o in objs)
-    assert seen == set(cur.SKILLS)
+    assert seen == set(cur.FIRST_SKILLS)
     assert cur.position_word(1, 1) == "centre" and cur.position_word(0, 2) == "top right"
     assert cur.position_word(2, 1) == "bottom" and cur.position_word(1, 0) == "left"
+
+
+def test_marked_skill_answers_the_fill_never_names_the_marker_and_suffixes_follow_the_share() -> None:
+    from data_gen.tasks.grid_patch import COLOURS
+
+    task = cur.CurriculumTask(cur.CurriculumConfig(skills=("marked", "colour", "position"), diameter=(28, 60),
+                                                   max_objects=4, suffix_share=0.5))  # fmt: skip
+    patterns = cur.evaluation_templates()
+    styles, suffixed, one_word = set(), 0, 0
+    for i in range(0, 300, 3):
+        s = task.sample(1, i)
+        o = s.meta["objects"][0]
+        assert s.meta["skill"] == "marked" and len(s.meta["objects"]) == 1 and s.answer == o["colour"] != o["marker"]
+        assert not any(p.fullmatch(s.question) for p in patterns), s.question
+        assert not any(c in s.question for c in COLOURS)  # the marker is never named
+        pixels = np.asarray(s.image)
+        x0, y0, x1, y1 = (int(v) for v in o["box"])
+        inside = pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)
+        # The evidence box holds the fill's colour; the marker's colour is drawn outside the fill (a ring, a band or a
+        # square), so the answer is the colour of the pixels at the fill's centre.
+        assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == COLOURS[o["colour"]]
+        assert (inside == COLOURS[o["colour"]]).all(1).mean() > 0.45
+        assert (pixels.reshape(-1, 3) == COLOURS[o["marker"]]).all(1).sum() > 50
+        styles.add(s.meta["style"])
+        suffixed += s.question.endswith(cur.SUFFIXES)
+        one_word += 1
+    assert styles == set(cur.MARKER_STYLES)
+    assert 0.35 < suffixed / one_word < 0.65
+    position = task.sample(1, 2)
+    assert position.meta["skill"] == "position" and not position.question.endswith(cur.SUFFIXES)  # two-word answers
+    meta = task.sample(1, 0).meta
+    assert cur.heldout_question(meta, 0) in {
+        q + s for q in cur.HELDOUT_TEMPLATES["marked"][:1] for s in ("", " " + cur.SUFFIXES[0])
+    }
+    assert not set(cur.HELDOUT_TEMPLATES["marked"]) & set(cur.TEMPLATES["marked"])
+
+
+def test_flat_rule_hand_worked() -> None:
+    curve = [{"shape": 0.10}, {"shape": 0.12}, {"shape": 0.13}]
+    assert recipe.is_flat(curve, "shape", 2, 0.05)  # +3 points over the last two points
+    assert not recipe.is_flat(curve, "shape", 2, 0.02)
+    assert not recipe.is_flat(curve, "shape", 3, 0.05)  # too short to tell
+    assert not recipe.is_flat([{"colour": 0.1}, {"colour": 0.1}], "shape", 1, 0.05)  # skill not measured
 
 
 def test_curriculum_config_errors_name_the_option() -> None:
@@ -62,6 +106,10 @@ def test_curriculum_config_errors_name_the_option() -> None:
         cur.CurriculumTask(cur.CurriculumConfig(image_size=56))
     with pytest.raises(GenerationError, match="below 8 px"):
         cur.CurriculumTask(cur.CurriculumConfig(diameter=(4, 20)))
+    with pytest.raises(GenerationError, match="suffix_share"):
+        cur.CurriculumTask(cur.CurriculumConfig(suffix_share=1.5))
+    with pytest.raises(GenerationError, match="marked object and its marker do not fit"):
+        cur.CurriculumTask(cur.CurriculumConfig(skills=("marked",), image_size=112, diameter=(60, 90), max_objects=1))
 
 
 def test_lr_factor_hand_worked() -> None:
@@ -119,11 +167,14 @@ def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) ->
     assert vision and any(not torch.equal(wa[k], wc[k]) for k in vision)
     # The learning curve: steps 0, 2 and the last; held-out accuracy per skill on the 12 test items.
     assert [p["step"] for p in a["curve"]] == [0, 2, 3]
-    assert sum(a["heldout"]["n"].values()) == 12 and set(a["heldout"]["n"]) == set(cur.SKILLS)
+    assert sum(a["heldout"]["n"].values()) == 12 and set(a["heldout"]["n"]) == set(cur.FIRST_SKILLS)
     out = tmp_path / "a"
     card = (out / "README.md").read_text()
     assert "## Held-out accuracy per skill" in card and "![loss curve](loss_curve.png)" in card
-    assert all(f"| {s} |" in card for s in cur.SKILLS) and "Never seen" in card
+    # The same test items asked again with phrasings training never used.
+    assert "| new phrasings |" in card and a["heldout_new_phrasings"]["n"] == a["heldout"]["n"]
+    assert a["stopped_early"] is None
+    assert all(f"| {s} |" in card for s in cur.FIRST_SKILLS) and "Never seen" in card
     assert (out / "loss_curve.png").stat().st_size > 0
     assert json.loads((out / "pretrain.json").read_text())["weights_sha256"] == a["weights_sha256"]
     assert a["weights_bytes"] <= recipe.MAX_MB * 2**20

@@ -114,7 +114,7 @@ class _MarkedTask(Task):
 
     config: MarkedConfig
 
-    def _extent(self, diameter: float) -> tuple[float, float]:
+    def extent(self, diameter: float) -> tuple[float, float]:
         """Width and height of a slot whose object has ``diameter``."""
         c = self.config
         if self.style == "ring":
@@ -155,7 +155,7 @@ class _MarkedTask(Task):
             raise GenerationError(f"gap_px={c.gap_px} must be at least 1 (the marker must not touch the object)")
         if not 0.0 <= c.jitter <= 1.0:
             raise GenerationError(f"jitter={c.jitter} must be in [0, 1]")
-        w, h = self._extent(d_hi)
+        w, h = self.extent(d_hi)
         cell_w, cell_h = c.image_size // max(cols[1], 1) - 4, c.image_size // max(rows[1], 1) - 4
         if w > cell_w or h > cell_h:
             raise GenerationError(
@@ -167,10 +167,14 @@ class _MarkedTask(Task):
         """The answers, balanced by index: the fill colours."""
         return list(self.config.colours)
 
-    def _draw_slot(
+    def draw_slot(
         self, draw: ImageDraw.ImageDraw, size: int, o: dict[str, Any], cx: float, cy: float, side: int
     ) -> None:
-        """Draw one slot centred on ``(cx, cy)`` and record its fill's and marker's pixel boxes in ``o``."""
+        """Draw one slot centred on ``(cx, cy)`` and record its fill's and marker's pixel boxes in ``o``.
+
+        ``o`` holds ``diameter``, ``shape``, ``colour`` (the fill) and ``marker``; ``side`` (-1 or 1) puts the square
+        of ``beside_colour`` left or right of the object. Also drawn by the pretraining curriculum's ``marked`` skill
+        (one object and its marker), so the base and the tasks see the same markers."""
         c = self.config
         r = o["diameter"] / 2
         fill_mask, marker_mask = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
@@ -230,12 +234,12 @@ class _MarkedTask(Task):
                 "row": row + 1,
                 "col": col + 1,
             }
-            w, h = self._extent(o["diameter"])
+            w, h = self.extent(o["diameter"])
             # Two pixels of margin on each side of the cell keep neighbouring slots apart.
             room_x, room_y = (xs[col + 1] - xs[col] - 4 - w) / 2, (ys[row + 1] - ys[row] - 4 - h) / 2
             cx = (xs[col] + xs[col + 1] - 1) / 2 + c.jitter * room_x * float(rng.uniform(-1, 1))
             cy = (ys[row] + ys[row + 1] - 1) / 2 + c.jitter * room_y * float(rng.uniform(-1, 1))
-            self._draw_slot(draw, size, o, cx, cy, int(rng.choice([-1, 1])))
+            self.draw_slot(draw, size, o, cx, cy, int(rng.choice([-1, 1])))
             objects.append(o)
         t = int(rng.integers(len(TEMPLATES[self.style])))
         question = TEMPLATES[self.style][t].format(marker=markers[0])

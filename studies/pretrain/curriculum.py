@@ -11,7 +11,14 @@ Skills (sample ``i`` practises ``skills[i % len(skills)]``, so every skill gets 
   or ``no`` (balanced), with the two objects clearly apart along the asked axis (a gap of at least ``gap`` px between
   their extents);
 * ``caption``: one to three objects; "Describe the image." -> ``a red star, a blue circle and an orange cross``,
-  left to right.
+  left to right;
+* ``marked`` (not in the first base's mix): one object with a marker of another colour, a ring around it, an outline
+  band or a square beside it, drawn as the marked lookups draw theirs (:mod:`data_gen.tasks.marked`); "What is the
+  fill colour of the object?" -> its fill. The questions never name the marker or its colour, so picking one object
+  of several by its marker stays unseen; what it teaches is the fill's colour next to another colour.
+
+``suffix_share`` of the one-word questions (colour, shape, count, marked) end with an instruction such as "Answer with
+one word." (:data:`SUFFIXES`), a phrase the evaluation tasks' questions use; 0 in the first base's mix.
 
 What it leaves out on purpose, so that the evaluation tasks stay unseen: no grid, no cell coordinates (grid_patch), no
 lines, crossings, nodes or letters (line_intersection, line_tracing), and no question that names one object among
@@ -38,8 +45,16 @@ from data_gen.base import GenerationError, Sample, Task, TaskConfig
 from data_gen.tasks.grid_patch import BACKGROUND, COLOURS, SHAPES, _check_names, _check_range, _draw_shape
 from klal.data.schema import Evidence
 
-SKILLS: tuple[str, ...] = ("colour", "shape", "count", "position", "relation", "caption")
+SKILLS: tuple[str, ...] = ("colour", "shape", "count", "position", "relation", "caption", "marked")
 """Every skill of the curriculum."""
+FIRST_SKILLS: tuple[str, ...] = SKILLS[:6]
+"""The default mix: the skills of the first base (``tiny-base``), without ``marked``."""
+ONE_WORD: tuple[str, ...] = ("colour", "shape", "count", "marked")
+"""Skills whose answer is one word: the ones ``suffix_share`` may end with an instruction of :data:`SUFFIXES`."""
+SUFFIXES: tuple[str, ...] = ("Answer with one word.", "Reply with one word.")
+"""Instructions appended to one-word questions (``suffix_share``)."""
+MARKER_STYLES: tuple[str, ...] = ("ring", "outline", "beside")
+"""Markers of the ``marked`` skill, as the marked lookups draw them."""
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the object?", "Name the colour of the shape.", "Which colour is shown?"),
@@ -48,9 +63,22 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "position": ("Where is the object?", "In which part of the image is the shape?", "Where is the shape placed?"),
     "relation": ("Is the {a} {relation} the {b}?", "Answer yes or no: is the {a} {relation} the {b}?"),
     "caption": ("Describe the image.", "What is in the picture?", "List the objects from left to right."),
+    "marked": ("What is the fill colour of the object?", "Which colour fills the shape?", "What colour is it inside?"),
 }
 """Question phrasings per skill; ``{a}`` / ``{b}`` are "colour shape" descriptions, ``{relation}`` a phrase of
 :data:`RELATIONS`."""
+
+HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("Tell me the colour of the item.", "What colour do you see?"),
+    "shape": ("What kind of shape is drawn?", "Tell me which shape this is."),
+    "count": ("What is the number of shapes?", "How many items are drawn?"),
+    "position": ("In what part of the picture is the item?", "Where is the shape located?"),
+    "relation": ("Is it true that the {a} is {relation} the {b}?", "Check: the {a} is {relation} the {b}?"),
+    "caption": ("Name every object, left to right.", "What do you see in the picture?"),
+    "marked": ("Tell me the colour that fills the marked shape.", "What colour is the inside of the shape?"),
+}
+"""New phrasings per skill that training never uses: the model card scores the test split with them too, so it tells
+a skill from one phrasing it memorised."""
 
 RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 """Relation phrase -> (axis: 0 = x, 1 = y; sign: -1 when ``a`` lies at smaller coordinates than ``b``)."""
@@ -73,8 +101,8 @@ class CurriculumConfig(TaskConfig):
 
     image_size: int = 224
     """Side of the square image in pixels."""
-    skills: tuple[str, ...] = SKILLS
-    """Skills practised, in turn: colour, shape, count, position, relation, caption."""
+    skills: tuple[str, ...] = FIRST_SKILLS
+    """Skills practised, in turn: colour, shape, count, position, relation, caption (and marked, of :data:`SKILLS`)."""
     shapes: tuple[str, ...] = SHAPES
     """Shapes objects are drawn from: circle, square, triangle, diamond, star, cross, hexagon."""
     colours: tuple[str, ...] = tuple(COLOURS)
@@ -85,6 +113,8 @@ class CurriculumConfig(TaskConfig):
     """Range of an object's extent in pixels."""
     gap: int = 8
     """Least space in pixels between objects (and, for ``relation``, between the two extents along the asked axis)."""
+    suffix_share: float = 0.0
+    """Share of the one-word questions (:data:`ONE_WORD`) that end with an instruction of :data:`SUFFIXES`."""
 
 
 class CurriculumTask(Task):
@@ -109,6 +139,18 @@ class CurriculumTask(Task):
             raise GenerationError(f"max_objects={c.max_objects} must be at least 1")
         if c.gap < 1:
             raise GenerationError(f"gap={c.gap} must be at least 1")
+        if not 0.0 <= c.suffix_share <= 1.0:
+            raise GenerationError(f"suffix_share={c.suffix_share} must be in [0, 1]")
+        if "marked" in c.skills:
+            if len(c.colours) < 2:
+                raise GenerationError("the marked skill needs two colours: a fill and a marker")
+            try:
+                self._markers()
+            except GenerationError as e:
+                raise GenerationError(
+                    f"diameter={c.diameter!r}: a marked object and its marker do not fit image_size={c.image_size} "
+                    f"({e})"
+                ) from None
         if "relation" in c.skills and (len(c.shapes) * len(c.colours) < 2):
             raise GenerationError("the relation skill needs two distinct colour-shape pairs")
         # A third of the image must hold an object with its margins (position), and max_objects must fit.
@@ -120,6 +162,42 @@ class CurriculumTask(Task):
             )
         if lo < 8:
             raise GenerationError(f"diameter={c.diameter!r}: objects below 8 px are not recognisable")
+
+    def _markers(self) -> dict[str, Any]:
+        """One marked lookup task per marker style, whose ``draw_slot`` draws an object with that marker."""
+        from data_gen.tasks.marked import BesideColourTask, MarkedConfig, OutlineColourTask, RingColourTask
+
+        c = self.config
+        # One slot in one cell of the whole image: the marked tasks' own check that an object of the largest diameter
+        # and its marker fit.
+        cfg = MarkedConfig(
+            image_size=c.image_size, rows=(1, 1), cols=(1, 1), num_objects=(1, 1), object_px=tuple(c.diameter)
+        )
+        return {t.style: t for t in (RingColourTask(cfg), OutlineColourTask(cfg), BesideColourTask(cfg))}
+
+    def _marked(self, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any], dict[str, Any]]:
+        """One object with a marker of another colour (``marked`` skill): the image, the object and the meta facts."""
+        from data_gen.tasks.marked import MARKED_SHAPES
+
+        c = self.config
+        size = c.image_size
+        style = str(rng.choice(list(MARKER_STYLES)))
+        task = self._markers()[style]
+        fill, marker = (str(v) for v in rng.choice(list(c.colours), size=2, replace=False))
+        shapes = [s for s in c.shapes if s in MARKED_SHAPES] or list(MARKED_SHAPES)
+        o: dict[str, Any] = {
+            "shape": str(rng.choice(shapes)),
+            "colour": fill,
+            "marker": marker,
+            "diameter": float(rng.uniform(*c.diameter)),
+        }
+        w, h = task.extent(o["diameter"])
+        cx = float(rng.uniform(w / 2 + 2, size - w / 2 - 2))
+        cy = float(rng.uniform(h / 2 + 2, size - h / 2 - 2))
+        image = Image.new("RGB", (size, size), BACKGROUND)
+        task.draw_slot(ImageDraw.Draw(image), size, o, cx, cy, int(rng.choice([-1, 1])))
+        obj = {"shape": o["shape"], "colour": fill, "box": o["box"], "marker": marker, "marker_box": o["marker_box"]}
+        return image, obj, {"style": style}
 
     # -- scene -------------------------------------------------------------------------------------------------------
     def _objects(self, rng: np.random.Generator, n: int, distinct: bool) -> list[dict[str, Any]]:
@@ -210,26 +288,29 @@ class CurriculumTask(Task):
         c = self.config
         skill = target_answer if target_answer is not None else str(rng.choice(list(c.skills)))
         restarts = 0
-        objs, answer, info = self._scene(rng, skill)
-        while not info.pop("ok"):
-            restarts += 1
-            if restarts >= c.max_attempts:
-                raise GenerationError(f"curriculum: no free placement for a {skill} scene after {restarts} tries")
+        if skill == "marked":
+            image, obj, info = self._marked(rng)
+            objs, answer = [obj], obj["colour"]
+        else:
             objs, answer, info = self._scene(rng, skill)
-        image = self._draw(objs)
+            while not info.pop("ok"):
+                restarts += 1
+                if restarts >= c.max_attempts:
+                    raise GenerationError(f"curriculum: no free placement for a {skill} scene after {restarts} tries")
+                objs, answer, info = self._scene(rng, skill)
+            image = self._draw(objs)
+            objs = [{k: o[k] for k in ("shape", "colour", "box")} for o in objs]
         template = int(rng.integers(len(TEMPLATES[skill])))
         if skill == "relation":
             a, b = info["ab"]
             question = TEMPLATES[skill][template].format(a=a, b=b, relation=info["relation"])
         else:
             question = TEMPLATES[skill][template]
-        meta = {
-            "skill": skill,
-            "template": template,
-            "objects": [{k: o[k] for k in ("shape", "colour", "box")} for o in objs],
-            "restarts": restarts,
-            **info,
-        }
+        # Drawn only when asked for, so a mix without suffixes draws the first base's samples exactly.
+        if c.suffix_share > 0 and skill in ONE_WORD and rng.random() < c.suffix_share:
+            question = f"{question} {SUFFIXES[int(rng.integers(len(SUFFIXES)))]}"
+            info["suffix"] = True
+        meta = {"skill": skill, "template": template, "objects": objs, "restarts": restarts, **info}
         return Sample(
             image=image, question=question, answer=answer, evidence=Evidence(boxes=[o["box"] for o in objs]), meta=meta
         )
@@ -240,9 +321,9 @@ class CurriculumTask(Task):
 
 
 def evaluation_templates() -> list[re.Pattern[str]]:
-    """The question phrasings of every evaluation task (grid_patch, line_intersection, line_tracing and the lookup
-    tasks) as patterns that match any filling of their placeholders."""
-    from data_gen.tasks import grid_patch, line_intersection, line_tracing, lookup
+    """The question phrasings of every evaluation task (grid_patch, line_intersection, line_tracing, the lookup tasks
+    and the marked lookups) as patterns that match any filling of their placeholders."""
+    from data_gen.tasks import grid_patch, line_intersection, line_tracing, lookup, marked
 
     phrasings = [
         *grid_patch.QUESTION_TEMPLATES,
@@ -252,9 +333,22 @@ def evaluation_templates() -> list[re.Pattern[str]]:
         *lookup.SHAPE_TEMPLATES,
         *lookup.COLOUR_TEMPLATES,
         *lookup.NEIGHBOUR_TEMPLATES,
+        *(t for style in marked.TEMPLATES.values() for t in style),
     ]
     out = []
     for p in phrasings:
         parts = re.split(r"\{[a-z_]+\}", p)
         out.append(re.compile(".+".join(re.escape(x) for x in parts), re.IGNORECASE))
     return out
+
+
+def heldout_question(meta: dict[str, Any], index: int) -> str:
+    """The question of a sample (its ``meta``) asked with a phrasing of :data:`HELDOUT_TEMPLATES`, chosen by
+    ``index``, with the suffix when the sample had one."""
+    skill = meta["skill"]
+    phrasings = HELDOUT_TEMPLATES[skill]
+    question = phrasings[index % len(phrasings)]
+    if skill == "relation":
+        a, b = meta["ab"]
+        question = question.format(a=a, b=b, relation=meta["relation"])
+    return f"{question} {SUFFIXES[0]}" if meta.get("suffix") else question

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
 
-from studies.pretrain.curriculum import CurriculumConfig, CurriculumTask
+from studies.pretrain.curriculum import CurriculumConfig, CurriculumTask, heldout_question
 
 MAX_MB = 30.0
 """Largest model.safetensors the recipe writes (the weights are committed to the repository)."""
@@ -111,6 +111,24 @@ class Schedule:
     """Validation samples of each learning-curve point."""
     eval_batch_size: int = 32
     """Batch size of every evaluation."""
+    flat_skill: str | None = None
+    """Skill whose validation accuracy is watched for a flat learning curve (None: the run always takes ``steps``)."""
+    flat_after_minutes: float = 60.0
+    """Minutes of the training loop (wall clock, ``threads`` torch threads) after which the run ends at the first
+    learning-curve point where ``flat_skill`` has risen by less than ``flat_gain`` over the last ``flat_points``
+    points. The weights then depend on the machine's speed; the record gives the step it stopped at."""
+    flat_gain: float = 0.05
+    """Least rise of ``flat_skill``'s validation accuracy that counts as not flat."""
+    flat_points: int = 2
+    """Learning-curve points the rise is measured over."""
+
+
+def is_flat(curve: list[dict[str, Any]], skill: str, points: int, gain: float) -> bool:
+    """Whether ``skill``'s accuracy at the last learning-curve point is less than ``gain`` above its value ``points``
+    points earlier (False while the curve is shorter than that, or the validation items lack the skill)."""
+    if len(curve) <= points or skill not in curve[-1] or skill not in curve[-1 - points]:
+        return False
+    return curve[-1][skill] - curve[-1 - points][skill] < gain
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
@@ -281,6 +299,9 @@ def pretrain(
     losses: list[float] = []
     curve: list[dict[str, Any]] = [{"step": 0, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)}]
     step, train_s = 0, 0.0
+    stopped: dict[str, Any] | None = None
+    if train.flat_skill is not None and train.flat_skill not in data.curriculum.skills:
+        raise ValueError(f"train.flat_skill={train.flat_skill!r} is not one of data.curriculum.skills")
     t_loop = time.perf_counter()
     for batch in stream:
         t1 = time.perf_counter()
@@ -299,13 +320,30 @@ def pretrain(
         step += 1
         if step % train.eval_every == 0 or step == train.steps:
             curve.append({"step": step, **skill_accuracy(net, processor, curve_rows, train.eval_batch_size)})
-            _progress(curve[-1], losses, time.perf_counter() - t_loop, train.steps)
+            elapsed = time.perf_counter() - t_loop
+            _progress(curve[-1], losses, elapsed, train.steps)
+            if (
+                train.flat_skill is not None
+                and step < train.steps
+                and elapsed >= 60 * train.flat_after_minutes
+                and is_flat(curve, train.flat_skill, train.flat_points, train.flat_gain)
+            ):
+                stopped = {"step": step, "minutes": elapsed / 60, "skill": train.flat_skill}
+                print(f"pretrain: {train.flat_skill} flat after {elapsed / 60:.0f} min; stopped at step {step}")
+                break
         if step == train.steps:
             break
     loop_s = time.perf_counter() - t_loop
     net.eval()
     test_rows = load_split(path, "test")
     heldout = skill_accuracy(net, processor, test_rows, train.eval_batch_size)
+    # The same test items asked with phrasings training never used (curriculum.HELDOUT_TEMPLATES).
+    rephrased = test_rows.map(
+        lambda row, i: {"question": heldout_question(json.loads(row["meta"]), i)},
+        with_indices=True,
+        keep_in_memory=True,
+    )
+    heldout_new = skill_accuracy(net, processor, rephrased, train.eval_batch_size)
     record = {
         "command": "python -m studies.pretrain",
         "out": out,
@@ -325,6 +363,8 @@ def pretrain(
         "losses": losses,
         "curve": curve,
         "heldout": heldout,
+        "heldout_new_phrasings": heldout_new,
+        "stopped_early": stopped,
         "references": references(path),
         "machine": _machine(),
     }
@@ -444,8 +484,10 @@ def model_card(record: dict[str, Any]) -> str:
         acc = record["heldout"][skill]
         best = max(refs["chance"]["accuracy"], refs["majority"]["accuracy"], refs["question_only"]["accuracy"])
         (can if acc >= best + CAN_MARGIN else cannot).append(f"{skill} ({100 * acc:.1f} % vs {100 * best:.1f} %)")
+        new = record.get("heldout_new_phrasings", {}).get(skill)
         rows.append(
-            f"| {skill} | {record['heldout']['n'][skill]} | {100 * acc:.1f} | {100 * refs['chance']['accuracy']:.1f} | "
+            f"| {skill} | {record['heldout']['n'][skill]} | {100 * acc:.1f} | "
+            f"{'-' if new is None else f'{100 * new:.1f}'} | {100 * refs['chance']['accuracy']:.1f} | "
             f"{100 * refs['majority']['accuracy']:.1f} (`{refs['majority']['answer']}`) | "
             f"{100 * refs['question_only']['accuracy']:.1f} |"
         )
@@ -470,7 +512,14 @@ def model_card(record: dict[str, Any]) -> str:
             f"{cur['shapes']}, colours {cur['colours']}, 1-{cur['max_objects']} objects of {cur['diameter']} px; "
             f"answers `{data['answer_render']}`. Not in it, by construction: grids and cell coordinates "
             "(grid_patch), lines, crossings, nodes and letters (line_intersection, line_tracing), and questions that "
-            "pick one object of several by one attribute and ask for another (the lookup tasks).",
+            "pick one object of several by one attribute and ask for another (the lookup tasks and the marked "
+            "lookups: the `marked` skill shows one object and its marker and never names the marker)."
+            + (
+                f" {100 * cur['suffix_share']:.0f} % of the one-word questions end with an instruction "
+                "(`curriculum.SUFFIXES`)."
+                if cur.get("suffix_share")
+                else ""
+            ),
             "",
             "## Training",
             "",
@@ -487,8 +536,14 @@ def model_card(record: dict[str, Any]) -> str:
             f"{tr['warmup_steps']} warm-up steps, cosine to "
             f"{tr['min_lr_ratio']:g} x lr; data-order seed {tr['seed']}), next-token loss on the answers; "
             f"{record['loop_s'] / 60:.1f} min of training ({record['wall_s_per_step']:.2f} s per step with the "
-            f"learning-curve points, {record['s_per_step']:.2f} s in the optimizer step itself) and "
-            f"{record['data_s'] / 60:.1f} min of data generation (torch threads: {record['threads']}) on "
+            f"learning-curve points, {record['s_per_step']:.2f} s in the optimizer step itself)"
+            + (
+                f"; stopped at step {record['stopped_early']['step']} ({record['stopped_early']['skill']} flat after "
+                f"{record['stopped_early']['minutes']:.0f} min)"
+                if record.get("stopped_early")
+                else ""
+            )
+            + f" and {record['data_s'] / 60:.1f} min of data generation (torch threads: {record['threads']}) on "
             f"{m.get('cpu', '?')}; torch {m.get('torch')}, transformers {m.get('transformers')}. Final training loss "
             f"(mean of the last 50 steps): {np.mean(record['losses'][-50:]):.3f} nats.",
             "",
@@ -497,10 +552,11 @@ def model_card(record: dict[str, Any]) -> str:
             "## Held-out accuracy per skill",
             "",
             "Test split, exact match (teacher-forced, which equals greedy exact match), %, with the reference "
-            "accuracies on the same items (`studies.reproduce.baselines`).",
+            "accuracies on the same items (`studies.reproduce.baselines`). *New phrasings*: the same items asked with "
+            "phrasings training never used (`curriculum.HELDOUT_TEMPLATES`).",
             "",
-            "| skill | items | accuracy | chance | most frequent training answer | question-only |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| skill | items | accuracy | new phrasings | chance | most frequent training answer | question-only |",
+            "|---|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
             f"All skills: {100 * record['heldout']['all']:.1f} %. Attention mass of the last prompt token on the "
