@@ -239,25 +239,29 @@ def test_export_merge_reloads_with_the_stock_auto_classes(loaded, tmp_path):
 RETIRED_CONSTANTS = ("TOKEN_PX", "PATCH_PX", "MERGE")
 
 
-def family_names() -> re.Pattern:
-    """What no file outside ``klal/models/`` may name, read from the registry (:data:`FAMILY_MODULES`), so a new family
-    is covered as soon as it is registered: each family's transformers class prefix (``Qwen2_5_VL`` of
-    ``Qwen2_5_VLForConditionalGeneration``), its modules' dotted paths (``qwen2_5_vl.``), and every class and
-    upper-case constant its folder under ``klal/models/`` defines."""
+def _family_definitions() -> tuple[set[str], set[str]]:
+    """From the registry (:data:`FAMILY_MODULES`), so a new family is covered as soon as it is registered: the
+    transformers class prefix of each family (``Qwen2_5_VL`` of ``Qwen2_5_VLForConditionalGeneration``) with its
+    modules' dotted path (``qwen2_5_vl.``), and every class and upper-case constant its folder under ``klal/models/``
+    defines (private ones included), with the family and model class names."""
     words, prefixes = set(RETIRED_CONSTANTS), set()
     for model_type, module in FAMILY_MODULES.items():
         family = family_for_type(model_type)
         prefixes.add(family.model_class().__name__.removesuffix("ForConditionalGeneration"))
         prefixes.add(re.escape(f"{model_type}."))
-        folder = ROOT / Path(*module.split("."))
-        for path in folder.rglob("*.py"):
+        words.update({type(family).__name__, family.model_class().__name__})
+        for path in (ROOT / Path(*module.split("."))).rglob("*.py"):
             for node in ast.parse(path.read_text()).body:
                 if isinstance(node, ast.ClassDef):
                     words.add(node.name)
                 targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-                for t in targets:
-                    if isinstance(t, ast.Name) and t.id.isupper() and t.id != "FAMILY":
-                        words.add(t.id)
+                words.update(t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper() and t.id != "FAMILY")
+    return words, prefixes
+
+
+def family_names() -> re.Pattern:
+    """What no file outside ``klal/models/`` may name (:func:`_family_definitions`)."""
+    words, prefixes = _family_definitions()
     return re.compile("|".join(sorted(prefixes)) + "|" + "|".join(rf"\b{w}\b" for w in sorted(words)))
 
 
@@ -332,34 +336,14 @@ def _seam_files() -> list[tuple[str, Path]]:
 
 def _family_facts() -> tuple[set[str], set[str]]:
     """From the registry: every family's chat and special tokens (its tiny tokenizer's, its end-of-turn token) and the
-    names of its classes and module constants."""
-    import ast
-    import importlib
-
-    from klal.models.family import FAMILY_MODULES, family_for_type
-
-    tokens, names = set(), set()
-    for model_type, module_name in FAMILY_MODULES.items():
+    public names of :func:`_family_definitions` (a private one may be reused by another module for its own value)."""
+    tokens = set()
+    for model_type in FAMILY_MODULES:
         family = family_for_type(model_type)
         tokens.add(family.end_of_turn)
         tokens.update(family.tiny_tokenizer().all_special_tokens)
-        names.update({type(family).__name__, family.model_class().__name__})
-        # Every public module constant of the family's folder (FAMILY is the seam's own name for the record).
-        folder = Path(importlib.import_module(module_name).__file__).parent
-        for path in folder.glob("*.py"):
-            for node in ast.parse(path.read_text()).body:
-                if isinstance(node, ast.Assign):
-                    targets = node.targets
-                elif isinstance(node, ast.AnnAssign):
-                    targets = [node.target]
-                else:
-                    continue
-                names.update(
-                    t.id
-                    for t in targets
-                    if isinstance(t, ast.Name) and t.id.isupper() and t.id != "FAMILY" and not t.id.startswith("_")
-                )
-    return tokens, names
+    words, _ = _family_definitions()
+    return tokens, {w for w in words if not w.startswith("_")}
 
 
 def _code_strings(tree) -> list[tuple[int, str]]:

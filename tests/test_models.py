@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from klal.models.loader import ModelConfig, load_model_and_processor, load_processor, set_text_attn_implementation
 from klal.models.lora import LoraSettings, apply_lora, language_lora_regex, trainable_parameter_summary
 from klal.models.qwen2_5_vl.tiny import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_config
-from klal.models.qwen2_vl.tiny import QWEN2_SPECIAL_TOKENS, _byte_alphabet, _learn_merges
+from klal.models.qwen2_vl.tiny import QWEN2_SPECIAL_TOKENS, _byte_alphabet, learn_bpe_merges
 
 torch.set_num_threads(2)
 
@@ -56,9 +56,9 @@ def model():
 # -- tokenizer ---------------------------------------------------------------------------------------------------------
 def test_learn_merges_hand_worked():
     # Pair counts: (a,a)=2*2, (a,b)=2+3 -> merge (a,b); then (a,a)=2 ties (a,ab)=2 -> smaller pair (a,a); then (aa,ab).
-    assert _learn_merges(Counter({"aaab": 2, "ab": 3}), 10) == [("a", "b"), ("a", "a"), ("aa", "ab")]
+    assert learn_bpe_merges(Counter({"aaab": 2, "ab": 3}), 10) == [("a", "b"), ("a", "a"), ("aa", "ab")]
     # Pairs seen once are never merged.
-    assert _learn_merges(Counter({"xyz": 1}), 10) == []
+    assert learn_bpe_merges(Counter({"xyz": 1}), 10) == []
 
 
 def test_byte_alphabet_is_the_byte_level_alphabet():

@@ -258,12 +258,12 @@ class Gemma3Family(VLMFamily):
 def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Gemma-style pieces: special tokens, the 256 byte-fallback tokens, the corpus's characters, BPE merges learned
     over ``▁``-prefixed words of klal's tiny corpus, then the chat and image tokens."""
-    from klal.models.qwen2_vl.tiny import _CORPUS, _learn_merges
+    from klal.models.qwen2_vl.tiny import TINY_CORPUS, learn_bpe_merges
 
     words: Counter[str] = Counter()
-    for line in _CORPUS.strip().splitlines():
+    for line in TINY_CORPUS.strip().splitlines():
         words.update("▁" + w for w in line.split(" ") if w)
-    merges = _learn_merges(words, 384)
+    merges = learn_bpe_merges(words, 384)
     pieces = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *sorted({c for w in words for c in w})]
     pieces += [a + b for a, b in merges]
     tokens = list(dict.fromkeys(pieces)) + list(CHAT_TOKENS)

@@ -85,9 +85,10 @@ _SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Fixed corpus the BPE merges are learned from: the kinds of prompts and answers klal's tasks use, so prompts stay
-# short. Changing it changes the tiny vocabulary (and so every tiny model), so treat it as frozen.
-_CORPUS = """
+# Fixed corpus the BPE merges are learned from, by every family's tiny tokenizer (Qwen's here, Gemma 3's pieces): the
+# kinds of prompts and answers klal's tasks use, so prompts stay short. Changing it changes the tiny vocabulary (and so
+# every tiny model), so treat it as frozen.
+TINY_CORPUS = """
 Which cell contains the red star? Answer as (row, column), counting from 1 at the top-left cell.
 In which grid cell is the blue circle? Give (row, column); rows are numbered from the top and columns from the left.
 Find the green triangle in the grid. Which cell is it in? Reply as (row, column), where the top-left cell is (1, 1).
@@ -165,7 +166,7 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def _learn_merges(word_counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
+def learn_bpe_merges(word_counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE: repeatedly merge the most frequent adjacent pair (ties: smallest pair), stopping at count < 2."""
     words = [(list(w), c) for w, c in sorted(word_counts.items())]
     merges: list[tuple[str, str]] = []
@@ -194,9 +195,9 @@ def _learn_merges(word_counts: Counter[str], num_merges: int) -> list[tuple[str,
 def _vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     pre = _pre_tokenizer()
     counts: Counter[str] = Counter()
-    for line in _CORPUS.strip().splitlines():
+    for line in TINY_CORPUS.strip().splitlines():
         counts.update(piece for piece, _ in pre.pre_tokenize_str(line))
-    merges = _learn_merges(counts, _NUM_MERGES)
+    merges = learn_bpe_merges(counts, _NUM_MERGES)
     # Two merges can spell the same string ("ab"+"c", "a"+"bc"); the token gets one id, both merges stay.
     tokens = list(dict.fromkeys(_byte_alphabet() + [a + b for a, b in merges]))
     tokens += list(QWEN2_SPECIAL_TOKENS)
