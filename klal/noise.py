@@ -41,10 +41,25 @@ class _DropAdvertisements(logging.Filter):
 _FILTER = _DropAdvertisements()
 
 
+_KLAL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PLAIN_FORMAT = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' own signature
+    """klal's own warnings as one line (``UserWarning: <message>``): the message names the sample, file or option, so
+    the source line Python adds (``rank_zero_warn(`` in klal/datamodule.py) says nothing to a user. Everything else
+    keeps Python's format."""
+    if str(filename).startswith(_KLAL_DIR):
+        return f"{category.__name__}: {message}\n"
+    return _PLAIN_FORMAT(message, category, filename, lineno, line)
+
+
 def quiet() -> None:
-    """Silence :data:`ADVERTISEMENTS` and :data:`IRRELEVANT_WARNINGS` (idempotent; a no-op with ``KLAL_DEBUG``)."""
+    """Silence :data:`ADVERTISEMENTS` and :data:`IRRELEVANT_WARNINGS`, and print klal's own warnings on one line
+    (idempotent; a no-op with ``KLAL_DEBUG``)."""
     if debug_enabled():
         return
+    warnings.formatwarning = _one_line
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:

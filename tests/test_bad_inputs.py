@@ -996,6 +996,31 @@ def test_evaluate_adapter_rows_without_adapter_are_refused_before_loading(work):
     assert not (work / "no_adapter_eval").exists()
 
 
+def test_a_long_sample_within_the_context_is_named_on_one_line_before_training(grid, work):
+    """A 3000-word answer fits the tiny model's context: training runs (exit 0), and one line, printed before the first
+    step, names the sample, its length and the median (it used to run for minutes without a word on it)."""
+    long_answer = work / "v_3000_words"
+    if not long_answer.exists():
+        words = " ".join(f"word{i % 50}" for i in range(3000))
+        with_rows(grid, long_answer, lambda s, i, r: {**r, "answer": words} if (s, i) == ("train", 5) else r)
+    root = work / "long_3000_run"
+    env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # stdout and stderr in one stream, in the order they were written: the warning must come before "training: ".
+    proc = subprocess.run(
+        [KLAL, "train", *train_args(long_answer, root, steps=1)[1:]],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=HANG_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    named = [n for n, ln in enumerate(lines) if "sample 'grid_patch-0-000005' (row 5)" in ln]
+    assert len(named) == 1, proc.stdout[-3000:]
+    line = lines[named[0]]
+    assert line.startswith("UserWarning: ") and "tokens" in line and "the median" in line, line
+    assert "rank_zero_warn(" not in proc.stdout and "datamodule.py" not in proc.stdout  # no source line of klal's
+    assert named[0] < next(n for n, ln in enumerate(lines) if ln.startswith("training: "))
+
+
 def test_a_sample_over_the_length_limit_is_refused_before_training(grid, work):
     """A long answer is measured before the first step: one line naming the sample, its length and the limit (the
     limit here is data.max_length; without it the model's context, max_position_embeddings)."""
