@@ -589,53 +589,7 @@ def test_discover_heads_and_convert_refcoco_exit_zero(grid, work):
     assert "kept 1" in conv.stdout
 
 
-# -- item 2: every run can be resumed ---------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_demo_config_killed_mid_training_resumes_to_the_uninterrupted_adapter(grid, work):
-    """SIGKILL a run of configs/demo.yaml as shipped (its periodic ModelCheckpoint, set to every 3 steps here) after
-    its first checkpoint; ``--ckpt_path last`` continues it to the adapter an uninterrupted run writes."""
-    from safetensors.torch import load_file
-
-    steps = 9  # 13 training samples in batches of 2: the run spans two epochs; the kill is mid-epoch
-
-    def args(root: Path, *extra: str) -> list[str]:
-        return train_args(grid, root, "--trainer.callbacks.init_args.every_n_train_steps", "3", *extra, steps=steps)
-
-    crashed_root, ref_root = work / "killed", work / "uninterrupted"
-    env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
-    proc = subprocess.Popen(
-        [PY, *args(crashed_root)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    last = crashed_root / "klal" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + HANG_S
-    while not last.is_file():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run must still be training when it is killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=HANG_S)
-    assert proc.returncode == -signal.SIGKILL
-    version = crashed_root / "klal" / "version_0"
-    assert not (version / "adapter").exists(), "a killed run has not finished"
-    from klal.checkpoint.loading import safe_load
-
-    assert 3 <= safe_load(last)["global_step"] < steps
-
-    resumed = run_cmd(args(crashed_root, "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(p.name for p in (crashed_root / "klal").iterdir()) == ["version_0"], "resumed in its own folder"
-    reference = run_cmd(args(ref_root))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    a = load_file(str(ref_root / "klal" / "version_0" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(version / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    import torch
-
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
-
-
+# -- item 2: every run can be resumed (a killed demo run resuming: tests/test_faults.py) -----------------------------
 def test_ckpt_path_last_with_nothing_to_resume_is_an_error(grid, work):
     root = work / "nothing_to_resume"
     proc = run_cmd(train_args(grid, root, "--ckpt_path", "last"))

@@ -109,12 +109,10 @@ def _run_config(tmp: Path, data: str, root: Path, steps: int, hang: tuple[int, s
         default_root_dir=str(root),
     )
     t["logger"]["init_args"]["save_dir"] = str(root)
-    t["callbacks"] = [
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
-        }
-    ]
+    # The demo's callbacks as shipped (its periodic ModelCheckpoint writes last.ckpt), checkpointing every 2 steps.
+    (ckpt,) = [c for c in t["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert ckpt["init_args"]["save_last"] is True
+    ckpt["init_args"]["every_n_train_steps"] = 2
     if hang is not None:
         t["callbacks"].append(
             {"class_path": "tests.test_faults.HangAtStep", "init_args": {"step": hang[0], "marker": hang[1]}}
@@ -155,6 +153,8 @@ def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_ckpt_path_last_matches_uninterrupted_run(tmp_path, tiny_dataset):
+    """SIGKILL a run of configs/demo.yaml (its shipped periodic ModelCheckpoint, every 2 steps here) mid-epoch, after
+    a checkpoint; ``--ckpt_path last`` continues it in its own folder to the uninterrupted run's losses and adapter."""
     steps = 10  # 8 training samples, batch 2: 4 batches per epoch, so the run spans epochs 0-2
     ref_root, run_root = tmp_path / "reference", tmp_path / "crashed"
     marker = tmp_path / "hung"
