@@ -184,6 +184,21 @@ def test_toy_pretraining_is_deterministic_and_writes_the_card(tmp_path: Path) ->
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert set(again) == set(wa) and all(torch.equal(again[k], v) for k, v in wa.items())
     assert processor.tokenizer("red blue")["input_ids"] == recipe_tokens("red blue")
+    # The comparison of bases (studies.pretrain.compare) remakes the curriculum from a config and scores the saved
+    # bases: base a on its own test items gives exactly the numbers its pretraining recorded in memory.
+    import yaml
+
+    from studies.pretrain import compare
+
+    data = {"num": 48, "splits": [0.5, 0.25, 0.25], "folder": str(tmp_path / "data"),
+            "curriculum": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(SMALL).items()}}  # fmt: skip
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({"data": data}))
+    scores = compare.compare([str(out), str(tmp_path / "c")], [str(config)], str(tmp_path / "cmp"))[str(config)]
+    assert scores[str(out)]["trained"] == a["heldout"] and scores[str(out)]["new"] == a["heldout_new_phrasings"]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    row = next(ln for ln in table.splitlines() if ln.startswith("| colour |"))
+    assert row.split(" | ")[2] == f"{100 * a['heldout']['colour']:.1f}"
 
 
 def recipe_tokens(text: str) -> list[int]:

@@ -187,6 +187,16 @@ def make_curriculum(data: CurriculumData, workers: int, tokenizer: Any) -> Path:
     return path
 
 
+def rephrased(rows: Any) -> Any:
+    """Curriculum rows asked with phrasings training never used (:func:`studies.pretrain.curriculum.heldout_question`),
+    so a score tells a skill from one phrasing learnt by heart."""
+    return rows.map(
+        lambda row, i: {"question": heldout_question(json.loads(row["meta"]), i)},
+        with_indices=True,
+        keep_in_memory=True,
+    )
+
+
 def skill_accuracy(model: torch.nn.Module, processor: Any, rows: Any, batch_size: int) -> dict[str, Any]:
     """Held-out exact match (teacher-forced, equal to greedy exact) per skill, through the study's evaluation
     (:func:`studies.reproduce.pipeline.evaluate_model`), with the attention mass of the last prompt token on the
@@ -337,13 +347,7 @@ def pretrain(
     net.eval()
     test_rows = load_split(path, "test")
     heldout = skill_accuracy(net, processor, test_rows, train.eval_batch_size)
-    # The same test items asked with phrasings training never used (curriculum.HELDOUT_TEMPLATES).
-    rephrased = test_rows.map(
-        lambda row, i: {"question": heldout_question(json.loads(row["meta"]), i)},
-        with_indices=True,
-        keep_in_memory=True,
-    )
-    heldout_new = skill_accuracy(net, processor, rephrased, train.eval_batch_size)
+    heldout_new = skill_accuracy(net, processor, rephrased(test_rows), train.eval_batch_size)
     record = {
         "command": "python -m studies.pretrain",
         "out": out,
