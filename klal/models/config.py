@@ -18,9 +18,14 @@ TINY = "tiny"
 family has one (:data:`klal.models.family.TINY_ALIASES`)."""
 
 
-BUNDLED: dict[str, Path] = {"tiny-base": Path(__file__).resolve().parent / "qwen2_5_vl" / "tiny-base"}
-"""Checkpoints shipped inside klal, by name: ``tiny-base`` is the tiny Qwen2.5-VL klal pretrained on its synthetic
-curriculum (``studies/pretrain``; model card in its folder and in ``results/pretrain/``), loaded offline."""
+BUNDLED: dict[str, Path] = {
+    name: Path(__file__).resolve().parent / "qwen2_5_vl" / name for name in ("tiny-base", "tiny-base-v2")
+}
+"""Checkpoints shipped inside klal, by name, loaded offline: ``tiny-base`` is the tiny Qwen2.5-VL klal pretrained on
+its synthetic curriculum (``studies/pretrain``; model card in its folder and in ``results/pretrain/``);
+``tiny-base-v2`` the same model pretrained on larger objects (28-60 px) with a marked-object skill
+(``configs/pretrain/tiny_base_v2.yaml``; ``results/pretrain_v2/``): it reads the fill colour of a marked object and
+counts, and reads small objects' colour worse than ``tiny-base``."""
 
 
 @dataclass
@@ -29,11 +34,11 @@ class ModelConfig:
 
     name_or_path: str = TINY
     """``tiny`` (embedded random Qwen2.5-VL), another family's tiny model (``tiny-<family>``, one per registered family:
-    :data:`klal.models.family.TINY_ALIASES`; an unknown name lists them), ``tiny-base`` (klal's small pretrained
-    Qwen2.5-VL, shipped with klal), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local folder of any
-    supported family (:mod:`klal.models.family`)."""
+    :data:`klal.models.family.TINY_ALIASES`; an unknown name lists them), ``tiny-base`` / ``tiny-base-v2`` (klal's
+    small pretrained Qwen2.5-VLs, shipped with klal), a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local
+    folder of any supported family (:mod:`klal.models.family`)."""
     dtype: str = "auto"
-    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny and ``tiny-base``), ``float32``,
+    """Parameter dtype: ``auto`` (bfloat16 for real checkpoints, float32 for tiny and the bundled bases), ``float32``,
     ``bfloat16`` or ``float16``."""
     min_pixels: int = DEFAULT_MIN_PIXELS
     """Lower bound on each resized image's area (processor ``smart_resize``; a family without a pixel budget

@@ -5,8 +5,8 @@ Each config's curriculum (``data`` of a ``python -m studies.pretrain`` config) i
 pretraining made it, and its test split is scored by every base (teacher-forced exact match,
 :func:`studies.pretrain.recipe.skill_accuracy`), so every base meets every base's own held-out items::
 
-    python -m studies.pretrain.compare --bases '[tiny-base, runs/pretrain/tiny-base-v2]' \\
-        --configs '[configs/pretrain/tiny_base.yaml, configs/pretrain/tiny_base_v2.yaml]' --out results/pretrain_v2
+    python -m studies.pretrain.compare '[tiny-base, runs/pretrain/tiny-base-v2]' \\
+        '[configs/pretrain/tiny_base.yaml, configs/pretrain/tiny_base_v2.yaml]' results/pretrain_v2
 """
 
 from __future__ import annotations

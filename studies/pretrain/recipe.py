@@ -507,7 +507,7 @@ def model_card(record: dict[str, Any]) -> str:
             f"{record['weights_bytes'] / 2**20:.1f} MB (sha256 {record['weights_sha256'][:16]}...). Tokenizer: the "
             "embedded tiny byte-level BPE (`klal.models.qwen2_5_vl.tiny`). Load it with "
             "`--model.name_or_path <this folder> --model.dtype float32` (a folder's `auto` dtype is bfloat16); the "
-            "copy shipped with klal is `--model.name_or_path tiny-base` (float32 under `auto`).",
+            f"copy shipped with klal is `--model.name_or_path {Path(record['out']).name}` (float32 under `auto`).",
             "",
             "## Data",
             "",
