@@ -36,6 +36,7 @@ job; run a stage on all shards before the next stage starts).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -434,7 +435,13 @@ def render_table(cfg: StudyConfig, res: dict[str, Any], command: str, study_comm
     if cfg.backbone == "tiny":
         model = f"tiny random Qwen2.5-VL, tiny_seed {cfg.tiny_seed}, overrides {cfg.tiny_overrides or 'none'}"
     elif repro.trains_here(cfg):
-        model = f"{cfg.backbone}: klal's pretrained tiny Qwen2.5-VL (results/pretrain/README.md), LoRA trained here"
+        import klal
+        from klal.models.config import BUNDLED
+
+        card = BUNDLED[cfg.backbone] if cfg.backbone in BUNDLED else Path(cfg.backbone)
+        with contextlib.suppress(ValueError):
+            card = card.resolve().relative_to(Path(klal.__file__).resolve().parents[1])
+        model = f"{cfg.backbone}: a pretrained Qwen2.5-VL (model card {card.as_posix()}/README.md), LoRA trained here"
     else:
         model = f"{cfg.backbone}, adapters {cfg.adapter_pattern} trained with train.py"
     lora = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
