@@ -14,6 +14,12 @@ HANG_S = 3600
 far beyond any run on a loaded machine, so it never decides a verdict by itself. Nothing else in the tests is timed."""
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (pyproject's addopts, -n auto): one torch thread each, here and in the processes the tests
+    # start, instead of every worker's threads contending for every core (the threads' spin-waits then cost more
+    # than they compute).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 # Stored --help texts (klal.helpcache) go to a folder of this test session, not the user's ~/.cache.
 os.environ.setdefault("KLAL_CACHE_DIR", tempfile.mkdtemp(prefix="klal-test-cache-"))
