@@ -41,12 +41,12 @@ def compare(
     from studies.pretrain.recipe import CurriculumData, make_curriculum, rephrased, skill_accuracy
 
     models = {b: load_model_and_processor(ModelConfig(name_or_path=b, dtype="float32")) for b in bases}
+    tokenizer = next(iter(models.values()))[1].tokenizer  # renders the curricula's answers, as pretraining did
     scores: dict[str, Any] = {}
     for config in configs:
         raw = yaml.safe_load(Path(config).read_text())["data"]
         cur = CurriculumConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("curriculum").items()})
         data = CurriculumData(**{**raw, "splits": tuple(raw["splits"])}, curriculum=cur)
-        tokenizer = next(iter(models.values()))[1].tokenizer
         rows = load_split(make_curriculum(data, 2, tokenizer), "test", max_items)
         asked_anew = rephrased(rows)
         scores[config] = {}

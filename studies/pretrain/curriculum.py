@@ -33,6 +33,7 @@ generators' own drawing (:func:`data_gen.tasks.grid_patch._draw_shape`, the colo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class CurriculumTask(Task):
             if len(c.colours) < 2:
                 raise GenerationError("the marked skill needs two colours: a fill and a marker")
             try:
-                self._markers()
+                self.markers  # noqa: B018 - built (and checked by the marked tasks) once, here
             except GenerationError as e:
                 raise GenerationError(
                     f"diameter={c.diameter!r}: a marked object and its marker do not fit image_size={c.image_size} "
@@ -163,8 +164,10 @@ class CurriculumTask(Task):
         if lo < 8:
             raise GenerationError(f"diameter={c.diameter!r}: objects below 8 px are not recognisable")
 
-    def _markers(self) -> dict[str, Any]:
-        """One marked lookup task per marker style, whose ``draw_slot`` draws an object with that marker."""
+    @functools.cached_property
+    def markers(self) -> dict[str, Any]:
+        """One marked lookup task per marker style, whose ``draw_slot`` draws an object with that marker (built once
+        per curriculum, not per sample)."""
         from data_gen.tasks.marked import BesideColourTask, MarkedConfig, OutlineColourTask, RingColourTask
 
         c = self.config
@@ -182,7 +185,7 @@ class CurriculumTask(Task):
         c = self.config
         size = c.image_size
         style = str(rng.choice(list(MARKER_STYLES)))
-        task = self._markers()[style]
+        task = self.markers[style]
         fill, marker = (str(v) for v in rng.choice(list(c.colours), size=2, replace=False))
         shapes = [s for s in c.shapes if s in MARKED_SHAPES] or list(MARKED_SHAPES)
         o: dict[str, Any] = {
