@@ -457,14 +457,16 @@ def test_converters_refuse_to_write_an_empty_dataset(work, module):
 KLAL = shutil.which("klal")
 
 
-def run_klal(args: list[str], timeout: float = HANG_S, **env: str) -> subprocess.CompletedProcess:
-    """The installed ``klal`` console script (the repository on PYTHONPATH, so this checkout's code runs)."""
+def run_klal(args: list[str], timeout: float = HANG_S, merged: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """The installed ``klal`` console script (the repository on PYTHONPATH, so this checkout's code runs).
+    ``merged``: stderr into stdout, unbuffered, so ``proc.stdout`` keeps the order lines were written in."""
     assert KLAL, "the klal console script is not installed (pip install -e .)"
     full = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
     full.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", **env)
-    return subprocess.run(
-        [KLAL, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if merged else {"capture_output": True}
+    if merged:
+        full["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run([KLAL, *args], cwd=ROOT, env=full, text=True, timeout=timeout, check=False, **streams)
 
 
 def no_result_repr(proc: subprocess.CompletedProcess) -> None:
@@ -958,13 +960,8 @@ def test_a_long_sample_within_the_context_is_named_on_one_line_before_training(g
         words = " ".join(f"word{i % 50}" for i in range(3000))
         with_rows(grid, long_answer, lambda s, i, r: {**r, "answer": words} if (s, i) == ("train", 5) else r)
     root = work / "long_3000_run"
-    env = {k: v for k, v in os.environ.items() if k != "KLAL_DEBUG"}
-    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     # stdout and stderr in one stream, in the order they were written: the warning must come before "training: ".
-    proc = subprocess.run(
-        [KLAL, "train", *train_args(long_answer, root, steps=1)[1:]],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=HANG_S,
-    )  # fmt: skip
+    proc = run_klal(["train", *train_args(long_answer, root, steps=1)[1:]], merged=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     named = [n for n, ln in enumerate(lines) if "sample 'grid_patch-0-000005' (row 5)" in ln]
